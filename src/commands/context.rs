@@ -1,0 +1,65 @@
+//! Who issues a command, why, and under which idempotency key. Recorded in every event's metadata.
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::CommandError;
+use crate::log::RecordedEvent;
+
+/// Longest idempotency key accepted, in bytes (matches the `command_log` check constraint).
+pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 200;
+
+/// A client key plus the fingerprint of the request it was first used for.
+///
+/// The caller decides what "the same request" means by choosing what to fingerprint: the API hashes the
+/// client's input (not the ids and timestamps it generates itself), the process manager hashes the event it
+/// reacts to. Retrying with the same key and the same input then returns the first result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    pub key: String,
+    pub fingerprint: [u8; 32],
+}
+
+impl Idempotency {
+    pub fn new(key: impl Into<String>, request: &impl Serialize) -> Result<Self, CommandError> {
+        let key = key.into();
+        if key.is_empty() || key.len() > IDEMPOTENCY_KEY_LEN_MAX {
+            return Err(CommandError::Invalid(format!(
+                "idempotency key must be 1 to {IDEMPOTENCY_KEY_LEN_MAX} bytes long"
+            )));
+        }
+        let bytes = serde_json::to_vec(request).map_err(|e| CommandError::Invalid(e.to_string()))?;
+        Ok(Self { key, fingerprint: Sha256::digest(&bytes).into() })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandContext {
+    /// The authenticated principal (user subject, or a system component such as `process-manager`).
+    pub actor: String,
+    /// Shared by everything that follows from one original request.
+    pub correlation_id: Uuid,
+    /// The event that caused this command, when a process reacts to the log.
+    pub causation_id: Option<Uuid>,
+    pub idempotency: Option<Idempotency>,
+}
+
+impl CommandContext {
+    /// A fresh request by `actor`, starting a new correlation.
+    pub fn new(actor: impl Into<String>) -> Self {
+        Self { actor: actor.into(), correlation_id: Uuid::now_v7(), causation_id: None, idempotency: None }
+    }
+
+    /// A command issued in reaction to `event`: same correlation, caused by that event.
+    pub fn caused_by(actor: impl Into<String>, event: &RecordedEvent) -> Self {
+        let correlation_id =
+            event.metadata_str("correlation_id").and_then(|s| Uuid::parse_str(s).ok()).unwrap_or(event.event_id);
+        Self { actor: actor.into(), correlation_id, causation_id: Some(event.event_id), idempotency: None }
+    }
+
+    pub fn with_idempotency(mut self, idempotency: Idempotency) -> Self {
+        self.idempotency = Some(idempotency);
+        self
+    }
+}

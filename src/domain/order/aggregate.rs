@@ -1,0 +1,312 @@
+//! Order state (`apply`) and rules (`handle`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use rust_decimal::{Decimal, RoundingStrategy};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    OrderCommand, OrderError, OrderEvent, OrderStatus, OrderType, PlaceOrder, RecordExecution, Side, TimeInForce,
+};
+use crate::domain::values::{ClientOrderId, ExecId, OrderId, PortfolioId, Price, Symbol, TickSize};
+
+/// Decimal places kept for the average fill price.
+pub const AVERAGE_PRICE_SCALE: u32 = 8;
+
+/// What the Order aggregate needs to know about instruments: their tick sizes. A plain value, no I/O.
+#[derive(Debug, Clone)]
+pub struct OrderServices {
+    pub default_tick: TickSize,
+    pub ticks: BTreeMap<Symbol, TickSize>,
+}
+
+impl Default for OrderServices {
+    fn default() -> Self {
+        Self { default_tick: TickSize::CENT, ticks: BTreeMap::new() }
+    }
+}
+
+impl OrderServices {
+    pub fn tick_size(&self, symbol: &Symbol) -> TickSize {
+        self.ticks.get(symbol).copied().unwrap_or(self.default_tick)
+    }
+}
+
+/// The facts fixed when the order was placed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderTerms {
+    pub order_id: OrderId,
+    pub portfolio_id: PortfolioId,
+    pub client_order_id: ClientOrderId,
+    pub symbol: Symbol,
+    pub side: Side,
+    pub order_type: OrderType,
+    pub quantity: Decimal,
+    pub time_in_force: TimeInForce,
+    pub placed_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Order {
+    pub terms: Option<OrderTerms>,
+    pub status: OrderStatus,
+    pub cum_quantity: Decimal,
+    pub leaves_quantity: Decimal,
+    /// Σ fill quantity × fill price, for the average price.
+    pub filled_notional: Decimal,
+    pub fees: Decimal,
+    pub protection_price: Option<Price>,
+    pub exec_ids: BTreeSet<ExecId>,
+    pub reject_reason: Option<super::OrderRejectReason>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+impl Order {
+    pub fn average_price(&self) -> Option<Decimal> {
+        (!self.cum_quantity.is_zero()).then(|| {
+            (self.filled_notional / self.cum_quantity)
+                .round_dp_with_strategy(AVERAGE_PRICE_SCALE, RoundingStrategy::MidpointNearestEven)
+                .normalize()
+        })
+    }
+
+    fn live_terms(&self) -> Result<&OrderTerms, OrderError> {
+        let terms = self.terms.as_ref().ok_or(OrderError::NotFound)?;
+        if self.status.is_terminal() {
+            return Err(OrderError::Terminal { status: self.status });
+        }
+        Ok(terms)
+    }
+
+    /// The invariants every state must satisfy. Cheap; runs after every event in `handle`, also in release.
+    pub fn check_invariants(&self) -> Result<(), OrderError> {
+        let Some(terms) = &self.terms else { return Ok(()) };
+        let violated = |what: &str| Err(OrderError::InvariantViolated(what.to_string()));
+        if self.cum_quantity + self.leaves_quantity != terms.quantity
+            && !matches!(self.status, OrderStatus::Canceled | OrderStatus::Expired | OrderStatus::Rejected)
+        {
+            return violated("cum + leaves != order quantity");
+        }
+        if self.cum_quantity > terms.quantity || self.leaves_quantity.is_sign_negative() {
+            return violated("filled more than the order quantity");
+        }
+        if self.status == OrderStatus::Filled && !self.leaves_quantity.is_zero() {
+            return violated("filled order with open quantity");
+        }
+        Ok(())
+    }
+
+    fn check_fill_price(&self, terms: &OrderTerms, price: Price) -> Result<(), OrderError> {
+        let beyond = |bound: Price| match terms.side {
+            Side::Buy => price > bound,
+            Side::Sell => price < bound,
+        };
+        if let Some(limit) = terms.order_type.limit_price() {
+            if beyond(limit) {
+                return Err(OrderError::LimitBreached { price: price.value(), limit: limit.value() });
+            }
+        }
+        if let Some(protection) = self.protection_price {
+            if beyond(protection) {
+                return Err(OrderError::ProtectionBreached { price: price.value(), protection: protection.value() });
+            }
+        }
+        Ok(())
+    }
+
+    fn place(&self, cmd: PlaceOrder, services: &OrderServices) -> Result<OrderEvent, OrderError> {
+        if self.terms.is_some() {
+            return Err(OrderError::AlreadyExists);
+        }
+        if let Some(limit) = cmd.order_type.limit_price() {
+            let tick = services.tick_size(&cmd.symbol);
+            if !limit.is_on_tick(tick) {
+                return Err(OrderError::PriceOffTick { price: limit.value(), tick });
+            }
+        }
+        Ok(OrderEvent::OrderPlaced {
+            order_id: cmd.order_id,
+            portfolio_id: cmd.portfolio_id,
+            client_order_id: cmd.client_order_id,
+            symbol: cmd.symbol,
+            side: cmd.side,
+            order_type: cmd.order_type,
+            quantity: cmd.quantity,
+            time_in_force: cmd.time_in_force,
+            placed_at: cmd.placed_at,
+        })
+    }
+
+    fn execute(&self, cmd: RecordExecution) -> Result<OrderEvent, OrderError> {
+        let terms = self.live_terms()?;
+        if self.status == OrderStatus::PendingNew {
+            return Err(OrderError::NotAccepted);
+        }
+        if self.exec_ids.contains(&cmd.exec_id) {
+            return Err(OrderError::DuplicateExecId(cmd.exec_id));
+        }
+        let quantity = cmd.quantity.value();
+        if quantity > self.leaves_quantity {
+            return Err(OrderError::Overfill { quantity, leaves: self.leaves_quantity });
+        }
+        if terms.time_in_force == TimeInForce::Fok && quantity != terms.quantity {
+            return Err(OrderError::FillOrKillPartial { quantity, order_quantity: terms.quantity });
+        }
+        self.check_fill_price(terms, cmd.price)?;
+        let cum_quantity = self.cum_quantity + quantity;
+        let leaves_quantity = terms.quantity - cum_quantity;
+        let average_price = ((self.filled_notional + quantity * cmd.price.value()) / cum_quantity)
+            .round_dp_with_strategy(AVERAGE_PRICE_SCALE, RoundingStrategy::MidpointNearestEven)
+            .normalize();
+        let status = if leaves_quantity.is_zero() { OrderStatus::Filled } else { OrderStatus::PartiallyFilled };
+        Ok(OrderEvent::ExecutionRecorded {
+            portfolio_id: terms.portfolio_id,
+            symbol: terms.symbol.clone(),
+            side: terms.side,
+            exec_id: cmd.exec_id,
+            quantity: cmd.quantity,
+            price: cmd.price,
+            fee: cmd.fee,
+            executed_at: cmd.executed_at,
+            cum_quantity,
+            leaves_quantity,
+            average_price,
+            status,
+        })
+    }
+
+    fn decide(&self, command: OrderCommand, services: &OrderServices) -> Result<OrderEvent, OrderError> {
+        match command {
+            OrderCommand::PlaceOrder(cmd) => self.place(cmd, services),
+            OrderCommand::AcceptOrder { protection_price, accepted_at } => {
+                let terms = self.live_terms()?;
+                if self.status != OrderStatus::PendingNew {
+                    return Err(OrderError::AlreadyAccepted);
+                }
+                // A limit order is protected by its limit; only market orders carry a protection price.
+                let protection_price = match terms.order_type {
+                    OrderType::Market => protection_price,
+                    OrderType::Limit { .. } => None,
+                };
+                Ok(OrderEvent::OrderAccepted { protection_price, accepted_at })
+            }
+            OrderCommand::RejectOrder { reason, rejected_at } => {
+                self.live_terms()?;
+                if self.status != OrderStatus::PendingNew {
+                    return Err(OrderError::AlreadyAccepted);
+                }
+                Ok(OrderEvent::OrderRejected { reason, rejected_at })
+            }
+            OrderCommand::RecordExecution(cmd) => self.execute(cmd),
+            OrderCommand::CancelOrder { reason, canceled_at } => {
+                let portfolio_id = self.live_terms()?.portfolio_id;
+                Ok(OrderEvent::OrderCanceled {
+                    portfolio_id,
+                    canceled_quantity: self.leaves_quantity,
+                    reason,
+                    canceled_at,
+                })
+            }
+            OrderCommand::ExpireOrder { expired_at } => {
+                let portfolio_id = self.live_terms()?.portfolio_id;
+                Ok(OrderEvent::OrderExpired { portfolio_id, expired_quantity: self.leaves_quantity, expired_at })
+            }
+        }
+    }
+}
+
+impl Aggregate for Order {
+    const TYPE: &'static str = "Order";
+    type Command = OrderCommand;
+    type Event = OrderEvent;
+    type Error = OrderError;
+    type Services = OrderServices;
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        let event = self.decide(command, services)?;
+        let mut next = self.clone();
+        next.apply(event.clone());
+        next.check_invariants()?;
+        sink.write(event, self).await;
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        match event {
+            OrderEvent::OrderPlaced {
+                order_id,
+                portfolio_id,
+                client_order_id,
+                symbol,
+                side,
+                order_type,
+                quantity,
+                time_in_force,
+                placed_at,
+            } => {
+                self.terms = Some(OrderTerms {
+                    order_id,
+                    portfolio_id,
+                    client_order_id,
+                    symbol,
+                    side,
+                    order_type,
+                    quantity: quantity.value(),
+                    time_in_force,
+                    placed_at,
+                });
+                self.status = OrderStatus::PendingNew;
+                self.leaves_quantity = quantity.value();
+                self.updated_at = Some(placed_at);
+            }
+            OrderEvent::OrderAccepted { protection_price, accepted_at } => {
+                self.status = OrderStatus::New;
+                self.protection_price = protection_price;
+                self.updated_at = Some(accepted_at);
+            }
+            OrderEvent::OrderRejected { reason, rejected_at } => {
+                self.status = OrderStatus::Rejected;
+                self.reject_reason = Some(reason);
+                self.leaves_quantity = Decimal::ZERO;
+                self.updated_at = Some(rejected_at);
+            }
+            OrderEvent::ExecutionRecorded {
+                exec_id,
+                quantity,
+                price,
+                fee,
+                executed_at,
+                cum_quantity,
+                leaves_quantity,
+                status,
+                ..
+            } => {
+                self.exec_ids.insert(exec_id);
+                self.filled_notional += quantity.value() * price.value();
+                self.fees += fee.value();
+                self.cum_quantity = cum_quantity;
+                self.leaves_quantity = leaves_quantity;
+                self.status = status;
+                self.updated_at = Some(executed_at);
+            }
+            OrderEvent::OrderCanceled { canceled_at, .. } => {
+                self.status = OrderStatus::Canceled;
+                self.leaves_quantity = Decimal::ZERO;
+                self.updated_at = Some(canceled_at);
+            }
+            OrderEvent::OrderExpired { expired_at, .. } => {
+                self.status = OrderStatus::Expired;
+                self.leaves_quantity = Decimal::ZERO;
+                self.updated_at = Some(expired_at);
+            }
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! Commands accepted by the Order aggregate (imperative; each carries the time it was issued).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{OrderRejectReason, OrderType, Side, TimeInForce};
+use crate::domain::values::{ClientOrderId, ExecId, Money, OrderId, PortfolioId, Price, Quantity, Symbol};
+
+/// Everything a client states when it places an order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlaceOrder {
+    pub order_id: OrderId,
+    pub portfolio_id: PortfolioId,
+    pub client_order_id: ClientOrderId,
+    pub symbol: Symbol,
+    pub side: Side,
+    pub order_type: OrderType,
+    pub quantity: Quantity,
+    pub time_in_force: TimeInForce,
+    pub placed_at: DateTime<Utc>,
+}
+
+/// One execution report (FIX ExecutionReport with ExecType=Trade), from the paper executor or a real broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordExecution {
+    pub exec_id: ExecId,
+    pub quantity: Quantity,
+    pub price: Price,
+    pub fee: Money,
+    pub executed_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum OrderCommand {
+    PlaceOrder(PlaceOrder),
+    /// The portfolio has reserved what the order needs. `protection_price` caps market buys (and floors
+    /// market sells) at the price the reservation was computed from, so a fill can never cost more than
+    /// was set aside.
+    AcceptOrder {
+        protection_price: Option<Price>,
+        accepted_at: DateTime<Utc>,
+    },
+    RejectOrder {
+        reason: OrderRejectReason,
+        rejected_at: DateTime<Utc>,
+    },
+    RecordExecution(RecordExecution),
+    CancelOrder {
+        reason: String,
+        canceled_at: DateTime<Utc>,
+    },
+    ExpireOrder {
+        expired_at: DateTime<Utc>,
+    },
+}
+
+impl OrderCommand {
+    /// The command's name, as recorded in event metadata and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::PlaceOrder(_) => "PlaceOrder",
+            Self::AcceptOrder { .. } => "AcceptOrder",
+            Self::RejectOrder { .. } => "RejectOrder",
+            Self::RecordExecution(_) => "RecordExecution",
+            Self::CancelOrder { .. } => "CancelOrder",
+            Self::ExpireOrder { .. } => "ExpireOrder",
+        }
+    }
+}

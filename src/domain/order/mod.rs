@@ -1,0 +1,161 @@
+//! The Order aggregate: one client order and its life cycle, aligned with FIX.
+//!
+//! States follow FIX OrdStatus. An order starts `PendingNew` when placed; the process manager reserves what it
+//! needs on the portfolio and then accepts it (`New`) or rejects it. Fills move it through `PartiallyFilled` to
+//! `Filled`; `Canceled`, `Rejected`, `Expired` and `Filled` are terminal and accept no command.
+//!
+//! Invariants, checked before every event is written and again after it is applied:
+//! `cum + leaves = quantity`; a fill never exceeds leaves; an exec id is recorded once per order; a limit buy
+//! never fills above its limit (a sell never below); a market order never fills beyond its protection price.
+
+mod aggregate;
+mod commands;
+mod events;
+
+pub use aggregate::{Order, OrderServices};
+pub use commands::{OrderCommand, PlaceOrder, RecordExecution};
+pub use events::{OrderEvent, ORDER_EVENT_VERSION};
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::values::{ExecId, Price, TickSize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Side {
+    Buy,
+    Sell,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum OrderType {
+    Market,
+    Limit { limit_price: Price },
+}
+
+impl OrderType {
+    pub fn limit_price(&self) -> Option<Price> {
+        match self {
+            Self::Market => None,
+            Self::Limit { limit_price } => Some(*limit_price),
+        }
+    }
+}
+
+/// FIX TimeInForce: Day (expires at the session's end), GTC, IOC (fill what you can now, cancel the rest),
+/// FOK (fill everything at once or nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TimeInForce {
+    Day,
+    Gtc,
+    Ioc,
+    Fok,
+}
+
+/// FIX OrdStatus, with PendingNew for the interval between placement and the portfolio's reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum OrderStatus {
+    #[default]
+    PendingNew,
+    New,
+    PartiallyFilled,
+    Filled,
+    Canceled,
+    Rejected,
+    Expired,
+}
+
+impl OrderStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Filled | Self::Canceled | Self::Rejected | Self::Expired)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PendingNew => "PendingNew",
+            Self::New => "New",
+            Self::PartiallyFilled => "PartiallyFilled",
+            Self::Filled => "Filled",
+            Self::Canceled => "Canceled",
+            Self::Rejected => "Rejected",
+            Self::Expired => "Expired",
+        }
+    }
+}
+
+impl std::fmt::Display for OrderStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an order was rejected: a stable code for programs and a sentence for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RejectCode {
+    InsufficientFunds,
+    InsufficientQuantity,
+    NoMarketPrice,
+    UnknownPortfolio,
+    PortfolioRejected,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderRejectReason {
+    pub code: RejectCode,
+    pub detail: String,
+}
+
+/// Every way a command on an order can be refused. Compared as values in tests, never as strings.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OrderError {
+    #[error("the order already exists")]
+    AlreadyExists,
+    #[error("no such order")]
+    NotFound,
+    #[error("the order is {status} and accepts no further commands")]
+    Terminal { status: OrderStatus },
+    #[error("the order is not accepted yet")]
+    NotAccepted,
+    #[error("the order was already accepted")]
+    AlreadyAccepted,
+    #[error("execution {0} was already recorded for this order")]
+    DuplicateExecId(ExecId),
+    #[error("a fill of {quantity} exceeds the open quantity {leaves}")]
+    Overfill { quantity: Decimal, leaves: Decimal },
+    #[error("fill price {price} is beyond the limit price {limit}")]
+    LimitBreached { price: Decimal, limit: Decimal },
+    #[error("fill price {price} is beyond the protection price {protection} the reservation was made at")]
+    ProtectionBreached { price: Decimal, protection: Decimal },
+    #[error("limit price {price} is not a multiple of the tick size {tick}")]
+    PriceOffTick { price: Decimal, tick: TickSize },
+    #[error("a fill-or-kill order must fill {order_quantity} at once, not {quantity}")]
+    FillOrKillPartial { quantity: Decimal, order_quantity: Decimal },
+    #[error("internal invariant violated: {0}")]
+    InvariantViolated(String),
+}
+
+impl OrderError {
+    /// Stable machine-readable code (GraphQL `extensions.code`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::AlreadyExists => "ORDER_EXISTS",
+            Self::NotFound => "ORDER_NOT_FOUND",
+            Self::Terminal { .. } => "ORDER_TERMINAL",
+            Self::NotAccepted => "ORDER_NOT_ACCEPTED",
+            Self::AlreadyAccepted => "ORDER_ALREADY_ACCEPTED",
+            Self::DuplicateExecId(_) => "DUPLICATE_EXEC_ID",
+            Self::Overfill { .. } => "OVERFILL",
+            Self::LimitBreached { .. } => "LIMIT_PRICE_BREACHED",
+            Self::ProtectionBreached { .. } => "PROTECTION_PRICE_BREACHED",
+            Self::PriceOffTick { .. } => "PRICE_OFF_TICK",
+            Self::FillOrKillPartial { .. } => "FOK_PARTIAL_FILL",
+            Self::InvariantViolated(_) => "INVARIANT_VIOLATED",
+        }
+    }
+}
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,465 @@
+//! Portfolio state (`apply`) and rules (`handle`).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use super::accounting::{apply_consumption, consume_fifo, cost_basis_removed, proportional_share, round_money};
+use super::{
+    AlertRule, CostBasisMethod, Lot, PortfolioCommand, PortfolioError, PortfolioEvent, Position, Reservation,
+    ALERTS_PER_PORTFOLIO_MAX,
+};
+use crate::domain::order::Side;
+use crate::domain::values::{AlertId, Currency, ExecId, Money, OrderId, Owner, PortfolioId, Price, Quantity, Symbol};
+
+/// The facts fixed when the portfolio was opened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PortfolioTerms {
+    pub portfolio_id: PortfolioId,
+    pub owner: Owner,
+    pub base_currency: Currency,
+    pub cost_basis_method: CostBasisMethod,
+    pub opened_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Portfolio {
+    pub terms: Option<PortfolioTerms>,
+    pub cash: Decimal,
+    pub reserved_cash: Decimal,
+    pub positions: BTreeMap<Symbol, Position>,
+    pub reservations: BTreeMap<OrderId, Reservation>,
+    pub realized_pnl: Decimal,
+    #[serde(default)]
+    pub alerts: BTreeMap<AlertId, AlertRule>,
+}
+
+/// One fill, as `ApplyExecution` states it.
+struct Fill {
+    order_id: OrderId,
+    exec_id: ExecId,
+    symbol: Symbol,
+    side: Side,
+    quantity: Quantity,
+    price: Price,
+    fee: Money,
+    executed_at: DateTime<Utc>,
+}
+
+impl Portfolio {
+    /// Cash not promised to open orders.
+    pub fn buying_power(&self) -> Decimal {
+        self.cash - self.reserved_cash
+    }
+
+    fn terms(&self) -> Result<&PortfolioTerms, PortfolioError> {
+        self.terms.as_ref().ok_or(PortfolioError::NotFound)
+    }
+
+    /// The invariants every state must satisfy (see the module docs).
+    pub fn check_invariants(&self) -> Result<(), PortfolioError> {
+        let violated = |what: String| Err(PortfolioError::InvariantViolated(what));
+        if self.cash.is_sign_negative() && !self.cash.is_zero() {
+            return violated(format!("cash {} is negative", self.cash));
+        }
+        if self.reserved_cash.is_sign_negative() && !self.reserved_cash.is_zero() || self.reserved_cash > self.cash {
+            return violated(format!("reserved cash {} outside 0..=cash {}", self.reserved_cash, self.cash));
+        }
+        let reserved_by_orders: Decimal = self.reservations.values().map(|r| r.cash).sum();
+        if reserved_by_orders != self.reserved_cash {
+            return violated(format!(
+                "reservations hold {reserved_by_orders}, reserved cash is {}",
+                self.reserved_cash
+            ));
+        }
+        for (symbol, position) in &self.positions {
+            let lots: Decimal = position.lots.iter().map(|l| l.quantity).sum();
+            if lots != position.quantity {
+                return violated(format!("{symbol}: lots hold {lots}, position is {}", position.quantity));
+            }
+            if position.quantity.is_sign_negative() && !position.quantity.is_zero() {
+                return violated(format!("{symbol}: negative position"));
+            }
+            if position.reserved_quantity > position.quantity || position.reserved_quantity.is_sign_negative() {
+                return violated(format!("{symbol}: reserved quantity outside 0..=quantity"));
+            }
+            let reserved_by_orders: Decimal = self
+                .reservations
+                .values()
+                .filter(|r| r.side == Side::Sell && &r.symbol == symbol)
+                .map(|r| r.open_quantity)
+                .sum();
+            if reserved_by_orders != position.reserved_quantity {
+                return violated(format!("{symbol}: sell reservations hold {reserved_by_orders}"));
+            }
+            if position.quantity.is_zero() && !position.cost_basis.is_zero() {
+                return violated(format!("{symbol}: flat position with cost basis {}", position.cost_basis));
+            }
+        }
+        Ok(())
+    }
+
+    fn reserve_funds(
+        &self,
+        order_id: OrderId,
+        symbol: Symbol,
+        quantity: Quantity,
+        price: Price,
+        amount: Money,
+        at: DateTime<Utc>,
+    ) -> Result<Option<PortfolioEvent>, PortfolioError> {
+        self.terms()?;
+        if let Some(existing) = self.reservations.get(&order_id) {
+            let same = existing.side == Side::Buy
+                && existing.symbol == symbol
+                && existing.open_quantity == quantity.value()
+                && existing.cash == amount.value()
+                && existing.applied_exec_ids.is_empty();
+            return if same { Ok(None) } else { Err(PortfolioError::ReservationExists(order_id)) };
+        }
+        if amount.value() > self.buying_power() {
+            return Err(PortfolioError::InsufficientFunds {
+                requested: amount.value(),
+                available: self.buying_power(),
+            });
+        }
+        Ok(Some(PortfolioEvent::FundsReserved {
+            order_id,
+            symbol,
+            quantity,
+            price,
+            amount,
+            reserved_cash_after: self.reserved_cash + amount.value(),
+            at,
+        }))
+    }
+
+    fn reserve_quantity(
+        &self,
+        order_id: OrderId,
+        symbol: Symbol,
+        quantity: Quantity,
+        at: DateTime<Utc>,
+    ) -> Result<Option<PortfolioEvent>, PortfolioError> {
+        self.terms()?;
+        if let Some(existing) = self.reservations.get(&order_id) {
+            let same = existing.side == Side::Sell
+                && existing.symbol == symbol
+                && existing.open_quantity == quantity.value()
+                && existing.applied_exec_ids.is_empty();
+            return if same { Ok(None) } else { Err(PortfolioError::ReservationExists(order_id)) };
+        }
+        let position = self.positions.get(&symbol);
+        let available = position.map_or(Decimal::ZERO, Position::free_quantity);
+        if quantity.value() > available {
+            return Err(PortfolioError::InsufficientQuantity { symbol, requested: quantity.value(), available });
+        }
+        let reserved_quantity_after = position.map_or(Decimal::ZERO, |p| p.reserved_quantity) + quantity.value();
+        Ok(Some(PortfolioEvent::QuantityReserved { order_id, symbol, quantity, reserved_quantity_after, at }))
+    }
+
+    fn release(
+        &self,
+        order_id: OrderId,
+        reason: String,
+        at: DateTime<Utc>,
+    ) -> Result<Option<PortfolioEvent>, PortfolioError> {
+        self.terms()?;
+        let Some(reservation) = self.reservations.get(&order_id) else { return Ok(None) };
+        let quantity_released = match reservation.side {
+            Side::Buy => Decimal::ZERO,
+            Side::Sell => reservation.open_quantity,
+        };
+        Ok(Some(PortfolioEvent::ReservationReleased {
+            order_id,
+            symbol: reservation.symbol.clone(),
+            cash_released: reservation.cash,
+            quantity_released,
+            reason,
+            at,
+        }))
+    }
+
+    fn apply_fill(&self, fill: Fill) -> Result<Option<PortfolioEvent>, PortfolioError> {
+        let method = self.terms()?.cost_basis_method;
+        let reservation = self.reservations.get(&fill.order_id).ok_or(PortfolioError::NoReservation(fill.order_id))?;
+        if reservation.applied_exec_ids.contains(&fill.exec_id) {
+            return Ok(None); // a redelivered execution: already booked
+        }
+        if reservation.symbol != fill.symbol || reservation.side != fill.side {
+            return Err(PortfolioError::ReservationMismatch(fill.order_id));
+        }
+        let quantity = fill.quantity.value();
+        if quantity > reservation.open_quantity {
+            return Err(PortfolioError::ExceedsReservation { quantity, open: reservation.open_quantity });
+        }
+        let gross = round_money(quantity * fill.price.value());
+        let fee = fill.fee.value();
+        let position = self.positions.get(&fill.symbol).cloned().unwrap_or_default();
+        let lot_id = format!("{}/{}", fill.order_id, fill.exec_id);
+
+        let event = match fill.side {
+            Side::Buy => {
+                let cost = gross + fee;
+                let release = proportional_share(reservation.cash, quantity, reservation.open_quantity);
+                let available = self.buying_power() + release;
+                if cost > available {
+                    return Err(PortfolioError::InsufficientFunds { requested: cost, available });
+                }
+                PortfolioEvent::ExecutionApplied {
+                    order_id: fill.order_id,
+                    exec_id: fill.exec_id,
+                    symbol: fill.symbol,
+                    side: fill.side,
+                    quantity: fill.quantity,
+                    price: fill.price,
+                    fee: fill.fee,
+                    gross,
+                    cash_delta: -cost,
+                    cash_after: self.cash - cost,
+                    reserved_cash_released: release,
+                    reserved_quantity_released: Decimal::ZERO,
+                    lot_opened: Some(Lot { lot_id, quantity, cost, acquired_at: fill.executed_at }),
+                    lots_consumed: Vec::new(),
+                    cost_basis_removed: Decimal::ZERO,
+                    realized_pnl: Decimal::ZERO,
+                    position_quantity_after: position.quantity + quantity,
+                    position_cost_basis_after: position.cost_basis + cost,
+                    executed_at: fill.executed_at,
+                }
+            }
+            Side::Sell => {
+                if quantity > position.quantity {
+                    return Err(PortfolioError::InsufficientQuantity {
+                        symbol: fill.symbol,
+                        requested: quantity,
+                        available: position.quantity,
+                    });
+                }
+                let proceeds = gross - fee;
+                if self.cash + proceeds < self.reserved_cash {
+                    return Err(PortfolioError::InsufficientFunds {
+                        requested: -proceeds,
+                        available: self.buying_power(),
+                    });
+                }
+                let lots_consumed = consume_fifo(&position.lots, quantity);
+                let removed = cost_basis_removed(method, &position, quantity, &lots_consumed);
+                PortfolioEvent::ExecutionApplied {
+                    order_id: fill.order_id,
+                    exec_id: fill.exec_id,
+                    symbol: fill.symbol,
+                    side: fill.side,
+                    quantity: fill.quantity,
+                    price: fill.price,
+                    fee: fill.fee,
+                    gross,
+                    cash_delta: proceeds,
+                    cash_after: self.cash + proceeds,
+                    reserved_cash_released: Decimal::ZERO,
+                    reserved_quantity_released: quantity,
+                    lot_opened: None,
+                    lots_consumed,
+                    cost_basis_removed: removed,
+                    realized_pnl: proceeds - removed,
+                    position_quantity_after: position.quantity - quantity,
+                    position_cost_basis_after: position.cost_basis - removed,
+                    executed_at: fill.executed_at,
+                }
+            }
+        };
+        Ok(Some(event))
+    }
+
+    fn decide(&self, command: PortfolioCommand) -> Result<Option<PortfolioEvent>, PortfolioError> {
+        match command {
+            PortfolioCommand::OpenPortfolio { portfolio_id, owner, base_currency, cost_basis_method, opened_at } => {
+                if self.terms.is_some() {
+                    return Err(PortfolioError::AlreadyExists);
+                }
+                Ok(Some(PortfolioEvent::PortfolioOpened {
+                    portfolio_id,
+                    owner,
+                    base_currency,
+                    cost_basis_method,
+                    opened_at,
+                }))
+            }
+            PortfolioCommand::DepositCash { amount, reference, at } => {
+                self.terms()?;
+                let cash_after = self.cash + amount.value();
+                Ok(Some(PortfolioEvent::CashDeposited { amount, reference, cash_after, at }))
+            }
+            PortfolioCommand::WithdrawCash { amount, reference, at } => {
+                self.terms()?;
+                if amount.value() > self.buying_power() {
+                    return Err(PortfolioError::InsufficientFunds {
+                        requested: amount.value(),
+                        available: self.buying_power(),
+                    });
+                }
+                let cash_after = self.cash - amount.value();
+                Ok(Some(PortfolioEvent::CashWithdrawn { amount, reference, cash_after, at }))
+            }
+            PortfolioCommand::ReserveFunds { order_id, symbol, quantity, price, amount, at } => {
+                self.reserve_funds(order_id, symbol, quantity, price, amount, at)
+            }
+            PortfolioCommand::ReserveQuantity { order_id, symbol, quantity, at } => {
+                self.reserve_quantity(order_id, symbol, quantity, at)
+            }
+            PortfolioCommand::ReleaseReservation { order_id, reason, at } => self.release(order_id, reason, at),
+            PortfolioCommand::ApplyExecution { order_id, exec_id, symbol, side, quantity, price, fee, executed_at } => {
+                self.apply_fill(Fill { order_id, exec_id, symbol, side, quantity, price, fee, executed_at })
+            }
+            PortfolioCommand::CreateAlert { alert_id, condition, at } => {
+                self.terms()?;
+                if self.alerts.contains_key(&alert_id) {
+                    return Err(PortfolioError::AlertExists(alert_id));
+                }
+                if let Some(reason) = condition.invalid_reason() {
+                    return Err(PortfolioError::InvalidAlert(reason));
+                }
+                if self.alerts.values().filter(|a| !a.canceled).count() >= ALERTS_PER_PORTFOLIO_MAX {
+                    return Err(PortfolioError::TooManyAlerts);
+                }
+                Ok(Some(PortfolioEvent::AlertCreated { alert_id, condition, at }))
+            }
+            PortfolioCommand::CancelAlert { alert_id, at } => {
+                self.terms()?;
+                let alert = self.alerts.get(&alert_id).ok_or(PortfolioError::AlertNotFound(alert_id))?;
+                if alert.canceled {
+                    return Err(PortfolioError::AlertCanceled(alert_id));
+                }
+                Ok(Some(PortfolioEvent::AlertCanceled { alert_id, at }))
+            }
+            PortfolioCommand::RearmAlert { alert_id, at } => {
+                self.terms()?;
+                let alert = self.alerts.get(&alert_id).ok_or(PortfolioError::AlertNotFound(alert_id))?;
+                if alert.canceled {
+                    return Err(PortfolioError::AlertCanceled(alert_id));
+                }
+                Ok(Some(PortfolioEvent::AlertRearmed { alert_id, arming: alert.arming + 1, at }))
+            }
+        }
+    }
+}
+
+impl Aggregate for Portfolio {
+    const TYPE: &'static str = "Portfolio";
+    type Command = PortfolioCommand;
+    type Event = PortfolioEvent;
+    type Error = PortfolioError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        let Some(event) = self.decide(command)? else { return Ok(()) };
+        let mut next = self.clone();
+        next.apply(event.clone());
+        next.check_invariants()?;
+        sink.write(event, self).await;
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        match event {
+            PortfolioEvent::PortfolioOpened { portfolio_id, owner, base_currency, cost_basis_method, opened_at } => {
+                self.terms = Some(PortfolioTerms { portfolio_id, owner, base_currency, cost_basis_method, opened_at });
+            }
+            PortfolioEvent::CashDeposited { cash_after, .. } | PortfolioEvent::CashWithdrawn { cash_after, .. } => {
+                self.cash = cash_after;
+            }
+            PortfolioEvent::FundsReserved { order_id, symbol, quantity, amount, reserved_cash_after, .. } => {
+                self.reserved_cash = reserved_cash_after;
+                self.reservations.insert(
+                    order_id,
+                    Reservation {
+                        symbol,
+                        side: Side::Buy,
+                        open_quantity: quantity.value(),
+                        cash: amount.value(),
+                        applied_exec_ids: Default::default(),
+                    },
+                );
+            }
+            PortfolioEvent::QuantityReserved { order_id, symbol, quantity, reserved_quantity_after, .. } => {
+                self.positions.entry(symbol.clone()).or_default().reserved_quantity = reserved_quantity_after;
+                self.reservations.insert(
+                    order_id,
+                    Reservation {
+                        symbol,
+                        side: Side::Sell,
+                        open_quantity: quantity.value(),
+                        cash: Decimal::ZERO,
+                        applied_exec_ids: Default::default(),
+                    },
+                );
+            }
+            PortfolioEvent::ReservationReleased { order_id, symbol, cash_released, quantity_released, .. } => {
+                self.reservations.remove(&order_id);
+                self.reserved_cash -= cash_released;
+                if let Some(position) = self.positions.get_mut(&symbol) {
+                    position.reserved_quantity -= quantity_released;
+                }
+            }
+            PortfolioEvent::ExecutionApplied {
+                order_id,
+                exec_id,
+                symbol,
+                quantity,
+                cash_after,
+                reserved_cash_released,
+                reserved_quantity_released,
+                lot_opened,
+                lots_consumed,
+                realized_pnl,
+                position_quantity_after,
+                position_cost_basis_after,
+                ..
+            } => {
+                self.cash = cash_after;
+                self.reserved_cash -= reserved_cash_released;
+                self.realized_pnl += realized_pnl;
+                let position = self.positions.entry(symbol).or_default();
+                position.quantity = position_quantity_after;
+                position.cost_basis = position_cost_basis_after;
+                position.reserved_quantity -= reserved_quantity_released;
+                position.realized_pnl += realized_pnl;
+                if let Some(lot) = lot_opened {
+                    position.lots.push_back(lot);
+                }
+                apply_consumption(&mut position.lots, &lots_consumed);
+                if let Some(reservation) = self.reservations.get_mut(&order_id) {
+                    reservation.open_quantity -= quantity.value();
+                    reservation.cash -= reserved_cash_released;
+                    reservation.applied_exec_ids.insert(exec_id);
+                    if reservation.open_quantity.is_zero() {
+                        // Fully filled: whatever was reserved beyond the actual cost went back with this fill.
+                        self.reservations.remove(&order_id);
+                    }
+                }
+            }
+            PortfolioEvent::AlertCreated { alert_id, condition, .. } => {
+                self.alerts.insert(alert_id, AlertRule { condition, arming: 1, canceled: false });
+            }
+            PortfolioEvent::AlertCanceled { alert_id, .. } => {
+                if let Some(alert) = self.alerts.get_mut(&alert_id) {
+                    alert.canceled = true;
+                }
+            }
+            PortfolioEvent::AlertRearmed { alert_id, arming, .. } => {
+                if let Some(alert) = self.alerts.get_mut(&alert_id) {
+                    alert.arming = arming;
+                }
+            }
+        }
+    }
+}

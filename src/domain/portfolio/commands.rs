@@ -1,0 +1,98 @@
+//! Commands accepted by the Portfolio aggregate.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{AlertCondition, CostBasisMethod};
+use crate::domain::order::Side;
+use crate::domain::values::{
+    AlertId, Amount, Currency, ExecId, Money, OrderId, Owner, PortfolioId, Price, Quantity, Symbol,
+};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum PortfolioCommand {
+    OpenPortfolio {
+        portfolio_id: PortfolioId,
+        owner: Owner,
+        base_currency: Currency,
+        cost_basis_method: CostBasisMethod,
+        opened_at: DateTime<Utc>,
+    },
+    DepositCash {
+        amount: Amount,
+        reference: Option<String>,
+        at: DateTime<Utc>,
+    },
+    WithdrawCash {
+        amount: Amount,
+        reference: Option<String>,
+        at: DateTime<Utc>,
+    },
+    /// Set cash aside for a buy order: `amount` covers the order quantity at `price` (the limit, or the
+    /// last price plus the collar for a market order) plus the fee allowance.
+    ReserveFunds {
+        order_id: OrderId,
+        symbol: Symbol,
+        quantity: Quantity,
+        price: Price,
+        amount: Money,
+        at: DateTime<Utc>,
+    },
+    /// Set units aside for a sell order so that no other order can sell them too.
+    ReserveQuantity {
+        order_id: OrderId,
+        symbol: Symbol,
+        quantity: Quantity,
+        at: DateTime<Utc>,
+    },
+    /// Give back whatever is still reserved for an order (it was cancelled, expired or rejected).
+    /// Releasing an order with nothing reserved is a no-op, so the step can be retried safely.
+    ReleaseReservation {
+        order_id: OrderId,
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    /// Book one fill of an order against the portfolio: cash, position, lots and realized P&L.
+    ApplyExecution {
+        order_id: OrderId,
+        exec_id: ExecId,
+        symbol: Symbol,
+        side: Side,
+        quantity: Quantity,
+        price: Price,
+        fee: Money,
+        executed_at: DateTime<Utc>,
+    },
+    CreateAlert {
+        alert_id: AlertId,
+        condition: AlertCondition,
+        at: DateTime<Utc>,
+    },
+    CancelAlert {
+        alert_id: AlertId,
+        at: DateTime<Utc>,
+    },
+    /// Arm a rule again after it fired, so that it can fire once more.
+    RearmAlert {
+        alert_id: AlertId,
+        at: DateTime<Utc>,
+    },
+}
+
+impl PortfolioCommand {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::OpenPortfolio { .. } => "OpenPortfolio",
+            Self::DepositCash { .. } => "DepositCash",
+            Self::WithdrawCash { .. } => "WithdrawCash",
+            Self::ReserveFunds { .. } => "ReserveFunds",
+            Self::ReserveQuantity { .. } => "ReserveQuantity",
+            Self::ReleaseReservation { .. } => "ReleaseReservation",
+            Self::ApplyExecution { .. } => "ApplyExecution",
+            Self::CreateAlert { .. } => "CreateAlert",
+            Self::CancelAlert { .. } => "CancelAlert",
+            Self::RearmAlert { .. } => "RearmAlert",
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! Durable cursors of log followers, stored in `log_cursors`.
+//!
+//! Saving is monotonic: a cursor never moves backwards through [`save_cursor`] (a delayed write from a
+//! superseded instance cannot rewind it); rewinding is an explicit [`reset_cursor`], used by replays.
+
+use sqlx::PgExecutor;
+
+use super::LogPosition;
+
+/// The stored cursor, or [`LogPosition::START`] when the follower has never saved one.
+pub async fn load_cursor<'e>(executor: impl PgExecutor<'e>, name: &str) -> Result<LogPosition, sqlx::Error> {
+    let row: Option<(String, i64)> =
+        sqlx::query_as("select transaction_id::text, global_position from log_cursors where name = $1")
+            .bind(name)
+            .fetch_optional(executor)
+            .await?;
+    Ok(row.map_or(LogPosition::START, |(tx, pos)| LogPosition {
+        transaction_id: tx.parse().unwrap_or(0),
+        global_position: pos,
+    }))
+}
+
+/// Moves the cursor forward to `position` (no-op if it is already at or past it). Pass a transaction as the
+/// executor to store the cursor atomically with the effects of the events it covers.
+pub async fn save_cursor<'e>(
+    executor: impl PgExecutor<'e>,
+    name: &str,
+    position: LogPosition,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into log_cursors (name, transaction_id, global_position, updated_at)
+         values ($1, $2::text::xid8, $3, clock_timestamp())
+         on conflict (name) do update
+            set transaction_id = excluded.transaction_id,
+                global_position = excluded.global_position,
+                updated_at = excluded.updated_at
+          where (log_cursors.transaction_id, log_cursors.global_position)
+              < (excluded.transaction_id, excluded.global_position)",
+    )
+    .bind(name)
+    .bind(position.transaction_id.to_string())
+    .bind(position.global_position)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// Sets the cursor to `position` even if that moves it backwards.
+pub async fn reset_cursor<'e>(
+    executor: impl PgExecutor<'e>,
+    name: &str,
+    position: LogPosition,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into log_cursors (name, transaction_id, global_position, updated_at)
+         values ($1, $2::text::xid8, $3, clock_timestamp())
+         on conflict (name) do update
+            set transaction_id = excluded.transaction_id,
+                global_position = excluded.global_position,
+                updated_at = excluded.updated_at",
+    )
+    .bind(name)
+    .bind(position.transaction_id.to_string())
+    .bind(position.global_position)
+    .execute(executor)
+    .await?;
+    Ok(())
+}

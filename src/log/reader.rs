@@ -1,0 +1,180 @@
+//! [`LogReader`]: batches of committed events after a cursor, in commit-safe order.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgListener, PgRow};
+use sqlx::{PgPool, Row};
+use tokio_util::sync::CancellationToken;
+
+use super::{LogPosition, RecordedEvent};
+
+/// Events per batch unless configured otherwise.
+pub const BATCH_SIZE_DEFAULT: usize = 1_000;
+/// Upper bound on a batch, whatever is configured: bounds the memory one read can take.
+pub const BATCH_SIZE_MAX: usize = 10_000;
+/// How often a waiting reader polls when no notification arrives.
+pub const POLL_INTERVAL_MS_DEFAULT: u64 = 100;
+/// The channel the `events` statement trigger notifies.
+pub const LISTEN_CHANNEL: &str = "ledger_events";
+
+// The text rendering of the xid8 gets its own alias: `ORDER BY transaction_id` would otherwise bind to an
+// output column named `transaction_id` and sort as text ("100" < "99"), breaking commit order.
+const SELECT_COLUMNS: &str = "events.transaction_id::text as transaction_id_text, global_position, event_id,
+    aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, recorded_at";
+
+/// How the reader orders and bounds the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadOrder {
+    /// `(transaction_id, global_position)` below the oldest running transaction: never skips an event.
+    #[default]
+    CommitSafe,
+    /// `global_position` alone. **Skips events** of transactions that commit late: never use it to follow
+    /// the log. It exists so that a test can demonstrate the failure the commit-safe order prevents.
+    GlobalPositionOnly,
+}
+
+pub struct LogReader {
+    pool: PgPool,
+    after: LogPosition,
+    batch_size: usize,
+    poll_interval: Duration,
+    order: ReadOrder,
+    listener: Option<PgListener>,
+}
+
+impl LogReader {
+    /// A reader that will return the events after `after`.
+    pub fn new(pool: PgPool, after: LogPosition) -> Self {
+        Self {
+            pool,
+            after,
+            batch_size: BATCH_SIZE_DEFAULT,
+            poll_interval: Duration::from_millis(POLL_INTERVAL_MS_DEFAULT),
+            order: ReadOrder::CommitSafe,
+            listener: None,
+        }
+    }
+
+    /// Events per batch, clamped to `1..=BATCH_SIZE_MAX`.
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.clamp(1, BATCH_SIZE_MAX);
+        self
+    }
+
+    pub fn with_poll_interval(mut self, poll_interval: Duration) -> Self {
+        self.poll_interval = poll_interval;
+        self
+    }
+
+    pub fn with_read_order(mut self, order: ReadOrder) -> Self {
+        self.order = order;
+        self
+    }
+
+    /// The position of the last event returned (or the starting position).
+    pub fn position(&self) -> LogPosition {
+        self.after
+    }
+
+    /// Moves the reader to just after `position`.
+    pub fn seek(&mut self, position: LogPosition) {
+        self.after = position;
+    }
+
+    /// The next batch after the cursor, possibly empty; does not wait. Advances the cursor past the batch.
+    pub async fn read_batch(&mut self) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+        let limit = self.batch_size as i64;
+        let rows = match self.order {
+            ReadOrder::CommitSafe => {
+                sqlx::query(&format!(
+                    "select {SELECT_COLUMNS} from events
+                      where (transaction_id, global_position) > ($1::text::xid8, $2)
+                        and transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+                      order by events.transaction_id, events.global_position
+                      limit $3"
+                ))
+                .bind(self.after.transaction_id.to_string())
+                .bind(self.after.global_position)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            ReadOrder::GlobalPositionOnly => {
+                sqlx::query(&format!(
+                    "select {SELECT_COLUMNS} from events where global_position > $1 order by global_position limit $2"
+                ))
+                .bind(self.after.global_position)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        let events = rows.iter().map(decode_event).collect::<Result<Vec<_>, _>>()?;
+        if let Some(last) = events.last() {
+            self.after = last.position;
+        }
+        Ok(events)
+    }
+
+    /// The next non-empty batch, waiting for one (notification or poll). `None` when `cancel` fires first.
+    pub async fn next_batch(&mut self, cancel: &CancellationToken) -> Result<Option<Vec<RecordedEvent>>, sqlx::Error> {
+        loop {
+            // Listen before reading, so that a commit between the read and the wait still wakes us.
+            self.ensure_listening().await;
+            let batch = self.read_batch().await?;
+            if !batch.is_empty() {
+                return Ok(Some(batch));
+            }
+            let notified = async {
+                match self.listener.as_mut() {
+                    Some(listener) => listener.try_recv().await.map(|_| ()),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(None),
+                result = notified => {
+                    if result.is_err() {
+                        // Lost the listening connection: fall back to polling until it reconnects.
+                        self.listener = None;
+                    }
+                }
+                _ = tokio::time::sleep(self.poll_interval) => {}
+            }
+        }
+    }
+
+    async fn ensure_listening(&mut self) {
+        if self.listener.is_some() {
+            return;
+        }
+        match PgListener::connect_with(&self.pool).await {
+            Ok(mut listener) => {
+                if listener.listen(LISTEN_CHANNEL).await.is_ok() {
+                    self.listener = Some(listener);
+                }
+            }
+            Err(error) => tracing::debug!(%error, "LISTEN unavailable, polling"),
+        }
+    }
+}
+
+/// Decodes a row selected with the reader's columns (`transaction_id_text`, `global_position`, …).
+pub fn decode_event(row: &PgRow) -> Result<RecordedEvent, sqlx::Error> {
+    let transaction_id: String = row.try_get("transaction_id_text")?;
+    Ok(RecordedEvent {
+        position: LogPosition {
+            transaction_id: transaction_id.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+            global_position: row.try_get("global_position")?,
+        },
+        event_id: row.try_get("event_id")?,
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        sequence: row.try_get("sequence")?,
+        event_type: row.try_get("event_type")?,
+        event_version: row.try_get("event_version")?,
+        payload: row.try_get("payload")?,
+        metadata: row.try_get("metadata")?,
+        recorded_at: row.try_get("recorded_at")?,
+    })
+}

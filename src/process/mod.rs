@@ -1,0 +1,425 @@
+//! The process manager: coordinates Order and Portfolio by following the log.
+//!
+//! | order event          | portfolio step                                  | then                                  |
+//! |----------------------|-------------------------------------------------|---------------------------------------|
+//! | `OrderPlaced` (buy)  | `ReserveFunds` (limit, or last price + collar)  | `AcceptOrder`, or `RejectOrder(why)`  |
+//! | `OrderPlaced` (sell) | `ReserveQuantity`                               | `AcceptOrder`, or `RejectOrder(why)`  |
+//! | `ExecutionRecorded`  | `ApplyExecution`                                |                                       |
+//! | `OrderCanceled/Expired` | `ReleaseReservation`                         |                                       |
+//!
+//! # Crash safety
+//! Every step runs under the idempotency key `pm:{event id}:{step}`, so re-running an event after a crash
+//! returns the first result instead of acting twice, whatever the step. The cursor is saved after each batch;
+//! a crash re-runs at most one batch, converging to the same state. If an order was cancelled while it was
+//! still pending, the acceptance fails and the reservation just made is released at once.
+//!
+//! Events of different orders run concurrently (bounded); the events of one order run in log order.
+//! An infrastructure error retries the step with backoff (the cursor does not move past it); a business
+//! refusal that should never happen (e.g. a fill the portfolio cannot book) is recorded in
+//! `process_failures` and processing continues.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use rust_decimal::prelude::*;
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::commands::{CommandContext, CommandError, CommandService, Idempotency};
+use crate::domain::order::{OrderRejectReason, RejectCode};
+use crate::domain::values::{Money, OrderId, Price, Symbol};
+use crate::domain::{OrderCommand, OrderError, OrderEvent, OrderType, PortfolioCommand, PortfolioError, Side};
+use crate::log::{load_cursor, save_cursor, LogReader, RecordedEvent};
+
+/// The cursor name and the actor recorded in the metadata of the commands it issues.
+pub const PROCESS_MANAGER: &str = "process-manager";
+
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    /// Market buys reserve at the last price raised by this many basis points, and may not fill above it.
+    pub market_collar_bps: u32,
+    /// Extra cash reserved on every buy for fees, in basis points of the notional.
+    pub fee_allowance_bps: u32,
+    pub batch_size: usize,
+    pub poll_interval_ms: u64,
+    /// Orders processed at once within a batch.
+    pub concurrency_max: usize,
+    pub retry_backoff_max_ms: u64,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        Self {
+            market_collar_bps: 500,
+            fee_allowance_bps: 100,
+            batch_size: 100,
+            poll_interval_ms: 50,
+            concurrency_max: 16,
+            retry_backoff_max_ms: 5_000,
+        }
+    }
+}
+
+pub struct ProcessManager {
+    commands: Arc<CommandService>,
+    config: ProcessConfig,
+}
+
+/// Why handling one event failed.
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    /// Worth retrying: the database or the event store failed.
+    #[error(transparent)]
+    Transient(CommandError),
+    /// Will never succeed: record it and move on.
+    #[error("{code}: {message}")]
+    Permanent { code: String, message: String },
+}
+
+impl From<CommandError> for StepError {
+    fn from(error: CommandError) -> Self {
+        if error.is_business() {
+            StepError::Permanent { code: error.code().to_string(), message: error.to_string() }
+        } else {
+            StepError::Transient(error)
+        }
+    }
+}
+
+impl From<sqlx::Error> for StepError {
+    fn from(error: sqlx::Error) -> Self {
+        StepError::Transient(CommandError::store(error))
+    }
+}
+
+impl ProcessManager {
+    pub fn new(commands: Arc<CommandService>, config: ProcessConfig) -> Self {
+        Self { commands, config }
+    }
+
+    fn pool(&self) -> &PgPool {
+        self.commands.pool()
+    }
+
+    /// Follows the log from the stored cursor until `cancel` fires. On cancellation it finishes the event in
+    /// hand; the cursor moves only past completed batches.
+    pub async fn run(&self, cancel: CancellationToken) -> Result<(), sqlx::Error> {
+        let start = load_cursor(self.pool(), PROCESS_MANAGER).await?;
+        let mut reader = LogReader::new(self.pool().clone(), start)
+            .with_batch_size(self.config.batch_size)
+            .with_poll_interval(Duration::from_millis(self.config.poll_interval_ms));
+        tracing::info!(cursor = %start, "process manager started");
+        loop {
+            let batch = match reader.next_batch(&cancel).await {
+                Ok(Some(batch)) => batch,
+                Ok(None) => return Ok(()),
+                Err(error) => {
+                    tracing::warn!(%error, "reading the log failed; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            let Some(last) = batch.last().map(|e| e.position) else { continue };
+            if !self.handle_batch(batch, &cancel).await {
+                return Ok(());
+            }
+            self.save_cursor_retrying(last, &cancel).await?;
+        }
+    }
+
+    /// Handles a batch: orders concurrently, each order's events in log order. Returns false if cancelled
+    /// before every event was handled.
+    pub async fn handle_batch(&self, batch: Vec<RecordedEvent>, cancel: &CancellationToken) -> bool {
+        let mut by_order: Vec<Vec<RecordedEvent>> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for event in batch.into_iter().filter(|e| e.aggregate_type == "Order") {
+            let slot = *index.entry(event.aggregate_id.clone()).or_insert_with(|| {
+                by_order.push(Vec::new());
+                by_order.len() - 1
+            });
+            by_order[slot].push(event);
+        }
+        let results: Vec<bool> = futures::stream::iter(by_order)
+            .map(|events| async move {
+                for event in &events {
+                    if !self.handle_with_retry(event, cancel).await {
+                        return false;
+                    }
+                }
+                true
+            })
+            .buffer_unordered(self.config.concurrency_max.max(1))
+            .collect()
+            .await;
+        results.into_iter().all(|done| done)
+    }
+
+    /// Handles one event, retrying transient failures with backoff. Returns false if cancelled first.
+    async fn handle_with_retry(&self, event: &RecordedEvent, cancel: &CancellationToken) -> bool {
+        let mut delay = Duration::from_millis(20);
+        loop {
+            match self.handle(event).await {
+                Ok(()) => return true,
+                Err(StepError::Permanent { code, message }) => {
+                    tracing::error!(event_id = %event.event_id, position = %event.position, %code, %message,
+                        "process step refused; recorded in process_failures");
+                    if let Err(error) = self.record_failure(event, &code, &message).await {
+                        tracing::warn!(%error, "recording a process failure failed; retrying the event");
+                    } else {
+                        return true;
+                    }
+                }
+                Err(StepError::Transient(error)) => {
+                    tracing::warn!(event_id = %event.event_id, error = %error, "process step failed; retrying");
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_millis(self.config.retry_backoff_max_ms));
+        }
+    }
+
+    /// Reacts to one log event (ignores events it has no step for).
+    async fn handle(&self, event: &RecordedEvent) -> Result<(), StepError> {
+        if event.aggregate_type != "Order" {
+            return Ok(());
+        }
+        let order_event: OrderEvent = match serde_json::from_value(event.payload.clone()) {
+            Ok(order_event) => order_event,
+            Err(error) => {
+                return Err(StepError::Permanent { code: "UNDECODABLE_EVENT".into(), message: error.to_string() })
+            }
+        };
+        let order_id = event.aggregate_id.as_str();
+        match order_event {
+            OrderEvent::OrderPlaced { portfolio_id, symbol, side, order_type, quantity, .. } => {
+                let portfolio_id = portfolio_id.to_string();
+                let at = self.commands.clock().now();
+                let order = parse_order_id(order_id)?;
+                let (reserve, protection_price) = match side {
+                    Side::Sell => (PortfolioCommand::ReserveQuantity { order_id: order, symbol, quantity, at }, None),
+                    Side::Buy => {
+                        let price = match order_type {
+                            OrderType::Limit { limit_price } => limit_price,
+                            OrderType::Market => match self.market_reservation_price(&symbol).await? {
+                                Some(price) => price,
+                                None => {
+                                    let reason = OrderRejectReason {
+                                        code: RejectCode::NoMarketPrice,
+                                        detail: format!("no market price known for {symbol}"),
+                                    };
+                                    return self.reject(event, order_id, reason).await;
+                                }
+                            },
+                        };
+                        let amount = match self.reservation_amount(quantity.value(), price) {
+                            Some(amount) => amount,
+                            None => {
+                                let reason = OrderRejectReason {
+                                    code: RejectCode::InsufficientFunds,
+                                    detail: "the order's value exceeds the largest amount a portfolio can hold".into(),
+                                };
+                                return self.reject(event, order_id, reason).await;
+                            }
+                        };
+                        let protection = matches!(order_type, OrderType::Market).then_some(price);
+                        (
+                            PortfolioCommand::ReserveFunds { order_id: order, symbol, quantity, price, amount, at },
+                            protection,
+                        )
+                    }
+                };
+                match self.commands.execute_portfolio(&self.context(event, "reserve")?, &portfolio_id, reserve).await {
+                    Ok(outcome) => {
+                        // A replayed reservation may have been made at an earlier price: protect at that one.
+                        let protection_price = match (protection_price, outcome.duplicate, outcome.events.first()) {
+                            (Some(_), true, Some(reserved)) => self.reserved_price(reserved.event_id).await?,
+                            _ => protection_price,
+                        };
+                        self.accept(event, order_id, &portfolio_id, order, protection_price).await
+                    }
+                    Err(CommandError::Portfolio(error)) => {
+                        let reason = OrderRejectReason { code: reject_code(&error), detail: error.to_string() };
+                        self.reject(event, order_id, reason).await
+                    }
+                    Err(error) => Err(error.into()),
+                }
+            }
+            OrderEvent::ExecutionRecorded {
+                portfolio_id,
+                symbol,
+                side,
+                exec_id,
+                quantity,
+                price,
+                fee,
+                executed_at,
+                ..
+            } => {
+                let order = parse_order_id(order_id)?;
+                let command = PortfolioCommand::ApplyExecution {
+                    order_id: order,
+                    exec_id,
+                    symbol,
+                    side,
+                    quantity,
+                    price,
+                    fee,
+                    executed_at,
+                };
+                self.commands
+                    .execute_portfolio(&self.context(event, "apply")?, &portfolio_id.to_string(), command)
+                    .await?;
+                Ok(())
+            }
+            OrderEvent::OrderCanceled { portfolio_id, .. } | OrderEvent::OrderExpired { portfolio_id, .. } => {
+                let order = parse_order_id(order_id)?;
+                let command = PortfolioCommand::ReleaseReservation {
+                    order_id: order,
+                    reason: event.event_type.clone(),
+                    at: self.commands.clock().now(),
+                };
+                self.commands
+                    .execute_portfolio(&self.context(event, "release")?, &portfolio_id.to_string(), command)
+                    .await?;
+                Ok(())
+            }
+            OrderEvent::OrderAccepted { .. } | OrderEvent::OrderRejected { .. } => Ok(()),
+        }
+    }
+
+    async fn accept(
+        &self,
+        event: &RecordedEvent,
+        order_id: &str,
+        portfolio_id: &str,
+        order: OrderId,
+        protection_price: Option<Price>,
+    ) -> Result<(), StepError> {
+        let command = OrderCommand::AcceptOrder { protection_price, accepted_at: self.commands.clock().now() };
+        match self.commands.execute_order(&self.context(event, "accept")?, order_id, command).await {
+            Ok(_) | Err(CommandError::Order(OrderError::AlreadyAccepted)) => Ok(()),
+            // Cancelled while pending: give back what was just reserved.
+            Err(CommandError::Order(OrderError::Terminal { .. })) => {
+                let release = PortfolioCommand::ReleaseReservation {
+                    order_id: order,
+                    reason: "OrderCanceledBeforeAcceptance".into(),
+                    at: self.commands.clock().now(),
+                };
+                self.commands.execute_portfolio(&self.context(event, "release")?, portfolio_id, release).await?;
+                Ok(())
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    async fn reject(&self, event: &RecordedEvent, order_id: &str, reason: OrderRejectReason) -> Result<(), StepError> {
+        let command = OrderCommand::RejectOrder { reason, rejected_at: self.commands.clock().now() };
+        match self.commands.execute_order(&self.context(event, "reject")?, order_id, command).await {
+            Ok(_) => Ok(()),
+            // Already cancelled (or otherwise decided): nothing was reserved, nothing to undo.
+            Err(CommandError::Order(OrderError::Terminal { .. } | OrderError::AlreadyAccepted)) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The context of step `step` for `event`: idempotency key `pm:{event id}:{step}`.
+    fn context(&self, event: &RecordedEvent, step: &str) -> Result<CommandContext, StepError> {
+        #[derive(Serialize)]
+        struct StepFingerprint<'a> {
+            event_id: uuid::Uuid,
+            step: &'a str,
+        }
+        let key = format!("pm:{}:{step}", event.event_id);
+        let idempotency = Idempotency::new(key, &StepFingerprint { event_id: event.event_id, step })?;
+        Ok(CommandContext::caused_by(PROCESS_MANAGER, event).with_idempotency(idempotency))
+    }
+
+    /// Last price raised by the collar, rounded up to the cent; `None` when no price was ever seen.
+    async fn market_reservation_price(&self, symbol: &Symbol) -> Result<Option<Price>, StepError> {
+        let last: Option<Decimal> = sqlx::query_scalar("select price from latest_prices where symbol = $1")
+            .bind(symbol.as_str())
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(last.and_then(|price| {
+            let collared = price * (Decimal::ONE + Decimal::new(self.config.market_collar_bps.into(), 4));
+            Price::new(collared.round_dp_with_strategy(2, RoundingStrategy::AwayFromZero)).ok()
+        }))
+    }
+
+    /// The price basis recorded in a `FundsReserved` event.
+    async fn reserved_price(&self, event_id: uuid::Uuid) -> Result<Option<Price>, StepError> {
+        let payload: Option<serde_json::Value> = sqlx::query_scalar("select payload from events where event_id = $1")
+            .bind(event_id)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(payload.and_then(|p| match serde_json::from_value(p) {
+            Ok(crate::domain::PortfolioEvent::FundsReserved { price, .. }) => Some(price),
+            _ => None,
+        }))
+    }
+
+    /// quantity × price × (1 + fee allowance), rounded up to 8 decimals; `None` if no portfolio could hold it.
+    fn reservation_amount(&self, quantity: Decimal, price: Price) -> Option<Money> {
+        let allowance = Decimal::ONE + Decimal::new(self.config.fee_allowance_bps.into(), 4);
+        let amount = quantity.checked_mul(price.value())?.checked_mul(allowance)?;
+        Money::new(amount.round_dp_with_strategy(8, RoundingStrategy::AwayFromZero)).ok()
+    }
+
+    async fn record_failure(&self, event: &RecordedEvent, code: &str, message: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "insert into process_failures (process, event_id, global_position, error_code, error)
+             values ($1, $2, $3, $4, $5) on conflict (process, event_id) do nothing",
+        )
+        .bind(PROCESS_MANAGER)
+        .bind(event.event_id)
+        .bind(event.position.global_position)
+        .bind(code)
+        .bind(message)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn save_cursor_retrying(
+        &self,
+        position: crate::log::LogPosition,
+        cancel: &CancellationToken,
+    ) -> Result<(), sqlx::Error> {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match save_cursor(self.pool(), PROCESS_MANAGER, position).await {
+                Ok(()) => return Ok(()),
+                Err(error) if !cancel.is_cancelled() => {
+                    tracing::warn!(%error, "saving the process manager cursor failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(self.config.retry_backoff_max_ms));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}
+
+fn parse_order_id(order_id: &str) -> Result<OrderId, StepError> {
+    order_id.parse().map_err(|_| StepError::Permanent {
+        code: "BAD_ORDER_ID".into(),
+        message: format!("order id {order_id} is not a UUID"),
+    })
+}
+
+fn reject_code(error: &PortfolioError) -> RejectCode {
+    match error {
+        PortfolioError::InsufficientFunds { .. } => RejectCode::InsufficientFunds,
+        PortfolioError::InsufficientQuantity { .. } => RejectCode::InsufficientQuantity,
+        PortfolioError::NotFound => RejectCode::UnknownPortfolio,
+        _ => RejectCode::PortfolioRejected,
+    }
+}

@@ -1,0 +1,10 @@
+//! Integration tests against a real PostgreSQL (and, from the relay on, a real Kafka-protocol broker).
+//! One test binary for the crate: each binary links the whole dependency tree, so we build it once.
+
+mod audit;
+mod commands;
+mod log_order;
+mod process_manager;
+mod projections;
+mod relay;
+mod support;

@@ -1,0 +1,386 @@
+//! The process manager against a real PostgreSQL: reservations, acceptance and rejection, fills, releases,
+//! and convergence after being killed mid-stream.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ledger::commands::CommandService;
+use ledger::domain::order::{OrderRejectReason, RecordExecution, RejectCode};
+use ledger::domain::values::{ExecId, Money, OrderId, PortfolioId};
+use ledger::domain::{CostBasisMethod, Order, OrderCommand, OrderStatus, Portfolio, Side};
+use ledger::process::{ProcessConfig, ProcessManager};
+use rand::{Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::*;
+
+struct RunningProcess {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn start_process_manager(commands: Arc<CommandService>) -> RunningProcess {
+    let cancel = CancellationToken::new();
+    let manager = ProcessManager::new(commands, ProcessConfig::default());
+    let token = cancel.clone();
+    let task = tokio::spawn(async move {
+        manager.run(token).await.unwrap();
+    });
+    RunningProcess { cancel, task }
+}
+
+impl RunningProcess {
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+async fn order_state(commands: &CommandService, order_id: OrderId) -> Order {
+    commands.load::<Order>(&order_id.to_string()).await.unwrap().0
+}
+
+async fn wait_for_status(commands: &CommandService, order_id: OrderId, wanted: fn(OrderStatus) -> bool) -> Order {
+    let reached =
+        eventually(Duration::from_secs(30), || async { wanted(order_state(commands, order_id).await.status) }).await;
+    let order = order_state(commands, order_id).await;
+    assert!(reached, "order {order_id} stuck in {:?}", order.status);
+    order
+}
+
+async fn set_price(db: &TestDb, symbol: &str, value: &str) {
+    sqlx::query(
+        "insert into latest_prices (symbol, price, as_of) values ($1, $2, now())
+         on conflict (symbol) do update set price = excluded.price, as_of = excluded.as_of",
+    )
+    .bind(symbol)
+    .bind(dec(value))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+fn fill(exec: &str, quantity: &str, at_price: &str, fee: &str) -> OrderCommand {
+    OrderCommand::RecordExecution(RecordExecution {
+        exec_id: ExecId::new(exec).unwrap(),
+        quantity: qty(quantity),
+        price: price(at_price),
+        fee: Money::new(dec(fee)).unwrap(),
+        executed_at: chrono::Utc::now(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_buy_is_reserved_accepted_filled_and_booked() {
+    let db = TestDb::new().await;
+    let commands = db.commands();
+    let pm = start_process_manager(commands.clone());
+    let portfolio = open_portfolio(&commands, "10000", CostBasisMethod::Fifo).await;
+    let (order_id, place_cmd) = place(portfolio, "ACME", Side::Buy, "10", Some("100"));
+    commands.execute_order(&ctx(), &order_id.to_string(), place_cmd).await.unwrap();
+    wait_for_status(&commands, order_id, |s| s == OrderStatus::New).await;
+
+    let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
+    // 10 × 100 plus the default 1 % fee allowance.
+    assert_eq!(state.reserved_cash, dec("1010"));
+
+    commands.execute_order(&ctx(), &order_id.to_string(), fill("x1", "4", "99", "1")).await.unwrap();
+    commands.execute_order(&ctx(), &order_id.to_string(), fill("x2", "6", "99.5", "1")).await.unwrap();
+    wait_for_status(&commands, order_id, |s| s == OrderStatus::Filled).await;
+    let booked = eventually(Duration::from_secs(10), || async {
+        let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
+        state.positions.get(&sym("ACME")).is_some_and(|p| p.quantity == dec("10"))
+    })
+    .await;
+    assert!(booked);
+    let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
+    // 4 × 99 + 1 + 6 × 99.5 + 1 = 995
+    assert_eq!(state.cash, dec("9005"));
+    assert_eq!(state.reserved_cash, dec("0"));
+    assert_eq!(state.positions[&sym("ACME")].cost_basis, dec("995"));
+    assert!(state.reservations.is_empty());
+    pm.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_the_portfolio_cannot_cover_are_rejected_with_the_reason() {
+    let db = TestDb::new().await;
+    let commands = db.commands();
+    let pm = start_process_manager(commands.clone());
+    let portfolio = open_portfolio(&commands, "500", CostBasisMethod::Fifo).await;
+
+    let cases = [
+        (place(portfolio, "ACME", Side::Buy, "10", Some("100")), RejectCode::InsufficientFunds),
+        (place(portfolio, "ACME", Side::Sell, "1", Some("100")), RejectCode::InsufficientQuantity),
+        (place(portfolio, "NOPRICE", Side::Buy, "1", None), RejectCode::NoMarketPrice),
+        (place(PortfolioId::generate(), "ACME", Side::Buy, "1", Some("1")), RejectCode::UnknownPortfolio),
+    ];
+    for ((order_id, command), expected) in cases {
+        commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+        let order = wait_for_status(&commands, order_id, |s| s == OrderStatus::Rejected).await;
+        let OrderRejectReason { code, .. } = order.reject_reason.unwrap();
+        assert_eq!(code, expected);
+    }
+    let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
+    assert_eq!(state.reserved_cash, dec("0"));
+    pm.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn market_buys_reserve_with_a_collar_and_are_protected_at_that_price() {
+    let db = TestDb::new().await;
+    let commands = db.commands();
+    set_price(&db, "ACME", "20").await;
+    let pm = start_process_manager(commands.clone());
+    let portfolio = open_portfolio(&commands, "1000", CostBasisMethod::Fifo).await;
+    let (order_id, command) = place(portfolio, "ACME", Side::Buy, "10", None);
+    commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+    let order = wait_for_status(&commands, order_id, |s| s == OrderStatus::New).await;
+    // 20 × 1.05 = 21.00; reserved 10 × 21 × 1.01.
+    assert_eq!(order.protection_price, Some(price("21")));
+    let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
+    assert_eq!(state.reserved_cash, dec("212.1"));
+    let beyond = commands.execute_order(&ctx(), &order_id.to_string(), fill("x", "10", "21.01", "0")).await;
+    assert_eq!(beyond.unwrap_err().code(), "PROTECTION_PRICE_BREACHED");
+    pm.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_releases_what_is_left_reserved() {
+    let db = TestDb::new().await;
+    let commands = db.commands();
+    let pm = start_process_manager(commands.clone());
+    let portfolio = open_portfolio(&commands, "1000", CostBasisMethod::Fifo).await;
+    let (order_id, command) = place(portfolio, "ACME", Side::Buy, "10", Some("50"));
+    commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+    wait_for_status(&commands, order_id, |s| s == OrderStatus::New).await;
+    commands.execute_order(&ctx(), &order_id.to_string(), fill("x", "4", "50", "0")).await.unwrap();
+    let cancel = OrderCommand::CancelOrder { reason: "user".into(), canceled_at: chrono::Utc::now() };
+    commands.execute_order(&ctx(), &order_id.to_string(), cancel).await.unwrap();
+    let settled = eventually(Duration::from_secs(10), || async {
+        let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
+        state.reservations.is_empty() && state.positions.get(&sym("ACME")).is_some_and(|p| p.quantity == dec("4"))
+    })
+    .await;
+    assert!(settled);
+    let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
+    assert_eq!((state.cash, state.reserved_cash), (dec("800"), dec("0")));
+    pm.stop().await;
+    db.drop().await;
+}
+
+/// The process manager is killed (its task aborted, mid-command) again and again while orders, fills and
+/// cancels stream in; a new one is started each time. In the end every order was accepted or rejected exactly
+/// once, each order reserved at most once, nothing stays reserved, and cash is exactly what the fills cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_and_restarted_mid_stream_it_converges_exactly_once() {
+    let db = TestDb::new_with(24).await;
+    let commands = db.commands();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let portfolios: Vec<PortfolioId> = {
+        let mut v = Vec::new();
+        for _ in 0..8 {
+            v.push(open_portfolio(&commands, "5000", CostBasisMethod::Fifo).await);
+        }
+        v
+    };
+
+    // A killer: start a process manager and abort it — every other time at a random moment, otherwise right
+    // after it committed a step (so mid-batch, before its cursor moved) — then start a new one.
+    let stop_killing = CancellationToken::new();
+    let killer = {
+        let commands = commands.clone();
+        let pool = db.pool.clone();
+        let stop = stop_killing.clone();
+        tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+            let mut kills = 0;
+            let steps = || async {
+                sqlx::query_scalar::<_, i64>("select count(*) from command_log").fetch_one(&pool).await.unwrap()
+            };
+            while !stop.is_cancelled() {
+                let manager = ProcessManager::new(commands.clone(), ProcessConfig::default());
+                let task = tokio::spawn(async move {
+                    let _ = manager.run(CancellationToken::new()).await;
+                });
+                if kills % 2 == 0 {
+                    tokio::time::sleep(Duration::from_millis(rng.gen_range(5..150))).await;
+                } else {
+                    let before = steps().await;
+                    let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+                    while steps().await == before && tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                task.abort();
+                let _ = task.await;
+                kills += 1;
+            }
+            kills
+        })
+    };
+
+    // Phase 1: 160 limit buys, some too large to be covered.
+    let mut orders = Vec::new();
+    for i in 0..160 {
+        let portfolio = portfolios[i % portfolios.len()];
+        let quantity = rng.gen_range(1..=8).to_string();
+        let limit = rng.gen_range(50..=120).to_string();
+        let (order_id, command) = place(portfolio, "ACME", Side::Buy, &quantity, Some(&limit));
+        commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+        orders.push((order_id, portfolio, limit));
+        if i % 40 == 39 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Phase 2: as orders get accepted, fill half of them in two parts and cancel the others.
+    let mut expected_cost: HashMap<PortfolioId, rust_decimal::Decimal> = HashMap::new();
+    let mut decided = 0;
+    for (n, (order_id, portfolio, limit)) in orders.iter().enumerate() {
+        let order = wait_for_status(&commands, *order_id, |s| s != OrderStatus::PendingNew).await;
+        decided += 1;
+        if order.status != OrderStatus::New {
+            continue;
+        }
+        let quantity = order.leaves_quantity;
+        if n % 2 == 0 {
+            let first = (quantity / dec("2")).floor().max(dec("1"));
+            let mut parts = vec![first];
+            if quantity > first {
+                parts.push(quantity - first);
+            }
+            for (k, part) in parts.iter().enumerate() {
+                // Fees stay within the 1 % allowance reserved with the order (at least 0.50 here).
+                let command = fill(&format!("f{k}"), &part.to_string(), limit, "0.05");
+                commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+                *expected_cost.entry(*portfolio).or_default() += part * dec(limit) + dec("0.05");
+            }
+        } else {
+            let cancel = OrderCommand::CancelOrder { reason: "test".into(), canceled_at: chrono::Utc::now() };
+            commands.execute_order(&ctx(), &order_id.to_string(), cancel).await.unwrap();
+        }
+    }
+    assert_eq!(decided, orders.len());
+
+    // Let the last kills happen, then one clean process manager finishes the log.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop_killing.cancel();
+    let kills = killer.await.unwrap();
+    assert!(kills >= 5, "only {kills} kills");
+    let replayed = commands.metrics().duplicates.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("process manager killed {kills} times; {replayed} steps re-run and answered from the idempotency log");
+    assert!(replayed > 0, "no kill landed mid-batch: the test did not exercise recovery");
+    let pm = start_process_manager(commands.clone());
+    let settled = eventually(Duration::from_secs(30), || async {
+        let mut all = true;
+        for p in &portfolios {
+            let (state, _) = commands.load::<Portfolio>(&p.to_string()).await.unwrap();
+            all &= state.reservations.is_empty();
+        }
+        all
+    })
+    .await;
+    if !settled {
+        for p in &portfolios {
+            let (state, _) = commands.load::<Portfolio>(&p.to_string()).await.unwrap();
+            for (order_id, reservation) in &state.reservations {
+                let order = order_state(&commands, *order_id).await;
+                eprintln!(
+                    "left reserved: {order_id} {reservation:?} order {:?} cum {}",
+                    order.status, order.cum_quantity
+                );
+            }
+        }
+        let failures: Vec<(String, String)> =
+            sqlx::query_as("select error_code, error from process_failures").fetch_all(&db.pool).await.unwrap();
+        eprintln!("process failures: {failures:?}");
+        let open: Vec<(Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+            "select datname::text, state, left(query, 120) from pg_stat_activity where backend_xid is not null or backend_xmin is not null",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        eprintln!("sessions holding an xid or xmin: {open:?}");
+        let horizon: (String, Option<String>) = sqlx::query_as(
+            "select pg_snapshot_xmin(pg_current_snapshot())::text, (select max(transaction_id)::text from events)",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        let cursor = ledger::log::load_cursor(&db.pool, ledger::process::PROCESS_MANAGER).await.unwrap();
+        eprintln!("horizon xmin {} / newest event tx {:?} / pm cursor {cursor}", horizon.0, horizon.1);
+        panic!("reservations were never all settled");
+    }
+    pm.stop().await;
+
+    // Every order decided exactly once, reserved at most once.
+    let decisions: Vec<(String, i64, i64)> = sqlx::query_as(
+        "select aggregate_id,
+                count(*) filter (where event_type in ('OrderAccepted', 'OrderRejected')),
+                count(*) filter (where event_type = 'OrderAccepted')
+           from events where aggregate_type = 'Order' group by aggregate_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(decisions.len(), orders.len());
+    assert!(decisions.iter().all(|(_, decided, _)| *decided == 1), "an order was decided twice or never");
+    let reservations: Vec<(String, i64)> = sqlx::query_as(
+        "select payload->'FundsReserved'->>'order_id', count(*) from events
+          where event_type = 'FundsReserved' group by 1 having count(*) > 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(reservations.is_empty(), "orders reserved twice: {reservations:?}");
+    let accepted: i64 = decisions.iter().map(|d| d.2).sum();
+    assert!(accepted > 20 && accepted < orders.len() as i64, "want both outcomes, got {accepted} accepted");
+
+    // Cash is exactly deposits minus what the fills cost: no fill booked twice or lost.
+    for portfolio in &portfolios {
+        let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
+        state.check_invariants().unwrap();
+        let cost = expected_cost.get(portfolio).copied().unwrap_or_default();
+        assert_eq!(state.cash, dec("5000") - cost, "portfolio {portfolio}");
+        assert_eq!(state.reserved_cash, dec("0"));
+    }
+    let negative: i64 = sqlx::query_scalar(
+        "select count(*) from events where aggregate_type = 'Portfolio'
+            and (payload->'ExecutionApplied'->>'cash_after')::numeric < 0",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(negative, 0, "cash went negative");
+    let failures: i64 = sqlx::query_scalar("select count(*) from process_failures").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(failures, 0);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_cancelled_while_pending_is_never_left_reserved() {
+    let db = TestDb::new().await;
+    let commands = db.commands();
+    let portfolio = open_portfolio(&commands, "1000", CostBasisMethod::Fifo).await;
+    let (order_id, command) = place(portfolio, "ACME", Side::Buy, "5", Some("10"));
+    commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+    // Cancelled before the process manager ever ran.
+    let cancel = OrderCommand::CancelOrder { reason: "changed my mind".into(), canceled_at: chrono::Utc::now() };
+    commands.execute_order(&ctx(), &order_id.to_string(), cancel).await.unwrap();
+    let pm = start_process_manager(commands.clone());
+    let cursor_moved = eventually(Duration::from_secs(10), || async {
+        ledger::log::load_cursor(&db.pool, ledger::process::PROCESS_MANAGER).await.unwrap().global_position > 0
+    })
+    .await;
+    assert!(cursor_moved);
+    pm.stop().await;
+    let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
+    assert_eq!(state.reserved_cash, dec("0"));
+    assert!(state.reservations.is_empty());
+    assert_eq!(order_state(&commands, order_id).await.status, OrderStatus::Canceled);
+    db.drop().await;
+}
