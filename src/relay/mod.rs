@@ -1,0 +1,442 @@
+//! The relay: mirrors the event log to Kafka, at least once, in per-aggregate order, never skipping.
+//!
+//! The events table is the outbox. The relay reads it with the commit-safe [`LogReader`] from its cursor,
+//! produces each event to `ledger.events` (key = aggregate id, so one aggregate's events share a partition
+//! and keep their order), waits for the broker's acknowledgement of a whole batch, and only then stores the
+//! cursor. A crash between produce and cursor store re-produces that batch: duplicates, which consumers drop by
+//! `(aggregate_id, sequence)`, never a loss.
+//!
+//! # Why the delivery timeout is infinite
+//! librdkafka's idempotent producer keeps a partition's messages gapless and ordered — except when a message
+//! times out locally: a later message of the same partition may still be delivered after an earlier one
+//! failed, and re-producing the failed one would put sequence 1 after sequence 2. So `message.timeout.ms` is
+//! 0 (retry until delivered): while the broker is down, batches wait in the producer, the relay reports the
+//! state change once, and resumes by itself when the broker is back. Only a fatal producer error (which stops
+//! the producer before any gap) makes the relay recreate its producer and re-produce from its cursor.
+//!
+//! Batches are pipelined: up to `batches_in_flight_max` batches are produced before the oldest is awaited;
+//! cursors are stored in order as batches complete.
+//!
+//! # One cursor per target cluster
+//! The cursor (and the lock that makes one relay active) is named `relay:{cluster id}:{topic}`. A cursor per
+//! topic alone would treat events mirrored to one cluster as mirrored to any: pointing the ledger at a new,
+//! empty Kafka cluster (or the demo's throw-away in-process one, then a real one) would leave the new cluster
+//! without the history. A new cluster id starts from the beginning of the log.
+
+mod envelope;
+mod leader;
+
+pub use envelope::{headers, headers_for, Envelope, ENVELOPE_VERSION};
+pub use leader::{lock_key, Leadership};
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::kafka::KafkaConfig;
+use crate::log::{load_cursor, save_cursor, LogPosition, LogReader, RecordedEvent};
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Events read from the log and produced per batch.
+    pub batch_size: usize,
+    /// Batches produced before the oldest must be acknowledged.
+    pub batches_in_flight_max: usize,
+    /// How often the reader polls when no notification arrives.
+    pub poll_interval_ms: u64,
+    /// How often a standby relay tries to take over.
+    pub standby_poll_ms: u64,
+    pub linger_ms: u32,
+    /// Bound of the producer's queue, in messages.
+    pub queue_messages_max: u32,
+    /// `none`, `gzip`, `lz4`, `snappy` or `zstd` (as the broker allows).
+    pub compression: String,
+    /// A batch unacknowledged this long marks the broker as unreachable (logged once per state change).
+    pub slow_delivery_ms: u64,
+    pub retry_backoff_max_ms: u64,
+    /// On shutdown, how long to wait for batches already produced to be acknowledged.
+    pub shutdown_grace_ms: u64,
+    /// Create the topics through the admin API when becoming active. Off where something else creates them
+    /// (librdkafka's mock cluster does not implement the admin API).
+    pub create_topics: bool,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 1_000,
+            batches_in_flight_max: 4,
+            poll_interval_ms: 20,
+            standby_poll_ms: 500,
+            linger_ms: 5,
+            queue_messages_max: 100_000,
+            compression: "lz4".to_string(),
+            slow_delivery_ms: 5_000,
+            retry_backoff_max_ms: 5_000,
+            shutdown_grace_ms: 5_000,
+            create_topics: true,
+        }
+    }
+}
+
+/// What the relay is doing, for metrics and tests. Updated as it goes; read without locks.
+#[derive(Debug, Default)]
+pub struct RelayStatus {
+    pub active: AtomicBool,
+    pub broker_unreachable: AtomicBool,
+    /// Messages acknowledged by the broker.
+    pub produced: AtomicU64,
+    pub batches: AtomicU64,
+    /// Batches that failed and were re-produced.
+    pub failed_batches: AtomicU64,
+    pub cursor_transaction_id: AtomicU64,
+    pub cursor_global_position: AtomicI64,
+    /// `recorded_at` (Unix ms) of the last event acknowledged.
+    pub last_recorded_at_ms: AtomicI64,
+    /// `relay:{cluster id}:{topic}`, known once the relay has reached the cluster.
+    pub cursor_name: std::sync::OnceLock<String>,
+    /// Per event: from `recorded_at` (the database's clock at insert) to the broker's acknowledgement.
+    pub commit_to_ack: crate::metrics::Histogram,
+}
+
+/// How far the relay is behind the log.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RelayLag {
+    /// Committed events after the relay's cursor (counted up to 10⁷).
+    pub events: i64,
+    /// Age of the oldest event not yet relayed (0 when caught up).
+    pub seconds: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+enum ActiveExit {
+    Cancelled,
+    LostLeadership,
+}
+
+/// A produced batch waiting for its acknowledgements.
+struct InFlight {
+    produced_at: std::time::Instant,
+    last: LogPosition,
+    last_recorded_at_ms: i64,
+    /// `recorded_at` of each event, in Unix microseconds (for the commit → ack histogram).
+    recorded_at_us: Vec<i64>,
+    deliveries: Vec<DeliveryFuture>,
+}
+
+pub struct Relay {
+    pool: PgPool,
+    kafka: KafkaConfig,
+    config: RelayConfig,
+    status: Arc<RelayStatus>,
+}
+
+impl Relay {
+    pub fn new(pool: PgPool, kafka: KafkaConfig, config: RelayConfig) -> Self {
+        Self { pool, kafka, config, status: Arc::default() }
+    }
+
+    pub fn status(&self) -> Arc<RelayStatus> {
+        self.status.clone()
+    }
+
+    /// Runs until `cancel` fires: stands by while another relay holds the lock, relays while it holds it.
+    pub async fn run(&self, cancel: CancellationToken) -> Result<(), RelayError> {
+        let mut backoff = Duration::from_millis(100);
+        let name = loop {
+            match cursor_name(&self.kafka).await {
+                Ok(name) => break name,
+                Err(error) => {
+                    if !self.status.broker_unreachable.swap(true, Ordering::SeqCst) {
+                        tracing::warn!(%error, brokers = %self.kafka.brokers, "relay cannot reach Kafka yet; retrying");
+                    }
+                    if sleep_or_cancel(backoff, &cancel).await {
+                        return Ok(());
+                    }
+                    backoff = (backoff * 2).min(Duration::from_millis(self.config.retry_backoff_max_ms));
+                }
+            }
+        };
+        self.status.broker_unreachable.store(false, Ordering::SeqCst);
+        let name = self.status.cursor_name.get_or_init(|| name).clone();
+        let key = lock_key(&name);
+        loop {
+            let standby =
+                || tracing::info!(topic = %self.kafka.events_topic, "relay standing by: another relay is active");
+            let acquired = Leadership::acquire(
+                &self.pool,
+                key,
+                Duration::from_millis(self.config.standby_poll_ms),
+                &cancel,
+                standby,
+            )
+            .await;
+            let leadership = match acquired {
+                Ok(Some(leadership)) => leadership,
+                Ok(None) => return Ok(()),
+                Err(error) => {
+                    tracing::warn!(%error, "relay cannot reach PostgreSQL; retrying");
+                    if sleep_or_cancel(backoff, &cancel).await {
+                        return Ok(());
+                    }
+                    backoff = (backoff * 2).min(Duration::from_millis(self.config.retry_backoff_max_ms));
+                    continue;
+                }
+            };
+            self.status.active.store(true, Ordering::SeqCst);
+            let result = self.run_active(leadership, &name, &cancel).await;
+            self.status.active.store(false, Ordering::SeqCst);
+            match result {
+                Ok(ActiveExit::Cancelled) => return Ok(()),
+                Ok(ActiveExit::LostLeadership) => {
+                    tracing::warn!("relay lost its lock session; standing by");
+                }
+                Err(error) => {
+                    tracing::error!(%error, "relay stopped; restarting from its cursor");
+                    if sleep_or_cancel(backoff, &cancel).await {
+                        return Ok(());
+                    }
+                    backoff = (backoff * 2).min(Duration::from_millis(self.config.retry_backoff_max_ms));
+                }
+            }
+        }
+    }
+
+    fn create_producer(&self) -> Result<FutureProducer, KafkaError> {
+        let mut config = self.kafka.client_config();
+        config
+            .set("client.id", "ledger-relay")
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", "0")
+            .set("linger.ms", self.config.linger_ms.to_string())
+            .set("queue.buffering.max.messages", self.config.queue_messages_max.to_string())
+            .set("compression.type", &self.config.compression);
+        config.create()
+    }
+
+    async fn run_active(
+        &self,
+        mut leadership: Leadership,
+        name: &str,
+        cancel: &CancellationToken,
+    ) -> Result<ActiveExit, RelayError> {
+        if self.config.create_topics {
+            self.kafka.ensure_topics().await?;
+        }
+        let mut saved = load_cursor(&self.pool, name).await?;
+        self.publish_cursor(saved, None);
+        tracing::info!(topic = %self.kafka.events_topic, cursor = %saved, "relay active");
+        let mut reader = LogReader::new(self.pool.clone(), saved)
+            .with_batch_size(self.config.batch_size)
+            .with_poll_interval(Duration::from_millis(self.config.poll_interval_ms));
+        let mut producer = self.create_producer()?;
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut backoff = Duration::from_millis(50);
+
+        loop {
+            if cancel.is_cancelled() {
+                self.drain_on_shutdown(&mut in_flight, name).await;
+                leadership.release().await;
+                return Ok(ActiveExit::Cancelled);
+            }
+            if in_flight.len() < self.config.batches_in_flight_max.max(1) {
+                let batch = if in_flight.is_empty() {
+                    match reader.next_batch(cancel).await? {
+                        Some(batch) => batch,
+                        None => continue,
+                    }
+                } else {
+                    reader.read_batch().await?
+                };
+                if !batch.is_empty() {
+                    if !leadership.still_held().await {
+                        return Ok(ActiveExit::LostLeadership);
+                    }
+                    in_flight.push_back(self.produce(&producer, &batch).await?);
+                    continue;
+                }
+            }
+            let Some(batch) = in_flight.pop_front() else { continue };
+            let produced_at = batch.produced_at;
+            match self.await_acknowledgements(batch.deliveries, cancel).await {
+                Some(Ok(count)) => {
+                    tracing::debug!(
+                        events = count,
+                        ack_ms = produced_at.elapsed().as_millis() as u64,
+                        in_flight = in_flight.len(),
+                        "batch acknowledged"
+                    );
+                    let acknowledged_us = chrono::Utc::now().timestamp_micros();
+                    for recorded_us in &batch.recorded_at_us {
+                        self.status.commit_to_ack.observe((acknowledged_us - recorded_us) as f64 / 1e6);
+                    }
+                    save_cursor(&self.pool, name, batch.last).await?;
+                    saved = batch.last;
+                    self.status.produced.fetch_add(count, Ordering::Relaxed);
+                    self.status.batches.fetch_add(1, Ordering::Relaxed);
+                    self.publish_cursor(saved, Some(batch.last_recorded_at_ms));
+                    backoff = Duration::from_millis(50);
+                }
+                Some(Err(error)) => {
+                    self.status.failed_batches.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, cursor = %saved, "a batch was not acknowledged; re-producing from the cursor");
+                    in_flight.clear();
+                    if let Some((code, reason)) = producer.client().fatal_error() {
+                        tracing::warn!(?code, %reason, "producer hit a fatal error; creating a new one");
+                        producer = self.create_producer()?;
+                    }
+                    reader.seek(saved);
+                    if sleep_or_cancel(backoff, cancel).await {
+                        continue;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_millis(self.config.retry_backoff_max_ms));
+                }
+                None => {} // cancelled while waiting: handled at the top of the loop
+            }
+        }
+    }
+
+    /// Enqueues every event of `batch` (waiting while the producer's queue is full).
+    async fn produce(&self, producer: &FutureProducer, batch: &[RecordedEvent]) -> Result<InFlight, RelayError> {
+        let mut deliveries = Vec::with_capacity(batch.len());
+        for event in batch {
+            let payload = Envelope::encode(event);
+            let mut record = FutureRecord::to(&self.kafka.events_topic)
+                .key(event.aggregate_id.as_str())
+                .payload(payload.as_slice())
+                .headers(headers_for(event));
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        deliveries.push(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                        record = returned;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((error, _)) => return Err(error.into()),
+                }
+            }
+        }
+        let last = batch.last().map_or(LogPosition::START, |e| e.position);
+        let last_recorded_at_ms = batch.last().map_or(0, |e| e.recorded_at.timestamp_millis());
+        let recorded_at_us = batch.iter().map(|e| e.recorded_at.timestamp_micros()).collect();
+        Ok(InFlight { produced_at: std::time::Instant::now(), last, last_recorded_at_ms, recorded_at_us, deliveries })
+    }
+
+    /// Waits for every acknowledgement of a batch. `None` if cancelled first. Reports an unreachable broker
+    /// once when acknowledgements stall, and its recovery once.
+    async fn await_acknowledgements(
+        &self,
+        deliveries: Vec<DeliveryFuture>,
+        cancel: &CancellationToken,
+    ) -> Option<Result<u64, KafkaError>> {
+        let count = deliveries.len() as u64;
+        let all = join_all(deliveries);
+        tokio::pin!(all);
+        let results = loop {
+            tokio::select! {
+                results = &mut all => break results,
+                _ = tokio::time::sleep(Duration::from_millis(self.config.slow_delivery_ms)) => {
+                    if !self.status.broker_unreachable.swap(true, Ordering::SeqCst) {
+                        tracing::warn!(brokers = %self.kafka.brokers,
+                            "broker is not acknowledging; messages stay queued and are retried until delivered");
+                    }
+                }
+                _ = cancel.cancelled() => return None,
+            }
+        };
+        if self.status.broker_unreachable.swap(false, Ordering::SeqCst) {
+            tracing::info!(brokers = %self.kafka.brokers, "broker acknowledging again");
+        }
+        for result in results {
+            match result {
+                Ok(Ok(_)) => {}
+                Ok(Err((error, _))) => return Some(Err(error)),
+                Err(_) => return Some(Err(KafkaError::Canceled)),
+            }
+        }
+        Some(Ok(count))
+    }
+
+    /// On shutdown: give batches already produced a bounded time to be acknowledged, storing cursors in order.
+    async fn drain_on_shutdown(&self, in_flight: &mut VecDeque<InFlight>, name: &str) {
+        let grace = CancellationToken::new();
+        let timer = {
+            let grace = grace.clone();
+            let wait = Duration::from_millis(self.config.shutdown_grace_ms);
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                grace.cancel();
+            })
+        };
+        while let Some(batch) = in_flight.pop_front() {
+            match self.await_acknowledgements(batch.deliveries, &grace).await {
+                Some(Ok(count)) => {
+                    if save_cursor(&self.pool, name, batch.last).await.is_err() {
+                        break;
+                    }
+                    self.status.produced.fetch_add(count, Ordering::Relaxed);
+                    self.publish_cursor(batch.last, Some(batch.last_recorded_at_ms));
+                }
+                _ => break,
+            }
+        }
+        timer.abort();
+    }
+
+    fn publish_cursor(&self, position: LogPosition, recorded_at_ms: Option<i64>) {
+        self.status.cursor_transaction_id.store(position.transaction_id, Ordering::Relaxed);
+        self.status.cursor_global_position.store(position.global_position, Ordering::Relaxed);
+        if let Some(ms) = recorded_at_ms {
+            self.status.last_recorded_at_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The cursor (and lock) name of the relay of `kafka.events_topic` on the cluster `kafka.brokers` points at.
+pub async fn cursor_name(kafka: &KafkaConfig) -> Result<String, KafkaError> {
+    let cluster = kafka.cluster_id(Duration::from_secs(5)).await?;
+    Ok(format!("relay:{cluster}:{}", kafka.events_topic))
+}
+
+/// The relay's lag behind the log: committed events after its cursor and the age of the oldest of them.
+pub async fn relay_lag(pool: &PgPool, cursor_name: &str) -> Result<RelayLag, sqlx::Error> {
+    let cursor = load_cursor(pool, cursor_name).await?;
+    let (events, seconds): (i64, Option<f64>) = sqlx::query_as(
+        "select count(*), extract(epoch from clock_timestamp() - min(recorded_at))::float8
+           from (select recorded_at from events
+                  where (transaction_id, global_position) > ($1::text::xid8, $2)
+                  limit 10000000) behind",
+    )
+    .bind(cursor.transaction_id.to_string())
+    .bind(cursor.global_position)
+    .fetch_one(pool)
+    .await?;
+    Ok(RelayLag { events, seconds: seconds.unwrap_or(0.0).max(0.0) })
+}
+
+/// Sleeps for `duration`; true if cancelled meanwhile.
+async fn sleep_or_cancel(duration: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => true,
+        _ = tokio::time::sleep(duration) => false,
+    }
+}
