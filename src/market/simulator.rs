@@ -1,0 +1,160 @@
+//! A seeded geometric-Brownian-motion price simulator.
+//!
+//! Each step moves every symbol by `S·exp((μ − σ²/2)·dt + σ·√dt·Z)` with `Z ~ N(0, 1)` from a seeded generator,
+//! rounds to the instrument's tick, and gives each tick a volume. The same seed and the same step times give
+//! the same ticks. `time_scale` speeds the clock up (3600: each real second moves prices like an hour) so that
+//! a demo shows movement.
+
+use chrono::{DateTime, Utc};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rust_decimal::prelude::{FromPrimitive, ToPrimitive};
+use rust_decimal::Decimal;
+
+use super::tick::{Tick, TICK_VERSION};
+use crate::domain::values::{Price, Symbol, TickSize};
+
+const SECONDS_PER_YEAR: f64 = 365.25 * 24.0 * 3600.0;
+
+#[derive(Debug, Clone)]
+pub struct SymbolSpec {
+    pub symbol: Symbol,
+    pub initial_price: Price,
+    /// Annual drift μ (0.05 = 5 %).
+    pub drift: f64,
+    /// Annual volatility σ (0.3 = 30 %).
+    pub volatility: f64,
+    pub tick_size: TickSize,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimulatorConfig {
+    pub symbols: Vec<SymbolSpec>,
+    /// Real milliseconds between steps.
+    pub interval_ms: u64,
+    pub seed: u64,
+    /// Simulated seconds per real second.
+    pub time_scale: f64,
+    /// Mean units available per tick (volumes are uniform in [mean/2, 3·mean/2]).
+    pub volume_mean: u32,
+}
+
+impl SimulatorConfig {
+    /// Five demo instruments with different volatilities.
+    pub fn demo(seed: u64) -> Self {
+        let spec = |symbol: &str, price: &str, drift: f64, volatility: f64| SymbolSpec {
+            symbol: Symbol::new(symbol).expect("demo symbol"),
+            initial_price: Price::new(price.parse().expect("demo price")).expect("demo price"),
+            drift,
+            volatility,
+            tick_size: TickSize::CENT,
+        };
+        Self {
+            symbols: vec![
+                spec("ACME", "101.25", 0.08, 0.35),
+                spec("GLOBEX", "48.10", 0.05, 0.25),
+                spec("INITECH", "12.40", 0.02, 0.60),
+                spec("UMBRELLA", "250.00", 0.10, 0.20),
+                spec("HOOLI", "730.50", 0.12, 0.45),
+            ],
+            interval_ms: 500,
+            seed,
+            time_scale: 3_600.0,
+            volume_mean: 500,
+        }
+    }
+}
+
+pub struct Simulator {
+    config: SimulatorConfig,
+    prices: Vec<f64>,
+    rng: StdRng,
+    seq: i64,
+}
+
+impl Simulator {
+    pub fn new(config: SimulatorConfig) -> Self {
+        let prices = config.symbols.iter().map(|s| s.initial_price.value().to_f64().unwrap_or(1.0)).collect();
+        let rng = StdRng::seed_from_u64(config.seed);
+        Self { config, prices, rng, seq: 0 }
+    }
+
+    pub fn config(&self) -> &SimulatorConfig {
+        &self.config
+    }
+
+    /// A standard normal draw (Box–Muller).
+    fn normal(&mut self) -> f64 {
+        let u1: f64 = self.rng.gen_range(f64::EPSILON..1.0);
+        let u2: f64 = self.rng.gen();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
+    /// Advances every symbol by one step and returns their ticks, stamped `now`.
+    pub fn step(&mut self, now: DateTime<Utc>) -> Vec<Tick> {
+        let dt = self.config.interval_ms as f64 / 1_000.0 * self.config.time_scale / SECONDS_PER_YEAR;
+        let mut ticks = Vec::with_capacity(self.config.symbols.len());
+        for index in 0..self.config.symbols.len() {
+            let z = self.normal();
+            let spec = &self.config.symbols[index];
+            let (mu, sigma) = (spec.drift, spec.volatility);
+            let next = self.prices[index] * ((mu - sigma * sigma / 2.0) * dt + sigma * dt.sqrt() * z).exp();
+            self.prices[index] = next;
+            let tick_size = spec.tick_size;
+            let symbol = spec.symbol.clone();
+            let price = Decimal::from_f64(next)
+                .and_then(|d| Price::round_to_tick(d, tick_size).ok())
+                .unwrap_or(Price::round_to_tick(tick_size.value(), tick_size).expect("one tick is a valid price"));
+            let mean = self.config.volume_mean.max(2);
+            let volume = self.rng.gen_range(mean / 2..=mean + mean / 2);
+            self.seq += 1;
+            ticks.push(Tick {
+                version: TICK_VERSION,
+                symbol,
+                price,
+                ts: now,
+                seq: self.seq,
+                volume: Some(Decimal::from(volume)),
+                source: "sim".to_string(),
+            });
+        }
+        ticks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_seed_gives_the_same_prices() {
+        let now = Utc::now();
+        let mut a = Simulator::new(SimulatorConfig::demo(42));
+        let mut b = Simulator::new(SimulatorConfig::demo(42));
+        let mut c = Simulator::new(SimulatorConfig::demo(43));
+        let (mut same, mut different) = (true, false);
+        for _ in 0..50 {
+            let (ta, tb, tc) = (a.step(now), b.step(now), c.step(now));
+            same &= ta == tb;
+            different |= ta.iter().zip(&tc).any(|(x, y)| x.price != y.price);
+        }
+        assert!(same);
+        assert!(different);
+    }
+
+    #[test]
+    fn prices_stay_on_the_tick_grid_and_move() {
+        let mut simulator = Simulator::new(SimulatorConfig::demo(1));
+        let first = simulator.step(Utc::now());
+        let mut last = first.clone();
+        for _ in 0..200 {
+            last = simulator.step(Utc::now());
+            for tick in &last {
+                assert!(tick.price.is_on_tick(TickSize::CENT));
+                assert!(tick.volume.unwrap() >= Decimal::from(250));
+            }
+        }
+        assert!(first.iter().zip(&last).any(|(a, b)| a.price != b.price));
+        assert!(last.windows(2).all(|w| w[0].seq < w[1].seq));
+    }
+}

@@ -1,0 +1,161 @@
+//! Read models built from the event log and the market-data stream.
+//!
+//! | projection | input | tables (rebuilt and swapped as a unit) |
+//! |------------|-------|----------------------------------------|
+//! | `orders` | Order events | `rm_orders`, `rm_executions` |
+//! | `positions` | Portfolio events | `rm_portfolios`, `rm_positions`, `rm_lots` |
+//! | `prices` | ticks | `latest_prices`, `price_ticks`, `price_bars_1m` |
+//! | `analytics` | ticks | `rm_indicators`, `rm_daily_stats`, `analytics_window` |
+//! | `alerts` | Portfolio events (rules), ticks (firings) | `rm_alert_rules` (firings are kept across rebuilds) |
+//!
+//! Valuations are the view `rm_position_valuations` (positions × latest prices): a tick updates one row of
+//! `latest_prices` instead of one row per portfolio holding the symbol.
+//!
+//! # Exactly-once effect
+//! A [`Projection`] only says how one event or tick changes its tables. The [`applier`] wraps every batch in one
+//! transaction that locks the projection's progress rows (`<name>_progress`: last sequence per aggregate;
+//! `<name>_tick_progress`: last `(ts, seq)` per symbol) in sorted order, skips what was already applied, fills a
+//! sequence gap from the PostgreSQL log, applies the rest and moves the progress rows — so an event is applied
+//! once whatever Kafka redelivers, even when two workers briefly own a partition during a rebalance. Kafka
+//! offsets are committed after the transaction ([`worker`]).
+
+pub mod alerts;
+pub mod analytics;
+pub mod applier;
+pub mod catch_up;
+pub mod orders;
+pub mod positions;
+pub mod prices;
+pub mod rebuild;
+pub mod valuation;
+pub mod worker;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sqlx::PgConnection;
+
+use crate::log::RecordedEvent;
+use crate::market::Tick;
+
+/// Why one event or tick could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The input itself is bad (cannot be decoded, violates a constraint): dead-letter it and go on.
+    #[error("{0}")]
+    Poison(String),
+    /// The database failed: retry the batch.
+    #[error("database: {0}")]
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for ApplyError {
+    fn from(error: sqlx::Error) -> Self {
+        // Data exceptions (22xxx) and integrity violations (23xxx) are caused by the input; anything else
+        // (connection, timeout, serialization) is worth retrying.
+        let poison = matches!(&error, sqlx::Error::Database(db)
+            if db.code().is_some_and(|code| code.starts_with("22") || code.starts_with("23")));
+        if poison {
+            ApplyError::Poison(error.to_string())
+        } else {
+            ApplyError::Database(error)
+        }
+    }
+}
+
+impl From<serde_json::Error> for ApplyError {
+    fn from(error: serde_json::Error) -> Self {
+        ApplyError::Poison(format!("undecodable payload: {error}"))
+    }
+}
+
+/// How one projection turns inputs into rows. Implementations write unqualified table names: a rebuild runs
+/// them with `search_path = shadow` to fill the shadow copies.
+#[async_trait]
+pub trait Projection: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// The tables rebuilt and swapped as a unit (without the progress tables, which are implied).
+    fn tables(&self) -> &'static [&'static str];
+    /// The aggregate type whose events it applies, if any.
+    fn aggregate_type(&self) -> Option<&'static str> {
+        None
+    }
+    fn consumes_ticks(&self) -> bool {
+        false
+    }
+    /// Whether a rebuild replays ticks (from the `market_ticks` archive) into its tables.
+    fn rebuilds_from_ticks(&self) -> bool {
+        self.consumes_ticks()
+    }
+    async fn apply_event(&self, _conn: &mut PgConnection, _event: &RecordedEvent) -> Result<(), ApplyError> {
+        Ok(())
+    }
+    /// Applies several events (of this projection's aggregate type, new ones only, in log order) at once.
+    /// The default applies them one by one; projections with many events override it with a set-based
+    /// version (load the rows they touch, fold the events in memory, write back in a few statements).
+    async fn apply_events(&self, conn: &mut PgConnection, events: &[&RecordedEvent]) -> Result<(), ApplyError> {
+        for event in events {
+            self.apply_event(conn, event).await?;
+        }
+        Ok(())
+    }
+    async fn apply_tick(&self, _conn: &mut PgConnection, _tick: &Tick) -> Result<(), ApplyError> {
+        Ok(())
+    }
+}
+
+/// The name of a projection's event progress table.
+pub fn progress_table(projection: &dyn Projection) -> String {
+    format!("{}_progress", projection.name())
+}
+
+/// The name of a projection's tick progress table.
+pub fn tick_progress_table(projection: &dyn Projection) -> String {
+    format!("{}_tick_progress", projection.name())
+}
+
+/// Every table a rebuild of `projection` recreates: its own tables and the progress tables that describe them.
+pub fn rebuilt_tables(projection: &dyn Projection) -> Vec<String> {
+    let mut tables: Vec<String> = projection.tables().iter().map(|t| t.to_string()).collect();
+    if projection.aggregate_type().is_some() {
+        tables.push(progress_table(projection));
+    }
+    if projection.rebuilds_from_ticks() {
+        tables.push(tick_progress_table(projection));
+    }
+    tables
+}
+
+/// Settings of the projections that have any.
+#[derive(Debug, Clone)]
+pub struct ProjectionSettings {
+    /// Ticks kept per symbol in `price_ticks`.
+    pub price_history_ticks: usize,
+    /// Windows (in ticks) of the SMA and EMA indicators.
+    pub indicator_windows: Vec<u32>,
+}
+
+impl Default for ProjectionSettings {
+    fn default() -> Self {
+        Self { price_history_ticks: 500, indicator_windows: vec![5, 20] }
+    }
+}
+
+/// All projections, in the order `--all` processes them.
+pub fn all(settings: &ProjectionSettings) -> Vec<Arc<dyn Projection>> {
+    vec![
+        Arc::new(orders::OrdersProjection),
+        Arc::new(positions::PositionsProjection),
+        Arc::new(prices::PricesProjection { history_ticks: settings.price_history_ticks }),
+        Arc::new(analytics::AnalyticsProjection { windows: settings.indicator_windows.clone() }),
+        Arc::new(alerts::AlertsProjection),
+    ]
+}
+
+/// The projection called `name`.
+pub fn by_name(name: &str, settings: &ProjectionSettings) -> Option<Arc<dyn Projection>> {
+    all(settings).into_iter().find(|p| p.name() == name)
+}
+
+/// The names accepted by [`by_name`].
+pub const NAMES: [&str; 5] = ["orders", "positions", "prices", "analytics", "alerts"];

@@ -1,0 +1,105 @@
+//! Latest price per symbol, the last N ticks per symbol, and one-minute OHLC bars. Also archives every tick in
+//! `market_ticks`, which rebuilds replay.
+
+use async_trait::async_trait;
+use chrono::{DurationRound, TimeDelta};
+use rust_decimal::Decimal;
+use sqlx::PgConnection;
+
+use super::{ApplyError, Projection};
+use crate::market::Tick;
+
+pub struct PricesProjection {
+    /// Ticks kept per symbol in `price_ticks`.
+    pub history_ticks: usize,
+}
+
+/// Stores the tick in the archive (idempotent). Every tick-driven projection that is rebuilt from the archive
+/// writes it, so a rebuild always finds every tick the live worker applied.
+pub async fn archive_tick(conn: &mut PgConnection, tick: &Tick) -> Result<(), ApplyError> {
+    sqlx::query(
+        "insert into public.market_ticks (symbol, ts, seq, price, volume, source) values ($1, $2, $3, $4, $5, $6)
+         on conflict (symbol, ts, seq) do nothing",
+    )
+    .bind(tick.symbol.as_str())
+    .bind(tick.ts)
+    .bind(tick.seq)
+    .bind(tick.price.value())
+    .bind(tick.volume)
+    .bind(&tick.source)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl Projection for PricesProjection {
+    fn name(&self) -> &'static str {
+        "prices"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["latest_prices", "price_ticks", "price_bars_1m"]
+    }
+
+    fn consumes_ticks(&self) -> bool {
+        true
+    }
+
+    async fn apply_tick(&self, conn: &mut PgConnection, tick: &Tick) -> Result<(), ApplyError> {
+        archive_tick(conn, tick).await?;
+        let symbol = tick.symbol.as_str();
+        let price = tick.price.value();
+        sqlx::query(
+            "insert into latest_prices (symbol, price, as_of, seq) values ($1, $2, $3, $4)
+             on conflict (symbol) do update set price = excluded.price, as_of = excluded.as_of, seq = excluded.seq
+              where (latest_prices.as_of, latest_prices.seq) < (excluded.as_of, excluded.seq)",
+        )
+        .bind(symbol)
+        .bind(price)
+        .bind(tick.ts)
+        .bind(tick.seq)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            "insert into price_ticks (symbol, ts, seq, price, volume) values ($1, $2, $3, $4, $5)
+             on conflict do nothing",
+        )
+        .bind(symbol)
+        .bind(tick.ts)
+        .bind(tick.seq)
+        .bind(price)
+        .bind(tick.volume)
+        .execute(&mut *conn)
+        .await?;
+        // Keep the newest `history_ticks` of the symbol.
+        sqlx::query(
+            "delete from price_ticks t using (
+                 select ts, seq from price_ticks where symbol = $1 order by ts desc, seq desc offset $2 limit 1
+             ) cutoff
+             where t.symbol = $1 and (t.ts, t.seq) <= (cutoff.ts, cutoff.seq)",
+        )
+        .bind(symbol)
+        .bind(self.history_ticks as i64)
+        .execute(&mut *conn)
+        .await?;
+        let minute = tick.ts.duration_trunc(TimeDelta::minutes(1)).map_err(|e| ApplyError::Poison(e.to_string()))?;
+        sqlx::query(
+            "insert into price_bars_1m (symbol, minute, open, high, low, close, volume, ticks)
+             values ($1, $2, $3, $3, $3, $3, $4, 1)
+             on conflict (symbol, minute) do update
+                set high = greatest(price_bars_1m.high, excluded.high),
+                    low = least(price_bars_1m.low, excluded.low),
+                    close = excluded.close,
+                    volume = price_bars_1m.volume + excluded.volume,
+                    ticks = price_bars_1m.ticks + 1",
+        )
+        .bind(symbol)
+        .bind(minute)
+        .bind(price)
+        .bind(tick.volume.unwrap_or(Decimal::ZERO))
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}

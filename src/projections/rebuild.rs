@@ -1,0 +1,367 @@
+//! Rebuilding a projection from the PostgreSQL log (and the tick archive) without stopping it.
+//!
+//! 1. Create empty copies of the projection's tables (and progress tables) in the `shadow` schema.
+//! 2. Replay the log (and the archive) into them with `search_path = shadow`, while the live worker goes on.
+//! 3. Take the projection's advisory lock exclusively (the live worker's transactions take it shared, so it
+//!    pauses), replay the few events and ticks that arrived meanwhile, then, in the same transaction:
+//!    - swap: move the live tables to `retired`, the shadow tables to `public`, drop the retired ones, recreate
+//!      the views, and point the projection's catch-up cursor at the rebuilt position; or
+//!    - verify: compare each rebuilt read-model table with its live twin (row count and an order-independent
+//!      hash of the rows) and report the differences. A verifying rebuild applies exactly what the live
+//!      projection says it has applied (events up to its progress per aggregate, ticks up to its progress per
+//!      symbol), so a worker that is merely behind — or a horizon held back by a long transaction — is not a
+//!      difference, while an event applied twice, skipped or applied wrongly is.
+//! 4. Commit: the live worker resumes on the rebuilt tables. Its progress rows are the rebuilt ones, so every
+//!    message it then sees is either already applied (skipped) or new.
+//!
+//! Alert firings are not part of a rebuild (they come from ticks, which the alerts projection does not
+//! replay): rules are rebuilt from the log and take their state from the existing firings, so nothing fires
+//! twice.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use sqlx::{PgConnection, PgPool};
+
+use super::applier::{apply_events, apply_ticks};
+use super::catch_up::{archive_symbols, enter, projection_lock, read_archive, Target};
+use super::{progress_table, rebuilt_tables, tick_progress_table, ApplyError, Projection};
+use crate::log::{reset_cursor, LogPosition, LogReader, RecordedEvent};
+use crate::market::Tick;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebuildMode {
+    /// Replace the live tables with the rebuilt ones.
+    Swap,
+    /// Compare the rebuilt tables with the live ones; change nothing.
+    Verify,
+}
+
+/// One table whose rebuilt content differs from the live content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableDifference {
+    pub table: String,
+    pub live_rows: i64,
+    pub rebuilt_rows: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct RebuildReport {
+    pub projection: &'static str,
+    pub events: u64,
+    pub ticks: u64,
+    pub seconds: f64,
+    /// Verify mode: the tables that differ (empty when identical).
+    pub differences: Vec<TableDifference>,
+}
+
+/// Progress of a rebuild: `(inputs read so far, inputs to read)`.
+pub type ProgressFn<'a> = &'a mut (dyn FnMut(u64, u64) + Send);
+
+/// Events per transaction during a rebuild.
+pub const REBUILD_BATCH_SIZE: usize = 2_000;
+
+async fn prepare_shadow(pool: &PgPool, projection: &dyn Projection) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    for table in rebuilt_tables(projection) {
+        sqlx::query(&format!("drop table if exists shadow.{table}")).execute(&mut *tx).await?;
+        sqlx::query(&format!("create table shadow.{table} (like public.{table} including all)"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
+}
+
+async fn drop_shadow(pool: &PgPool, projection: &dyn Projection) -> Result<(), sqlx::Error> {
+    for table in rebuilt_tables(projection) {
+        sqlx::query(&format!("drop table if exists shadow.{table}")).execute(pool).await?;
+    }
+    Ok(())
+}
+
+/// Inputs a rebuild will read, for the progress bar.
+async fn total_inputs(pool: &PgPool, projection: &dyn Projection) -> Result<u64, sqlx::Error> {
+    let mut total = 0i64;
+    if let Some(aggregate_type) = projection.aggregate_type() {
+        total += sqlx::query_scalar::<_, i64>("select count(*) from events where aggregate_type = $1")
+            .bind(aggregate_type)
+            .fetch_one(pool)
+            .await?;
+    }
+    if projection.rebuilds_from_ticks() {
+        total += sqlx::query_scalar::<_, i64>("select count(*) from market_ticks").fetch_one(pool).await?;
+    }
+    Ok(total as u64)
+}
+
+/// Rebuilds `projection` (see the module docs).
+pub async fn rebuild(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    mode: RebuildMode,
+    progress: ProgressFn<'_>,
+) -> Result<RebuildReport, ApplyError> {
+    let started = Instant::now();
+    prepare_shadow(pool, projection).await.map_err(ApplyError::Database)?;
+    let total = total_inputs(pool, projection).await.map_err(ApplyError::Database)?;
+    let verify = mode == RebuildMode::Verify;
+    let mut events = 0u64;
+    let mut ticks = 0u64;
+    let mut position = LogPosition::START;
+
+    // 1. The bulk, while the live worker goes on.
+    if projection.aggregate_type().is_some() {
+        let mut reader = LogReader::new(pool.clone(), position).with_batch_size(REBUILD_BATCH_SIZE);
+        loop {
+            let batch = reader.read_batch().await.map_err(ApplyError::Database)?;
+            if batch.is_empty() {
+                break;
+            }
+            events += batch.len() as u64;
+            let batch = if verify { within_live_progress(pool, projection, batch).await? } else { batch };
+            apply_to_shadow(pool, projection, ShadowInput::Events(&batch)).await?;
+            position = reader.position();
+            progress(events, total);
+        }
+    }
+    if projection.rebuilds_from_ticks() {
+        let symbols = {
+            let mut conn = pool.acquire().await.map_err(ApplyError::Database)?;
+            archive_symbols(&mut conn).await.map_err(ApplyError::Database)?
+        };
+        for symbol in symbols {
+            let mut after = None;
+            loop {
+                let mut conn = pool.acquire().await.map_err(ApplyError::Database)?;
+                let batch = read_archive(&mut conn, &symbol, after, REBUILD_BATCH_SIZE as i64)
+                    .await
+                    .map_err(ApplyError::Database)?;
+                drop(conn);
+                let Some(last) = batch.last() else { break };
+                after = Some(last.order_key());
+                ticks += batch.len() as u64;
+                let batch = if verify { ticks_within_live_progress(pool, projection, batch).await? } else { batch };
+                apply_to_shadow(pool, projection, ShadowInput::Ticks(&batch)).await?;
+                progress(events + ticks, total);
+            }
+        }
+    }
+
+    // 2. The last delta and the swap (or comparison), with the live writers paused.
+    let mut tx = pool.begin().await.map_err(ApplyError::Database)?;
+    sqlx::query("select pg_advisory_xact_lock($1)")
+        .bind(projection_lock(projection))
+        .execute(&mut *tx)
+        .await
+        .map_err(ApplyError::Database)?;
+    enter(&mut tx, projection, Target::Shadow).await.map_err(ApplyError::Database)?;
+    if projection.aggregate_type().is_some() {
+        if verify {
+            // Everything the live projection has applied (its progress is frozen under the lock).
+            let missing = read_up_to_live_progress(&mut tx, projection).await.map_err(ApplyError::Database)?;
+            events += missing.len() as u64;
+            apply_events(&mut tx, projection, &missing, true).await?;
+        } else {
+            let mut reader = LogReader::new(pool.clone(), position).with_batch_size(REBUILD_BATCH_SIZE);
+            loop {
+                let batch = reader.read_batch().await.map_err(ApplyError::Database)?;
+                if batch.is_empty() {
+                    break;
+                }
+                events += batch.len() as u64;
+                apply_events(&mut tx, projection, &batch, true).await?;
+            }
+            position = reader.position();
+        }
+    }
+    if projection.rebuilds_from_ticks() {
+        ticks += apply_archive_delta(&mut tx, projection, verify).await?;
+    }
+    let mut differences = Vec::new();
+    match mode {
+        RebuildMode::Swap => {
+            for table in rebuilt_tables(projection) {
+                for statement in [
+                    format!("drop table if exists retired.{table}"),
+                    format!("alter table public.{table} set schema retired"),
+                    format!("alter table shadow.{table} set schema public"),
+                    format!("drop table retired.{table} cascade"),
+                ] {
+                    sqlx::query(&statement).execute(&mut *tx).await.map_err(ApplyError::Database)?;
+                }
+            }
+            sqlx::query("select public.ledger_create_views()").execute(&mut *tx).await.map_err(ApplyError::Database)?;
+            if projection.aggregate_type().is_some() {
+                let live_cursor = format!("projection:{}", projection.name());
+                reset_cursor(&mut *tx, &live_cursor, position).await.map_err(ApplyError::Database)?;
+            }
+            tx.commit().await.map_err(ApplyError::Database)?;
+        }
+        RebuildMode::Verify => {
+            // The read-model tables, not the progress bookkeeping: a dead-lettered message advances the live
+            // progress without changing any row, and a rebuild never sees it.
+            for table in projection.tables().iter().map(|t| t.to_string()) {
+                let (live_rows, live_hash) =
+                    table_fingerprint(&mut tx, "public", &table).await.map_err(ApplyError::Database)?;
+                let (rebuilt_rows, rebuilt_hash) =
+                    table_fingerprint(&mut tx, "shadow", &table).await.map_err(ApplyError::Database)?;
+                if live_rows != rebuilt_rows || live_hash != rebuilt_hash {
+                    differences.push(TableDifference { table, live_rows, rebuilt_rows });
+                }
+            }
+            tx.rollback().await.map_err(ApplyError::Database)?;
+            drop_shadow(pool, projection).await.map_err(ApplyError::Database)?;
+        }
+    }
+    progress(events + ticks, total.max(events + ticks));
+    Ok(RebuildReport {
+        projection: projection.name(),
+        events,
+        ticks,
+        seconds: started.elapsed().as_secs_f64(),
+        differences,
+    })
+}
+
+enum ShadowInput<'a> {
+    Events(&'a [RecordedEvent]),
+    Ticks(&'a [Tick]),
+}
+
+/// Applies a batch to the shadow tables in its own transaction (a poison input is skipped: the live worker
+/// dead-lettered it too).
+async fn apply_to_shadow(pool: &PgPool, projection: &dyn Projection, input: ShadowInput<'_>) -> Result<(), ApplyError> {
+    let mut isolate = false;
+    loop {
+        let mut tx = pool.begin().await.map_err(ApplyError::Database)?;
+        enter(&mut tx, projection, Target::Shadow).await.map_err(ApplyError::Database)?;
+        let result = match input {
+            ShadowInput::Events(events) => apply_events(&mut tx, projection, events, isolate).await,
+            ShadowInput::Ticks(ticks) => apply_ticks(&mut tx, projection, ticks, isolate).await,
+        };
+        match result {
+            Ok(_) => return tx.commit().await.map_err(ApplyError::Database),
+            Err(ApplyError::Poison(_)) if !isolate => isolate = true,
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// The events of `batch` the live projection has already applied (sequence ≤ its progress).
+async fn within_live_progress(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    batch: Vec<RecordedEvent>,
+) -> Result<Vec<RecordedEvent>, ApplyError> {
+    let ids: Vec<&str> = batch.iter().map(|e| e.aggregate_id.as_str()).collect();
+    let live: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(&format!(
+        "select aggregate_id, last_sequence from public.{} where aggregate_id = any($1)",
+        progress_table(projection)
+    ))
+    .bind(&ids)
+    .fetch_all(pool)
+    .await
+    .map_err(ApplyError::Database)?
+    .into_iter()
+    .collect();
+    Ok(batch.into_iter().filter(|e| live.get(&e.aggregate_id).is_some_and(|&last| e.sequence <= last)).collect())
+}
+
+/// The ticks of `batch` the live projection has already applied (`(ts, seq)` ≤ its progress).
+async fn ticks_within_live_progress(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    batch: Vec<Tick>,
+) -> Result<Vec<Tick>, ApplyError> {
+    let live: HashMap<String, (chrono::DateTime<chrono::Utc>, i64)> =
+        sqlx::query_as::<_, (String, chrono::DateTime<chrono::Utc>, i64)>(&format!(
+            "select symbol, last_ts, last_seq from public.{}",
+            tick_progress_table(projection)
+        ))
+        .fetch_all(pool)
+        .await
+        .map_err(ApplyError::Database)?
+        .into_iter()
+        .map(|(symbol, ts, seq)| (symbol, (ts, seq)))
+        .collect();
+    Ok(batch.into_iter().filter(|t| live.get(t.symbol.as_str()).is_some_and(|&last| t.order_key() <= last)).collect())
+}
+
+/// Events the shadow lacks up to the live progress of each aggregate, in log order.
+async fn read_up_to_live_progress(
+    conn: &mut PgConnection,
+    projection: &dyn Projection,
+) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    let table = progress_table(projection);
+    let rows = sqlx::query(&format!(
+        "select e.transaction_id::text as transaction_id_text, e.global_position, e.event_id, e.aggregate_type,
+                e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata, e.recorded_at
+           from public.events e
+           join public.{table} live on live.aggregate_id = e.aggregate_id
+           left join shadow.{table} rebuilt on rebuilt.aggregate_id = e.aggregate_id
+          where e.aggregate_type = $1
+            and e.sequence > coalesce(rebuilt.last_sequence, 0) and e.sequence <= live.last_sequence
+          order by e.transaction_id, e.global_position"
+    ))
+    .bind(projection.aggregate_type())
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(crate::log::decode_event).collect()
+}
+
+/// Applies archived ticks newer than the shadow's progress of their symbol, symbol by symbol; when verifying,
+/// only those the live projection has applied.
+async fn apply_archive_delta(
+    conn: &mut PgConnection,
+    projection: &dyn Projection,
+    verify: bool,
+) -> Result<u64, ApplyError> {
+    let table = tick_progress_table(projection);
+    let rebuilt: HashMap<String, (chrono::DateTime<chrono::Utc>, i64)> =
+        progress_by_symbol(conn, "shadow", &table).await?;
+    let live = if verify { Some(progress_by_symbol(conn, "public", &table).await?) } else { None };
+    let mut applied = 0u64;
+    for symbol in archive_symbols(conn).await.map_err(ApplyError::Database)? {
+        let mut after = rebuilt.get(&symbol).copied();
+        loop {
+            let ticks =
+                read_archive(conn, &symbol, after, REBUILD_BATCH_SIZE as i64).await.map_err(ApplyError::Database)?;
+            let Some(last) = ticks.last() else { break };
+            after = Some(last.order_key());
+            let ticks: Vec<Tick> = match &live {
+                Some(live) => ticks
+                    .into_iter()
+                    .filter(|t| live.get(t.symbol.as_str()).is_some_and(|&l| t.order_key() <= l))
+                    .collect(),
+                None => ticks,
+            };
+            applied += apply_ticks(conn, projection, &ticks, true).await?.applied as u64;
+        }
+    }
+    Ok(applied)
+}
+
+async fn progress_by_symbol(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> Result<HashMap<String, (chrono::DateTime<chrono::Utc>, i64)>, ApplyError> {
+    Ok(sqlx::query_as::<_, (String, chrono::DateTime<chrono::Utc>, i64)>(&format!(
+        "select symbol, last_ts, last_seq from {schema}.{table}"
+    ))
+    .fetch_all(conn)
+    .await
+    .map_err(ApplyError::Database)?
+    .into_iter()
+    .map(|(symbol, ts, seq)| (symbol, (ts, seq)))
+    .collect())
+}
+
+/// Row count and an order-independent hash of a table's rows.
+async fn table_fingerprint(conn: &mut PgConnection, schema: &str, table: &str) -> Result<(i64, String), sqlx::Error> {
+    sqlx::query_as(&format!(
+        "select count(*), coalesce(sum(hashtextextended(t::text, 0)::numeric), 0)::text from {schema}.{table} t"
+    ))
+    .fetch_one(conn)
+    .await
+}

@@ -1,0 +1,543 @@
+//! A projection worker: one Kafka consumer group per projection, on `ledger.events` and/or `market.prices`.
+//!
+//! Loop: collect a batch of messages; apply it in one PostgreSQL transaction through the [`applier`] (which
+//! dedupes by sequence and records progress in the same transaction); commit the Kafka offsets after. A crash
+//! between the two replays the batch, which the progress rows turn into no-ops.
+//!
+//! Start-up: if the group has no committed offset for some partition, or one outside what the topic holds
+//! (a fresh group, a new or truncated topic), Kafka cannot be trusted to hold everything after the read model.
+//! - Events: the worker records each partition's high watermark, catches up from the event log (from the
+//!   projection's own cursor) and starts those partitions at the recorded watermarks: every message before them
+//!   was committed to the log before the catch-up began, so the catch-up covered it.
+//! - Ticks: the topic is their source of truth and the archive (`market_ticks`) only holds what workers have
+//!   seen, so the worker restores what the archive has and then reads those partitions from the earliest
+//!   offset still held; ticks it already applied are skipped by `(ts, seq)`.
+//!
+//! Poison: a message that cannot be decoded or applied is recorded in `dead_letters` (same transaction) and
+//! produced to the dead-letter topic with the error and its source topic, partition and offset; the worker
+//! moves on.
+//!
+//! [`applier`]: super::applier
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::applier::{apply_events, apply_ticks, Applied};
+use super::catch_up::{catch_up_from_archive, catch_up_from_log, enter, record_dead_letter, Target};
+use super::{ApplyError, Projection};
+use crate::kafka::KafkaConfig;
+use crate::log::RecordedEvent;
+use crate::market::Tick;
+use crate::relay::Envelope;
+
+/// How long a metadata, offset or watermark request may take.
+const KAFKA_REQUEST_TIMEOUT_MS: u64 = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Consumer group id prefix; the group is `<prefix>.<projection>`.
+    pub group_prefix: String,
+    /// Messages applied per transaction, at most.
+    pub batch_size_max: usize,
+    /// How long to wait for more messages once a batch has started.
+    pub batch_wait_ms: u64,
+    /// Events per transaction when catching up from PostgreSQL.
+    pub catch_up_batch_size: usize,
+    pub retry_backoff_max_ms: u64,
+    /// How long the broker may hold a fetch waiting for data (librdkafka `fetch.wait.max.ms`): the bound on
+    /// the delay between a message's arrival and its delivery to an idle worker.
+    pub fetch_wait_max_ms: u32,
+    /// Create the topics through the admin API at start-up (off where something else creates them).
+    pub create_topics: bool,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            group_prefix: "ledger".to_string(),
+            batch_size_max: 500,
+            batch_wait_ms: 10,
+            catch_up_batch_size: 1_000,
+            retry_backoff_max_ms: 5_000,
+            fetch_wait_max_ms: 10,
+            create_topics: true,
+        }
+    }
+}
+
+/// What a worker has done, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct WorkerStatus {
+    pub applied: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub batches: AtomicU64,
+    pub rebalances: AtomicU64,
+    /// Partitions currently assigned to this worker.
+    pub assigned_partitions: AtomicI64,
+    /// Catch-ups from PostgreSQL performed at start-up.
+    pub catch_ups: AtomicU64,
+    /// True once the start-up check (and catch-up, if any) is done and the worker follows Kafka.
+    pub following: AtomicBool,
+    /// Global position of the newest event applied (events only).
+    pub last_position: AtomicI64,
+    /// Per event: from `recorded_at` to the commit of the batch that applied it.
+    pub commit_to_applied: crate::metrics::Histogram,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("catch-up: {0}")]
+    CatchUp(#[from] ApplyError),
+}
+
+/// Counts rebalances (and logs them) for the status.
+pub struct WorkerContext {
+    status: Arc<WorkerStatus>,
+    projection: &'static str,
+}
+
+impl ClientContext for WorkerContext {}
+
+impl ConsumerContext for WorkerContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.status.rebalances.fetch_add(1, Ordering::Relaxed);
+        match rebalance {
+            // Cooperative protocol: assignments and revocations are incremental.
+            Rebalance::Assign(partitions) => {
+                self.status.assigned_partitions.fetch_add(partitions.count() as i64, Ordering::Relaxed);
+                tracing::info!(projection = self.projection, partitions = partitions.count(), "partitions assigned")
+            }
+            Rebalance::Revoke(partitions) => {
+                self.status.assigned_partitions.fetch_sub(partitions.count() as i64, Ordering::Relaxed);
+                tracing::info!(projection = self.projection, partitions = partitions.count(), "partitions revoked")
+            }
+            Rebalance::Error(error) => tracing::warn!(projection = self.projection, %error, "rebalance error"),
+        }
+    }
+}
+
+type WorkerConsumer = StreamConsumer<WorkerContext>;
+
+pub struct ProjectionWorker {
+    pool: PgPool,
+    kafka: KafkaConfig,
+    projection: Arc<dyn Projection>,
+    config: WorkerConfig,
+    status: Arc<WorkerStatus>,
+}
+
+/// A decoded message of a batch.
+enum Input {
+    Event(RecordedEvent),
+    Tick(Tick),
+}
+
+/// What a dead letter records of its message.
+struct MessageMeta {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<String>,
+    payload: Option<Vec<u8>>,
+}
+
+/// A batch, decoded and owned (so that its transaction can run on a task of its own).
+#[derive(Default)]
+struct Decoded {
+    messages: Vec<MessageMeta>,
+    events: Vec<RecordedEvent>,
+    event_index: Vec<usize>,
+    ticks: Vec<Tick>,
+    tick_index: Vec<usize>,
+    undecodable: Vec<(usize, String)>,
+}
+
+/// One transaction: events, ticks, dead letters. Returns the messages dead-lettered and what was applied.
+async fn apply_batch(
+    pool: PgPool,
+    projection: Arc<dyn Projection>,
+    batch: Arc<Decoded>,
+    isolate: bool,
+) -> Result<(Vec<(usize, String)>, Applied, Applied), ApplyError> {
+    let projection = projection.as_ref();
+    let mut tx = pool.begin().await.map_err(ApplyError::Database)?;
+    enter(&mut tx, projection, Target::Live).await.map_err(ApplyError::Database)?;
+    let from_events = apply_events(&mut tx, projection, &batch.events, isolate).await?;
+    let from_ticks = apply_ticks(&mut tx, projection, &batch.ticks, isolate).await?;
+    let mut poisoned: Vec<(usize, String)> = batch.undecodable.clone();
+    poisoned
+        .extend(from_events.poisoned.iter().filter_map(|p| p.index.map(|i| (batch.event_index[i], p.error.clone()))));
+    poisoned.extend(from_ticks.poisoned.iter().filter_map(|p| p.index.map(|i| (batch.tick_index[i], p.error.clone()))));
+    for (index, error) in &poisoned {
+        let message = &batch.messages[*index];
+        record_dead_letter(
+            &mut tx,
+            projection.name(),
+            &message.topic,
+            message.partition,
+            message.offset,
+            message.key.as_deref(),
+            message.payload.clone(),
+            error,
+        )
+        .await
+        .map_err(ApplyError::Database)?;
+    }
+    tx.commit().await.map_err(ApplyError::Database)?;
+    Ok((poisoned, from_events, from_ticks))
+}
+
+impl ProjectionWorker {
+    pub fn new(pool: PgPool, kafka: KafkaConfig, projection: Arc<dyn Projection>, config: WorkerConfig) -> Self {
+        Self { pool, kafka, projection, config, status: Arc::default() }
+    }
+
+    pub fn status(&self) -> Arc<WorkerStatus> {
+        self.status.clone()
+    }
+
+    pub fn group_id(&self) -> String {
+        format!("{}.{}", self.config.group_prefix, self.projection.name())
+    }
+
+    /// The log cursor of this projection's catch-ups from PostgreSQL.
+    pub fn log_cursor(&self) -> String {
+        format!("projection:{}", self.projection.name())
+    }
+
+    fn topics(&self) -> Vec<String> {
+        let mut topics = Vec::new();
+        if self.projection.aggregate_type().is_some() {
+            topics.push(self.kafka.events_topic.clone());
+        }
+        if self.projection.consumes_ticks() {
+            topics.push(self.kafka.prices_topic.clone());
+        }
+        topics
+    }
+
+    /// Runs until `cancel` fires, restarting (with a new consumer and start-up check) after failures.
+    pub async fn run(&self, cancel: CancellationToken) -> Result<(), WorkerError> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.run_once(&cancel).await {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    self.status.following.store(false, Ordering::SeqCst);
+                    tracing::warn!(projection = self.projection.name(), %error, "worker failed; restarting");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_millis(self.config.retry_backoff_max_ms));
+                }
+            }
+        }
+    }
+
+    fn consumer(&self) -> Result<Arc<WorkerConsumer>, KafkaError> {
+        let context = WorkerContext { status: self.status.clone(), projection: self.projection.name() };
+        let consumer: WorkerConsumer = self
+            .kafka
+            .client_config()
+            .set("client.id", format!("ledger-{}", self.projection.name()))
+            .set("group.id", self.group_id())
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("fetch.wait.max.ms", self.config.fetch_wait_max_ms.to_string())
+            .create_with_context(context)?;
+        Ok(Arc::new(consumer))
+    }
+
+    async fn run_once(&self, cancel: &CancellationToken) -> Result<(), WorkerError> {
+        let consumer = self.consumer()?;
+        self.catch_up_if_needed(&consumer).await?;
+        let topics = self.topics();
+        let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topic_refs)?;
+        self.status.following.store(true, Ordering::SeqCst);
+        tracing::info!(projection = self.projection.name(), group = %self.group_id(), "following Kafka");
+        let dead_letters: FutureProducer =
+            self.kafka.client_config().set("client.id", "ledger-dead-letters").create()?;
+        loop {
+            let batch = self.collect(&consumer, cancel).await?;
+            if batch.is_empty() {
+                return Ok(()); // cancelled
+            }
+            tracing::debug!(projection = self.projection.name(), messages = batch.len(), "batch collected");
+            let poisoned = self.process(&batch, cancel).await?;
+            tracing::debug!(projection = self.projection.name(), "batch applied");
+            let Some(poisoned) = poisoned else { return Ok(()) };
+            self.publish_dead_letters(&dead_letters, &batch, &poisoned).await;
+            self.commit_offsets(&consumer, &batch);
+        }
+    }
+
+    /// Waits for one message, then takes what arrives within `batch_wait_ms`, up to `batch_size_max`.
+    async fn collect(
+        &self,
+        consumer: &WorkerConsumer,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<OwnedMessage>, KafkaError> {
+        let first = tokio::select! {
+            _ = cancel.cancelled() => return Ok(Vec::new()),
+            message = consumer.recv() => message?.detach(),
+        };
+        let mut batch = vec![first];
+        let wait = Duration::from_millis(self.config.batch_wait_ms);
+        while batch.len() < self.config.batch_size_max {
+            match tokio::time::timeout(wait, consumer.recv()).await {
+                Ok(Ok(message)) => batch.push(message.detach()),
+                Ok(Err(error)) => return Err(error),
+                Err(_) => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Applies a batch; returns the poisoned messages (index, error), or `None` if cancelled while retrying.
+    async fn process(
+        &self,
+        batch: &[OwnedMessage],
+        cancel: &CancellationToken,
+    ) -> Result<Option<Vec<(usize, String)>>, WorkerError> {
+        let mut decoded = Decoded::default();
+        for (index, message) in batch.iter().enumerate() {
+            decoded.messages.push(MessageMeta {
+                topic: message.topic().to_string(),
+                partition: message.partition(),
+                offset: message.offset(),
+                key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                payload: message.payload().map(<[u8]>::to_vec),
+            });
+            match self.decode(message) {
+                Ok(Input::Event(event)) => {
+                    decoded.events.push(event);
+                    decoded.event_index.push(index);
+                }
+                Ok(Input::Tick(tick)) => {
+                    decoded.ticks.push(tick);
+                    decoded.tick_index.push(index);
+                }
+                Err(error) => decoded.undecodable.push((index, error)),
+            }
+        }
+        let decoded = Arc::new(decoded);
+        let mut backoff = Duration::from_millis(50);
+        let mut isolate = false;
+        loop {
+            // Detached (see `db::detached`): killing the worker mid-batch must not cut the transaction in half.
+            let job = apply_batch(self.pool.clone(), self.projection.clone(), decoded.clone(), isolate);
+            let result = crate::db::detached(job).await.map_err(ApplyError::Database).and_then(|r| r);
+            match result {
+                Ok((poisoned, from_events, from_ticks)) => {
+                    self.record(&from_events, &from_ticks, &decoded.events, poisoned.len());
+                    return Ok(Some(poisoned));
+                }
+                Err(ApplyError::Poison(_)) if !isolate => isolate = true,
+                Err(ApplyError::Poison(error)) => return Err(WorkerError::CatchUp(ApplyError::Poison(error))),
+                Err(ApplyError::Database(error)) => {
+                    tracing::warn!(projection = self.projection.name(), %error, "applying a batch failed; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_millis(self.config.retry_backoff_max_ms));
+                }
+            }
+        }
+    }
+
+    fn decode(&self, message: &OwnedMessage) -> Result<Input, String> {
+        let payload = message.payload().ok_or("empty message")?;
+        if message.topic() == self.kafka.events_topic {
+            let envelope = Envelope::decode(payload).map_err(|e| format!("not an event envelope: {e}"))?;
+            if envelope.envelope_version != crate::relay::ENVELOPE_VERSION {
+                return Err(format!("unsupported envelope version {}", envelope.envelope_version));
+            }
+            Ok(Input::Event(envelope.into_recorded()))
+        } else {
+            Tick::decode(payload).map(Input::Tick).map_err(|e| e.to_string())
+        }
+    }
+
+    fn record(&self, from_events: &Applied, from_ticks: &Applied, events: &[RecordedEvent], dead: usize) {
+        let status = &self.status;
+        status.applied.fetch_add((from_events.applied + from_ticks.applied) as u64, Ordering::Relaxed);
+        status.duplicates.fetch_add((from_events.duplicates + from_ticks.duplicates) as u64, Ordering::Relaxed);
+        status.dead_letters.fetch_add(dead as u64, Ordering::Relaxed);
+        status.batches.fetch_add(1, Ordering::Relaxed);
+        let now = chrono::Utc::now();
+        let relevant = events.iter().filter(|e| Some(e.aggregate_type.as_str()) == self.projection.aggregate_type());
+        for event in relevant {
+            status.last_position.fetch_max(event.position.global_position, Ordering::Relaxed);
+            let delay = (now - event.recorded_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            status.commit_to_applied.observe(delay);
+        }
+    }
+
+    async fn publish_dead_letters(
+        &self,
+        producer: &FutureProducer,
+        batch: &[OwnedMessage],
+        poisoned: &[(usize, String)],
+    ) {
+        for (index, error) in poisoned {
+            let message = &batch[*index];
+            let partition = message.partition().to_string();
+            let offset = message.offset().to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "error", value: Some(error.as_str()) })
+                .insert(Header { key: "source_topic", value: Some(message.topic()) })
+                .insert(Header { key: "source_partition", value: Some(&partition) })
+                .insert(Header { key: "source_offset", value: Some(&offset) })
+                .insert(Header { key: "projection", value: Some(self.projection.name()) });
+            let mut record = FutureRecord::to(&self.kafka.dead_letter_topic).headers(headers);
+            if let Some(key) = message.key() {
+                record = record.key(key);
+            }
+            if let Some(payload) = message.payload() {
+                record = record.payload(payload);
+            }
+            // The dead_letters table already holds it; the topic copy is best effort.
+            if let Err((error, _)) = producer.send(record, Duration::from_secs(10)).await {
+                tracing::warn!(projection = self.projection.name(), %error, "producing a dead letter failed");
+            }
+            tracing::warn!(projection = self.projection.name(), topic = message.topic(), partition = message.partition(),
+                offset = message.offset(), %error, "message dead-lettered");
+        }
+    }
+
+    fn commit_offsets(&self, consumer: &WorkerConsumer, batch: &[OwnedMessage]) {
+        let mut next: HashMap<(String, i32), i64> = HashMap::new();
+        for message in batch {
+            let entry = next.entry((message.topic().to_string(), message.partition())).or_insert(0);
+            *entry = (*entry).max(message.offset() + 1);
+        }
+        let mut offsets = TopicPartitionList::new();
+        for ((topic, partition), offset) in next {
+            let _ = offsets.add_partition_offset(&topic, partition, Offset::Offset(offset));
+        }
+        // A partition revoked meanwhile refuses the commit: its new owner replays, and the progress rows make
+        // that a no-op.
+        if let Err(error) = consumer.commit(&offsets, CommitMode::Async) {
+            tracing::debug!(projection = self.projection.name(), %error, "offset commit refused");
+        }
+    }
+
+    /// The start-up check described in the module docs.
+    async fn catch_up_if_needed(&self, consumer: &Arc<WorkerConsumer>) -> Result<(), WorkerError> {
+        if self.config.create_topics {
+            self.kafka.ensure_topics().await?;
+        }
+        for topic in self.topics() {
+            let check = {
+                let consumer = consumer.clone();
+                let topic = topic.clone();
+                tokio::task::spawn_blocking(move || stale_partitions(&consumer, &topic))
+                    .await
+                    .map_err(|_| KafkaError::Canceled)??
+            };
+            if check.stale.is_empty() {
+                continue;
+            }
+            tracing::info!(projection = self.projection.name(), %topic, partitions = check.stale.len(),
+                "Kafka does not hold everything after this read model; catching up from PostgreSQL");
+            self.status.catch_ups.fetch_add(1, Ordering::Relaxed);
+            let projection = self.projection.clone();
+            let batch_size = self.config.catch_up_batch_size;
+            let applied = if topic == self.kafka.events_topic {
+                catch_up_from_log(&self.pool, projection, Target::Live, &self.log_cursor(), batch_size, |_| {}).await?
+            } else {
+                catch_up_from_archive(&self.pool, projection, Target::Live, batch_size, |_| {}).await?
+            };
+            tracing::info!(projection = self.projection.name(), %topic, applied = applied.applied,
+                "caught up from PostgreSQL");
+            if topic != self.kafka.events_topic {
+                continue; // ticks: start from the earliest offset (auto.offset.reset)
+            }
+            let mut start = TopicPartitionList::new();
+            for (partition, high) in check.stale {
+                start.add_partition_offset(&topic, partition, Offset::Offset(high))?;
+            }
+            if let Err(error) = consumer.commit(&start, CommitMode::Sync) {
+                // Without the commit the group starts from the earliest offsets: slower, still correct.
+                tracing::info!(projection = self.projection.name(), %error, "could not set start offsets");
+            }
+        }
+        Ok(())
+    }
+}
+
+struct PartitionCheck {
+    /// Partitions whose committed offset is missing or outside the topic, with their high watermark.
+    stale: Vec<(i32, i64)>,
+}
+
+/// Compares the group's committed offsets with each partition's watermarks (blocking calls).
+fn stale_partitions(consumer: &WorkerConsumer, topic: &str) -> Result<PartitionCheck, KafkaError> {
+    let timeout = Duration::from_millis(KAFKA_REQUEST_TIMEOUT_MS);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut assignment = TopicPartitionList::new();
+    for &partition in &partitions {
+        assignment.add_partition(topic, partition);
+    }
+    let committed = consumer.committed_offsets(assignment, timeout)?;
+    let mut stale = Vec::new();
+    for &partition in &partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+        let offset = committed.find_partition(topic, partition).map(|p| p.offset());
+        let valid = matches!(offset, Some(Offset::Offset(o)) if o >= low && o <= high);
+        if !valid {
+            stale.push((partition, high));
+        }
+    }
+    Ok(PartitionCheck { stale })
+}
+
+/// Runs one worker per projection until `cancel` fires; fails if one of them fails for good.
+pub async fn run_workers(
+    pool: PgPool,
+    kafka: KafkaConfig,
+    projections: Vec<Arc<dyn Projection>>,
+    config: WorkerConfig,
+    cancel: CancellationToken,
+) -> Result<(), WorkerError> {
+    let tasks: Vec<_> = projections
+        .into_iter()
+        .map(|projection| {
+            let worker = ProjectionWorker::new(pool.clone(), kafka.clone(), projection, config.clone());
+            let cancel = cancel.clone();
+            tokio::spawn(async move { worker.run(cancel).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.map_err(|_| WorkerError::Kafka(KafkaError::Canceled))??;
+    }
+    Ok(())
+}

@@ -1,0 +1,697 @@
+//! Projection workers against a real PostgreSQL and a real Kafka-protocol broker: exactly-once effect through
+//! kills and rebalances, dead letters, catch-up from PostgreSQL, and the values of every read model.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+use ledger::commands::CommandService;
+use ledger::domain::order::RecordExecution;
+use ledger::domain::portfolio::AlertCondition;
+use ledger::domain::values::{AlertId, ExecId, Money, PortfolioId};
+use ledger::domain::{CostBasisMethod, Order, OrderCommand, OrderStatus, PortfolioCommand, Side};
+use ledger::kafka::KafkaConfig;
+use ledger::market::{Tick, TickPublisher, TICK_VERSION};
+use ledger::projections::analytics::AnalyticsProjection;
+use ledger::projections::rebuild::{rebuild, RebuildMode};
+use ledger::projections::valuation::portfolio_valuation;
+use ledger::projections::worker::{ProjectionWorker, WorkerConfig};
+use ledger::projections::{Projection, NAMES};
+use rand::{Rng, SeedableRng};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rust_decimal::Decimal;
+
+use crate::support::kafka::{brokers, fresh_config};
+use crate::support::system::{projection, start_process_manager, start_relay, start_worker, trade, Running};
+use crate::support::*;
+
+fn group() -> String {
+    format!("test-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Waits until every event of the projection's aggregate type in the log has been applied.
+async fn wait_events_applied(pool: &sqlx::PgPool, projection: &dyn Projection) {
+    let Some(aggregate_type) = projection.aggregate_type() else { return };
+    let query = format!(
+        "select count(*) from events e left join {}_progress p on p.aggregate_id = e.aggregate_id
+          where e.aggregate_type = $1 and e.sequence > coalesce(p.last_sequence, 0)",
+        projection.name()
+    );
+    let done = eventually(Duration::from_secs(90), || async {
+        sqlx::query_scalar::<_, i64>(&query).bind(aggregate_type).fetch_one(pool).await.unwrap() == 0
+    })
+    .await;
+    assert!(done, "projection {} never caught up with the log", projection.name());
+}
+
+/// Waits until the projection has applied `ticks` (the last tick of each symbol is enough).
+async fn wait_ticks_applied(pool: &sqlx::PgPool, name: &str, ticks: &[Tick]) {
+    let query =
+        format!("select count(*) from {name}_tick_progress where symbol = $1 and (last_ts, last_seq) >= ($2, $3)");
+    for tick in ticks {
+        let done = eventually(Duration::from_secs(60), || async {
+            sqlx::query_scalar::<_, i64>(&query)
+                .bind(tick.symbol.as_str())
+                .bind(tick.ts)
+                .bind(tick.seq)
+                .fetch_one(pool)
+                .await
+                .unwrap()
+                == 1
+        })
+        .await;
+        assert!(done, "projection {name} never applied tick {tick:?}");
+    }
+}
+
+async fn assert_equals_rebuild(pool: &sqlx::PgPool, names: &[&str]) {
+    for name in names {
+        let projection = projection(name);
+        let report = rebuild(pool, projection.as_ref(), RebuildMode::Verify, &mut |_, _| {}).await.unwrap();
+        assert!(report.differences.is_empty(), "{name} differs from a fresh rebuild: {:?}", report.differences);
+    }
+}
+
+fn tick(symbol: &str, price: &str, seconds: i64, seq: i64) -> Tick {
+    Tick {
+        version: TICK_VERSION,
+        symbol: sym(symbol),
+        price: crate::support::price(price),
+        ts: Utc.timestamp_opt(1_767_000_000 + seconds, 0).unwrap(),
+        seq,
+        volume: Some(dec("100")),
+        source: "test".into(),
+    }
+}
+
+/// A steady stream of ticks for `symbols` until cancelled; returns the last tick of each symbol.
+fn tick_stream(kafka: &KafkaConfig, symbols: &'static [&'static str]) -> (Running, Arc<std::sync::Mutex<Vec<Tick>>>) {
+    let publisher = TickPublisher::new(kafka).unwrap();
+    let last = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = last.clone();
+    let running = Running::spawn(|cancel| async move {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut n = 0i64;
+        while !cancel.is_cancelled() {
+            n += 1;
+            let ticks: Vec<Tick> = symbols
+                .iter()
+                .map(|s| tick(s, &format!("{}.{:02}", rng.gen_range(95..105), rng.gen_range(0..100)), n, n))
+                .collect();
+            publisher.publish_all(&ticks).await.unwrap();
+            *seen.lock().unwrap() = ticks;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    (running, last)
+}
+
+/// Creates a few alerts of each portfolio (so that the alerts projection has rules to fire).
+async fn create_alerts(commands: &CommandService, portfolios: &[PortfolioId]) {
+    for (i, portfolio) in portfolios.iter().enumerate() {
+        let condition = match i % 3 {
+            0 => AlertCondition::PriceAbove { symbol: sym("ACME"), level: price("103") },
+            1 => AlertCondition::CrossingDown { symbol: sym("GLOBEX"), level: price("97") },
+            _ => AlertCondition::PositionPnlAbove { symbol: sym("ACME"), threshold: dec("10") },
+        };
+        let command = PortfolioCommand::CreateAlert { alert_id: AlertId::generate(), condition, at: Utc::now() };
+        commands.execute_portfolio(&ctx(), &portfolio.to_string(), command).await.unwrap();
+    }
+}
+
+/// Workers are killed (aborted mid-batch) again and again under a steady stream of commands and ticks, and
+/// restarted; in the end every read model equals a fresh rebuild from the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_killed_mid_batch_end_equal_to_a_rebuild() {
+    let db = TestDb::new_with(40).await;
+    let kafka = fresh_config(&brokers());
+    let commands = db.commands();
+    let pm = start_process_manager(commands.clone());
+    let relay = start_relay(db.pool.clone(), kafka.clone());
+    let prefix = group();
+    let mut workers: Vec<(String, Running)> = NAMES
+        .iter()
+        .map(|name| (name.to_string(), start_worker(db.pool.clone(), kafka.clone(), name, &prefix).0))
+        .collect();
+    let (ticks, last_ticks) = tick_stream(&kafka, &["ACME", "GLOBEX"]);
+
+    let trading = {
+        let commands = commands.clone();
+        tokio::spawn(async move {
+            let summary = trade(&commands, &["ACME", "GLOBEX"], 6, 120, 21).await;
+            create_alerts(&commands, &summary.portfolios).await;
+            summary
+        })
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let mut kills = 0;
+    while !trading.is_finished() || kills < 8 {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(100..400))).await;
+        let index = rng.gen_range(0..workers.len());
+        let (name, worker) = workers.swap_remove(index);
+        worker.kill().await;
+        kills += 1;
+        workers.push((name.clone(), start_worker(db.pool.clone(), kafka.clone(), &name, &prefix).0));
+    }
+    let summary = trading.await.unwrap();
+    assert!(kills >= 8, "only {kills} kills");
+    ticks.stop().await;
+    let last = last_ticks.lock().unwrap().clone();
+    for name in NAMES {
+        wait_events_applied(&db.pool, projection(name).as_ref()).await;
+    }
+    for name in ["prices", "analytics", "alerts"] {
+        wait_ticks_applied(&db.pool, name, &last).await;
+    }
+    eprintln!("{kills} worker kills; {} orders, {} fills", summary.orders.len(), summary.fills);
+    assert_equals_rebuild(&db.pool, &NAMES).await;
+
+    // And the orders read model agrees with the aggregates themselves.
+    for order_id in &summary.orders {
+        let (order, _) = commands.load::<Order>(&order_id.to_string()).await.unwrap();
+        let (status, cum): (String, Decimal) =
+            sqlx::query_as("select status, cum_quantity from rm_orders where order_id = $1")
+                .bind(order_id.0)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!((status.as_str(), cum), (order.status.as_str(), order.cum_quantity));
+    }
+    for (_, worker) in workers {
+        worker.stop().await;
+    }
+    relay.stop().await;
+    pm.stop().await;
+    db.drop().await;
+}
+
+/// Two workers of one projection share a group (they split the partitions); one is killed midway. The tables
+/// end the same as a single worker's: equal to a rebuild.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_in_one_group_one_killed_give_the_same_tables() {
+    let db = TestDb::new_with(30).await;
+    let kafka = fresh_config(&brokers());
+    let commands = db.commands();
+    let pm = start_process_manager(commands.clone());
+    let relay = start_relay(db.pool.clone(), kafka.clone());
+    let prefix = group();
+    let (a, a_status) = start_worker(db.pool.clone(), kafka.clone(), "positions", &prefix);
+    let (b, b_status) = start_worker(db.pool.clone(), kafka.clone(), "positions", &prefix);
+    let (orders_worker, _) = start_worker(db.pool.clone(), kafka.clone(), "orders", &prefix);
+    // Trade only once both follow Kafka (a start-up catch-up from PostgreSQL would take the work otherwise).
+    let split = eventually(Duration::from_secs(30), || async {
+        a_status.assigned_partitions.load(Ordering::Relaxed) > 0
+            && b_status.assigned_partitions.load(Ordering::Relaxed) > 0
+    })
+    .await;
+    assert!(split, "the group never gave both workers partitions");
+    let first = trade(&commands, &["ACME"], 8, 60, 31).await;
+    let both_worked = eventually(Duration::from_secs(30), || async {
+        a_status.applied.load(Ordering::Relaxed) > 0 && b_status.applied.load(Ordering::Relaxed) > 0
+    })
+    .await;
+    assert!(
+        both_worked,
+        "the two workers did not split the work: a {:?}, b {:?}",
+        (
+            a_status.applied.load(Ordering::Relaxed),
+            a_status.duplicates.load(Ordering::Relaxed),
+            a_status.batches.load(Ordering::Relaxed)
+        ),
+        (
+            b_status.applied.load(Ordering::Relaxed),
+            b_status.duplicates.load(Ordering::Relaxed),
+            b_status.batches.load(Ordering::Relaxed)
+        ),
+    );
+    a.kill().await;
+    let second = trade(&commands, &["ACME"], 8, 60, 32).await;
+    wait_events_applied(&db.pool, projection("positions").as_ref()).await;
+    wait_events_applied(&db.pool, projection("orders").as_ref()).await;
+    assert!(b_status.rebalances.load(Ordering::Relaxed) >= 2, "the survivor never took the other's partitions");
+    assert_equals_rebuild(&db.pool, &["positions", "orders"]).await;
+    eprintln!("{} + {} orders", first.orders.len(), second.orders.len());
+    b.stop().await;
+    orders_worker.stop().await;
+    relay.stop().await;
+    pm.stop().await;
+    db.drop().await;
+}
+
+/// A message that is not an envelope, and an envelope whose payload is not an Order event, land in the
+/// dead-letter table and topic with the error and their source offset; the worker keeps going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_messages_go_to_the_dead_letter_topic_and_the_worker_goes_on() {
+    let db = TestDb::new_with(20).await;
+    let kafka = fresh_config(&brokers());
+    let commands = db.commands();
+    let pm = start_process_manager(commands.clone());
+    let relay = start_relay(db.pool.clone(), kafka.clone());
+    let (worker, status) = start_worker(db.pool.clone(), kafka.clone(), "orders", &group());
+    let before = trade(&commands, &["ACME"], 2, 10, 41).await;
+    wait_events_applied(&db.pool, projection("orders").as_ref()).await;
+
+    let producer: FutureProducer = kafka.client_config().create().unwrap();
+    let garbage = FutureRecord::to(&kafka.events_topic).key("junk").payload("this is not JSON");
+    producer.send(garbage, Duration::from_secs(10)).await.unwrap();
+    let envelope = serde_json::json!({
+        "envelope_version": 1, "event_id": uuid::Uuid::now_v7(), "aggregate_type": "Order",
+        "aggregate_id": uuid::Uuid::now_v7().to_string(), "sequence": 1, "event_type": "OrderPlaced",
+        "event_version": "1", "global_position": 1, "transaction_id": 1, "recorded_at": Utc::now(),
+        "payload": {"NoSuchEvent": {}}, "metadata": {}
+    });
+    let unappliable = envelope.to_string();
+    let poison = FutureRecord::to(&kafka.events_topic).key("poison").payload(&unappliable);
+    producer.send(poison, Duration::from_secs(10)).await.unwrap();
+
+    let after = trade(&commands, &["ACME"], 2, 10, 42).await;
+    wait_events_applied(&db.pool, projection("orders").as_ref()).await;
+    let dead: Vec<(String, String, i64, String)> = sqlx::query_as(
+        "select source_topic, coalesce(message_key, ''), source_offset, error from dead_letters
+          where projection = 'orders' order by id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(dead[0].1, "junk");
+    assert!(dead[0].3.contains("not an event envelope"), "{}", dead[0].3);
+    assert_eq!(dead[1].1, "poison");
+    assert!(dead[1].3.contains("undecodable payload"), "{}", dead[1].3);
+    assert!(dead.iter().all(|d| d.0 == kafka.events_topic && d.2 >= 0));
+    assert_eq!(status.dead_letters.load(Ordering::Relaxed), 2);
+
+    // The dead-letter topic holds both, with the error and the source offset in headers.
+    let topic_copy = read_dead_letter_topic(&kafka, 2).await;
+    assert_eq!(topic_copy.len(), 2);
+    for (index, headers) in topic_copy.iter().enumerate() {
+        assert_eq!(headers["source_offset"], dead[index].2.to_string());
+        assert_eq!(headers["projection"], "orders");
+        assert!(!headers["error"].is_empty());
+    }
+    assert_equals_rebuild(&db.pool, &["orders"]).await;
+    assert!(before.orders.len() + after.orders.len() == 20);
+    worker.stop().await;
+    relay.stop().await;
+    pm.stop().await;
+    db.drop().await;
+}
+
+async fn read_dead_letter_topic(kafka: &KafkaConfig, count: usize) -> Vec<std::collections::HashMap<String, String>> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: StreamConsumer = kafka
+        .client_config()
+        .set("group.id", group())
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&kafka.dead_letter_topic]).unwrap();
+    let mut out = Vec::new();
+    while out.len() < count {
+        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.unwrap().unwrap();
+        let headers = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(headers);
+    }
+    out.sort_by_key(|h: &std::collections::HashMap<String, String>| h["source_offset"].parse::<i64>().unwrap());
+    out
+}
+
+/// The topic is deleted after the history was mirrored: workers starting later find Kafka without that
+/// history, catch up from PostgreSQL, then follow Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_catch_up_from_postgres_when_the_topic_lost_the_history() {
+    let db = TestDb::new_with(20).await;
+    let kafka = fresh_config(&brokers());
+    let commands = db.commands();
+    let pm = start_process_manager(commands.clone());
+    let relay = start_relay(db.pool.clone(), kafka.clone());
+    let history = trade(&commands, &["ACME"], 3, 30, 51).await;
+    let relayed = eventually(Duration::from_secs(30), || async {
+        let name = ledger::relay::cursor_name(&kafka).await.unwrap();
+        ledger::relay::relay_lag(&db.pool, &name).await.unwrap().events == 0
+    })
+    .await;
+    assert!(relayed);
+    relay.stop().await;
+
+    // Delete and recreate the topic: the history is gone from Kafka, the relay's cursor says it was sent.
+    {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> = kafka.client_config().create().unwrap();
+        admin.delete_topics(&[&kafka.events_topic], &AdminOptions::new()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        kafka.ensure_topics().await.unwrap();
+    }
+    let relay = start_relay(db.pool.clone(), kafka.clone());
+    let prefix = group();
+    let (orders, orders_status) = start_worker(db.pool.clone(), kafka.clone(), "orders", &prefix);
+    let (positions, positions_status) = start_worker(db.pool.clone(), kafka.clone(), "positions", &prefix);
+    wait_events_applied(&db.pool, projection("orders").as_ref()).await;
+    wait_events_applied(&db.pool, projection("positions").as_ref()).await;
+    assert_eq!(orders_status.catch_ups.load(Ordering::Relaxed), 1);
+    assert_eq!(positions_status.catch_ups.load(Ordering::Relaxed), 1);
+    assert_equals_rebuild(&db.pool, &["orders", "positions"]).await;
+
+    // New events arrive through Kafka again.
+    let followed =
+        eventually(Duration::from_secs(30), || async { orders_status.following.load(Ordering::SeqCst) }).await;
+    assert!(followed);
+    let applied_before = orders_status.applied.load(Ordering::Relaxed);
+    let more = trade(&commands, &["ACME"], 2, 10, 52).await;
+    wait_events_applied(&db.pool, projection("orders").as_ref()).await;
+    wait_events_applied(&db.pool, projection("positions").as_ref()).await;
+    assert!(orders_status.applied.load(Ordering::Relaxed) > applied_before, "no event came through Kafka");
+    assert_equals_rebuild(&db.pool, &["orders", "positions"]).await;
+    eprintln!("history {} orders, then {}", history.orders.len(), more.orders.len());
+    orders.stop().await;
+    positions.stop().await;
+    relay.stop().await;
+    pm.stop().await;
+    db.drop().await;
+}
+
+async fn fill_order(
+    commands: &CommandService,
+    order_id: ledger::domain::values::OrderId,
+    quantity: &str,
+    at_price: &str,
+    fee: &str,
+) {
+    let (order, _) = commands.load::<Order>(&order_id.to_string()).await.unwrap();
+    let exec = format!("x{}", order.exec_ids.len() + 1);
+    let command = OrderCommand::RecordExecution(RecordExecution {
+        exec_id: ExecId::new(exec).unwrap(),
+        quantity: qty(quantity),
+        price: price(at_price),
+        fee: Money::new(dec(fee)).unwrap(),
+        executed_at: Utc::now(),
+    });
+    commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+}
+
+async fn trade_and_fill(
+    commands: &CommandService,
+    portfolio: PortfolioId,
+    symbol: &str,
+    side: Side,
+    quantity: &str,
+    at: &str,
+    fee: &str,
+) {
+    let (order_id, command) = place(portfolio, symbol, side, quantity, Some(at));
+    commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+    let accepted = eventually(Duration::from_secs(20), || async {
+        commands.load::<Order>(&order_id.to_string()).await.unwrap().0.status == OrderStatus::New
+    })
+    .await;
+    assert!(accepted, "order not accepted");
+    fill_order(commands, order_id, quantity, at, fee).await;
+}
+
+/// Hand-computed: buy 10 @ 100 (fee 1), buy 10 @ 110 (fee 1), sell 15 @ 120 (fee 2), then a tick at 125.
+/// FIFO: sold lots cost 1001 + 550.5, realized 246.5, 5 left at 550.5. Average cost: 2102 / 20 = 105.1,
+/// 15 sold remove 1576.5, realized 221.5, 5 left at 525.5 (FIFO basis still 550.5). Cash 9696 (the FIFO
+/// portfolio also bought 3 ZED at 10: 9666).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn valuations_and_pnl_for_a_hand_computed_scenario() {
+    let db = TestDb::new_with(20).await;
+    let kafka = fresh_config(&brokers());
+    let commands = db.commands();
+    let pm = start_process_manager(commands.clone());
+    let relay = start_relay(db.pool.clone(), kafka.clone());
+    let prefix = group();
+    let (positions, _) = start_worker(db.pool.clone(), kafka.clone(), "positions", &prefix);
+    let (prices, _) = start_worker(db.pool.clone(), kafka.clone(), "prices", &prefix);
+    let fifo = open_portfolio(&commands, "10000", CostBasisMethod::Fifo).await;
+    let average = open_portfolio(&commands, "10000", CostBasisMethod::AverageCost).await;
+    for portfolio in [fifo, average] {
+        trade_and_fill(&commands, portfolio, "ACME", Side::Buy, "10", "100", "1").await;
+        trade_and_fill(&commands, portfolio, "ACME", Side::Buy, "10", "110", "1").await;
+        trade_and_fill(&commands, portfolio, "ACME", Side::Sell, "15", "120", "2").await;
+    }
+    trade_and_fill(&commands, fifo, "ZED", Side::Buy, "3", "10", "0").await;
+    let acme = tick("ACME", "125", 0, 1);
+    TickPublisher::new(&kafka).unwrap().publish(&acme).await.unwrap();
+    wait_events_applied(&db.pool, projection("positions").as_ref()).await;
+    wait_ticks_applied(&db.pool, "prices", std::slice::from_ref(&acme)).await;
+
+    let row = |portfolio: PortfolioId| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_as::<_, (Decimal, Decimal, Decimal, Decimal, Decimal)>(
+                "select p.quantity, p.cost_basis, p.fifo_cost_basis, p.realized_pnl, f.cash
+                   from rm_positions p join rm_portfolios f using (portfolio_id)
+                  where portfolio_id = $1 and symbol = 'ACME'",
+            )
+            .bind(portfolio.0)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(row(fifo).await, (dec("5"), dec("550.5"), dec("550.5"), dec("246.5"), dec("9666")));
+    assert_eq!(row(average).await, (dec("5"), dec("525.5"), dec("550.5"), dec("221.5"), dec("9696")));
+
+    // Valued at the tick's price, fresh.
+    let now = acme.ts + chrono::Duration::seconds(1);
+    let minute = chrono::Duration::minutes(1);
+    let valuation = portfolio_valuation(&db.pool, average.0, minute, now).await.unwrap().unwrap();
+    assert_eq!(valuation.market_value, Some(dec("625")));
+    assert_eq!(valuation.unrealized_pnl, Some(dec("99.5")));
+    assert_eq!(valuation.total_equity, Some(dec("10321")));
+    assert!(!valuation.stale);
+    assert_eq!(valuation.positions[0].unrealized_pnl, Some(dec("99.5")));
+
+    // FIFO portfolio also holds ZED, which has never had a price: no value, a reason, never 0.
+    let valuation = portfolio_valuation(&db.pool, fifo.0, minute, now).await.unwrap().unwrap();
+    let acme_position = valuation.positions.iter().find(|p| p.symbol == "ACME").unwrap();
+    assert_eq!(acme_position.unrealized_pnl, Some(dec("74.5")));
+    let zed = valuation.positions.iter().find(|p| p.symbol == "ZED").unwrap();
+    assert_eq!((zed.market_value, zed.missing_reason.as_deref()), (None, Some("NO_PRICE")));
+    assert_eq!(valuation.total_equity, None);
+    assert_eq!(valuation.missing_reason.as_deref(), Some("NO_PRICE: ZED"));
+
+    // Two minutes later the price is stale.
+    let later = acme.ts + chrono::Duration::minutes(2);
+    let valuation = portfolio_valuation(&db.pool, average.0, minute, later).await.unwrap().unwrap();
+    assert!(valuation.stale && valuation.positions[0].stale);
+    assert_eq!(valuation.market_value, Some(dec("625")));
+    positions.stop().await;
+    prices.stop().await;
+    relay.stop().await;
+    pm.stop().await;
+    db.drop().await;
+}
+
+/// Every alert type fires exactly once per arming when its condition becomes true, also when the same ticks
+/// are delivered twice; a re-armed alert fires once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_alert_type_fires_once_per_arming_even_with_duplicate_ticks() {
+    let db = TestDb::new_with(20).await;
+    let kafka = fresh_config(&brokers());
+    let commands = db.commands();
+    let pm = start_process_manager(commands.clone());
+    let relay = start_relay(db.pool.clone(), kafka.clone());
+    let prefix = group();
+    let (positions, _) = start_worker(db.pool.clone(), kafka.clone(), "positions", &prefix);
+    let (alerts, _) = start_worker(db.pool.clone(), kafka.clone(), "alerts", &prefix);
+    let portfolio = open_portfolio(&commands, "10000", CostBasisMethod::Fifo).await;
+    trade_and_fill(&commands, portfolio, "ACME", Side::Buy, "10", "100", "0").await;
+
+    let s = || sym("ACME");
+    let conditions = [
+        ("above", AlertCondition::PriceAbove { symbol: s(), level: price("105") }),
+        ("below", AlertCondition::PriceBelow { symbol: s(), level: price("95") }),
+        ("cross-up", AlertCondition::CrossingUp { symbol: s(), level: price("105") }),
+        ("cross-down", AlertCondition::CrossingDown { symbol: s(), level: price("95") }),
+        ("rise-5%", AlertCondition::PercentChange { symbol: s(), reference: price("100"), percent: dec("5") }),
+        ("fall-5%", AlertCondition::PercentChange { symbol: s(), reference: price("100"), percent: dec("-5") }),
+        ("pnl-above", AlertCondition::PositionPnlAbove { symbol: s(), threshold: dec("50") }),
+        ("pnl-below", AlertCondition::PositionPnlBelow { symbol: s(), threshold: dec("-50") }),
+    ];
+    let mut ids = std::collections::HashMap::new();
+    for (name, condition) in conditions {
+        let alert_id = AlertId::generate();
+        let command = PortfolioCommand::CreateAlert { alert_id, condition, at: Utc::now() };
+        commands.execute_portfolio(&ctx(), &portfolio.to_string(), command).await.unwrap();
+        ids.insert(name, alert_id);
+    }
+    wait_events_applied(&db.pool, projection("positions").as_ref()).await;
+    wait_events_applied(&db.pool, projection("alerts").as_ref()).await;
+
+    // 100 → 106 (up-cross, above, +6 %, P&L +60) → 94 (down-cross, below, −6 %, P&L −60) → 104 → 106 → 94.
+    let publisher = TickPublisher::new(&kafka).unwrap();
+    let ticks: Vec<Tick> = ["100", "106", "94", "104", "106", "94"]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| tick("ACME", p, i as i64, i as i64 + 1))
+        .collect();
+    publisher.publish_all(&ticks).await.unwrap();
+    publisher.publish_all(&ticks).await.unwrap(); // delivered twice
+    wait_ticks_applied(&db.pool, "alerts", &ticks[ticks.len() - 1..]).await;
+    let firings = |alert: AlertId| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_as::<_, (i32, Decimal)>(
+                "select arming, price from alert_firings where alert_id = $1 order by arming",
+            )
+            .bind(alert.0)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    for name in ["above", "cross-up", "rise-5%", "pnl-above"] {
+        assert_eq!(firings(ids[name]).await, vec![(1, dec("106"))], "{name}");
+    }
+    for name in ["below", "cross-down", "fall-5%", "pnl-below"] {
+        assert_eq!(firings(ids[name]).await, vec![(1, dec("94"))], "{name}");
+    }
+
+    // Re-arm two; only a new crossing / a new time above fires them again.
+    for name in ["above", "cross-up"] {
+        let command = PortfolioCommand::RearmAlert { alert_id: ids[name], at: Utc::now() };
+        commands.execute_portfolio(&ctx(), &portfolio.to_string(), command).await.unwrap();
+    }
+    wait_events_applied(&db.pool, projection("alerts").as_ref()).await;
+    let more = vec![tick("ACME", "96", 10, 11), tick("ACME", "107", 11, 12), tick("ACME", "108", 12, 13)];
+    publisher.publish_all(&more).await.unwrap();
+    wait_ticks_applied(&db.pool, "alerts", &more[2..]).await;
+    assert_eq!(firings(ids["above"]).await, vec![(1, dec("106")), (2, dec("107"))]);
+    assert_eq!(firings(ids["cross-up"]).await, vec![(1, dec("106")), (2, dec("107"))]);
+    assert_eq!(firings(ids["below"]).await.len(), 1, "not re-armed: no second firing");
+    let statuses: Vec<(String, i32)> = sqlx::query_as("select status, arming from rm_alert_rules where alert_id = $1")
+        .bind(ids["above"].0)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(statuses, vec![("fired".to_string(), 2)]);
+
+    // A rebuild of the rules reproduces their state from the firings and fires nothing.
+    let fired_before: i64 = sqlx::query_scalar("select count(*) from alert_firings").fetch_one(&db.pool).await.unwrap();
+    let report = rebuild(&db.pool, projection("alerts").as_ref(), RebuildMode::Swap, &mut |_, _| {}).await.unwrap();
+    assert!(report.events > 0);
+    let fired_after: i64 = sqlx::query_scalar("select count(*) from alert_firings").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(fired_before, fired_after);
+    assert_equals_rebuild(&db.pool, &["alerts"]).await;
+    positions.stop().await;
+    alerts.stop().await;
+    relay.stop().await;
+    pm.stop().await;
+    db.drop().await;
+}
+
+/// SMA, EMA and daily movers for a fixed tick sequence, through Kafka, with windows of 3 and 5 ticks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn indicators_and_movers_for_a_fixed_tick_sequence() {
+    let db = TestDb::new_with(10).await;
+    let kafka = fresh_config(&brokers());
+    let analytics: Arc<dyn Projection> = Arc::new(AnalyticsProjection { windows: vec![3, 5] });
+    let worker = ProjectionWorker::new(
+        db.pool.clone(),
+        kafka.clone(),
+        analytics,
+        WorkerConfig { group_prefix: group(), ..WorkerConfig::default() },
+    );
+    let running = Running::spawn(|cancel| async move {
+        worker.run(cancel).await.unwrap();
+    });
+    let mut ticks = Vec::new();
+    for (i, p) in ["10", "11", "12", "13", "14", "15"].iter().enumerate() {
+        ticks.push(tick("AAA", p, i as i64, i as i64 + 1));
+    }
+    for (i, p) in ["20", "21", "19.50", "19"].iter().enumerate() {
+        ticks.push(tick("BBB", p, i as i64, i as i64 + 1));
+    }
+    TickPublisher::new(&kafka).unwrap().publish_all(&ticks).await.unwrap();
+    wait_ticks_applied(&db.pool, "analytics", &[ticks[5].clone(), ticks[9].clone()]).await;
+
+    let indicator = |symbol: &'static str, kind: &'static str, window: i32| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_as::<_, (Decimal, i32)>(
+                "select value, samples from rm_indicators where symbol = $1 and indicator = $2 and window_size = $3",
+            )
+            .bind(symbol)
+            .bind(kind)
+            .bind(window)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(indicator("AAA", "SMA", 3).await, (dec("14"), 3));
+    assert_eq!(indicator("AAA", "SMA", 5).await, (dec("13"), 5));
+    // α = 2 / (3 + 1) = 0.5: 10, 10.5, 11.25, 12.125, 13.0625, 14.03125.
+    assert_eq!(indicator("AAA", "EMA", 3).await, (dec("14.03125"), 6));
+    // α = 1/3, rounded to 8 decimals at each step, computed here independently.
+    let alpha = Decimal::TWO / Decimal::from(6);
+    let mut ema = dec("10");
+    for p in ["11", "12", "13", "14", "15"] {
+        ema = (alpha * dec(p) + (Decimal::ONE - alpha) * ema)
+            .round_dp_with_strategy(8, rust_decimal::RoundingStrategy::MidpointNearestEven)
+            .normalize();
+    }
+    assert_eq!(indicator("AAA", "EMA", 5).await.0, ema);
+    assert_eq!(indicator("BBB", "SMA", 5).await, (dec("19.875"), 4), "fewer ticks than the window");
+
+    let movers: Vec<(String, Decimal, Decimal, Decimal, Decimal)> = sqlx::query_as(
+        "select symbol, open_price, last_price, change_pct, high from rm_daily_stats order by change_pct desc",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(movers[0], ("AAA".into(), dec("10"), dec("15"), dec("50"), dec("15")));
+    assert_eq!(movers[1], ("BBB".into(), dec("20"), dec("19"), dec("-5"), dec("21")));
+    running.stop().await;
+    db.drop().await;
+}
+
+/// Running the fill scenario twice on a fresh portfolio keeps the process manager's view and the read model
+/// in step (a smoke test of the positions projection against the aggregate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn positions_read_model_matches_the_aggregate() {
+    let db = TestDb::new_with(20).await;
+    let kafka = fresh_config(&brokers());
+    let commands = db.commands();
+    let pm = start_process_manager(commands.clone());
+    let relay = start_relay(db.pool.clone(), kafka.clone());
+    let (positions, _) = start_worker(db.pool.clone(), kafka.clone(), "positions", &group());
+    let summary = trade(&commands, &["ACME", "GLOBEX"], 3, 30, 61).await;
+    wait_events_applied(&db.pool, projection("positions").as_ref()).await;
+    for portfolio in &summary.portfolios {
+        let (state, _) = commands.load::<ledger::domain::Portfolio>(&portfolio.to_string()).await.unwrap();
+        let (cash, reserved, realized): (Decimal, Decimal, Decimal) =
+            sqlx::query_as("select cash, reserved_cash, realized_pnl from rm_portfolios where portfolio_id = $1")
+                .bind(portfolio.0)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!((cash, reserved, realized), (state.cash, state.reserved_cash, state.realized_pnl));
+        for (symbol, position) in &state.positions {
+            let (quantity, cost, fifo): (Decimal, Decimal, Decimal) = sqlx::query_as(
+                "select quantity, cost_basis, fifo_cost_basis from rm_positions where portfolio_id = $1 and symbol = $2",
+            )
+            .bind(portfolio.0)
+            .bind(symbol.as_str())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            assert_eq!((quantity, cost, fifo), (position.quantity, position.cost_basis, position.fifo_cost_basis()));
+        }
+    }
+    positions.stop().await;
+    relay.stop().await;
+    pm.stop().await;
+    db.drop().await;
+}
