@@ -1,0 +1,133 @@
+//! Starting an API process: the HTTP server with its subscription feeds, and on request the relay, the
+//! process manager and the projection workers in the same process. Used by `ledger serve`, `ledger demo`
+//! and the tests (which start several instances side by side).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use ledger::clock::SystemClock;
+use ledger::commands::{CommandConfig, CommandService};
+use ledger::kafka::KafkaConfig;
+use ledger::process::{ProcessConfig, ProcessManager};
+use ledger::projections::worker::WorkerConfig;
+use ledger::projections::ProjectionSettings;
+use ledger::relay::{Relay, RelayConfig};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::TokenKeys;
+use crate::graphql::AppState;
+use crate::hub::Hub;
+use crate::server::{router, serve, ServerConfig};
+
+#[derive(Clone)]
+pub struct AppConfig {
+    pub keys: TokenKeys,
+    pub introspection: bool,
+    pub rate_limit_per_second: u32,
+    pub rate_limit_burst: u32,
+    pub valuation_stale_after: chrono::Duration,
+    pub kafka: Option<KafkaConfig>,
+    pub settings: ProjectionSettings,
+    pub with_relay: bool,
+    pub with_process_manager: bool,
+    pub with_workers: bool,
+    pub relay: RelayConfig,
+    pub workers: WorkerConfig,
+}
+
+impl AppConfig {
+    pub fn new(keys: TokenKeys, kafka: Option<KafkaConfig>) -> Self {
+        Self {
+            keys,
+            introspection: true,
+            rate_limit_per_second: 200,
+            rate_limit_burst: 400,
+            valuation_stale_after: chrono::Duration::milliseconds(
+                ledger::projections::valuation::VALUATION_STALE_AFTER_MS_DEFAULT as i64,
+            ),
+            kafka,
+            settings: ProjectionSettings::default(),
+            with_relay: false,
+            with_process_manager: false,
+            with_workers: false,
+            relay: RelayConfig::default(),
+            workers: WorkerConfig::default(),
+        }
+    }
+}
+
+/// A running API process.
+pub struct Running {
+    pub cancel: CancellationToken,
+    pub tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pub address: std::net::SocketAddr,
+    pub commands: Arc<CommandService>,
+}
+
+impl Running {
+    /// Stops everything gracefully and waits for it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        for task in self.tasks {
+            task.await.context("task")??;
+        }
+        Ok(())
+    }
+}
+
+/// Starts the API on `listener` (and the components `config` asks for).
+pub async fn start(pool: PgPool, config: AppConfig, listener: tokio::net::TcpListener) -> anyhow::Result<Running> {
+    let cancel = CancellationToken::new();
+    let commands = Arc::new(CommandService::new(pool.clone(), CommandConfig::default()));
+    let hub = Hub::start(pool.clone(), config.kafka.clone(), cancel.clone()).await?;
+    let app = AppState {
+        pool: pool.clone(),
+        commands: commands.clone(),
+        hub,
+        clock: Arc::new(SystemClock),
+        valuation_stale_after: config.valuation_stale_after,
+    };
+    let server = ServerConfig {
+        keys: config.keys.clone(),
+        introspection: config.introspection,
+        rate_limit_per_second: config.rate_limit_per_second,
+        rate_limit_burst: config.rate_limit_burst,
+        kafka: config.kafka.clone(),
+    };
+    let (router, _) = router(app, server);
+    let address = listener.local_addr()?;
+    let mut tasks = Vec::new();
+    {
+        let cancel = cancel.clone();
+        tasks.push(tokio::spawn(async move { serve(listener, router, cancel).await.context("HTTP server") }));
+    }
+    if config.with_process_manager {
+        let manager = ProcessManager::new(commands.clone(), ProcessConfig::default());
+        let cancel = cancel.clone();
+        tasks.push(tokio::spawn(async move { manager.run(cancel).await.context("process manager") }));
+    }
+    match config.kafka {
+        Some(kafka) => {
+            if config.with_relay {
+                let relay = Relay::new(pool.clone(), kafka.clone(), config.relay.clone());
+                let cancel = cancel.clone();
+                tasks.push(tokio::spawn(async move { relay.run(cancel).await.context("relay") }));
+            }
+            if config.with_workers {
+                let projections = ledger::projections::all(&config.settings);
+                let (pool, workers, cancel) = (pool.clone(), config.workers.clone(), cancel.clone());
+                tasks.push(tokio::spawn(async move {
+                    ledger::projections::worker::run_workers(pool, kafka, projections, workers, cancel)
+                        .await
+                        .context("workers")
+                }));
+            }
+        }
+        None if config.with_relay || config.with_workers => {
+            anyhow::bail!("the relay and the workers need KAFKA_BROKERS")
+        }
+        None => {}
+    }
+    Ok(Running { cancel, tasks, address, commands })
+}

@@ -1,0 +1,683 @@
+//! `ledger bench`: throughput and latency measurements anyone can repeat.
+//!
+//! - `deposits`: each of N tasks loops `DepositCash` on its own portfolio through the command service
+//!   (idempotency lookup, load, handle, one commit transaction) for a fixed duration.
+//! - `relay`: events/s mirrored from a pre-filled log to a fresh topic, and the delay from commit to the
+//!   broker's acknowledgement at a steady rate. Uses a scratch database `<name>_bench`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ledger::relay::{Relay, RelayConfig};
+use tokio_util::sync::CancellationToken;
+
+use chrono::Utc;
+use ledger::commands::{CommandConfig, CommandContext, CommandService, Idempotency};
+use ledger::domain::values::{Amount, Currency, Owner, PortfolioId};
+use ledger::domain::{CostBasisMethod, PortfolioCommand};
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    pub suite: &'static str,
+    pub tasks: usize,
+    pub seconds: f64,
+    pub commands: usize,
+    pub commands_per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[index].as_secs_f64() * 1_000.0
+}
+
+/// Runs deposits from `tasks` concurrent tasks for `duration`; with `keyed`, each carries an idempotency key.
+pub async fn deposits(
+    database_url: &str,
+    tasks: usize,
+    duration: Duration,
+    keyed: bool,
+) -> anyhow::Result<BenchResult> {
+    let pool = crate::cli::connect_and_migrate(database_url).await?;
+    let connections = (tasks as u32 + 4).min(ledger::db::POOL_CONNECTIONS_MAX * 4);
+    let pool = {
+        pool.close().await;
+        ledger::db::connect(database_url, connections).await?
+    };
+    let commands = Arc::new(CommandService::new(pool, CommandConfig::default()));
+    let mut portfolios = Vec::with_capacity(tasks);
+    for _ in 0..tasks {
+        let id = PortfolioId::generate();
+        let open = PortfolioCommand::OpenPortfolio {
+            portfolio_id: id,
+            owner: Owner::new("bench")?,
+            base_currency: Currency::new("USD")?,
+            cost_basis_method: CostBasisMethod::Fifo,
+            opened_at: Utc::now(),
+        };
+        commands.execute_portfolio(&CommandContext::new("bench"), &id.to_string(), open).await?;
+        portfolios.push(id);
+    }
+    let started = Instant::now();
+    let deadline = started + duration;
+    let handles: Vec<_> = portfolios
+        .into_iter()
+        .enumerate()
+        .map(|(t, portfolio)| {
+            let commands = commands.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let amount = Amount::new(Decimal::ONE).expect("one is a valid amount");
+                let id = portfolio.to_string();
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    let mut ctx = CommandContext::new("bench");
+                    if keyed {
+                        ctx = ctx.with_idempotency(Idempotency::new(format!("bench-{t}-{n}"), &n)?);
+                    }
+                    let command = PortfolioCommand::DepositCash { amount, reference: None, at: Utc::now() };
+                    let begin = Instant::now();
+                    commands.execute_portfolio(&ctx, &id, command).await?;
+                    latencies.push(begin.elapsed());
+                    n += 1;
+                }
+                Ok::<_, anyhow::Error>(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for handle in handles {
+        latencies.extend(handle.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort();
+    Ok(BenchResult {
+        suite: if keyed { "deposits-keyed" } else { "deposits" },
+        tasks,
+        seconds: elapsed,
+        commands: latencies.len(),
+        commands_per_second: latencies.len() as f64 / elapsed,
+        p50_ms: percentile(&latencies, 0.50),
+        p99_ms: percentile(&latencies, 0.99),
+        p999_ms: percentile(&latencies, 0.999),
+    })
+}
+
+pub fn print(result: &BenchResult) {
+    println!(
+        "{:<16} tasks {:>3}  {:>8} commands in {:>5.1} s  {:>8.0} commands/s  p50 {:>6.2} ms  p99 {:>6.2} ms  p99.9 {:>6.2} ms",
+        result.suite,
+        result.tasks,
+        result.commands,
+        result.seconds,
+        result.commands_per_second,
+        result.p50_ms,
+        result.p99_ms,
+        result.p999_ms
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+    use std::time::Duration;
+
+    #[test]
+    fn percentiles_pick_the_nearest_rank() {
+        let values: Vec<_> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&values, 0.5), 50.0);
+        assert_eq!(percentile(&values, 0.99), 99.0);
+        assert_eq!(percentile(&values, 1.0), 100.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+}
+
+/// A scratch database next to the configured one (`<name>_bench`), dropped and created afresh.
+pub(crate) async fn scratch_database(database_url: &str) -> anyhow::Result<(String, sqlx::PgPool)> {
+    let (server, name) = database_url.rsplit_once('/').context("DATABASE_URL has no database name")?;
+    let name = name.split('?').next().unwrap_or(name);
+    let scratch = format!("{server}/{name}_bench");
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{server}/postgres")).await?;
+    sqlx::query(&format!("drop database if exists \"{name}_bench\" with (force)")).execute(&mut admin).await?;
+    sqlx::query(&format!("create database \"{name}_bench\"")).execute(&mut admin).await?;
+    let pool = ledger::db::connect(&scratch, 8).await?;
+    ledger::db::migrate(&pool).await?;
+    Ok((scratch, pool))
+}
+
+/// Inserts `count` events spread over 1,000 aggregates, in transactions of 50,000, with payloads of about
+/// 400 bytes (the size of an `ExecutionApplied`).
+async fn fill_log(pool: &sqlx::PgPool, count: i64) -> anyhow::Result<()> {
+    const CHUNK: i64 = 50_000;
+    let mut start = 0;
+    while start < count {
+        let end = (start + CHUNK).min(count);
+        sqlx::query(
+            "insert into events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             select 'Bench', 'agg-' || (g % 1000), g / 1000 + 1, 'Benched', '1',
+                    jsonb_build_object('n', g, 'pad', repeat('x', 360)),
+                    '{\"correlation_id\": \"bench\", \"actor\": \"bench\"}'
+               from generate_series($1::bigint, $2::bigint - 1) g",
+        )
+        .bind(start)
+        .bind(end)
+        .execute(pool)
+        .await?;
+        start = end;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+pub struct RelayThroughput {
+    pub suite: &'static str,
+    pub batch_size: usize,
+    pub events: i64,
+    pub seconds: f64,
+    pub events_per_second: f64,
+}
+
+fn bench_kafka(kafka: &ledger::kafka::KafkaConfig) -> ledger::kafka::KafkaConfig {
+    let mut kafka = kafka.clone();
+    kafka.events_topic = format!("bench.events.{}", uuid::Uuid::new_v4().simple());
+    kafka
+}
+
+/// Mirrors a pre-filled log of `events` events to a fresh topic; measures until the last is acknowledged.
+pub async fn relay_throughput(
+    database_url: &str,
+    kafka: &ledger::kafka::KafkaConfig,
+    events: i64,
+    batch_size: usize,
+    linger_ms: u32,
+) -> anyhow::Result<RelayThroughput> {
+    let (_, pool) = scratch_database(database_url).await?;
+    fill_log(&pool, events).await?;
+    let kafka = bench_kafka(kafka);
+    kafka.ensure_topics().await?;
+    let config = RelayConfig { batch_size, linger_ms, ..RelayConfig::default() };
+    let relay = Relay::new(pool.clone(), kafka, config);
+    let status = relay.status();
+    let cancel = CancellationToken::new();
+    let started = Instant::now();
+    let task = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move { relay.run(cancel).await })
+    };
+    while status.produced.load(Ordering::Relaxed) < events as u64 {
+        if task.is_finished() {
+            anyhow::bail!("the relay stopped before mirroring the log");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    cancel.cancel();
+    task.await??;
+    pool.close().await;
+    Ok(RelayThroughput { suite: "relay", batch_size, events, seconds, events_per_second: events as f64 / seconds })
+}
+
+#[derive(Debug, Serialize)]
+pub struct RelayLatency {
+    pub suite: &'static str,
+    pub rate_per_second: u64,
+    pub events: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+}
+
+/// Commits one event per transaction at a steady `rate` for `seconds` while the relay runs; reports the delay
+/// from each event's commit (its `recorded_at`) to the broker's acknowledgement.
+pub async fn relay_latency(
+    database_url: &str,
+    kafka: &ledger::kafka::KafkaConfig,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<RelayLatency> {
+    let (_, pool) = scratch_database(database_url).await?;
+    let kafka = bench_kafka(kafka);
+    kafka.ensure_topics().await?;
+    let relay = Relay::new(pool.clone(), kafka, RelayConfig::default());
+    let status = relay.status();
+    let cancel = CancellationToken::new();
+    let task = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move { relay.run(cancel).await })
+    };
+    // Warm up: the first produce to a new topic waits for the producer id and metadata (about a second).
+    sqlx::query(
+        "insert into events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         values ('Bench', 'warm-up', 1, 'Benched', '1', '{}', '{}')",
+    )
+    .execute(&pool)
+    .await?;
+    while status.produced.load(Ordering::Relaxed) < 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    status.commit_to_ack.reset();
+    let warm = status.produced.load(Ordering::Relaxed);
+    let total = rate * seconds;
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for n in 0..total as i64 {
+        ticker.tick().await;
+        sqlx::query(
+            "insert into events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             values ('Bench', 'lat-' || ($1 % 100), $1 / 100 + 1, 'Benched', '1', jsonb_build_object('n', $1), '{}')",
+        )
+        .bind(n)
+        .execute(&pool)
+        .await?;
+    }
+    while status.produced.load(Ordering::Relaxed) < warm + total {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let histogram = &status.commit_to_ack;
+    let ms = |q| histogram.quantile(q).unwrap_or(0.0) * 1_000.0;
+    let result = RelayLatency {
+        suite: "relay-latency",
+        rate_per_second: rate,
+        events: histogram.count(),
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+    };
+    cancel.cancel();
+    task.await??;
+    pool.close().await;
+    Ok(result)
+}
+
+/// Writes a synthetic but valid history straight into the log: `portfolios` portfolios, each opened, funded,
+/// then buying in turns (FundsReserved, ExecutionApplied) until `events` events exist. Inserted with multi-row
+/// statements, so a million events take seconds.
+pub(crate) async fn fill_domain_log(pool: &sqlx::PgPool, portfolios: usize, events: usize) -> anyhow::Result<()> {
+    use ledger::domain::portfolio::Lot;
+    use ledger::domain::values::{
+        Amount, Currency, ExecId, Money, OrderId, Owner, PortfolioId, Price, Quantity, Symbol,
+    };
+    use ledger::domain::{CostBasisMethod, PortfolioEvent, Side};
+    use rust_decimal::Decimal;
+
+    const CHUNK: usize = 10_000;
+    let now = chrono::Utc::now();
+    let ids: Vec<PortfolioId> = (0..portfolios).map(|_| PortfolioId::generate()).collect();
+    let mut sequence = vec![0i64; portfolios];
+    let mut cash = vec![Decimal::ZERO; portfolios];
+    let mut held = vec![Decimal::ZERO; portfolios];
+    let mut cost = vec![Decimal::ZERO; portfolios];
+    let symbol = Symbol::new("ACME")?;
+    let mut rows: Vec<(String, i64, String, serde_json::Value)> = Vec::with_capacity(CHUNK);
+    let mut written = 0;
+    let mut n = 0usize;
+    while written + rows.len() < events {
+        let p = n % portfolios;
+        let id = ids[p];
+        let event = match sequence[p] {
+            0 => PortfolioEvent::PortfolioOpened {
+                portfolio_id: id,
+                owner: Owner::new(format!("bench-{p}"))?,
+                base_currency: Currency::new("USD")?,
+                cost_basis_method: CostBasisMethod::Fifo,
+                opened_at: now,
+            },
+            1 => {
+                cash[p] = Decimal::from(1_000_000_000);
+                PortfolioEvent::CashDeposited {
+                    amount: Amount::new(cash[p])?,
+                    reference: None,
+                    cash_after: cash[p],
+                    at: now,
+                }
+            }
+            s if s % 2 == 0 => {
+                let order_id = OrderId(uuid::Uuid::from_u128(((p as u128) << 64) | s as u128));
+                PortfolioEvent::FundsReserved {
+                    order_id,
+                    symbol: symbol.clone(),
+                    quantity: Quantity::new(Decimal::ONE)?,
+                    price: Price::new(Decimal::from(100))?,
+                    amount: Money::new(Decimal::from(101))?,
+                    reserved_cash_after: Decimal::from(101),
+                    at: now,
+                }
+            }
+            s => {
+                let order_id = OrderId(uuid::Uuid::from_u128(((p as u128) << 64) | (s - 1) as u128));
+                let lot_cost = Decimal::from(100);
+                cash[p] -= lot_cost;
+                held[p] += Decimal::ONE;
+                cost[p] += lot_cost;
+                PortfolioEvent::ExecutionApplied {
+                    order_id,
+                    exec_id: ExecId::new("1")?,
+                    symbol: symbol.clone(),
+                    side: Side::Buy,
+                    quantity: Quantity::new(Decimal::ONE)?,
+                    price: Price::new(Decimal::from(100))?,
+                    fee: Money::ZERO,
+                    gross: lot_cost,
+                    cash_delta: -lot_cost,
+                    cash_after: cash[p],
+                    reserved_cash_released: Decimal::from(101),
+                    reserved_quantity_released: Decimal::ZERO,
+                    lot_opened: Some(Lot {
+                        lot_id: format!("{order_id}/1"),
+                        quantity: Decimal::ONE,
+                        cost: lot_cost,
+                        acquired_at: now,
+                    }),
+                    lots_consumed: Vec::new(),
+                    cost_basis_removed: Decimal::ZERO,
+                    realized_pnl: Decimal::ZERO,
+                    position_quantity_after: held[p],
+                    position_cost_basis_after: cost[p],
+                    executed_at: now,
+                }
+            }
+        };
+        sequence[p] += 1;
+        rows.push((id.to_string(), sequence[p], event.name().to_string(), serde_json::to_value(&event)?));
+        n += 1;
+        if rows.len() == CHUNK {
+            written += insert_rows(pool, &mut rows).await?;
+        }
+    }
+    insert_rows(pool, &mut rows).await?;
+    Ok(())
+}
+
+async fn insert_rows(
+    pool: &sqlx::PgPool,
+    rows: &mut Vec<(String, i64, String, serde_json::Value)>,
+) -> anyhow::Result<usize> {
+    let count = rows.len();
+    let (ids, sequences, types, payloads): (Vec<_>, Vec<_>, Vec<_>, Vec<_>) =
+        rows.drain(..).fold((vec![], vec![], vec![], vec![]), |mut acc, (a, b, c, d)| {
+            acc.0.push(a);
+            acc.1.push(b);
+            acc.2.push(c);
+            acc.3.push(d);
+            acc
+        });
+    sqlx::query(
+        "insert into events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         select 'Portfolio', u.id, u.seq, u.kind, '1', u.payload, '{\"actor\": \"bench\"}'
+           from unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[]) as u(id, seq, kind, payload)",
+    )
+    .bind(&ids)
+    .bind(&sequences)
+    .bind(&types)
+    .bind(&payloads)
+    .execute(pool)
+    .await?;
+    Ok(count)
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReplayResult {
+    pub suite: &'static str,
+    pub projection: &'static str,
+    pub events: u64,
+    pub seconds: f64,
+    pub events_per_second: f64,
+}
+
+/// Rebuilds the positions read model from a synthetic log of `events` events (a scratch database).
+pub async fn replay(database_url: &str, events: usize, runs: usize) -> anyhow::Result<Vec<ReplayResult>> {
+    let (_, pool) = scratch_database(database_url).await?;
+    println!("writing {events} events to the scratch database…");
+    fill_domain_log(&pool, 10_000, events).await?;
+    let projection = ledger::projections::by_name("positions", &Default::default()).context("positions")?;
+    let mut results = Vec::new();
+    for _ in 0..runs.max(1) {
+        let report = ledger::projections::rebuild::rebuild(
+            &pool,
+            projection.as_ref(),
+            ledger::projections::rebuild::RebuildMode::Swap,
+            &mut |_, _| {},
+        )
+        .await?;
+        let result = ReplayResult {
+            suite: "replay",
+            projection: report.projection,
+            events: report.events,
+            seconds: report.seconds,
+            events_per_second: report.events as f64 / report.seconds,
+        };
+        println!(
+            "replay  {}  {} events in {:.1} s  {:.0} events/s",
+            result.projection, result.events, result.seconds, result.events_per_second
+        );
+        results.push(result);
+    }
+    pool.close().await;
+    Ok(results)
+}
+
+#[derive(Debug, Serialize)]
+pub struct EndToEndResult {
+    pub suite: &'static str,
+    pub rate_per_second: u64,
+    pub commands: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+}
+
+/// Deposits at a steady `rate` through the command service while the relay and the positions worker run;
+/// reports, per event, the delay from its commit (`recorded_at`) to the commit of the read-model batch that
+/// applied it.
+pub async fn end_to_end(
+    database_url: &str,
+    kafka: &ledger::kafka::KafkaConfig,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<EndToEndResult> {
+    use ledger::projections::worker::{ProjectionWorker, WorkerConfig};
+    let (_, pool) = scratch_database(database_url).await?;
+    let kafka = bench_kafka(kafka);
+    kafka.ensure_topics().await?;
+    let cancel = CancellationToken::new();
+    let relay = Relay::new(pool.clone(), kafka.clone(), RelayConfig::default());
+    let relay_task = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move { relay.run(cancel).await })
+    };
+    let projection = ledger::projections::by_name("positions", &Default::default()).context("positions")?;
+    let group_prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let worker =
+        ProjectionWorker::new(pool.clone(), kafka, projection, WorkerConfig { group_prefix, ..Default::default() });
+    let status = worker.status();
+    let worker_task = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move { worker.run(cancel).await })
+    };
+    while !status.following.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let commands = Arc::new(CommandService::new(pool.clone(), CommandConfig::default()));
+    let portfolios: Vec<PortfolioId> = (0..64).map(|_| PortfolioId::generate()).collect();
+    for id in &portfolios {
+        let open = PortfolioCommand::OpenPortfolio {
+            portfolio_id: *id,
+            owner: Owner::new("bench")?,
+            base_currency: Currency::new("USD")?,
+            cost_basis_method: CostBasisMethod::Fifo,
+            opened_at: Utc::now(),
+        };
+        commands.execute_portfolio(&CommandContext::new("bench"), &id.to_string(), open).await?;
+    }
+    while status.applied.load(Ordering::Relaxed) < portfolios.len() as u64 {
+        tokio::time::sleep(Duration::from_millis(20)).await; // warm-up: the pipeline is running
+    }
+    status.commit_to_applied.reset();
+    let total = rate * seconds;
+    let amount = Amount::new(Decimal::ONE)?;
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut in_flight = tokio::task::JoinSet::new();
+    for n in 0..total {
+        ticker.tick().await;
+        let commands = commands.clone();
+        let id = portfolios[(n as usize) % portfolios.len()].to_string();
+        in_flight.spawn(async move {
+            let deposit = PortfolioCommand::DepositCash { amount, reference: None, at: Utc::now() };
+            commands.execute_portfolio(&CommandContext::new("bench"), &id, deposit).await
+        });
+        while in_flight.len() > 256 {
+            in_flight.join_next().await;
+        }
+    }
+    while let Some(result) = in_flight.join_next().await {
+        result??;
+    }
+    let target = portfolios.len() as u64 + total;
+    while status.applied.load(Ordering::Relaxed) < target {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let histogram = &status.commit_to_applied;
+    let ms = |q| histogram.quantile(q).unwrap_or(0.0) * 1_000.0;
+    let result = EndToEndResult {
+        suite: "e2e",
+        rate_per_second: rate,
+        commands: histogram.count(),
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+    };
+    cancel.cancel();
+    relay_task.await??;
+    worker_task.await??;
+    pool.close().await;
+    Ok(result)
+}
+
+#[derive(Debug, Serialize)]
+pub struct ValuationResult {
+    pub suite: &'static str,
+    pub portfolios: usize,
+    pub ticks: usize,
+    /// Tick published → its price visible in the valuation of a portfolio holding the symbol.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Reading all the portfolios' valuations of the symbol at once.
+    pub full_read_ms: f64,
+}
+
+/// With `portfolios` portfolios holding one symbol, publishes ticks and measures how long each takes to show
+/// in a portfolio's valuation (and how long valuing all of them takes).
+pub async fn valuation(
+    database_url: &str,
+    kafka: &ledger::kafka::KafkaConfig,
+    portfolios: usize,
+    ticks: usize,
+) -> anyhow::Result<ValuationResult> {
+    use ledger::market::{Tick, TickPublisher, TICK_VERSION};
+    use ledger::projections::worker::{ProjectionWorker, WorkerConfig};
+    let (_, pool) = scratch_database(database_url).await?;
+    // The positions read model of `portfolios` holders of ACME (as the positions projection writes it).
+    sqlx::query(
+        "insert into rm_portfolios (portfolio_id, owner, base_currency, cost_basis_method, cash, opened_at, updated_at, last_position)
+         select gen_random_uuid(), 'bench', 'USD', 'Fifo', 1000, now(), now(), 0 from generate_series(1, $1)",
+    )
+    .bind(portfolios as i64)
+    .execute(&pool)
+    .await?;
+    sqlx::query(
+        "insert into rm_positions (portfolio_id, symbol, quantity, cost_basis, fifo_cost_basis, updated_at)
+         select portfolio_id, 'ACME', 10, 1000, 1000, now() from rm_portfolios",
+    )
+    .execute(&pool)
+    .await?;
+    let probe: uuid::Uuid =
+        sqlx::query_scalar("select portfolio_id from rm_portfolios limit 1").fetch_one(&pool).await?;
+    let kafka = {
+        let mut kafka = bench_kafka(kafka);
+        kafka.prices_topic = format!("bench.prices.{}", uuid::Uuid::new_v4().simple());
+        kafka
+    };
+    kafka.ensure_topics().await?;
+    let projection = ledger::projections::by_name("prices", &Default::default()).context("prices")?;
+    let group_prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let worker = ProjectionWorker::new(
+        pool.clone(),
+        kafka.clone(),
+        projection,
+        WorkerConfig { group_prefix, ..Default::default() },
+    );
+    let status = worker.status();
+    let cancel = CancellationToken::new();
+    let task = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move { worker.run(cancel).await })
+    };
+    while !status.following.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let publisher = TickPublisher::new(&kafka)?;
+    let mut delays = Vec::with_capacity(ticks);
+    for n in 0..ticks + 5 {
+        let price = Decimal::from(100) + Decimal::new(n as i64 % 50, 2);
+        let tick = Tick {
+            version: TICK_VERSION,
+            symbol: ledger::domain::values::Symbol::new("ACME")?,
+            price: ledger::domain::values::Price::new(price)?,
+            ts: Utc::now(),
+            seq: n as i64 + 1,
+            volume: None,
+            source: "bench".into(),
+        };
+        let started = Instant::now();
+        publisher.publish(&tick).await?;
+        loop {
+            let shown: Option<Decimal> = sqlx::query_scalar(
+                "select last_price from rm_position_valuations where portfolio_id = $1 and symbol = 'ACME'",
+            )
+            .bind(probe)
+            .fetch_optional(&pool)
+            .await?
+            .flatten();
+            if shown == Some(price) && tick.seq as u64 > 0 {
+                let seen: i64 =
+                    sqlx::query_scalar("select seq from latest_prices where symbol = 'ACME'").fetch_one(&pool).await?;
+                if seen == tick.seq {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        if n >= 5 {
+            delays.push(started.elapsed()); // the first ticks warm the worker up
+        }
+    }
+    let started = Instant::now();
+    let valued: i64 =
+        sqlx::query_scalar("select count(market_value) from rm_position_valuations where symbol = 'ACME'")
+            .fetch_one(&pool)
+            .await?;
+    let full_read_ms = started.elapsed().as_secs_f64() * 1_000.0;
+    anyhow::ensure!(valued as usize == portfolios, "valued {valued} of {portfolios} positions");
+    cancel.cancel();
+    task.await??;
+    pool.close().await;
+    delays.sort();
+    Ok(ValuationResult {
+        suite: "valuation",
+        portfolios,
+        ticks,
+        p50_ms: percentile(&delays, 0.5),
+        p99_ms: percentile(&delays, 0.99),
+        full_read_ms,
+    })
+}

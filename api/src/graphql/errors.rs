@@ -1,0 +1,50 @@
+//! GraphQL errors with a stable `extensions.code`. Business refusals say what was wrong; infrastructure
+//! failures are logged with their cause and reach the client only as `INTERNAL`.
+
+use async_graphql::{Error, ErrorExtensions};
+use ledger::commands::CommandError;
+use ledger::domain::values::ValueError;
+
+pub fn coded(code: &str, message: impl Into<String>) -> Error {
+    Error::new(message).extend_with(|_, e| e.set("code", code))
+}
+
+pub fn unauthenticated() -> Error {
+    coded("UNAUTHENTICATED", "a valid bearer token is required")
+}
+
+pub fn forbidden() -> Error {
+    coded("FORBIDDEN", "not allowed for this token")
+}
+
+pub fn not_found(what: &str) -> Error {
+    coded("NOT_FOUND", format!("no such {what}"))
+}
+
+pub fn invalid(message: impl Into<String>) -> Error {
+    coded("INVALID_INPUT", message)
+}
+
+/// Logs an infrastructure error once, here, and answers generically.
+pub fn internal(error: impl std::fmt::Display) -> Error {
+    tracing::error!(%error, "internal error answering a request");
+    coded("INTERNAL", "internal error")
+}
+
+pub fn value(error: ValueError) -> Error {
+    invalid(error.to_string())
+}
+
+pub fn command(error: CommandError) -> Error {
+    if error.is_business() {
+        coded(error.code(), error.to_string())
+    } else if matches!(error, CommandError::Contention { .. }) {
+        coded("CONTENTION", "the target changed concurrently too often; retry")
+    } else {
+        internal(error)
+    }
+}
+
+pub fn database(error: sqlx::Error) -> Error {
+    internal(error)
+}

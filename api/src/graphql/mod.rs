@@ -1,0 +1,102 @@
+//! The GraphQL schema: roots split by area and merged.
+//!
+//! | area | queries | mutations | subscriptions |
+//! |------|---------|-----------|---------------|
+//! | portfolios | `myPortfolios`, `portfolio(id, asOf, atPosition)` | open, deposit, withdraw, alerts | `portfolioUpdates`, `alertFired` |
+//! | orders | `order(id, asOf, atPosition)` | place, cancel, record execution | `orderUpdates` |
+//! | market | `prices`, `priceHistory`, `indicators`, `movers` | — | `priceTicks` |
+//! | log | `log`, aggregate `history`, `deadLetters` | — | `logEvents(after)` |
+//!
+//! Limits (named constants below): query depth, complexity, aliases, page size; request size and per-token
+//! rate limits live in the HTTP layer (`server`).
+
+pub mod errors;
+pub mod market;
+pub mod mutation;
+pub mod orders;
+pub mod portfolio;
+pub mod scalars;
+pub mod subscription;
+pub mod system;
+pub mod types;
+
+use std::sync::Arc;
+
+use async_graphql::{Context, MergedObject, Schema};
+use ledger::clock::Clock;
+use ledger::commands::CommandService;
+use sqlx::PgPool;
+
+use crate::auth::Principal;
+use crate::hub::Hub;
+use errors::unauthenticated;
+
+/// Deepest query accepted.
+pub const QUERY_DEPTH_MAX: usize = 12;
+/// Highest query complexity accepted (each field costs 1, lists multiply by their page size).
+pub const QUERY_COMPLEXITY_MAX: usize = 5_000;
+/// Most aliases one operation may use (aliases multiply work without deepening the query).
+pub const QUERY_ALIASES_MAX: usize = 30;
+/// Items per page when a connection's `first` is not given.
+pub const PAGE_SIZE_DEFAULT: usize = 20;
+/// Items per page at most; a larger `first` is capped.
+pub const PAGE_SIZE_MAX: usize = 100;
+/// How long `placeOrder(waitForAcceptanceMs)` may wait at most.
+pub const ACCEPTANCE_WAIT_MS_MAX: u64 = 10_000;
+
+/// What resolvers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub commands: Arc<CommandService>,
+    pub hub: Arc<Hub>,
+    pub clock: Arc<dyn Clock>,
+    pub valuation_stale_after: chrono::Duration,
+}
+
+#[derive(MergedObject, Default)]
+#[graphql(name = "Query")]
+pub struct QueryRoot(portfolio::PortfolioQuery, orders::OrderQuery, market::MarketQuery, system::LogQuery);
+
+#[derive(MergedObject, Default)]
+#[graphql(name = "Mutation")]
+pub struct MutationRoot(mutation::PortfolioMutation, mutation::OrderMutation, mutation::AlertMutation);
+
+pub type LedgerSchema = Schema<QueryRoot, MutationRoot, subscription::SubscriptionRoot>;
+
+#[derive(Debug, Clone)]
+pub struct SchemaOptions {
+    pub introspection: bool,
+}
+
+pub fn build_schema(state: AppState, options: &SchemaOptions) -> LedgerSchema {
+    let mut builder = Schema::build(QueryRoot::default(), MutationRoot::default(), subscription::SubscriptionRoot)
+        .data(async_graphql::dataloader::DataLoader::new(types::Loaders { pool: state.pool.clone() }, tokio::spawn))
+        .data(state)
+        .limit_depth(QUERY_DEPTH_MAX)
+        .limit_complexity(QUERY_COMPLEXITY_MAX)
+        .extension(system::AliasLimit(QUERY_ALIASES_MAX));
+    if !options.introspection {
+        builder = builder.disable_introspection();
+    }
+    builder.finish()
+}
+
+/// The schema as SDL (committed as `api/schema.graphql`).
+pub fn sdl() -> String {
+    Schema::build(QueryRoot::default(), MutationRoot::default(), subscription::SubscriptionRoot).finish().sdl()
+}
+
+pub(crate) fn state<'a>(ctx: &Context<'a>) -> &'a AppState {
+    ctx.data_unchecked::<AppState>()
+}
+
+/// The authenticated caller (set by the HTTP layer or the WebSocket `connection_init`).
+pub(crate) fn principal<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a Principal> {
+    ctx.data_opt::<Principal>().ok_or_else(unauthenticated)
+}
+
+/// `first` capped to [`PAGE_SIZE_MAX`] (and at least 1).
+pub(crate) fn page_size(first: Option<i32>) -> usize {
+    first.map_or(PAGE_SIZE_DEFAULT, |n| n.max(1) as usize).min(PAGE_SIZE_MAX)
+}

@@ -1,0 +1,448 @@
+//! Mutations: one per command, each with an idempotency key.
+//!
+//! The key is scoped to the token's subject; the request fingerprint is the mutation's name and the client's
+//! input (not the ids and times the server generates), so retrying a request returns its first answer — the
+//! same `CommandResult` — and a different request under a used key is refused (`IDEMPOTENCY_KEY_REUSED`).
+//! Authorization is checked against the aggregate itself (its owner), never against a read model that may
+//! lag behind a portfolio opened a moment ago.
+
+use std::time::Duration;
+
+use async_graphql::{Context, Enum, InputObject, Object, Result, SimpleObject};
+use chrono::{DateTime, Utc};
+use ledger::commands::{CommandContext, CommandOutcome, Idempotency};
+use ledger::domain::order::{PlaceOrder, RecordExecution};
+use ledger::domain::portfolio::AlertCondition;
+use ledger::domain::values::{
+    AlertId, Amount, ClientOrderId, Currency, ExecId, Money, OrderId, Owner, PortfolioId, Price, Quantity, Symbol,
+};
+use ledger::domain::{Order as OrderAggregate, OrderCommand, OrderStatus, OrderType, PortfolioCommand};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::errors::{command, forbidden, invalid, not_found, value};
+use super::orders::portfolio_owner;
+use super::types::{CommandResult, CostBasisMethodGql, OrderStatusGql, OrderTypeGql, SideGql, TimeInForceGql};
+use super::{principal, state, AppState, ACCEPTANCE_WAIT_MS_MAX};
+use crate::auth::{Principal, Role};
+
+/// The context of a mutation: the caller, a fresh correlation, and the idempotency key over `request`.
+fn context(principal: &Principal, key: &str, request: &impl Serialize) -> Result<CommandContext> {
+    let idempotency = Idempotency::new(key, request).map_err(command)?;
+    Ok(CommandContext::new(principal.subject.clone()).with_idempotency(idempotency))
+}
+
+/// Fails unless the caller may trade the portfolio (which must exist).
+async fn authorize_portfolio(state: &AppState, principal: &Principal, portfolio_id: Uuid) -> Result<()> {
+    match portfolio_owner(state, portfolio_id).await? {
+        None => Err(super::errors::coded("PORTFOLIO_NOT_FOUND", "no such portfolio")),
+        Some(owner) if principal.can_trade_portfolio(&owner) => Ok(()),
+        Some(_) => Err(forbidden()),
+    }
+}
+
+fn amount(value: Decimal) -> Result<Amount> {
+    Amount::new(value).map_err(super::errors::value)
+}
+
+#[derive(InputObject, Serialize)]
+pub struct OpenPortfolioInput {
+    /// ISO 4217 code.
+    #[graphql(default = "USD")]
+    pub base_currency: String,
+    #[graphql(default)]
+    #[serde(skip)]
+    pub cost_basis_method: CostBasisMethodGql,
+    /// Admins only: open it for another owner (default: the token's subject).
+    pub owner: Option<String>,
+}
+
+#[derive(Default)]
+pub struct PortfolioMutation;
+
+#[Object]
+impl PortfolioMutation {
+    async fn open_portfolio(
+        &self,
+        ctx: &Context<'_>,
+        input: OpenPortfolioInput,
+        idempotency_key: String,
+    ) -> Result<CommandResult> {
+        let principal = principal(ctx)?;
+        let state = state(ctx);
+        let owner = match (&input.owner, principal.role) {
+            (None, Role::Trader | Role::Admin) => principal.subject.clone(),
+            (Some(owner), Role::Admin) => owner.clone(),
+            (Some(owner), Role::Trader) if *owner == principal.subject => owner.clone(),
+            _ => return Err(forbidden()),
+        };
+        let method_name = format!("{:?}", input.cost_basis_method);
+        let ctx_command = context(principal, &idempotency_key, &("openPortfolio", &input, &method_name))?;
+        let portfolio_id = PortfolioId::generate();
+        let command = PortfolioCommand::OpenPortfolio {
+            portfolio_id,
+            owner: Owner::new(owner).map_err(value)?,
+            base_currency: Currency::new(input.base_currency).map_err(value)?,
+            cost_basis_method: input.cost_basis_method.into(),
+            opened_at: state.clock.now(),
+        };
+        let outcome = state
+            .commands
+            .execute_portfolio(&ctx_command, &portfolio_id.to_string(), command)
+            .await
+            .map_err(super::errors::command)?;
+        Ok(outcome.into())
+    }
+
+    async fn deposit(
+        &self,
+        ctx: &Context<'_>,
+        portfolio_id: Uuid,
+        amount: Decimal,
+        reference: Option<String>,
+        idempotency_key: String,
+    ) -> Result<CommandResult> {
+        let principal = principal(ctx)?;
+        let state = state(ctx);
+        authorize_portfolio(state, principal, portfolio_id).await?;
+        let ctx_command = context(principal, &idempotency_key, &("deposit", portfolio_id, amount, &reference))?;
+        let command = PortfolioCommand::DepositCash { amount: self::amount(amount)?, reference, at: state.clock.now() };
+        let outcome = state
+            .commands
+            .execute_portfolio(&ctx_command, &portfolio_id.to_string(), command)
+            .await
+            .map_err(super::errors::command)?;
+        Ok(outcome.into())
+    }
+
+    async fn withdraw(
+        &self,
+        ctx: &Context<'_>,
+        portfolio_id: Uuid,
+        amount: Decimal,
+        reference: Option<String>,
+        idempotency_key: String,
+    ) -> Result<CommandResult> {
+        let principal = principal(ctx)?;
+        let state = state(ctx);
+        authorize_portfolio(state, principal, portfolio_id).await?;
+        let ctx_command = context(principal, &idempotency_key, &("withdraw", portfolio_id, amount, &reference))?;
+        let command =
+            PortfolioCommand::WithdrawCash { amount: self::amount(amount)?, reference, at: state.clock.now() };
+        let outcome = state
+            .commands
+            .execute_portfolio(&ctx_command, &portfolio_id.to_string(), command)
+            .await
+            .map_err(super::errors::command)?;
+        Ok(outcome.into())
+    }
+}
+
+#[derive(InputObject, Serialize)]
+pub struct PlaceOrderInput {
+    pub portfolio_id: Uuid,
+    pub symbol: String,
+    #[serde(skip)]
+    pub side: SideGql,
+    #[graphql(name = "type")]
+    #[serde(skip)]
+    pub order_type: OrderTypeGql,
+    pub quantity: Decimal,
+    /// Required for limit orders, refused for market orders.
+    pub limit_price: Option<Decimal>,
+    #[graphql(default_with = "TimeInForceGql::Day")]
+    #[serde(skip)]
+    pub time_in_force: TimeInForceGql,
+    /// Your own reference (FIX ClOrdID); default: the idempotency key.
+    pub client_order_id: Option<String>,
+}
+
+#[derive(SimpleObject)]
+pub struct PlaceOrderPayload {
+    pub result: CommandResult,
+    pub order_id: Uuid,
+    /// With `waitForAcceptanceMs`: the status reached within the wait (`PENDING_NEW` if still undecided).
+    pub status: Option<OrderStatusGql>,
+}
+
+#[derive(InputObject, Serialize)]
+pub struct RecordExecutionInput {
+    pub order_id: Uuid,
+    /// Unique per order: a repeated report with the same id is refused (`DUPLICATE_EXEC_ID`).
+    pub exec_id: String,
+    pub quantity: Decimal,
+    pub price: Decimal,
+    #[graphql(default)]
+    pub fee: Decimal,
+    /// Default: now.
+    pub executed_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Default)]
+pub struct OrderMutation;
+
+#[Object]
+impl OrderMutation {
+    /// Places an order. The process manager then reserves funds (or units) and accepts or rejects it; pass
+    /// `waitForAcceptanceMs` (at most 10 000) to wait for that decision.
+    async fn place_order(
+        &self,
+        ctx: &Context<'_>,
+        input: PlaceOrderInput,
+        idempotency_key: String,
+        wait_for_acceptance_ms: Option<i32>,
+    ) -> Result<PlaceOrderPayload> {
+        let principal = principal(ctx)?;
+        let state = state(ctx);
+        authorize_portfolio(state, principal, input.portfolio_id).await?;
+        let described =
+            (format!("{:?}", input.side), format!("{:?}", input.order_type), format!("{:?}", input.time_in_force));
+        let ctx_command = context(principal, &idempotency_key, &("placeOrder", &input, &described))?;
+        let order_type = match (input.order_type, input.limit_price) {
+            (OrderTypeGql::Limit, Some(limit)) => OrderType::Limit { limit_price: Price::new(limit).map_err(value)? },
+            (OrderTypeGql::Limit, None) => return Err(invalid("a limit order needs limitPrice")),
+            (OrderTypeGql::Market, None) => OrderType::Market,
+            (OrderTypeGql::Market, Some(_)) => return Err(invalid("a market order takes no limitPrice")),
+        };
+        let order_id = OrderId::generate();
+        let client_order_id =
+            input.client_order_id.clone().unwrap_or_else(|| idempotency_key.chars().take(64).collect());
+        let command = OrderCommand::PlaceOrder(PlaceOrder {
+            order_id,
+            portfolio_id: PortfolioId(input.portfolio_id),
+            client_order_id: ClientOrderId::new(client_order_id).map_err(value)?,
+            symbol: Symbol::new(input.symbol.clone()).map_err(value)?,
+            side: input.side.into(),
+            order_type,
+            quantity: Quantity::new(input.quantity).map_err(value)?,
+            time_in_force: input.time_in_force.into(),
+            placed_at: state.clock.now(),
+        });
+        let outcome: CommandOutcome = state
+            .commands
+            .execute_order(&ctx_command, &order_id.to_string(), command)
+            .await
+            .map_err(super::errors::command)?;
+        let order_id = Uuid::parse_str(&outcome.aggregate_id).map_err(super::errors::internal)?;
+        let status = match wait_for_acceptance_ms {
+            Some(ms) => Some(wait_for_decision(state, order_id, ms.max(0) as u64).await?),
+            None => None,
+        };
+        Ok(PlaceOrderPayload { result: outcome.into(), order_id, status })
+    }
+
+    async fn cancel_order(
+        &self,
+        ctx: &Context<'_>,
+        order_id: Uuid,
+        reason: Option<String>,
+        idempotency_key: String,
+    ) -> Result<CommandResult> {
+        let principal = principal(ctx)?;
+        let state = state(ctx);
+        let (order, _) =
+            state.commands.load::<OrderAggregate>(&order_id.to_string()).await.map_err(super::errors::command)?;
+        let Some(terms) = order.terms else { return Err(super::errors::coded("ORDER_NOT_FOUND", "no such order")) };
+        if !principal.is_admin() {
+            authorize_portfolio(state, principal, terms.portfolio_id.0).await?;
+        }
+        let ctx_command = context(principal, &idempotency_key, &("cancelOrder", order_id, &reason))?;
+        let command = OrderCommand::CancelOrder {
+            reason: reason.unwrap_or_else(|| "client".into()),
+            canceled_at: state.clock.now(),
+        };
+        let outcome = state
+            .commands
+            .execute_order(&ctx_command, &order_id.to_string(), command)
+            .await
+            .map_err(super::errors::command)?;
+        Ok(outcome.into())
+    }
+
+    /// Records one fill reported by the executing venue. Brokers and admins only.
+    async fn record_execution(
+        &self,
+        ctx: &Context<'_>,
+        input: RecordExecutionInput,
+        idempotency_key: String,
+    ) -> Result<CommandResult> {
+        let principal = principal(ctx)?;
+        if !principal.can_record_executions() {
+            return Err(forbidden());
+        }
+        let state = state(ctx);
+        let ctx_command = context(principal, &idempotency_key, &("recordExecution", &input))?;
+        let command = OrderCommand::RecordExecution(RecordExecution {
+            exec_id: ExecId::new(input.exec_id).map_err(value)?,
+            quantity: Quantity::new(input.quantity).map_err(value)?,
+            price: Price::new(input.price).map_err(value)?,
+            fee: Money::new(input.fee).map_err(value)?,
+            executed_at: input.executed_at.unwrap_or_else(|| state.clock.now()),
+        });
+        let outcome = state
+            .commands
+            .execute_order(&ctx_command, &input.order_id.to_string(), command)
+            .await
+            .map_err(super::errors::command)?;
+        Ok(outcome.into())
+    }
+}
+
+/// Polls the order until the process manager decided it, or `wait_ms` passed.
+async fn wait_for_decision(state: &AppState, order_id: Uuid, wait_ms: u64) -> Result<OrderStatusGql> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms.min(ACCEPTANCE_WAIT_MS_MAX));
+    loop {
+        let (order, _) =
+            state.commands.load::<OrderAggregate>(&order_id.to_string()).await.map_err(super::errors::command)?;
+        if order.status != OrderStatus::PendingNew || tokio::time::Instant::now() >= deadline {
+            return Ok(order.status.into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum AlertKind {
+    PriceAbove,
+    PriceBelow,
+    CrossingUp,
+    CrossingDown,
+    PercentChange,
+    PositionPnlAbove,
+    PositionPnlBelow,
+}
+
+/// An alert condition. Which fields are needed depends on `kind`: `level` for price above/below and
+/// crossings; `reference` and `percent` for % change; `threshold` for position P&L.
+#[derive(InputObject, Serialize)]
+pub struct AlertConditionInput {
+    pub kind: AlertKind,
+    pub symbol: String,
+    pub level: Option<Decimal>,
+    pub reference: Option<Decimal>,
+    pub percent: Option<Decimal>,
+    pub threshold: Option<Decimal>,
+}
+
+impl AlertConditionInput {
+    fn condition(&self) -> Result<AlertCondition> {
+        let symbol = Symbol::new(self.symbol.clone()).map_err(value)?;
+        let need =
+            |field: Option<Decimal>, name: &str| field.ok_or_else(|| invalid(format!("{:?} needs {name}", self.kind)));
+        let price = |field: Option<Decimal>, name: &str| need(field, name).and_then(|v| Price::new(v).map_err(value));
+        Ok(match self.kind {
+            AlertKind::PriceAbove => AlertCondition::PriceAbove { symbol, level: price(self.level, "level")? },
+            AlertKind::PriceBelow => AlertCondition::PriceBelow { symbol, level: price(self.level, "level")? },
+            AlertKind::CrossingUp => AlertCondition::CrossingUp { symbol, level: price(self.level, "level")? },
+            AlertKind::CrossingDown => AlertCondition::CrossingDown { symbol, level: price(self.level, "level")? },
+            AlertKind::PercentChange => AlertCondition::PercentChange {
+                symbol,
+                reference: price(self.reference, "reference")?,
+                percent: need(self.percent, "percent")?,
+            },
+            AlertKind::PositionPnlAbove => {
+                AlertCondition::PositionPnlAbove { symbol, threshold: need(self.threshold, "threshold")? }
+            }
+            AlertKind::PositionPnlBelow => {
+                AlertCondition::PositionPnlBelow { symbol, threshold: need(self.threshold, "threshold")? }
+            }
+        })
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct CreateAlertPayload {
+    pub result: CommandResult,
+    pub alert_id: Uuid,
+}
+
+#[derive(Default)]
+pub struct AlertMutation;
+
+#[Object]
+impl AlertMutation {
+    async fn create_alert(
+        &self,
+        ctx: &Context<'_>,
+        portfolio_id: Uuid,
+        condition: AlertConditionInput,
+        idempotency_key: String,
+    ) -> Result<CreateAlertPayload> {
+        let principal = principal(ctx)?;
+        let state = state(ctx);
+        authorize_portfolio(state, principal, portfolio_id).await?;
+        let ctx_command = context(principal, &idempotency_key, &("createAlert", portfolio_id, &condition))?;
+        let command = PortfolioCommand::CreateAlert {
+            alert_id: AlertId::generate(),
+            condition: condition.condition()?,
+            at: state.clock.now(),
+        };
+        let outcome = state
+            .commands
+            .execute_portfolio(&ctx_command, &portfolio_id.to_string(), command)
+            .await
+            .map_err(super::errors::command)?;
+        // The alert's id is in the event (the same for a repeated request, whose answer is the first one's).
+        let event_id = outcome.events.first().map(|e| e.event_id).ok_or_else(|| not_found("alert event"))?;
+        let payload: serde_json::Value = sqlx::query_scalar("select payload from events where event_id = $1")
+            .bind(event_id)
+            .fetch_one(&state.pool)
+            .await
+            .map_err(super::errors::database)?;
+        let alert_id = payload["AlertCreated"]["alert_id"]
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .ok_or_else(|| not_found("alert id"))?;
+        Ok(CreateAlertPayload { result: outcome.into(), alert_id })
+    }
+
+    async fn cancel_alert(
+        &self,
+        ctx: &Context<'_>,
+        portfolio_id: Uuid,
+        alert_id: Uuid,
+        idempotency_key: String,
+    ) -> Result<CommandResult> {
+        alert_command(ctx, portfolio_id, alert_id, idempotency_key, "cancelAlert").await
+    }
+
+    /// Arms an alert again so that it can fire once more.
+    async fn rearm_alert(
+        &self,
+        ctx: &Context<'_>,
+        portfolio_id: Uuid,
+        alert_id: Uuid,
+        idempotency_key: String,
+    ) -> Result<CommandResult> {
+        alert_command(ctx, portfolio_id, alert_id, idempotency_key, "rearmAlert").await
+    }
+}
+
+async fn alert_command(
+    ctx: &Context<'_>,
+    portfolio_id: Uuid,
+    alert_id: Uuid,
+    key: String,
+    name: &str,
+) -> Result<CommandResult> {
+    let principal = principal(ctx)?;
+    let state = state(ctx);
+    authorize_portfolio(state, principal, portfolio_id).await?;
+    let ctx_command = context(principal, &key, &(name, portfolio_id, alert_id))?;
+    let at = state.clock.now();
+    let command = match name {
+        "cancelAlert" => PortfolioCommand::CancelAlert { alert_id: AlertId(alert_id), at },
+        _ => PortfolioCommand::RearmAlert { alert_id: AlertId(alert_id), at },
+    };
+    let outcome = state
+        .commands
+        .execute_portfolio(&ctx_command, &portfolio_id.to_string(), command)
+        .await
+        .map_err(command_error)?;
+    Ok(outcome.into())
+}
+
+fn command_error(error: ledger::commands::CommandError) -> async_graphql::Error {
+    command(error)
+}

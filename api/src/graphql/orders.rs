@@ -1,0 +1,290 @@
+//! Orders: the blotter row (live) or the Order aggregate replayed up to a point (time travel).
+
+use async_graphql::connection::Connection;
+use async_graphql::dataloader::DataLoader;
+use async_graphql::{Context, Object, Result};
+use chrono::{DateTime, Utc};
+use cqrs_es::Aggregate;
+use ledger::domain::{Order as OrderAggregate, OrderEvent, OrderType};
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::errors::{database, forbidden, internal};
+use super::portfolio::{aggregate_history, resolve_as_of, AsOf};
+use super::scalars::LogPosition;
+use super::types::{Event, Execution, ExecutionsOf, Loaders, OrderStatusGql, OrderTypeGql, SideGql};
+use super::{principal, state};
+
+/// One row of `rm_orders`.
+#[derive(sqlx::FromRow, Clone, Debug)]
+pub struct OrderRecord {
+    pub order_id: Uuid,
+    pub portfolio_id: Uuid,
+    pub client_order_id: String,
+    pub symbol: String,
+    pub side: String,
+    pub order_type: String,
+    pub limit_price: Option<Decimal>,
+    pub protection_price: Option<Decimal>,
+    pub quantity: Decimal,
+    pub time_in_force: String,
+    pub status: String,
+    pub cum_quantity: Decimal,
+    pub leaves_quantity: Decimal,
+    pub average_price: Option<Decimal>,
+    pub fees: Decimal,
+    pub reject_code: Option<String>,
+    pub reject_reason: Option<String>,
+    pub placed_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_position: i64,
+}
+
+impl OrderRecord {
+    pub const COLUMNS: &'static str = "order_id, portfolio_id, client_order_id, symbol, side, order_type, limit_price,
+        protection_price, quantity, time_in_force, status, cum_quantity, leaves_quantity, average_price, fees,
+        reject_code, reject_reason, placed_at, updated_at, last_position";
+}
+
+pub struct Order {
+    pub record: OrderRecord,
+    /// Time travel: the point the state is as of.
+    pub as_of: Option<AsOf>,
+}
+
+impl From<OrderRecord> for Order {
+    fn from(record: OrderRecord) -> Self {
+        Order { record, as_of: None }
+    }
+}
+
+/// The order as the blotter shows it now — or, when the blotter has not caught up with it yet, as its
+/// aggregate says.
+pub async fn load_live(state: &super::AppState, id: Uuid) -> Result<Option<Order>> {
+    let record: Option<OrderRecord> =
+        sqlx::query_as(&format!("select {} from rm_orders where order_id = $1", OrderRecord::COLUMNS))
+            .bind(id)
+            .fetch_optional(&state.pool)
+            .await
+            .map_err(database)?;
+    if let Some(record) = record {
+        return Ok(Some(Order::from(record)));
+    }
+    let (order, _) = state.commands.load::<OrderAggregate>(&id.to_string()).await.map_err(super::errors::command)?;
+    Ok(from_aggregate(id, &order, 0).map(Order::from))
+}
+
+/// The order replayed from its events up to `as_of` (`None` if not placed yet).
+pub async fn load_as_of(pool: &PgPool, id: Uuid, as_of: AsOf) -> Result<Option<Order>> {
+    let rows: Vec<(serde_json::Value, i64)> = sqlx::query_as(
+        "select payload, global_position from events
+          where aggregate_type = 'Order' and aggregate_id = $1
+            and ($2::text is null or (transaction_id, global_position) <= ($2::text::xid8, $3))
+            and ($4::timestamptz is null or recorded_at <= $4)
+          order by sequence",
+    )
+    .bind(id.to_string())
+    .bind(as_of.position.map(|p| p.transaction_id.to_string()))
+    .bind(as_of.position.map_or(0, |p| p.global_position))
+    .bind(as_of.position.is_none().then_some(as_of.time))
+    .fetch_all(pool)
+    .await
+    .map_err(database)?;
+    let mut aggregate = OrderAggregate::default();
+    let mut last_position = 0;
+    for (payload, position) in rows {
+        let event: OrderEvent = serde_json::from_value(payload).map_err(internal)?;
+        aggregate.apply(event);
+        last_position = position;
+    }
+    Ok(from_aggregate(id, &aggregate, last_position).map(|record| Order { record, as_of: Some(as_of) }))
+}
+
+/// The blotter row of an aggregate's state.
+pub fn from_aggregate(id: Uuid, order: &OrderAggregate, last_position: i64) -> Option<OrderRecord> {
+    let terms = order.terms.as_ref()?;
+    let (order_type, limit_price) = match terms.order_type {
+        OrderType::Market => ("Market", None),
+        OrderType::Limit { limit_price } => ("Limit", Some(limit_price.value())),
+    };
+    Some(OrderRecord {
+        order_id: id,
+        portfolio_id: terms.portfolio_id.0,
+        client_order_id: terms.client_order_id.to_string(),
+        symbol: terms.symbol.to_string(),
+        side: format!("{:?}", terms.side),
+        order_type: order_type.into(),
+        limit_price,
+        protection_price: order.protection_price.map(|p| p.value()),
+        quantity: terms.quantity,
+        time_in_force: format!("{:?}", terms.time_in_force),
+        status: order.status.as_str().into(),
+        cum_quantity: order.cum_quantity,
+        leaves_quantity: order.leaves_quantity,
+        average_price: order.average_price(),
+        fees: order.fees,
+        reject_code: order.reject_reason.as_ref().map(|r| format!("{:?}", r.code)),
+        reject_reason: order.reject_reason.as_ref().map(|r| r.detail.clone()),
+        placed_at: terms.placed_at,
+        updated_at: order.updated_at.unwrap_or(terms.placed_at),
+        last_position,
+    })
+}
+
+/// The owner of a portfolio, from its aggregate (authoritative, unlike a read model that may lag).
+pub async fn portfolio_owner(state: &super::AppState, portfolio_id: Uuid) -> Result<Option<String>> {
+    let (portfolio, _) = state
+        .commands
+        .load::<ledger::domain::Portfolio>(&portfolio_id.to_string())
+        .await
+        .map_err(super::errors::command)?;
+    Ok(portfolio.terms.map(|t| t.owner.to_string()))
+}
+
+#[Object]
+impl Order {
+    async fn id(&self) -> Uuid {
+        self.record.order_id
+    }
+
+    async fn portfolio_id(&self) -> Uuid {
+        self.record.portfolio_id
+    }
+
+    async fn client_order_id(&self) -> &str {
+        &self.record.client_order_id
+    }
+
+    async fn symbol(&self) -> &str {
+        &self.record.symbol
+    }
+
+    async fn side(&self) -> SideGql {
+        SideGql::parse(&self.record.side)
+    }
+
+    #[graphql(name = "type")]
+    async fn order_type(&self) -> OrderTypeGql {
+        if self.record.order_type == "Limit" {
+            OrderTypeGql::Limit
+        } else {
+            OrderTypeGql::Market
+        }
+    }
+
+    async fn limit_price(&self) -> Option<Decimal> {
+        self.record.limit_price
+    }
+
+    /// For an accepted market buy: the price its reservation was made at (it cannot fill above it).
+    async fn protection_price(&self) -> Option<Decimal> {
+        self.record.protection_price
+    }
+
+    async fn quantity(&self) -> Decimal {
+        self.record.quantity
+    }
+
+    async fn time_in_force(&self) -> &str {
+        &self.record.time_in_force
+    }
+
+    async fn status(&self) -> OrderStatusGql {
+        OrderStatusGql::parse(&self.record.status)
+    }
+
+    async fn cum_quantity(&self) -> Decimal {
+        self.record.cum_quantity
+    }
+
+    async fn leaves_quantity(&self) -> Decimal {
+        self.record.leaves_quantity
+    }
+
+    async fn average_price(&self) -> Option<Decimal> {
+        self.record.average_price
+    }
+
+    async fn fees(&self) -> Decimal {
+        self.record.fees
+    }
+
+    async fn reject_code(&self) -> Option<&str> {
+        self.record.reject_code.as_deref()
+    }
+
+    async fn reject_reason(&self) -> Option<&str> {
+        self.record.reject_reason.as_deref()
+    }
+
+    async fn placed_at(&self) -> DateTime<Utc> {
+        self.record.placed_at
+    }
+
+    async fn updated_at(&self) -> DateTime<Utc> {
+        self.record.updated_at
+    }
+
+    async fn last_position(&self) -> i64 {
+        self.record.last_position
+    }
+
+    async fn as_of(&self) -> Option<DateTime<Utc>> {
+        self.as_of.as_ref().map(|a| a.time)
+    }
+
+    async fn executions(&self, ctx: &Context<'_>) -> Result<Vec<Execution>> {
+        let loader = ctx.data_unchecked::<DataLoader<Loaders>>();
+        let all = loader
+            .load_one(ExecutionsOf(self.record.order_id))
+            .await
+            .map_err(|e| database(sqlx::Error::Protocol(e.to_string())))?
+            .unwrap_or_default();
+        Ok(match &self.as_of {
+            Some(as_of) => all.into_iter().filter(|e| e.executed_at <= as_of.time).collect(),
+            None => all,
+        })
+    }
+
+    /// The order's own events, oldest first; the cursor is the sequence number.
+    #[graphql(complexity = "super::page_size(first) * child_complexity")]
+    async fn history(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+    ) -> Result<Connection<String, Event>> {
+        aggregate_history(&state(ctx).pool, "Order", &self.record.order_id.to_string(), first, after).await
+    }
+}
+
+#[derive(Default)]
+pub struct OrderQuery;
+
+#[Object]
+impl OrderQuery {
+    /// One order: live from the blotter, or as it was at `asOf` / `atPosition`.
+    async fn order(
+        &self,
+        ctx: &Context<'_>,
+        id: Uuid,
+        as_of: Option<DateTime<Utc>>,
+        at_position: Option<LogPosition>,
+    ) -> Result<Option<Order>> {
+        let principal = principal(ctx)?;
+        let state = state(ctx);
+        let order = match resolve_as_of(&state.pool, as_of, at_position).await? {
+            Some(point) => load_as_of(&state.pool, id, point).await?,
+            None => load_live(state, id).await?,
+        };
+        let Some(order) = order else { return Ok(None) };
+        if !principal.can_read_any_order() {
+            let owner = portfolio_owner(state, order.record.portfolio_id).await?;
+            if !owner.is_some_and(|owner| principal.can_read_portfolio(&owner)) {
+                return Err(forbidden());
+            }
+        }
+        Ok(Some(order))
+    }
+}

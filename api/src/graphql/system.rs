@@ -1,0 +1,162 @@
+//! The global log (auditors and admins), dead letters (admins), and the alias limit.
+
+use std::sync::Arc;
+
+use async_graphql::connection::{Connection, ConnectionNameType, Edge, EdgeNameType, EmptyFields};
+use async_graphql::extensions::{Extension, ExtensionContext, ExtensionFactory, NextParseQuery};
+use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
+use async_graphql::{Context, Object, OutputType, Result, ServerError, ServerResult, SimpleObject, Variables};
+use chrono::{DateTime, Utc};
+use ledger::log::LogReader;
+
+use super::errors::{database, forbidden, invalid};
+use super::scalars::LogPosition;
+use super::types::Event;
+use super::{page_size, principal, state};
+
+#[derive(SimpleObject, Clone, Debug, sqlx::FromRow)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub projection: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub message_key: Option<String>,
+    /// The message body as text (bytes outside printable ASCII escaped as `\\ooo`).
+    pub payload: Option<String>,
+    pub error: String,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// The global log's connection type is `LogConnection` (`EventConnection` is an aggregate's history, whose
+/// cursor is a sequence number rather than a log position).
+pub struct LogConnectionName;
+
+impl ConnectionNameType for LogConnectionName {
+    fn type_name<T: OutputType>() -> String {
+        "LogConnection".into()
+    }
+}
+
+pub struct LogEdgeName;
+
+impl EdgeNameType for LogEdgeName {
+    fn type_name<T: OutputType>() -> String {
+        "LogEdge".into()
+    }
+}
+
+pub type LogConnection = Connection<LogPosition, Event, EmptyFields, EmptyFields, LogConnectionName, LogEdgeName>;
+
+#[derive(Default)]
+pub struct LogQuery;
+
+#[Object]
+impl LogQuery {
+    /// The global log in commit order; the cursor is the log position. Auditors and admins only.
+    #[graphql(complexity = "super::page_size(first) * child_complexity")]
+    async fn log(&self, ctx: &Context<'_>, first: Option<i32>, after: Option<LogPosition>) -> Result<LogConnection> {
+        if !principal(ctx)?.can_read_log() {
+            return Err(forbidden());
+        }
+        let limit = page_size(first);
+        let start = after.map_or(ledger::log::LogPosition::START, |p| p.0);
+        let mut reader = LogReader::new(state(ctx).pool.clone(), start).with_batch_size(limit + 1);
+        let events = reader.read_batch().await.map_err(database)?;
+        let mut connection = LogConnection::new(after.is_some(), events.len() > limit);
+        connection.edges.extend(
+            events
+                .iter()
+                .take(limit)
+                .map(|e| Edge::with_additional_fields(LogPosition(e.position), Event::from(e), EmptyFields)),
+        );
+        Ok(connection)
+    }
+
+    /// Messages the projection workers could not process, newest first. Admins only.
+    #[graphql(complexity = "super::page_size(first) * child_complexity")]
+    async fn dead_letters(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+    ) -> Result<Connection<String, DeadLetter>> {
+        if !principal(ctx)?.is_admin() {
+            return Err(forbidden());
+        }
+        let limit = page_size(first);
+        let before: Option<i64> = after.as_deref().map(|a| a.parse().map_err(|_| invalid("bad cursor"))).transpose()?;
+        let rows: Vec<DeadLetter> = sqlx::query_as(
+            "select id, projection, source_topic, source_partition, source_offset, message_key,
+                    encode(payload, 'escape') as payload, error, recorded_at
+               from dead_letters where $1::bigint is null or id < $1 order by id desc limit $2",
+        )
+        .bind(before)
+        .bind(limit as i64 + 1)
+        .fetch_all(&state(ctx).pool)
+        .await
+        .map_err(database)?;
+        let mut connection = Connection::new(after.is_some(), rows.len() > limit);
+        connection.edges.extend(rows.into_iter().take(limit).map(|row| Edge::new(row.id.to_string(), row)));
+        Ok(connection)
+    }
+}
+
+/// Refuses operations with more than N aliases: aliases multiply work without making a query deeper.
+pub struct AliasLimit(pub usize);
+
+impl ExtensionFactory for AliasLimit {
+    fn create(&self) -> Arc<dyn Extension> {
+        Arc::new(AliasLimitExtension(self.0))
+    }
+}
+
+struct AliasLimitExtension(usize);
+
+fn count_aliases(set: &SelectionSet) -> usize {
+    set.items
+        .iter()
+        .map(|item| match &item.node {
+            Selection::Field(field) => {
+                usize::from(field.node.alias.is_some()) + count_aliases(&field.node.selection_set.node)
+            }
+            Selection::InlineFragment(fragment) => count_aliases(&fragment.node.selection_set.node),
+            Selection::FragmentSpread(_) => 0,
+        })
+        .sum()
+}
+
+#[async_trait::async_trait]
+impl Extension for AliasLimitExtension {
+    async fn parse_query(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        query: &str,
+        variables: &Variables,
+        next: NextParseQuery<'_>,
+    ) -> ServerResult<ExecutableDocument> {
+        let document = next.run(ctx, query, variables).await?;
+        let aliases: usize =
+            document.operations.iter().map(|(_, op)| count_aliases(&op.node.selection_set.node)).sum::<usize>()
+                + document.fragments.values().map(|f| count_aliases(&f.node.selection_set.node)).sum::<usize>();
+        if aliases > self.0 {
+            let error = super::errors::coded(
+                "QUERY_TOO_MANY_ALIASES",
+                format!("the query uses {aliases} aliases; at most {} are allowed", self.0),
+            );
+            return Err(ServerError::new(error.message.clone(), None).extend_with_error(&error));
+        }
+        Ok(document)
+    }
+}
+
+trait ExtendWith {
+    fn extend_with_error(self, error: &async_graphql::Error) -> Self;
+}
+
+impl ExtendWith for ServerError {
+    fn extend_with_error(mut self, error: &async_graphql::Error) -> Self {
+        self.extensions = error.extensions.clone();
+        self
+    }
+}

@@ -1,0 +1,436 @@
+//! Types shared by the roots: enums, plain objects, and the DataLoaders that batch list fan-out.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_graphql::dataloader::Loader;
+use async_graphql::{Enum, Json, SimpleObject};
+use chrono::{DateTime, Utc};
+use ledger::domain;
+use rust_decimal::Decimal;
+use sqlx::{FromRow, PgPool};
+use uuid::Uuid;
+
+use super::scalars::LogPosition;
+
+#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+#[graphql(name = "Side")]
+pub enum SideGql {
+    Buy,
+    Sell,
+}
+
+impl From<SideGql> for domain::Side {
+    fn from(side: SideGql) -> Self {
+        match side {
+            SideGql::Buy => domain::Side::Buy,
+            SideGql::Sell => domain::Side::Sell,
+        }
+    }
+}
+
+impl SideGql {
+    pub fn parse(text: &str) -> Self {
+        if text == "Sell" {
+            SideGql::Sell
+        } else {
+            SideGql::Buy
+        }
+    }
+}
+
+#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+#[graphql(name = "OrderType")]
+pub enum OrderTypeGql {
+    Market,
+    Limit,
+}
+
+#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+#[graphql(name = "TimeInForce")]
+pub enum TimeInForceGql {
+    Day,
+    Gtc,
+    Ioc,
+    Fok,
+}
+
+impl From<TimeInForceGql> for domain::TimeInForce {
+    fn from(tif: TimeInForceGql) -> Self {
+        match tif {
+            TimeInForceGql::Day => domain::TimeInForce::Day,
+            TimeInForceGql::Gtc => domain::TimeInForce::Gtc,
+            TimeInForceGql::Ioc => domain::TimeInForce::Ioc,
+            TimeInForceGql::Fok => domain::TimeInForce::Fok,
+        }
+    }
+}
+
+#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+#[graphql(name = "OrderStatus")]
+pub enum OrderStatusGql {
+    PendingNew,
+    New,
+    PartiallyFilled,
+    Filled,
+    Canceled,
+    Rejected,
+    Expired,
+}
+
+impl From<domain::OrderStatus> for OrderStatusGql {
+    fn from(status: domain::OrderStatus) -> Self {
+        match status {
+            domain::OrderStatus::PendingNew => Self::PendingNew,
+            domain::OrderStatus::New => Self::New,
+            domain::OrderStatus::PartiallyFilled => Self::PartiallyFilled,
+            domain::OrderStatus::Filled => Self::Filled,
+            domain::OrderStatus::Canceled => Self::Canceled,
+            domain::OrderStatus::Rejected => Self::Rejected,
+            domain::OrderStatus::Expired => Self::Expired,
+        }
+    }
+}
+
+impl OrderStatusGql {
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "New" => Self::New,
+            "PartiallyFilled" => Self::PartiallyFilled,
+            "Filled" => Self::Filled,
+            "Canceled" => Self::Canceled,
+            "Rejected" => Self::Rejected,
+            "Expired" => Self::Expired,
+            _ => Self::PendingNew,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PendingNew => "PendingNew",
+            Self::New => "New",
+            Self::PartiallyFilled => "PartiallyFilled",
+            Self::Filled => "Filled",
+            Self::Canceled => "Canceled",
+            Self::Rejected => "Rejected",
+            Self::Expired => "Expired",
+        }
+    }
+}
+
+#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq, Default)]
+#[graphql(name = "CostBasisMethod")]
+pub enum CostBasisMethodGql {
+    #[default]
+    Fifo,
+    AverageCost,
+}
+
+impl From<CostBasisMethodGql> for domain::CostBasisMethod {
+    fn from(method: CostBasisMethodGql) -> Self {
+        match method {
+            CostBasisMethodGql::Fifo => domain::CostBasisMethod::Fifo,
+            CostBasisMethodGql::AverageCost => domain::CostBasisMethod::AverageCost,
+        }
+    }
+}
+
+impl CostBasisMethodGql {
+    pub fn parse(text: &str) -> Self {
+        if text == "AverageCost" {
+            Self::AverageCost
+        } else {
+            Self::Fifo
+        }
+    }
+}
+
+/// A holding.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct Position {
+    pub symbol: String,
+    pub quantity: Decimal,
+    /// Units promised to open sell orders.
+    pub reserved_quantity: Decimal,
+    /// Cost of the units held under the portfolio's method (fees included).
+    pub cost_basis: Decimal,
+    /// cost basis ÷ quantity; null for a flat position.
+    pub average_cost: Option<Decimal>,
+    /// Σ open lot costs (FIFO), whatever the portfolio's method.
+    pub fifo_cost_basis: Decimal,
+    pub realized_pnl: Decimal,
+}
+
+impl Position {
+    pub fn new(
+        symbol: String,
+        quantity: Decimal,
+        reserved: Decimal,
+        cost: Decimal,
+        fifo: Decimal,
+        realized: Decimal,
+    ) -> Self {
+        let average_cost = (!quantity.is_zero()).then(|| (cost / quantity).round_dp(8).normalize());
+        Self {
+            symbol,
+            quantity,
+            reserved_quantity: reserved,
+            cost_basis: cost,
+            average_cost,
+            fifo_cost_basis: fifo,
+            realized_pnl: realized,
+        }
+    }
+}
+
+#[derive(SimpleObject, Clone, Debug)]
+pub struct PositionValuation {
+    pub symbol: String,
+    pub quantity: Decimal,
+    pub cost_basis: Decimal,
+    pub last_price: Option<Decimal>,
+    pub price_as_of: Option<DateTime<Utc>>,
+    /// null when the symbol never had a price (see `missingReason`) — never 0.
+    pub market_value: Option<Decimal>,
+    pub unrealized_pnl: Option<Decimal>,
+    /// The price is older than the configured age.
+    pub stale: bool,
+    pub missing_reason: Option<String>,
+}
+
+#[derive(SimpleObject, Clone, Debug)]
+pub struct Valuation {
+    pub cash: Decimal,
+    pub market_value: Option<Decimal>,
+    pub unrealized_pnl: Option<Decimal>,
+    /// cash + market value; null (with `missingReason`) when a position has no price.
+    pub total_equity: Option<Decimal>,
+    pub stale: bool,
+    pub missing_reason: Option<String>,
+    pub positions: Vec<PositionValuation>,
+}
+
+impl From<ledger::projections::valuation::PortfolioValuation> for Valuation {
+    fn from(v: ledger::projections::valuation::PortfolioValuation) -> Self {
+        Valuation {
+            cash: v.cash,
+            market_value: v.market_value,
+            unrealized_pnl: v.unrealized_pnl,
+            total_equity: v.total_equity,
+            stale: v.stale,
+            missing_reason: v.missing_reason,
+            positions: v
+                .positions
+                .into_iter()
+                .map(|p| PositionValuation {
+                    symbol: p.symbol,
+                    quantity: p.quantity,
+                    cost_basis: p.cost_basis,
+                    last_price: p.last_price,
+                    price_as_of: p.price_as_of,
+                    market_value: p.market_value,
+                    unrealized_pnl: p.unrealized_pnl,
+                    stale: p.stale,
+                    missing_reason: p.missing_reason,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(SimpleObject, Clone, Debug, FromRow)]
+pub struct Execution {
+    pub order_id: Uuid,
+    pub exec_id: String,
+    pub portfolio_id: Uuid,
+    pub symbol: String,
+    pub side: String,
+    pub quantity: Decimal,
+    pub price: Decimal,
+    pub fee: Decimal,
+    pub executed_at: DateTime<Utc>,
+    /// Global position of the event that recorded it.
+    pub global_position: i64,
+}
+
+#[derive(SimpleObject, Clone, Debug)]
+pub struct AlertRule {
+    #[graphql(name = "id")]
+    pub alert_id: Uuid,
+    pub portfolio_id: Uuid,
+    pub kind: String,
+    pub symbol: String,
+    pub condition: Json<serde_json::Value>,
+    /// 1 when created; each re-arm adds one.
+    pub arming: i32,
+    /// `armed`, `fired` or `canceled`.
+    pub status: String,
+}
+
+/// A row of `rm_alert_rules`.
+#[derive(FromRow)]
+pub struct AlertRuleRow {
+    pub alert_id: Uuid,
+    pub portfolio_id: Uuid,
+    pub kind: String,
+    pub symbol: String,
+    pub condition: serde_json::Value,
+    pub arming: i32,
+    pub status: String,
+}
+
+impl From<AlertRuleRow> for AlertRule {
+    fn from(row: AlertRuleRow) -> Self {
+        AlertRule {
+            alert_id: row.alert_id,
+            portfolio_id: row.portfolio_id,
+            kind: row.kind,
+            symbol: row.symbol,
+            condition: Json(row.condition),
+            arming: row.arming,
+            status: row.status,
+        }
+    }
+}
+
+#[derive(SimpleObject, Clone, Debug, FromRow)]
+pub struct AlertFiring {
+    #[graphql(name = "id")]
+    pub firing_id: Uuid,
+    pub alert_id: Uuid,
+    pub portfolio_id: Uuid,
+    pub arming: i32,
+    pub kind: String,
+    pub symbol: String,
+    pub price: Decimal,
+    /// The price, % change or P&L that met the condition.
+    pub observed_value: Decimal,
+    pub fired_at: DateTime<Utc>,
+}
+
+/// One event of the log.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct Event {
+    pub position: LogPosition,
+    pub event_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: Json<serde_json::Value>,
+    pub metadata: Json<serde_json::Value>,
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl From<&ledger::log::RecordedEvent> for Event {
+    fn from(e: &ledger::log::RecordedEvent) -> Self {
+        Event {
+            position: LogPosition(e.position),
+            event_id: e.event_id,
+            aggregate_type: e.aggregate_type.clone(),
+            aggregate_id: e.aggregate_id.clone(),
+            sequence: e.sequence,
+            event_type: e.event_type.clone(),
+            event_version: e.event_version.clone(),
+            payload: Json(e.payload.clone()),
+            metadata: Json(e.metadata.clone()),
+            recorded_at: e.recorded_at,
+        }
+    }
+}
+
+/// What a command wrote. Idempotent repeats return exactly the first answer.
+#[derive(SimpleObject, Clone, Debug, PartialEq)]
+pub struct CommandResult {
+    pub aggregate_id: String,
+    pub events: Vec<CommittedEvent>,
+    /// Position of the last event written (wait for read models to reach it to read your own writes).
+    pub last_position: Option<LogPosition>,
+}
+
+#[derive(SimpleObject, Clone, Debug, PartialEq)]
+pub struct CommittedEvent {
+    pub sequence: i64,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub position: LogPosition,
+}
+
+impl From<ledger::commands::CommandOutcome> for CommandResult {
+    fn from(outcome: ledger::commands::CommandOutcome) -> Self {
+        CommandResult {
+            last_position: outcome.last_position().map(LogPosition),
+            aggregate_id: outcome.aggregate_id,
+            events: outcome
+                .events
+                .into_iter()
+                .map(|e| CommittedEvent {
+                    sequence: e.sequence,
+                    event_id: e.event_id,
+                    event_type: e.event_type,
+                    position: LogPosition(e.position),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Batches the lists that fan out per portfolio or order.
+pub struct Loaders {
+    pub pool: PgPool,
+}
+
+/// Key: positions of a portfolio.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PositionsOf(pub Uuid);
+
+/// Key: executions of an order.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ExecutionsOf(pub Uuid);
+
+impl Loader<PositionsOf> for Loaders {
+    type Value = Vec<Position>;
+    type Error = Arc<sqlx::Error>;
+
+    async fn load(&self, keys: &[PositionsOf]) -> Result<HashMap<PositionsOf, Vec<Position>>, Self::Error> {
+        let ids: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
+        let rows: Vec<(Uuid, String, Decimal, Decimal, Decimal, Decimal, Decimal)> = sqlx::query_as(
+            "select portfolio_id, symbol, quantity, reserved_quantity, cost_basis, fifo_cost_basis, realized_pnl
+               from rm_positions where portfolio_id = any($1) order by portfolio_id, symbol",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Arc::new)?;
+        let mut out: HashMap<PositionsOf, Vec<Position>> = keys.iter().map(|k| (*k, Vec::new())).collect();
+        for (id, symbol, quantity, reserved, cost, fifo, realized) in rows {
+            out.entry(PositionsOf(id))
+                .or_default()
+                .push(Position::new(symbol, quantity, reserved, cost, fifo, realized));
+        }
+        Ok(out)
+    }
+}
+
+impl Loader<ExecutionsOf> for Loaders {
+    type Value = Vec<Execution>;
+    type Error = Arc<sqlx::Error>;
+
+    async fn load(&self, keys: &[ExecutionsOf]) -> Result<HashMap<ExecutionsOf, Vec<Execution>>, Self::Error> {
+        let ids: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
+        let rows: Vec<Execution> = sqlx::query_as(
+            "select order_id, exec_id, portfolio_id, symbol, side, quantity, price, fee, executed_at, global_position
+               from rm_executions where order_id = any($1) order by global_position",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Arc::new)?;
+        let mut out: HashMap<ExecutionsOf, Vec<Execution>> = keys.iter().map(|k| (*k, Vec::new())).collect();
+        for row in rows {
+            out.entry(ExecutionsOf(row.order_id)).or_default().push(row);
+        }
+        Ok(out)
+    }
+}

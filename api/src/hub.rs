@@ -1,0 +1,330 @@
+//! The feeds behind subscriptions, one set per API instance.
+//!
+//! - **log**: a follower of the PostgreSQL event log (commit-safe reader, woken by `LISTEN`), so a change made
+//!   through any instance — or any process — reaches every instance's subscribers.
+//! - **ticks**: a Kafka consumer of the prices topic (its own group, from the latest offset).
+//! - **alerts**: `LISTEN alert_fired` (a trigger on `alert_firings` notifies every instance).
+//!
+//! Each feed is a bounded broadcast channel: a subscriber that falls more than [`FEED_BUFFER`] messages behind
+//! is told to resync (and resumes from its last position), so a slow client can never make the server hold an
+//! unbounded backlog.
+//!
+//! Resuming the log (`after`): subscribe to the feed first, then read the log from `after` until caught up,
+//! then pass on feed messages newer than the last one delivered. Anything the feed carried before the
+//! subscription was committed before the catch-up read, so the catch-up covers it: no gap, no repeat.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use ledger::kafka::KafkaConfig;
+use ledger::log::{LogPosition, LogReader, RecordedEvent};
+use ledger::market::Tick;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::Message;
+use serde::Deserialize;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+/// Messages a subscriber may fall behind before it is told to resync.
+pub const FEED_BUFFER: usize = 1_024;
+/// Events read per batch when a subscriber catches up from the log.
+pub const CATCH_UP_BATCH: usize = 500;
+
+/// One alert firing, as the `alert_fired` notification carries it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FiringNotice {
+    pub firing_id: uuid::Uuid,
+    pub alert_id: uuid::Uuid,
+    pub portfolio_id: uuid::Uuid,
+    pub arming: i32,
+    pub kind: String,
+    pub symbol: String,
+    pub price: rust_decimal::Decimal,
+    pub observed_value: rust_decimal::Decimal,
+    pub fired_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Why a subscription ended early.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FeedError {
+    #[error("the subscriber fell behind; resubscribe from the last position received")]
+    Resync,
+    #[error("the feed stopped")]
+    Closed,
+    #[error("reading the log failed")]
+    Database,
+}
+
+pub struct Hub {
+    pool: PgPool,
+    log: broadcast::Sender<Arc<RecordedEvent>>,
+    ticks: broadcast::Sender<Arc<Tick>>,
+    alerts: broadcast::Sender<Arc<FiringNotice>>,
+    ticks_available: bool,
+    /// Open subscriptions (for metrics).
+    pub subscriptions: AtomicI64,
+}
+
+impl Hub {
+    /// Starts the feeds; they stop when `cancel` fires.
+    pub async fn start(
+        pool: PgPool,
+        kafka: Option<KafkaConfig>,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Arc<Hub>> {
+        let (log, _) = broadcast::channel(FEED_BUFFER);
+        let (ticks, _) = broadcast::channel(FEED_BUFFER);
+        let (alerts, _) = broadcast::channel(FEED_BUFFER);
+        let hub = Arc::new(Hub {
+            pool: pool.clone(),
+            log,
+            ticks,
+            alerts,
+            ticks_available: kafka.is_some(),
+            subscriptions: AtomicI64::new(0),
+        });
+        let head = ledger::projections::catch_up::log_head(&pool).await?;
+        tokio::spawn(follow_log(pool.clone(), head, hub.log.clone(), cancel.clone()));
+        tokio::spawn(follow_alerts(pool, hub.alerts.clone(), cancel.clone()));
+        if let Some(kafka) = kafka {
+            tokio::spawn(follow_ticks(kafka, hub.ticks.clone(), cancel));
+        }
+        Ok(hub)
+    }
+
+    pub fn ticks_available(&self) -> bool {
+        self.ticks_available
+    }
+
+    pub fn subscribe_ticks(&self) -> broadcast::Receiver<Arc<Tick>> {
+        self.ticks.subscribe()
+    }
+
+    pub fn subscribe_alerts(&self) -> broadcast::Receiver<Arc<FiringNotice>> {
+        self.alerts.subscribe()
+    }
+
+    /// Committed events after `after` (or from now when `None`), matching `filter`, in log order, resuming
+    /// without gaps or repeats (see the module docs). Ends with `FeedError::Resync` if the subscriber lags.
+    pub fn log_events<F>(
+        self: &Arc<Self>,
+        after: Option<LogPosition>,
+        filter: F,
+    ) -> impl Stream<Item = Result<Arc<RecordedEvent>, FeedError>> + Send + 'static
+    where
+        F: Fn(&RecordedEvent) -> bool + Send + Sync + 'static,
+    {
+        let hub = self.clone();
+        let mut live = self.log.subscribe();
+        let guard = SubscriptionGuard::new(hub.clone());
+        spawn_stream(move |sender| async move {
+            let _guard = guard;
+            let mut last = after;
+            if let Some(start) = after {
+                let mut reader = LogReader::new(hub.pool.clone(), start).with_batch_size(CATCH_UP_BATCH);
+                loop {
+                    let batch = match reader.read_batch().await {
+                        Ok(batch) => batch,
+                        Err(error) => {
+                            tracing::warn!(%error, "subscription catch-up failed");
+                            let _ = sender.send(Err(FeedError::Database)).await;
+                            return;
+                        }
+                    };
+                    if batch.is_empty() {
+                        break;
+                    }
+                    for event in batch {
+                        last = Some(event.position);
+                        if filter(&event) && sender.send(Ok(Arc::new(event))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            loop {
+                match live.recv().await {
+                    Ok(event) => {
+                        if last.is_some_and(|last| event.position <= last) {
+                            continue; // delivered by the catch-up
+                        }
+                        last = Some(event.position);
+                        if filter(&event) && sender.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let _ = sender.send(Err(FeedError::Resync)).await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        let _ = sender.send(Err(FeedError::Closed)).await;
+                        return;
+                    }
+                }
+            }
+        })
+    }
+
+    /// A stream over a broadcast feed: ends with `Resync` when lagging.
+    pub fn broadcast_stream<T: Clone + Send + 'static>(
+        self: &Arc<Self>,
+        mut receiver: broadcast::Receiver<T>,
+    ) -> impl Stream<Item = Result<T, FeedError>> + Send + 'static {
+        let guard = SubscriptionGuard::new(self.clone());
+        spawn_stream(move |sender| async move {
+            let _guard = guard;
+            loop {
+                let item = match receiver.recv().await {
+                    Ok(item) => Ok(item),
+                    Err(broadcast::error::RecvError::Lagged(_)) => Err(FeedError::Resync),
+                    Err(broadcast::error::RecvError::Closed) => Err(FeedError::Closed),
+                };
+                let end = item.is_err();
+                if sender.send(item).await.is_err() || end {
+                    return;
+                }
+            }
+        })
+    }
+}
+
+/// Counts a subscription while its stream lives.
+struct SubscriptionGuard(Arc<Hub>);
+
+impl SubscriptionGuard {
+    fn new(hub: Arc<Hub>) -> Self {
+        hub.subscriptions.fetch_add(1, Ordering::Relaxed);
+        Self(hub)
+    }
+}
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        self.0.subscriptions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A stream fed by a producer task through a channel of one: the task runs only as fast as the client reads,
+/// and stops when the stream is dropped.
+pub fn spawn_stream<T, F, Fut>(producer: F) -> impl Stream<Item = T> + Send + 'static
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    let task = tokio::spawn(producer(sender));
+    futures::stream::unfold((receiver, AbortOnDrop(task)), |(mut receiver, task)| async move {
+        receiver.recv().await.map(|item| (item, (receiver, task)))
+    })
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn follow_log(
+    pool: PgPool,
+    from: LogPosition,
+    feed: broadcast::Sender<Arc<RecordedEvent>>,
+    cancel: CancellationToken,
+) {
+    let mut reader = LogReader::new(pool, from).with_poll_interval(Duration::from_millis(20));
+    loop {
+        match reader.next_batch(&cancel).await {
+            Ok(Some(batch)) => {
+                for event in batch {
+                    let _ = feed.send(Arc::new(event)); // no subscriber is fine
+                }
+            }
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(%error, "log feed: reading failed; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn follow_alerts(pool: PgPool, feed: broadcast::Sender<Arc<FiringNotice>>, cancel: CancellationToken) {
+    loop {
+        let listener = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen("alert_fired").await?;
+            loop {
+                let notification = listener.recv().await?;
+                match serde_json::from_str::<FiringNotice>(notification.payload()) {
+                    Ok(firing) => {
+                        let _ = feed.send(Arc::new(firing));
+                    }
+                    Err(error) => tracing::warn!(%error, "undecodable alert_fired notification"),
+                }
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), sqlx::Error>(())
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            result = listener => {
+                if let Err(error) = result {
+                    tracing::warn!(%error, "alert feed: listening failed; retrying");
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+async fn follow_ticks(kafka: KafkaConfig, feed: broadcast::Sender<Arc<Tick>>, cancel: CancellationToken) {
+    let consumer: StreamConsumer = match kafka
+        .client_config()
+        .set("client.id", "ledger-api-ticks")
+        .set("group.id", format!("ledger-api-{}", uuid::Uuid::new_v4().simple()))
+        .set("auto.offset.reset", "latest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+    {
+        Ok(consumer) => consumer,
+        Err(error) => {
+            tracing::error!(%error, "tick feed: cannot create a Kafka consumer");
+            return;
+        }
+    };
+    if let Err(error) = consumer.subscribe(&[&kafka.prices_topic]) {
+        tracing::error!(%error, "tick feed: cannot subscribe");
+        return;
+    }
+    loop {
+        let message = tokio::select! {
+            _ = cancel.cancelled() => return,
+            message = consumer.recv() => message,
+        };
+        match message {
+            Ok(message) => {
+                if let Some(tick) = message.payload().and_then(|p| Tick::decode(p).ok()) {
+                    let _ = feed.send(Arc::new(tick));
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, "tick feed: consumer error");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! `/metrics` in the Prometheus text format, gathered at scrape time from the components' own counters and a
+//! few cheap queries.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+use ledger::metrics::Histogram;
+
+use crate::graphql::AppState;
+
+/// Histogram bounds, in seconds.
+const LATENCY_BOUNDS: [f64; 12] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
+
+/// Counters of the HTTP layer.
+#[derive(Default)]
+pub struct HttpMetrics {
+    pub requests: std::sync::atomic::AtomicU64,
+    pub rate_limited: std::sync::atomic::AtomicU64,
+    pub unauthorized: std::sync::atomic::AtomicU64,
+    pub request_duration: Histogram,
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, histogram: &Histogram) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (bound, count) in LATENCY_BOUNDS.iter().zip(histogram.cumulative(&LATENCY_BOUNDS)) {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", histogram.count());
+    let _ = writeln!(out, "{name}_sum {}", histogram.sum_seconds());
+    let _ = writeln!(out, "{name}_count {}", histogram.count());
+}
+
+fn counter(out: &mut String, name: &str, help: &str, samples: &[(&str, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
+pub async fn render(state: &AppState, http: &HttpMetrics) -> String {
+    let mut out = String::new();
+    let commands = state.commands.metrics();
+    counter(
+        &mut out,
+        "ledger_commands_total",
+        "Commands handled by this instance, by outcome.",
+        &[
+            ("{outcome=\"committed\"}", commands.committed.load(Ordering::Relaxed)),
+            ("{outcome=\"duplicate\"}", commands.duplicates.load(Ordering::Relaxed)),
+            ("{outcome=\"rejected\"}", commands.rejected.load(Ordering::Relaxed)),
+            ("{outcome=\"failed\"}", commands.failed.load(Ordering::Relaxed)),
+        ],
+    );
+    counter(
+        &mut out,
+        "ledger_command_conflicts_total",
+        "Optimistic-lock conflicts retried.",
+        &[("", commands.conflicts.load(Ordering::Relaxed))],
+    );
+    let rejections: Vec<(String, u64)> =
+        commands.rejections_by_code().into_iter().map(|(code, n)| (format!("{{code=\"{code}\"}}"), n)).collect();
+    let rejections: Vec<(&str, u64)> = rejections.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+    counter(&mut out, "ledger_command_rejections_total", "Commands refused, by error code.", &rejections);
+    histogram(
+        &mut out,
+        "ledger_command_duration_seconds",
+        "Time to execute a command (load, handle, commit).",
+        &commands.latency,
+    );
+    counter(
+        &mut out,
+        "ledger_http_requests_total",
+        "GraphQL HTTP requests.",
+        &[("", http.requests.load(Ordering::Relaxed))],
+    );
+    counter(
+        &mut out,
+        "ledger_http_rate_limited_total",
+        "Requests refused by the rate limit.",
+        &[("", http.rate_limited.load(Ordering::Relaxed))],
+    );
+    counter(
+        &mut out,
+        "ledger_http_unauthorized_total",
+        "Requests with an invalid token.",
+        &[("", http.unauthorized.load(Ordering::Relaxed))],
+    );
+    histogram(
+        &mut out,
+        "ledger_http_request_duration_seconds",
+        "GraphQL HTTP request duration.",
+        &http.request_duration,
+    );
+    gauge(
+        &mut out,
+        "ledger_subscriptions_open",
+        "Open GraphQL subscriptions on this instance.",
+        &[(String::new(), state.hub.subscriptions.load(Ordering::Relaxed) as f64)],
+    );
+    let pool = &state.pool;
+    gauge(
+        &mut out,
+        "ledger_db_pool_connections",
+        "Database pool connections of this instance.",
+        &[
+            ("{state=\"idle\"}".into(), pool.num_idle() as f64),
+            ("{state=\"used\"}".into(), (pool.size() as usize).saturating_sub(pool.num_idle()) as f64),
+        ],
+    );
+    // Log head, dead letters, and the lag of every log follower (relay, process manager, sealer, catch-ups).
+    if let Ok((head, head_age)) = sqlx::query_as::<_, (Option<i64>, Option<f64>)>(
+        "select max(global_position), extract(epoch from clock_timestamp() - max(recorded_at))::float8 from events",
+    )
+    .fetch_one(pool)
+    .await
+    {
+        gauge(
+            &mut out,
+            "ledger_log_head_position",
+            "Global position of the newest event.",
+            &[(String::new(), head.unwrap_or(0) as f64)],
+        );
+        gauge(
+            &mut out,
+            "ledger_log_head_age_seconds",
+            "Age of the newest event.",
+            &[(String::new(), head_age.unwrap_or(0.0))],
+        );
+    }
+    if let Ok(rows) =
+        sqlx::query_as::<_, (String, i64)>("select projection, count(*) from dead_letters group by projection")
+            .fetch_all(pool)
+            .await
+    {
+        let samples: Vec<(String, f64)> =
+            rows.into_iter().map(|(p, n)| (format!("{{projection=\"{p}\"}}"), n as f64)).collect();
+        gauge(&mut out, "ledger_dead_letters", "Messages in the dead-letter table, by projection.", &samples);
+    }
+    if let Ok(rows) = sqlx::query_as::<_, (String, i64, Option<f64>)>(
+        "select c.name,
+                (select count(*) from (select 1 from events e
+                   where (e.transaction_id, e.global_position) > (c.transaction_id, c.global_position) limit 1000000) behind),
+                extract(epoch from clock_timestamp() - (select min(e.recorded_at) from events e
+                   where (e.transaction_id, e.global_position) > (c.transaction_id, c.global_position)))::float8
+           from log_cursors c",
+    )
+    .fetch_all(pool)
+    .await
+    {
+        let events: Vec<(String, f64)> = rows.iter().map(|(n, e, _)| (format!("{{follower=\"{n}\"}}"), *e as f64)).collect();
+        let seconds: Vec<(String, f64)> = rows.iter().map(|(n, _, s)| (format!("{{follower=\"{n}\"}}"), s.unwrap_or(0.0))).collect();
+        gauge(&mut out, "ledger_follower_lag_events", "Committed events after a log follower's cursor (relay, process manager, …).", &events);
+        gauge(&mut out, "ledger_follower_lag_seconds", "Age of the oldest event a log follower has not passed.", &seconds);
+    }
+    out
+}

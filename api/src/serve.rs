@@ -1,0 +1,61 @@
+//! `ledger serve`: the GraphQL API, and on request the relay, process manager and projection workers in the
+//! same process (production runs them as separate processes: `ledger relay`, `ledger process-manager`,
+//! `ledger worker all`).
+
+use anyhow::Context;
+use ledger_api::app::{start, AppConfig};
+use ledger_api::auth::TokenKeys;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "LEDGER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Secret signing the bearer tokens (at least 32 bytes).
+    #[arg(long, env = "LEDGER_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: String,
+    /// Allow schema introspection (GraphiQL needs it).
+    #[arg(long, env = "LEDGER_INTROSPECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub introspection: bool,
+    /// Requests per second and token (or client address without a token).
+    #[arg(long, env = "LEDGER_RATE_LIMIT_PER_SECOND", default_value_t = 200)]
+    pub rate_limit_per_second: u32,
+    /// Burst above that rate.
+    #[arg(long, env = "LEDGER_RATE_LIMIT_BURST", default_value_t = 400)]
+    pub rate_limit_burst: u32,
+    /// Also run the relay in this process (one is active per topic; others stand by).
+    #[arg(long, env = "LEDGER_SERVE_RELAY")]
+    pub with_relay: bool,
+    /// Also run the process manager in this process.
+    #[arg(long, env = "LEDGER_SERVE_PROCESS_MANAGER")]
+    pub with_process_manager: bool,
+    /// Also run every projection worker in this process.
+    #[arg(long, env = "LEDGER_SERVE_WORKERS")]
+    pub with_workers: bool,
+}
+
+pub async fn run(
+    database_url: &str,
+    kafka_args: &crate::cli::KafkaArgs,
+    projection_args: &crate::cli::ProjectionArgs,
+    args: ServeArgs,
+) -> anyhow::Result<()> {
+    let pool = crate::cli::connect_and_migrate(database_url).await?;
+    let kafka = kafka_args.brokers.as_deref().map(|brokers| kafka_args.config(brokers));
+    let listener =
+        tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let keys = TokenKeys::new(args.jwt_secret.clone().into_bytes()).map_err(|e| anyhow::anyhow!(e))?;
+    let mut config = AppConfig::new(keys, kafka);
+    config.introspection = args.introspection;
+    config.rate_limit_per_second = args.rate_limit_per_second;
+    config.rate_limit_burst = args.rate_limit_burst;
+    config.valuation_stale_after = chrono::Duration::milliseconds(projection_args.valuation_stale_after_ms as i64);
+    config.settings = projection_args.settings()?;
+    config.with_relay = args.with_relay;
+    config.with_process_manager = args.with_process_manager;
+    config.with_workers = args.with_workers;
+    let running = start(pool, config, listener).await?;
+    tracing::info!(address = %running.address, "GraphQL API listening (POST/GET /graphql, /graphql/ws, /metrics)");
+    crate::cli::shutdown_on_signal().cancelled().await;
+    running.stop().await
+}

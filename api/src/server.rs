@@ -1,0 +1,300 @@
+//! The HTTP server: GraphQL over HTTP and WebSocket, GraphiQL, health, readiness and metrics.
+//!
+//! | route | what |
+//! |-------|------|
+//! | `POST /graphql` | queries and mutations; `Authorization: Bearer <token>` |
+//! | `GET /graphql` | GraphiQL |
+//! | `GET /graphql/ws` | subscriptions (`graphql-transport-ws`; token in `connection_init`: `{"authorization": "Bearer …"}`) |
+//! | `GET /healthz` | the process is up |
+//! | `GET /readyz` | database reachable and migrated, broker reachable (when configured) |
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /audit/export` | the sealed audit trail as JSON Lines (auditor or admin; filters as query parameters) |
+//!
+//! Limits: request bodies of at most [`REQUEST_BODY_MAX_BYTES`]; a token bucket per token subject (per client
+//! address without a token); query depth, complexity and aliases (see `graphql`).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
+use async_graphql::Data;
+use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use ledger::kafka::KafkaConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{AuthError, TokenKeys};
+use crate::graphql::{build_schema, AppState, LedgerSchema, SchemaOptions};
+use crate::metrics::HttpMetrics;
+use crate::ratelimit::RateLimiter;
+
+/// Largest request body accepted.
+pub const REQUEST_BODY_MAX_BYTES: usize = 256 * 1024;
+/// How long readiness checks may take.
+const READY_CHECK_TIMEOUT_MS: u64 = 2_000;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub keys: TokenKeys,
+    pub introspection: bool,
+    pub rate_limit_per_second: u32,
+    pub rate_limit_burst: u32,
+    /// The broker checked by `/readyz`, if any.
+    pub kafka: Option<KafkaConfig>,
+}
+
+pub struct ServerState {
+    pub schema: LedgerSchema,
+    pub app: AppState,
+    pub keys: TokenKeys,
+    pub limiter: RateLimiter,
+    pub http: HttpMetrics,
+    pub kafka: Option<KafkaConfig>,
+}
+
+pub fn router(app: AppState, config: ServerConfig) -> (Router, Arc<ServerState>) {
+    let schema = build_schema(app.clone(), &SchemaOptions { introspection: config.introspection });
+    let state = Arc::new(ServerState {
+        schema,
+        app,
+        keys: config.keys,
+        limiter: RateLimiter::new(config.rate_limit_per_second, config.rate_limit_burst),
+        http: HttpMetrics::default(),
+        kafka: config.kafka,
+    });
+    let router = Router::new()
+        .route("/graphql", get(graphiql).post(graphql))
+        .route("/graphql/ws", get(subscriptions))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/audit/export", get(audit_export))
+        // The GraphQL extractor reads the body itself, so axum's DefaultBodyLimit alone would not apply.
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(REQUEST_BODY_MAX_BYTES))
+        .layer(DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))
+        .with_state(state.clone());
+    (router, state)
+}
+
+/// Serves `router` on `listener` until `cancel` fires, finishing requests in flight.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
+}
+
+fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({ "errors": [{ "message": message, "extensions": { "code": code } }] });
+    (status, axum::Json(body)).into_response()
+}
+
+async fn graphiql() -> Html<String> {
+    Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql/ws").finish())
+}
+
+async fn graphql(
+    State(state): State<Arc<ServerState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    request: GraphQLRequest,
+) -> Response {
+    let started = Instant::now();
+    state.http.requests.fetch_add(1, Ordering::Relaxed);
+    let authorization = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let principal = match state.keys.verify_header(authorization, state.app.clock.now()) {
+        Ok(principal) => Some(principal),
+        Err(AuthError::Missing) => None,
+        Err(error) => {
+            state.http.unauthorized.fetch_add(1, Ordering::Relaxed);
+            return error_response(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", &error.to_string());
+        }
+    };
+    let bucket = principal.as_ref().map_or_else(|| format!("ip:{}", peer.ip()), |p| format!("sub:{}", p.subject));
+    if !state.limiter.allow(&bucket) {
+        state.http.rate_limited.fetch_add(1, Ordering::Relaxed);
+        return error_response(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", "too many requests; slow down");
+    }
+    let mut request = request.into_inner();
+    if let Some(principal) = principal {
+        request = request.data(principal);
+    }
+    let response: Response = GraphQLResponse::from(state.schema.execute(request).await).into_response();
+    state.http.request_duration.observe(started.elapsed().as_secs_f64());
+    response
+}
+
+#[derive(serde::Deserialize, Default)]
+struct ConnectionInit {
+    authorization: Option<String>,
+    #[serde(alias = "Authorization")]
+    authorization_capital: Option<String>,
+    token: Option<String>,
+}
+
+async fn subscriptions(
+    State(state): State<Arc<ServerState>>,
+    protocol: GraphQLProtocol,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let schema = state.schema.clone();
+    upgrade.protocols(ALL_WEBSOCKET_PROTOCOLS).on_upgrade(move |stream| {
+        let keys = state.keys.clone();
+        let clock = state.app.clock.clone();
+        GraphQLWebSocket::new(stream, schema, protocol)
+            .on_connection_init(move |payload| async move {
+                let init: ConnectionInit = serde_json::from_value(payload).unwrap_or_default();
+                let header =
+                    init.authorization.or(init.authorization_capital).or(init.token.map(|t| format!("Bearer {t}")));
+                let principal = keys
+                    .verify_header(header.as_deref(), clock.now())
+                    .map_err(|e| async_graphql::Error::new(format!("unauthenticated: {e}")))?;
+                let mut data = Data::default();
+                data.insert(principal);
+                Ok(data)
+            })
+            .keepalive_timeout(Duration::from_secs(30))
+            .serve()
+    })
+}
+
+async fn ready(State(state): State<Arc<ServerState>>) -> Response {
+    let timeout = Duration::from_millis(READY_CHECK_TIMEOUT_MS);
+    let mut problems = Vec::new();
+    let migrations = tokio::time::timeout(timeout, async {
+        sqlx::query_as::<_, (i64, bool)>("select count(*), coalesce(bool_and(success), true) from _sqlx_migrations")
+            .fetch_one(&state.app.pool)
+            .await
+    })
+    .await;
+    match migrations {
+        Ok(Ok((applied, success))) => {
+            let known = ledger::db::MIGRATOR.iter().count() as i64;
+            if applied < known || !success {
+                problems.push(format!("migrations: {applied} of {known} applied"));
+            }
+        }
+        Ok(Err(error)) => problems.push(format!("database: {error}")),
+        Err(_) => problems.push("database: no answer".into()),
+    }
+    if let Some(kafka) = &state.kafka {
+        if let Err(error) = kafka.cluster_id(timeout).await {
+            problems.push(format!("broker: {error}"));
+        }
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, problems.join("\n")).into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
+    let body = crate::metrics::render(&state.app, &state.http).await;
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// Filters of `GET /audit/export`, as `ledger export` takes them: `from_position`, `to_position`, `from_time`,
+/// `to_time` (RFC 3339 or a date), `aggregate`, `portfolio`.
+#[derive(serde::Deserialize, Default)]
+struct AuditExportQuery {
+    from_position: Option<i64>,
+    to_position: Option<i64>,
+    from_time: Option<String>,
+    to_time: Option<String>,
+    aggregate: Option<String>,
+    portfolio: Option<String>,
+}
+
+impl AuditExportQuery {
+    fn filter(self) -> Result<ledger::audit::ExportFilter, String> {
+        let time = |text: Option<String>| text.map(|t| ledger::audit::filter::parse_time(&t)).transpose();
+        let portfolio = self
+            .portfolio
+            .map(|p| uuid::Uuid::parse_str(&p).map_err(|_| format!("portfolio {p:?} is not a UUID")))
+            .transpose()?;
+        let filter = ledger::audit::ExportFilter {
+            from_position: self.from_position,
+            to_position: self.to_position,
+            from_time: time(self.from_time)?,
+            to_time: time(self.to_time)?,
+            aggregate_id: self.aggregate,
+            portfolio_id: portfolio,
+        };
+        filter.validate().map_err(|e| e.to_string())?;
+        Ok(filter)
+    }
+}
+
+/// Streams the sealed audit trail as JSON Lines (the lines `ledger export --format jsonl` writes), after
+/// sealing everything committed before the request. The chain head it sealed to is in the response headers
+/// `x-ledger-chain-count`, `x-ledger-chain-position` and `x-ledger-chain-hash`.
+async fn audit_export(
+    State(state): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    query: Result<axum::extract::Query<AuditExportQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let authorization = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let principal = match state.keys.verify_header(authorization, state.app.clock.now()) {
+        Ok(principal) => principal,
+        Err(error) => {
+            state.http.unauthorized.fetch_add(1, Ordering::Relaxed);
+            return error_response(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", &error.to_string());
+        }
+    };
+    if !principal.can_read_log() {
+        return error_response(StatusCode::FORBIDDEN, "FORBIDDEN", "the audit trail is for auditors and admins");
+    }
+    if !state.limiter.allow(&format!("sub:{}", principal.subject)) {
+        state.http.rate_limited.fetch_add(1, Ordering::Relaxed);
+        return error_response(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", "too many requests; slow down");
+    }
+    let filter = match query.map_err(|e| e.body_text()).and_then(|q| q.0.filter()) {
+        Ok(filter) => filter,
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, "BAD_REQUEST", &message),
+    };
+    let head = match ledger::audit::seal_until_head(&state.app.pool).await {
+        Ok(head) => head,
+        Err(error) => {
+            tracing::error!(%error, "sealing before an audit export failed");
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                "the audit chain could not be sealed; retry",
+            );
+        }
+    };
+    let stream = match ledger::audit::jsonl_stream(state.app.pool.clone(), filter).await {
+        Ok(stream) => stream,
+        Err(error) if error.is_user_error() => {
+            return error_response(StatusCode::BAD_REQUEST, "BAD_REQUEST", &error.to_string())
+        }
+        Err(error) => {
+            tracing::error!(%error, "starting an audit export failed");
+            return error_response(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "internal error");
+        }
+    };
+    let body = axum::body::Body::from_stream(futures::TryStreamExt::inspect_err(stream, |error| {
+        // The status line is sent already: the client sees a truncated body (and no final newline).
+        tracing::error!(%error, "an audit export stream failed midway");
+    }));
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "application/x-ndjson".to_string()),
+            (axum::http::HeaderName::from_static("x-ledger-chain-count"), head.event_count.to_string()),
+            (axum::http::HeaderName::from_static("x-ledger-chain-position"), head.position.to_string()),
+            (axum::http::HeaderName::from_static("x-ledger-chain-hash"), head.hash.to_string()),
+        ],
+        body,
+    )
+        .into_response()
+}

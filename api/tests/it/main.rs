@@ -1,0 +1,6 @@
+//! The `ledger` binary, run as users run it, against a real PostgreSQL.
+
+mod cli;
+mod graphql;
+mod subscriptions;
+mod support;

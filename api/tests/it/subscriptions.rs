@@ -1,0 +1,274 @@
+//! Subscriptions over graphql-transport-ws: the npm `graphql-ws` client, two API instances, resuming the log,
+//! slow clients, and who may subscribe to what.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use ledger_api::auth::Role;
+use serde_json::{json, Value};
+
+use crate::graphql::{fill, open_funded, place, DEPOSIT};
+use crate::support::{error_code, Stack, WsSubscription};
+
+/// A subscription run by Node with the npm `graphql-ws` client; its output lines arrive on a channel.
+struct NodeSubscriber {
+    child: Child,
+    lines: mpsc::Receiver<Value>,
+}
+
+impl NodeSubscriber {
+    fn start(url: &str, token: &str, query: &str, variables: Value) -> NodeSubscriber {
+        let modules = std::env::var("LEDGER_NODE_MODULES")
+            .expect("set LEDGER_NODE_MODULES to a node_modules with graphql-ws and ws (./scripts/test does)");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/js/subscribe.cjs");
+        let mut child = Command::new("node")
+            .args([script, url, token, query, &variables.to_string()])
+            .env("NODE_PATH", modules)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("node");
+        let stdout = child.stdout.take().unwrap();
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(value) = serde_json::from_str(&line) {
+                    if sender.send(value).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        NodeSubscriber { child, lines }
+    }
+
+    /// Waits (without blocking the runtime) for a line matching `wanted`.
+    async fn wait_for(&self, timeout: Duration, wanted: impl Fn(&Value) -> bool) -> Option<Value> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            match self.lines.try_recv() {
+                Ok(line) if wanted(&line) => return Some(line),
+                Ok(_) => {}
+                Err(mpsc::TryRecvError::Empty) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(mpsc::TryRecvError::Disconnected) => return None,
+            }
+        }
+        None
+    }
+}
+
+impl Drop for NodeSubscriber {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_graphql_ws_client_receives_order_portfolio_and_price_updates() {
+    let stack = Stack::start(1).await;
+    let alice = stack.token("alice", Role::Trader);
+    let broker = stack.token("gateway", Role::Broker);
+    let id = open_funded(&stack, &alice, "10000").await;
+    let url = stack.ws_url(0);
+    let orders = NodeSubscriber::start(
+        &url,
+        &alice,
+        "subscription($p: UUID!) { orderUpdates(portfolioId: $p) { position orderId eventType status cumQuantity } }",
+        json!({ "p": id }),
+    );
+    let portfolio = NodeSubscriber::start(
+        &url,
+        &alice,
+        "subscription($p: UUID!) { portfolioUpdates(id: $p) { position cause cash reserved positions { symbol quantity } } }",
+        json!({ "p": id }),
+    );
+    let prices = NodeSubscriber::start(
+        &url,
+        &alice,
+        "subscription { priceTicks(symbols: [\"ACME\"]) { symbol price seq } }",
+        json!({}),
+    );
+    for subscriber in [&orders, &portfolio, &prices] {
+        assert!(
+            subscriber.wait_for(Duration::from_secs(15), |l| l["type"] == "connected").await.is_some(),
+            "no connection"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the subscribe messages reach the server
+
+    let input = json!({ "portfolioId": id, "symbol": "ACME", "side": "BUY", "type": "LIMIT", "quantity": "4", "limitPrice": "50" });
+    let (order, _) = place(&stack, &alice, input).await;
+    fill(&stack, &broker, &order, "x1", "4", "49.5", "0").await;
+    stack.publish_tick("ACME", "49.75", 1).await;
+
+    let filled = orders
+        .wait_for(Duration::from_secs(20), |l| l["data"]["orderUpdates"]["status"] == "FILLED")
+        .await
+        .expect("the order update");
+    assert_eq!(filled["data"]["orderUpdates"]["orderId"], order.as_str());
+    assert_eq!(filled["data"]["orderUpdates"]["cumQuantity"], "4");
+    assert!(filled["data"]["orderUpdates"]["position"].as_str().unwrap().contains(':'));
+    let booked = portfolio
+        .wait_for(Duration::from_secs(20), |l| l["data"]["portfolioUpdates"]["cause"] == "ExecutionApplied")
+        .await
+        .expect("the portfolio update");
+    assert_eq!(booked["data"]["portfolioUpdates"]["cash"], "9802");
+    assert_eq!(booked["data"]["portfolioUpdates"]["positions"][0]["quantity"], "4");
+    let tick = prices.wait_for(Duration::from_secs(20), |l| l["type"] == "next").await.expect("the price tick");
+    assert_eq!(tick["data"]["priceTicks"], json!({ "symbol": "ACME", "price": "49.75", "seq": 1 }));
+    drop((orders, portfolio, prices));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mutation_through_one_instance_reaches_a_subscriber_on_another() {
+    let stack = Stack::start(2).await;
+    let alice = stack.token("alice", Role::Trader);
+    let id = open_funded(&stack, &alice, "1000").await;
+    let mut subscriber = WsSubscription::open(
+        &stack.ws_url(1),
+        Some(&alice),
+        "subscription($p: UUID!) { portfolioUpdates(id: $p) { cause cash } }",
+        json!({ "p": id }),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deposit = stack.gql_on(0, Some(&alice), DEPOSIT, json!({ "id": id, "amount": "234", "key": "via-a" })).await;
+    assert!(error_code(&deposit).is_none(), "{deposit}");
+    let update = subscriber.next(Duration::from_secs(15)).await.expect("an update on instance B");
+    assert_eq!(update["data"]["portfolioUpdates"], json!({ "cause": "CashDeposited", "cash": "1234" }));
+    subscriber.close().await;
+    stack.stop().await;
+}
+
+/// A `logEvents` subscriber disconnects, changes are made, it reconnects with its last cursor: it receives
+/// exactly the events after that cursor — nothing missing, nothing repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn log_events_resume_after_a_reconnect_without_gaps_or_repeats() {
+    let stack = Stack::start(1).await;
+    let alice = stack.token("alice", Role::Trader);
+    let auditor = stack.token("audit", Role::Auditor);
+    let id = open_funded(&stack, &alice, "1").await;
+    let query =
+        "subscription($after: LogPosition) { logEvents(after: $after) { position aggregateId sequence eventType } }";
+    let mut first =
+        WsSubscription::open(&stack.ws_url(0), Some(&auditor), query, json!({ "after": null })).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.ok(&alice, DEPOSIT, json!({ "id": id, "amount": "1", "key": "before-1" })).await;
+    let seen = first.next(Duration::from_secs(15)).await.expect("a live event");
+    let last = seen["data"]["logEvents"]["position"].as_str().unwrap().to_string();
+    first.close().await;
+
+    for n in 0..5 {
+        stack.ok(&alice, DEPOSIT, json!({ "id": id, "amount": "1", "key": format!("while-away-{n}") })).await;
+    }
+    let mut resumed =
+        WsSubscription::open(&stack.ws_url(0), Some(&auditor), query, json!({ "after": last })).await.unwrap();
+    let mut received = Vec::new();
+    while received.len() < 5 {
+        let Some(message) = resumed.next(Duration::from_secs(15)).await else { break };
+        received.push(message["data"]["logEvents"].clone());
+    }
+    // Nothing more arrives unasked, and more changes continue the stream.
+    assert!(resumed.next(Duration::from_millis(500)).await.is_none());
+    stack.ok(&alice, DEPOSIT, json!({ "id": id, "amount": "1", "key": "after-resume" })).await;
+    received.push(resumed.next(Duration::from_secs(15)).await.expect("live after resume")["data"]["logEvents"].clone());
+
+    let expected: Vec<(String, i64)> = sqlx::query_as(
+        "select transaction_id::text || ':' || global_position, sequence from events
+          where (transaction_id, global_position) > ($1::text::xid8, $2) order by transaction_id, global_position",
+    )
+    .bind(last.split(':').next().unwrap())
+    .bind(last.split(':').nth(1).unwrap().parse::<i64>().unwrap())
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    let got: Vec<(String, i64)> = received
+        .iter()
+        .map(|e| (e["position"].as_str().unwrap().to_string(), e["sequence"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(got, expected);
+    let unique: HashSet<&String> = got.iter().map(|(p, _)| p).collect();
+    assert_eq!(unique.len(), got.len());
+    resumed.close().await;
+    stack.stop().await;
+}
+
+/// A subscriber that does not read is told to resync instead of making the server buffer without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_subscriber_is_told_to_resync() {
+    let stack = Stack::start(1).await;
+    let auditor = stack.token("audit", Role::Auditor);
+    let mut slow = WsSubscription::open(
+        &stack.ws_url(0),
+        Some(&auditor),
+        "subscription { logEvents { position payload metadata } }",
+        json!({}),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // 30,000 events with 1 KB payloads: far beyond the feed buffer and the socket buffers.
+    for chunk in 0..30 {
+        sqlx::query(
+            "insert into events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             select 'Flood', 'flood-' || $1, g, 'Flooded', '1', jsonb_build_object('pad', repeat('x', 1000)), '{}'
+               from generate_series(1, 1000) g",
+        )
+        .bind(chunk)
+        .execute(&stack.pool)
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut last = None;
+    let mut received = 0;
+    while let Some(message) = slow.next(Duration::from_secs(10)).await {
+        received += 1;
+        last = Some(message);
+    }
+    let last = last.expect("some messages");
+    assert_eq!(error_code(&last).as_deref(), Some("RESYNC_REQUIRED"), "last message: {last}");
+    assert!(received < 30_000, "the subscription ended early rather than delivering everything");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn subscriptions_are_authenticated_and_authorized() {
+    let stack = Stack::start(1).await;
+    let alice = stack.token("alice", Role::Trader);
+    let bob = stack.token("bob", Role::Trader);
+    let id = open_funded(&stack, &alice, "1").await;
+    let url = stack.ws_url(0);
+    // No token: the connection is refused at connection_init.
+    let refused = WsSubscription::open(&url, None, "subscription { priceTicks { symbol } }", json!({})).await;
+    assert!(refused.is_err(), "an anonymous connection was accepted");
+    let expired = ledger_api::auth::TokenKeys::new(crate::support::SECRET).unwrap().issue(
+        "alice",
+        Role::Trader,
+        chrono::Duration::seconds(-1),
+        chrono::Utc::now(),
+    );
+    assert!(WsSubscription::open(&url, Some(&expired), "subscription { priceTicks { symbol } }", json!({}))
+        .await
+        .is_err());
+
+    for (query, variables) in [
+        ("subscription($p: UUID!) { portfolioUpdates(id: $p) { cash } }", json!({ "p": id })),
+        ("subscription($p: UUID!) { orderUpdates(portfolioId: $p) { status } }", json!({ "p": id })),
+        ("subscription($p: UUID!) { alertFired(portfolioId: $p) { kind } }", json!({ "p": id })),
+        ("subscription { logEvents { position } }", json!({})),
+    ] {
+        let mut subscription = WsSubscription::open(&url, Some(&bob), query, variables).await.unwrap();
+        let answer = subscription.next(Duration::from_secs(10)).await.expect("an answer");
+        assert_eq!(error_code(&answer).as_deref(), Some("FORBIDDEN"), "{query}: {answer}");
+        subscription.close().await;
+    }
+    stack.stop().await;
+}

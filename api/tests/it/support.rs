@@ -1,0 +1,222 @@
+//! The world of an API test: its own database, its own topics on the test broker, one or more API instances
+//! on random ports (the first also runs the relay, the process manager and the projection workers), tokens for
+//! every role, and two GraphQL clients — HTTP, and a small graphql-transport-ws client.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use ledger::kafka::KafkaConfig;
+use ledger::market::{Tick, TickPublisher, TICK_VERSION};
+use ledger_api::app::{start, AppConfig, Running};
+use ledger_api::auth::{Role, TokenKeys};
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+pub const SECRET: &str = "test-secret-of-at-least-thirty-two-bytes";
+
+pub fn admin_url() -> String {
+    std::env::var("LEDGER_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub struct Stack {
+    pub name: String,
+    pub pool: PgPool,
+    pub kafka: KafkaConfig,
+    pub instances: Vec<Running>,
+    keys: TokenKeys,
+    http: reqwest::Client,
+}
+
+pub fn init_tracing() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,ledger=info,ledger_api=info"));
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    });
+}
+
+impl Stack {
+    /// A new world with `instances` API instances.
+    pub async fn start(instances: usize) -> Stack {
+        Self::start_with(instances, |_| {}).await
+    }
+
+    pub async fn start_with(instances: usize, adjust: impl Fn(&mut AppConfig)) -> Stack {
+        init_tracing();
+        let admin = admin_url();
+        let name = format!("ledger_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = PgConnection::connect(&admin).await.unwrap();
+        sqlx::query(&format!("create database {name}")).execute(&mut conn).await.unwrap();
+        conn.close().await.ok();
+        let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+        let pool = ledger::db::connect(&url, 40).await.unwrap();
+        ledger::db::migrate(&pool).await.unwrap();
+        let brokers = std::env::var("KAFKA_BROKERS").expect("API tests need KAFKA_BROKERS: run ./scripts/test");
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let mut kafka = KafkaConfig::new(brokers);
+        kafka.events_topic = format!("test.events.{suffix}");
+        kafka.prices_topic = format!("test.prices.{suffix}");
+        kafka.dead_letter_topic = format!("test.dlq.{suffix}");
+        kafka.partitions = 4;
+        kafka.ensure_topics().await.unwrap();
+        let keys = TokenKeys::new(SECRET).unwrap();
+        let mut running = Vec::new();
+        for index in 0..instances {
+            let mut config = AppConfig::new(keys.clone(), Some(kafka.clone()));
+            config.with_relay = index == 0;
+            config.with_process_manager = index == 0;
+            config.with_workers = index == 0;
+            config.workers.group_prefix = format!("test-{suffix}");
+            adjust(&mut config);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            running.push(start(pool.clone(), config, listener).await.unwrap());
+        }
+        Stack { name, pool, kafka, instances: running, keys, http: reqwest::Client::new() }
+    }
+
+    pub fn token(&self, subject: &str, role: Role) -> String {
+        self.keys.issue(subject, role, chrono::Duration::hours(1), chrono::Utc::now())
+    }
+
+    pub fn url(&self, instance: usize, path: &str) -> String {
+        format!("http://{}{path}", self.instances[instance].address)
+    }
+
+    pub fn ws_url(&self, instance: usize) -> String {
+        format!("ws://{}/graphql/ws", self.instances[instance].address)
+    }
+
+    /// POSTs a GraphQL request; returns the whole response body (`data` and `errors`).
+    pub async fn gql_on(&self, instance: usize, token: Option<&str>, query: &str, variables: Value) -> Value {
+        let mut request =
+            self.http.post(self.url(instance, "/graphql")).json(&json!({ "query": query, "variables": variables }));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        response.json().await.unwrap()
+    }
+
+    pub async fn gql(&self, token: &str, query: &str, variables: Value) -> Value {
+        self.gql_on(0, Some(token), query, variables).await
+    }
+
+    /// Like [`Stack::gql`], but panics on any error and returns `data`.
+    pub async fn ok(&self, token: &str, query: &str, variables: Value) -> Value {
+        let response = self.gql(token, query, variables).await;
+        assert!(response.get("errors").is_none_or(|e| e.is_null()), "unexpected errors: {response}");
+        response["data"].clone()
+    }
+
+    pub async fn publish_tick(&self, symbol: &str, price: &str, seq: i64) {
+        let tick = Tick {
+            version: TICK_VERSION,
+            symbol: ledger::domain::values::Symbol::new(symbol).unwrap(),
+            price: ledger::domain::values::Price::new(price.parse().unwrap()).unwrap(),
+            ts: chrono::Utc::now(),
+            seq,
+            volume: None,
+            source: "test".into(),
+        };
+        TickPublisher::new(&self.kafka).unwrap().publish(&tick).await.unwrap();
+    }
+
+    pub async fn stop(self) {
+        for instance in self.instances {
+            instance.stop().await.unwrap();
+        }
+        self.pool.close().await;
+        if let Ok(mut conn) = PgConnection::connect(&admin_url()).await {
+            let _ =
+                sqlx::query(&format!("drop database if exists {} with (force)", self.name)).execute(&mut conn).await;
+        }
+    }
+}
+
+/// The first error code of a response, if any.
+pub fn error_code(response: &Value) -> Option<String> {
+    response["errors"][0]["extensions"]["code"].as_str().map(str::to_string)
+}
+
+/// Polls `check` every 25 ms until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A minimal graphql-transport-ws client (one subscription per connection).
+pub struct WsSubscription {
+    socket: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+}
+
+impl WsSubscription {
+    /// Connects, authenticates with `token` in `connection_init`, and subscribes. `Err` carries the server's
+    /// refusal (connection closed, or an `error` message).
+    pub async fn open(url: &str, token: Option<&str>, query: &str, variables: Value) -> Result<WsSubscription, String> {
+        let mut request = url.into_client_request().unwrap();
+        request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse().unwrap());
+        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| e.to_string())?;
+        let init = match token {
+            Some(token) => {
+                json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {token}") } })
+            }
+            None => json!({ "type": "connection_init", "payload": {} }),
+        };
+        socket.send(Message::text(init.to_string())).await.map_err(|e| e.to_string())?;
+        let ack = tokio::time::timeout(Duration::from_secs(5), socket.next())
+            .await
+            .map_err(|_| "no connection_ack".to_string())?;
+        match ack {
+            Some(Ok(Message::Text(text))) if text.contains("connection_ack") => {}
+            other => return Err(format!("connection refused: {other:?}")),
+        }
+        let subscribe =
+            json!({ "id": "1", "type": "subscribe", "payload": { "query": query, "variables": variables } });
+        socket.send(Message::text(subscribe.to_string())).await.map_err(|e| e.to_string())?;
+        Ok(WsSubscription { socket })
+    }
+
+    /// The next `next` payload (`data`/`errors`), or `None` on `complete`, close, or after `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let message = tokio::time::timeout(remaining, self.socket.next()).await.ok()??;
+            match message {
+                Ok(Message::Text(text)) => {
+                    let value: Value = serde_json::from_str(&text).ok()?;
+                    match value["type"].as_str() {
+                        Some("next") => return Some(value["payload"].clone()),
+                        Some("error") => return Some(json!({ "errors": value["payload"] })),
+                        Some("complete") => return None,
+                        Some("ping") => {
+                            let _ = self.socket.send(Message::text(json!({ "type": "pong" }).to_string())).await;
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.socket.close(None).await;
+    }
+}
