@@ -20,7 +20,10 @@ is_pinned() { [ -x "$1" ] && "$1" --version 2>/dev/null | grep -q " $NISSHI_VERS
 
 install() {
   if [ -n "${NISSHI_BIN:-}" ] && is_pinned "$NISSHI_BIN"; then
-    if [ "$NISSHI_BIN" != "$cached" ]; then mkdir -p "$NISSHI_ROOT/bin"; cp "$NISSHI_BIN" "$cached"; fi
+    # Copy only when the cache lacks it; copy then rename, so a running cached broker is never overwritten.
+    if [ "$NISSHI_BIN" != "$cached" ] && ! is_pinned "$cached"; then
+      mkdir -p "$NISSHI_ROOT/bin"; cp "$NISSHI_BIN" "$cached.tmp.$$"; mv -f "$cached.tmp.$$" "$cached"
+    fi
     echo "$cached"; return
   fi
   if is_pinned "$cached"; then echo "$cached"; return; fi
