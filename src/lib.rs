@@ -9,6 +9,7 @@
 //! - [`log`]: the event log reader every follower uses, in commit-safe `(transaction_id, global_position)`
 //!   order.
 //! - [`process`]: the process manager that coordinates Order and Portfolio through the log.
+//! - [`execution`]: the paper-trading executor (fills, IOC/FOK cancels, Day expiry) through the broker's commands.
 //! - [`relay`]: mirrors the log to Kafka (`ledger.events`), at least once, in per-aggregate order.
 //! - [`kafka`]: Kafka settings and topic creation shared by the relay and the consumers.
 //! - [`projections`]: read models built from the log.
@@ -22,6 +23,7 @@ pub mod clock;
 pub mod commands;
 pub mod db;
 pub mod domain;
+pub mod execution;
 pub mod kafka;
 pub mod log;
 pub mod market;

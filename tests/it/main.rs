@@ -3,6 +3,7 @@
 
 mod audit;
 mod commands;
+mod execution;
 mod log_order;
 mod process_manager;
 mod projections;
