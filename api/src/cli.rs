@@ -110,8 +110,9 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a scripted trading scenario end to end against PostgreSQL and print the resulting portfolio.
-    Demo,
+    /// Run the whole system live (broker, relay, workers, API, dashboard, simulator, paper executor, bots)
+    /// until Ctrl-C; prints the dashboard URL and a token.
+    Demo(crate::demo::DemoArgs),
     /// Run the GraphQL API server (optionally with the relay, process manager and workers in-process).
     Serve(crate::serve::ServeArgs),
     /// Issue a bearer token for the API (signed with LEDGER_JWT_SECRET).
@@ -283,7 +284,7 @@ pub fn init_logging(format: &LogFormat) {
 
 pub async fn run(args: Cli) -> anyhow::Result<()> {
     match args.command {
-        Command::Demo => crate::demo::run(&args.database_url, &args.kafka, &args.projections).await,
+        Command::Demo(demo) => crate::demo::run(&args.database_url, &args.kafka, &args.projections, demo).await,
         Command::Serve(serve) => crate::serve::run(&args.database_url, &args.kafka, &args.projections, serve).await,
         Command::Token { subject, role, ttl_hours, jwt_secret } => {
             let role: ledger_api::auth::Role = role.parse().map_err(|e: String| anyhow::anyhow!(e))?;

@@ -1,46 +1,74 @@
-//! `ledger demo`: a scripted trading scenario run end to end against PostgreSQL.
+//! `ledger demo`: the whole system in one process, live, until Ctrl-C.
 //!
-//! It opens a portfolio, deposits cash, publishes prices, places limit and market orders, plays the broker's
-//! executions and a sell, lets the process manager reserve, accept and book everything, then prints the
-//! portfolio. Each run uses new ids, so it can be repeated against the same database.
+//! PostgreSQL at `DATABASE_URL` (default: the local server; the database is created and migrated), Kafka at
+//! `KAFKA_BROKERS` or, when unset, librdkafka's in-process mock cluster (a Kafka-protocol broker inside this
+//! process). Then: the relay, the process manager, every projection worker, the GraphQL API with the web
+//! dashboard, the market simulator, the paper executor, and a few trading bots — all deterministic for a given
+//! `--seed` (the same portfolios, the same price paths), so a re-run continues the previous run's portfolios.
+//!
+//! Everything the bots do goes through the same command service as the API's mutations, and every fill goes
+//! through `RecordExecution` from the paper executor, exactly as an external broker's fills would.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use chrono::Utc;
-use ledger::commands::{CommandConfig, CommandContext, CommandService};
-use ledger::domain::order::{PlaceOrder, RecordExecution};
+use ledger::commands::{CommandContext, CommandService, Idempotency};
+use ledger::domain::order::PlaceOrder;
+use ledger::domain::portfolio::AlertCondition;
 use ledger::domain::values::{
-    Amount, ClientOrderId, Currency, ExecId, Money, OrderId, Owner, PortfolioId, Price, Quantity, Symbol,
+    AlertId, Amount, ClientOrderId, Currency, OrderId, Owner, PortfolioId, Price, Quantity, Symbol,
 };
-use ledger::domain::{
-    CostBasisMethod, Order, OrderCommand, OrderStatus, OrderType, Portfolio, PortfolioCommand, Side, TimeInForce,
-};
-use ledger::market::{Tick, TickPublisher};
-use ledger::process::{ProcessConfig, ProcessManager};
-use ledger::relay::{relay_lag, Relay, RelayConfig, RelayStatus};
+use ledger::domain::{CostBasisMethod, OrderCommand, OrderType, Portfolio, PortfolioCommand, Side, TimeInForce};
+use ledger::execution::{spawn_tick_consumer, PaperConfig, PaperExecutor};
+use ledger_api::app::{start, AppConfig};
+use ledger_api::auth::{Role, TokenKeys};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use rdkafka::mocking::MockCluster;
 use rust_decimal::Decimal;
 use tokio_util::sync::CancellationToken;
 
-/// How long the demo waits for the process manager, the relay or the read models at each step (the first run
-/// against a database with a long history replays it into the read models).
-const STEP_TIMEOUT_MS: u64 = 120_000;
+/// The owner of the portfolio the printed token trades.
+pub const DEMO_TRADER: &str = "demo-trader";
+/// Largest number of bots.
+pub const BOTS_MAX: usize = 50;
 
-fn d(value: &str) -> Decimal {
-    value.parse().expect("literal decimal")
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Address of the API and dashboard.
+    #[arg(long, env = "LEDGER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Seed of the simulator and the bots (same seed: same portfolios and price paths).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Trading bots (0 to 50).
+    #[arg(long, default_value_t = 3)]
+    pub bots: usize,
+    /// Milliseconds between simulated price steps.
+    #[arg(long, default_value_t = 500)]
+    pub tick_ms: u64,
+    /// Seconds between a bot's orders (on average).
+    #[arg(long, default_value_t = 3)]
+    pub bot_pace_secs: u64,
+    /// Signing secret of the tokens (a random one per run when unset).
+    #[arg(long, env = "LEDGER_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
 }
 
 pub async fn run(
     database_url: &str,
     kafka_args: &crate::cli::KafkaArgs,
     projection_args: &crate::cli::ProjectionArgs,
+    args: DemoArgs,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(args.bots <= BOTS_MAX, "--bots must be 0 to {BOTS_MAX}");
+    anyhow::ensure!((10..=60_000).contains(&args.tick_ms), "--tick-ms must be 10 to 60000");
+    anyhow::ensure!((1..=3_600).contains(&args.bot_pace_secs), "--bot-pace-secs must be 1 to 3600");
     let settings = projection_args.settings()?;
     let pool = crate::cli::connect_and_migrate(database_url).await?;
     println!("ledger demo — PostgreSQL at {}", crate::cli::redact(database_url));
-    // An in-process Kafka (librdkafka's mock cluster) unless KAFKA_BROKERS names a real one.
     let (embedded, brokers) = match &kafka_args.brokers {
         Some(brokers) => {
             println!("Kafka: brokers {brokers} (KAFKA_BROKERS)");
@@ -53,317 +81,270 @@ pub async fn run(
                 cluster.create_topic(topic, kafka_args.kafka_partitions, 1).context("creating a mock topic")?;
             }
             let brokers = cluster.bootstrap_servers();
-            println!("Kafka: KAFKA_BROKERS not set — using an in-process mock cluster at {brokers}");
+            println!("Kafka: KAFKA_BROKERS not set — using an in-process Kafka-protocol broker (librdkafka mock) at {brokers}");
             (Some(cluster), brokers)
         }
     };
     let kafka = kafka_args.config(&brokers);
-    let commands = Arc::new(CommandService::new(pool.clone(), CommandConfig::default()));
+    let secret = match &args.jwt_secret {
+        Some(secret) => secret.clone(),
+        None => {
+            let bytes: [u8; 32] = rand::thread_rng().gen();
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        }
+    };
+    let keys = TokenKeys::new(secret.into_bytes()).map_err(|e| anyhow::anyhow!(e))?;
+    let mut config = AppConfig::new(keys.clone(), Some(kafka.clone()));
+    config.settings = settings;
+    config.valuation_stale_after = chrono::Duration::milliseconds(projection_args.valuation_stale_after_ms as i64);
+    config.with_relay = true;
+    config.with_process_manager = true;
+    config.with_workers = true;
+    config.relay.create_topics = embedded.is_none();
+    config.workers.create_topics = embedded.is_none();
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (in use? pass --listen 127.0.0.1:PORT)", args.listen))?;
+    let running = start(pool.clone(), config, listener).await?;
+    let commands = running.commands.clone();
     let cancel = CancellationToken::new();
-    let process = {
-        let manager = ProcessManager::new(commands.clone(), ProcessConfig::default());
+    let mut tasks = Vec::new();
+
+    // Market data and paper execution.
+    {
+        let (kafka, cancel, seed, tick_ms) = (kafka.clone(), cancel.clone(), args.seed, args.tick_ms);
+        tasks.push(tokio::spawn(async move { crate::run::simulate(&kafka, seed, tick_ms, cancel).await }));
+    }
+    let executor = PaperExecutor::new(commands.clone(), PaperConfig::default()).map_err(|e| anyhow::anyhow!(e))?;
+    {
+        let (sender, ticks) = tokio::sync::mpsc::channel(ledger::execution::TICK_QUEUE);
+        let consumer = spawn_tick_consumer(&kafka, sender, cancel.clone())?;
         let cancel = cancel.clone();
-        tokio::spawn(async move { manager.run(cancel).await })
-    };
-    let relay_config = RelayConfig { create_topics: embedded.is_none(), ..RelayConfig::default() };
-    let relay = Relay::new(pool.clone(), kafka.clone(), relay_config);
-    let relay_status = relay.status();
-    let relay_task = {
-        let cancel = cancel.clone();
-        tokio::spawn(async move { relay.run(cancel).await })
-    };
-    let workers = tokio::spawn(crate::run::workers(
-        pool.clone(),
-        kafka.clone(),
-        ledger::projections::all(&settings),
-        ledger::projections::worker::WorkerConfig { create_topics: embedded.is_none(), ..Default::default() },
-        cancel.clone(),
-    ));
+        tasks.push(tokio::spawn(async move {
+            executor.run(ticks, cancel).await.context("paper executor")?;
+            consumer.await.context("tick consumer")?;
+            Ok(())
+        }));
+    }
 
-    let ctx = CommandContext::new("demo");
-    let now = Utc::now();
-    let portfolio_id = PortfolioId::generate();
-    let portfolio = portfolio_id.to_string();
-    commands
-        .execute_portfolio(
-            &ctx,
-            &portfolio,
-            PortfolioCommand::OpenPortfolio {
-                portfolio_id,
-                owner: Owner::new("demo-trader")?,
-                base_currency: Currency::new("USD")?,
-                cost_basis_method: CostBasisMethod::Fifo,
-                opened_at: now,
-            },
-        )
-        .await?;
-    let deposit = PortfolioCommand::DepositCash { amount: Amount::new(d("100000"))?, reference: None, at: now };
-    commands.execute_portfolio(&ctx, &portfolio, deposit).await?;
-    // Prices travel like any market data: published to the prices topic, projected into latest_prices.
-    let publisher = TickPublisher::new(&kafka)?;
-    let opening = |symbol: &str, price: &str| -> anyhow::Result<Tick> {
-        Ok(Tick {
-            version: ledger::market::TICK_VERSION,
-            symbol: Symbol::new(symbol)?,
-            price: Price::new(d(price))?,
-            ts: Utc::now(),
-            seq: 1,
-            volume: None,
-            source: "demo".into(),
-        })
-    };
-    publisher.publish_all(&[opening("ACME", "101.25")?, opening("ZED", "48.10")?]).await?;
-    wait_for_price(&pool, "ZED").await?;
+    // The demo trader's portfolio (the dashboard's), and the bots.
+    let mut seeds = StdRng::seed_from_u64(args.seed);
+    let trader = seed_portfolio(&commands, &mut seeds, args.seed, DEMO_TRADER, "100000").await?;
+    seed_alerts(&commands, trader, args.seed).await?;
+    {
+        let (commands, pool, cancel, seed) = (commands.clone(), pool.clone(), cancel.clone(), args.seed);
+        tasks.push(tokio::spawn(async move { first_trade(&commands, &pool, trader, seed, cancel).await }));
+    }
+    for n in 1..=args.bots {
+        let owner = format!("bot-{n}");
+        let portfolio = seed_portfolio(&commands, &mut seeds, args.seed, &owner, "250000").await?;
+        let bot = Bot {
+            commands: commands.clone(),
+            pool: pool.clone(),
+            portfolio,
+            owner,
+            pace: Duration::from_secs(args.bot_pace_secs),
+        };
+        let (cancel, rng) = (cancel.clone(), StdRng::seed_from_u64(args.seed.wrapping_add(n as u64)));
+        tasks.push(tokio::spawn(async move { bot.run(rng, cancel).await }));
+    }
 
-    let acme_buy = place(&commands, &ctx, portfolio_id, "ACME", Side::Buy, "100", Some("101.50")).await?;
-    let zed_buy = place(&commands, &ctx, portfolio_id, "ZED", Side::Buy, "200", None).await?;
-    wait_for(&commands, acme_buy, OrderStatus::New).await?;
-    wait_for(&commands, zed_buy, OrderStatus::New).await?;
-    fill(&commands, &ctx, acme_buy, "a1", "60", "101.20", "1.00").await?;
-    fill(&commands, &ctx, acme_buy, "a2", "40", "101.40", "1.00").await?;
-    fill(&commands, &ctx, zed_buy, "z1", "200", "48.15", "2.00").await?;
-    wait_for_position(&commands, &portfolio, "ACME", d("100")).await?;
-    wait_for_position(&commands, &portfolio, "ZED", d("200")).await?;
-
-    let acme_sell = place(&commands, &ctx, portfolio_id, "ACME", Side::Sell, "50", Some("103.00")).await?;
-    wait_for(&commands, acme_sell, OrderStatus::New).await?;
-    fill(&commands, &ctx, acme_sell, "s1", "50", "103.10", "1.00").await?;
-    wait_for_position(&commands, &portfolio, "ACME", d("50")).await?;
-
-    let closing = Tick { ts: Utc::now(), seq: 2, ..opening("ACME", "104.00")? };
-    publisher.publish(&closing).await?;
-    wait_for_relay(&pool, &relay_status).await?;
-    wait_for_read_model(&pool, portfolio_id, d("50")).await?;
-    cancel.cancel();
-    process.await.context("process manager task")??;
-    relay_task.await.context("relay task")??;
-    workers.await.context("workers")??;
-    print_portfolio(&commands, &portfolio, &[acme_buy, zed_buy, acme_sell]).await?;
-    let stale_after = chrono::Duration::milliseconds(projection_args.valuation_stale_after_ms as i64);
-    print_valuation(&pool, portfolio_id, stale_after).await?;
+    let token = keys.issue(DEMO_TRADER, Role::Trader, chrono::Duration::days(7), Utc::now());
+    let admin = keys.issue("demo-admin", Role::Admin, chrono::Duration::days(7), Utc::now());
+    let base = format!("http://{}", running.address);
+    println!();
+    println!("  dashboard   {base}/#token={token}");
+    println!("  GraphiQL    {base}/graphql   (header  Authorization: Bearer <token>)");
+    println!("  metrics     {base}/metrics");
+    println!("  trader token ({DEMO_TRADER}, portfolio {trader}):");
+    println!("    {token}");
+    println!("  admin token:");
+    println!("    {admin}");
     println!();
     println!(
-        "relay: {} events mirrored to {} this run (cursor {}:{})",
-        relay_status.produced.load(std::sync::atomic::Ordering::Relaxed),
-        kafka.events_topic,
-        relay_status.cursor_transaction_id.load(std::sync::atomic::Ordering::Relaxed),
-        relay_status.cursor_global_position.load(std::sync::atomic::Ordering::Relaxed),
+        "{} bots trading, prices every {} ms (seed {}). Ctrl-C stops everything.",
+        args.bots, args.tick_ms, args.seed
     );
+
+    crate::cli::shutdown_on_signal().cancelled().await;
+    println!("stopping…");
+    cancel.cancel();
+    for task in tasks {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(error = format!("{error:#}"), "a demo task ended with an error"),
+            Err(error) => tracing::warn!(%error, "a demo task panicked"),
+        }
+    }
+    running.stop().await?;
+    drop(embedded);
+    println!("stopped");
     Ok(())
 }
 
-/// Waits until the prices projection has seen `symbol`.
-async fn wait_for_price(pool: &sqlx::PgPool, symbol: &str) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(STEP_TIMEOUT_MS);
-    while sqlx::query_scalar::<_, i64>("select count(*) from latest_prices where symbol = $1")
-        .bind(symbol)
-        .fetch_one(pool)
-        .await?
-        == 0
-    {
-        if tokio::time::Instant::now() > deadline {
-            bail!("no price for {symbol} reached the read model within {STEP_TIMEOUT_MS} ms");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+fn seeded_uuid(rng: &mut StdRng) -> uuid::Uuid {
+    uuid::Builder::from_random_bytes(rng.gen()).into_uuid()
+}
+
+fn keyed(key: String) -> anyhow::Result<CommandContext> {
+    Ok(CommandContext::new("demo").with_idempotency(Idempotency::new(key.clone(), &key)?))
+}
+
+/// Opens (once per seed) a funded portfolio for `owner`; returns its id.
+async fn seed_portfolio(
+    commands: &CommandService,
+    rng: &mut StdRng,
+    seed: u64,
+    owner: &str,
+    cash: &str,
+) -> anyhow::Result<PortfolioId> {
+    let id = PortfolioId(seeded_uuid(rng));
+    let open = PortfolioCommand::OpenPortfolio {
+        portfolio_id: id,
+        owner: Owner::new(owner)?,
+        base_currency: Currency::new("USD")?,
+        cost_basis_method: CostBasisMethod::Fifo,
+        opened_at: Utc::now(),
+    };
+    commands.execute_portfolio(&keyed(format!("demo:{seed}:{owner}:open"))?, &id.to_string(), open).await?;
+    let deposit =
+        PortfolioCommand::DepositCash { amount: Amount::new(cash.parse()?)?, reference: None, at: Utc::now() };
+    commands.execute_portfolio(&keyed(format!("demo:{seed}:{owner}:deposit"))?, &id.to_string(), deposit).await?;
+    Ok(id)
+}
+
+/// Two alerts on the demo trader's portfolio, so that the alerts feed has something to show.
+async fn seed_alerts(commands: &CommandService, portfolio: PortfolioId, seed: u64) -> anyhow::Result<()> {
+    let acme = Symbol::new("ACME")?;
+    let conditions = [
+        (
+            "up",
+            AlertCondition::PercentChange {
+                symbol: acme.clone(),
+                reference: Price::new("101.25".parse()?)?,
+                percent: Decimal::ONE,
+            },
+        ),
+        (
+            "down",
+            AlertCondition::PercentChange {
+                symbol: acme,
+                reference: Price::new("101.25".parse()?)?,
+                percent: -Decimal::ONE,
+            },
+        ),
+    ];
+    for (name, condition) in conditions {
+        let command = PortfolioCommand::CreateAlert { alert_id: AlertId::generate(), condition, at: Utc::now() };
+        let context = keyed(format!("demo:{seed}:alert:{name}"))?;
+        commands.execute_portfolio(&context, &portfolio.to_string(), command).await?;
     }
     Ok(())
 }
 
-/// Waits until the positions read model shows the final ACME position and the closing price.
-async fn wait_for_read_model(pool: &sqlx::PgPool, portfolio: PortfolioId, acme: Decimal) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(STEP_TIMEOUT_MS);
-    loop {
-        let ready: bool = sqlx::query_scalar(
-            "select exists (select 1 from rm_positions where portfolio_id = $1 and symbol = 'ACME' and quantity = $2)
-                and exists (select 1 from latest_prices where symbol = 'ACME' and price = 104)",
-        )
-        .bind(portfolio.0)
-        .bind(acme)
-        .fetch_one(pool)
-        .await?;
-        if ready {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("the read models did not catch up within {STEP_TIMEOUT_MS} ms");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn print_valuation(
+/// Once per seed: a market buy of 10 ACME for the demo trader as soon as ACME has a price, so that the
+/// dashboard shows a position from the start.
+async fn first_trade(
+    commands: &CommandService,
     pool: &sqlx::PgPool,
     portfolio: PortfolioId,
-    stale_after: chrono::Duration,
+    seed: u64,
+    cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let valuation = ledger::projections::valuation::portfolio_valuation(pool, portfolio.0, stale_after, Utc::now())
-        .await?
-        .context("portfolio missing from the read model")?;
-    println!();
-    println!("valuation (read models: positions × latest prices)");
-    for position in &valuation.positions {
-        let value = |v: Option<Decimal>| v.map(money).unwrap_or_else(|| "n/a".into());
-        println!(
-            "  {:<6} {:>6} @ {:>10}  market value {:>12}  unrealized P&L {:>10}{}",
-            position.symbol,
-            position.quantity,
-            value(position.last_price),
-            value(position.market_value),
-            value(position.unrealized_pnl),
-            position.missing_reason.as_deref().map(|r| format!("  ({r})")).unwrap_or_default()
-        );
-    }
-    let total = valuation
-        .total_equity
-        .map(money)
-        .unwrap_or_else(|| format!("n/a ({})", valuation.missing_reason.unwrap_or_default()));
-    println!("  total equity {total}");
-    Ok(())
-}
-
-/// Waits until the relay has mirrored the whole log.
-async fn wait_for_relay(pool: &sqlx::PgPool, status: &RelayStatus) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(STEP_TIMEOUT_MS);
     loop {
-        let lag = match status.cursor_name.get() {
-            Some(cursor) => relay_lag(pool, cursor).await?,
-            None => ledger::relay::RelayLag { events: i64::MAX, seconds: 0.0 },
-        };
-        if lag.events == 0 {
-            return Ok(());
+        let priced: bool = sqlx::query_scalar("select exists (select 1 from latest_prices where symbol = 'ACME')")
+            .fetch_one(pool)
+            .await?;
+        if priced {
+            break;
         }
-        if tokio::time::Instant::now() > deadline {
-            bail!("the relay is still {} events behind after {STEP_TIMEOUT_MS} ms", lag.events);
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-async fn place(
-    commands: &CommandService,
-    ctx: &CommandContext,
-    portfolio_id: PortfolioId,
-    symbol: &str,
-    side: Side,
-    quantity: &str,
-    limit: Option<&str>,
-) -> anyhow::Result<OrderId> {
-    let order_id = OrderId::generate();
-    let order_type = match limit {
-        Some(limit) => OrderType::Limit { limit_price: Price::new(d(limit))? },
-        None => OrderType::Market,
-    };
+    let mut ids = StdRng::seed_from_u64(seed ^ 0x5eed);
+    let order_id = OrderId(seeded_uuid(&mut ids));
     let command = OrderCommand::PlaceOrder(PlaceOrder {
         order_id,
-        portfolio_id,
-        client_order_id: ClientOrderId::new(format!("demo-{}", &order_id.to_string()[..8]))?,
-        symbol: Symbol::new(symbol)?,
-        side,
-        order_type,
-        quantity: Quantity::new(d(quantity))?,
+        portfolio_id: portfolio,
+        client_order_id: ClientOrderId::new(format!("demo-first-{seed}"))?,
+        symbol: Symbol::new("ACME")?,
+        side: Side::Buy,
+        order_type: OrderType::Market,
+        quantity: Quantity::new(Decimal::TEN)?,
         time_in_force: TimeInForce::Day,
         placed_at: Utc::now(),
     });
-    commands.execute_order(ctx, &order_id.to_string(), command).await?;
-    Ok(order_id)
-}
-
-async fn fill(
-    commands: &CommandService,
-    ctx: &CommandContext,
-    order_id: OrderId,
-    exec_id: &str,
-    quantity: &str,
-    price: &str,
-    fee: &str,
-) -> anyhow::Result<()> {
-    let command = OrderCommand::RecordExecution(RecordExecution {
-        exec_id: ExecId::new(exec_id)?,
-        quantity: Quantity::new(d(quantity))?,
-        price: Price::new(d(price))?,
-        fee: Money::new(d(fee))?,
-        executed_at: Utc::now(),
-    });
-    commands.execute_order(ctx, &order_id.to_string(), command).await?;
+    commands.execute_order(&keyed(format!("demo:{seed}:first-trade"))?, &order_id.to_string(), command).await?;
     Ok(())
 }
 
-async fn wait_for(commands: &CommandService, order_id: OrderId, status: OrderStatus) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(STEP_TIMEOUT_MS);
-    loop {
-        let (order, _) = commands.load::<Order>(&order_id.to_string()).await?;
-        if order.status == status {
+/// A bot: every few seconds, a random market or limit order near the last price; sells only what it holds.
+struct Bot {
+    commands: Arc<CommandService>,
+    pool: sqlx::PgPool,
+    portfolio: PortfolioId,
+    owner: String,
+    pace: Duration,
+}
+
+impl Bot {
+    async fn run(self, mut rng: StdRng, cancel: CancellationToken) -> anyhow::Result<()> {
+        loop {
+            let wait = self.pace.mul_f64(rng.gen_range(0.5..1.5));
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if let Err(error) = self.trade(&mut rng).await {
+                tracing::debug!(bot = %self.owner, error = format!("{error:#}"), "bot order not placed");
+            }
+        }
+    }
+
+    async fn trade(&self, rng: &mut StdRng) -> anyhow::Result<()> {
+        let prices: Vec<(String, Decimal)> =
+            sqlx::query_as("select symbol, price from latest_prices order by symbol").fetch_all(&self.pool).await?;
+        if prices.is_empty() {
             return Ok(());
         }
-        if order.status == OrderStatus::Rejected {
-            bail!("order {order_id} was rejected: {:?}", order.reject_reason);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("order {order_id} is still {} after {STEP_TIMEOUT_MS} ms", order.status);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn wait_for_position(
-    commands: &CommandService,
-    portfolio: &str,
-    symbol: &str,
-    quantity: Decimal,
-) -> anyhow::Result<()> {
-    let symbol = Symbol::new(symbol)?;
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(STEP_TIMEOUT_MS);
-    loop {
-        let (state, _) = commands.load::<Portfolio>(portfolio).await?;
-        if state.positions.get(&symbol).is_some_and(|p| p.quantity == quantity) {
+        let (symbol, last) = prices[rng.gen_range(0..prices.len())].clone();
+        let symbol = Symbol::new(symbol)?;
+        let (state, _) = self.commands.load::<Portfolio>(&self.portfolio.to_string()).await?;
+        let free = state.positions.get(&symbol).map(|p| p.quantity - p.reserved_quantity).unwrap_or_default();
+        let side = if free >= Decimal::ONE && rng.gen_bool(0.45) { Side::Sell } else { Side::Buy };
+        let budget = state.buying_power() * Decimal::new(5, 2); // at most 5 % of buying power per order
+        let quantity = match side {
+            Side::Buy => (budget / last).floor().min(Decimal::from(rng.gen_range(1..=20))),
+            Side::Sell => free.floor().min(Decimal::from(rng.gen_range(1..=20))),
+        };
+        if quantity < Decimal::ONE {
             return Ok(());
         }
-        if tokio::time::Instant::now() > deadline {
-            bail!("position {symbol} did not reach {quantity} within {STEP_TIMEOUT_MS} ms");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (order_type, time_in_force) = if rng.gen_bool(0.5) {
+            (OrderType::Market, TimeInForce::Day)
+        } else {
+            // A limit within ±0.5 % of the last price: some fill at once, some wait, some never fill.
+            let offset = Decimal::new(rng.gen_range(-50..=50), 4);
+            let limit = (last * (Decimal::ONE + offset)).round_dp(2);
+            let tif = [TimeInForce::Day, TimeInForce::Gtc, TimeInForce::Ioc][rng.gen_range(0..3)];
+            (OrderType::Limit { limit_price: Price::new(limit)? }, tif)
+        };
+        let order_id = OrderId::generate();
+        let command = OrderCommand::PlaceOrder(PlaceOrder {
+            order_id,
+            portfolio_id: self.portfolio,
+            client_order_id: ClientOrderId::new(format!("{}-{}", self.owner, &order_id.to_string()[..8]))?,
+            symbol,
+            side,
+            order_type,
+            quantity: Quantity::new(quantity)?,
+            time_in_force,
+            placed_at: Utc::now(),
+        });
+        let context = keyed(format!("demo:{}:{order_id}", self.owner))?;
+        self.commands.execute_order(&context, &order_id.to_string(), command).await?;
+        Ok(())
     }
-}
-
-/// Two decimals, rounded half away from zero (Decimal's `{:.2}` alone truncates).
-fn money(value: Decimal) -> String {
-    format!("{:.2}", value.round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointAwayFromZero))
-}
-
-async fn print_portfolio(commands: &CommandService, portfolio: &str, orders: &[OrderId]) -> anyhow::Result<()> {
-    let (state, sequence) = commands.load::<Portfolio>(portfolio).await?;
-    println!();
-    println!("portfolio {portfolio} (after {sequence} events)");
-    println!("  cash          {:>14}", money(state.cash));
-    println!("  reserved      {:>14}", money(state.reserved_cash));
-    println!("  buying power  {:>14}", money(state.buying_power()));
-    println!("  realized P&L  {:>14}", money(state.realized_pnl));
-    println!();
-    println!("  {:<6} {:>10} {:>14} {:>12} {:>14}", "symbol", "quantity", "cost basis", "avg cost", "realized P&L");
-    for (symbol, position) in &state.positions {
-        let average = if position.quantity.is_zero() { Decimal::ZERO } else { position.cost_basis / position.quantity };
-        println!(
-            "  {:<6} {:>10} {:>14} {:>12} {:>14}",
-            symbol.as_str(),
-            position.quantity,
-            money(position.cost_basis),
-            format!("{:.4}", average.round_dp(4)),
-            money(position.realized_pnl)
-        );
-    }
-    println!();
-    for order_id in orders {
-        let (order, _) = commands.load::<Order>(&order_id.to_string()).await?;
-        let terms = order.terms.as_ref().context("order without terms")?;
-        println!(
-            "  order {order_id} {:?} {} {} {:<15} filled {} avg {}",
-            terms.side,
-            terms.quantity,
-            terms.symbol,
-            order.status.as_str(),
-            order.cum_quantity,
-            order.average_price().unwrap_or_default()
-        );
-    }
-    Ok(())
 }

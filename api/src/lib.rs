@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod dashboard;
 pub mod graphql;
 pub mod hub;
 pub mod metrics;

@@ -2,6 +2,7 @@
 //!
 //! | route | what |
 //! |-------|------|
+//! | `GET /` | the web dashboard (`/static/…` its files; the token in the URL fragment `#token=…`) |
 //! | `POST /graphql` | queries and mutations; `Authorization: Bearer <token>` |
 //! | `GET /graphql` | GraphiQL |
 //! | `GET /graphql/ws` | subscriptions (`graphql-transport-ws`; token in `connection_init`: `{"authorization": "Bearer …"}`) |
@@ -69,6 +70,8 @@ pub fn router(app: AppState, config: ServerConfig) -> (Router, Arc<ServerState>)
         kafka: config.kafka,
     });
     let router = Router::new()
+        .route("/", get(crate::dashboard::index))
+        .route("/static/{*path}", get(crate::dashboard::asset))
         .route("/graphql", get(graphiql).post(graphql))
         .route("/graphql/ws", get(subscriptions))
         .route("/healthz", get(|| async { "ok" }))

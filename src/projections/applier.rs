@@ -221,7 +221,11 @@ pub async fn apply_ticks(
         .iter()
         .map(|r| (r.get::<String, _>("symbol"), (r.get::<DateTime<Utc>, _>("last_ts"), r.get::<i64, _>("last_seq"))))
         .collect();
-    for (index, tick) in ticks.iter().enumerate() {
+    // Symbol by symbol (arrival order within a symbol): every tick-driven worker archives ticks into the shared
+    // `market_ticks`, and two transactions inserting the same keys in different orders deadlock.
+    let mut ordered: Vec<(usize, &Tick)> = ticks.iter().enumerate().collect();
+    ordered.sort_by(|a, b| a.1.symbol.as_str().cmp(b.1.symbol.as_str()));
+    for (index, tick) in ordered {
         let symbol = tick.symbol.as_str();
         if last.get(symbol).is_some_and(|&seen| tick.order_key() <= seen) {
             outcome.duplicates += 1;

@@ -297,11 +297,14 @@ async fn over_deep_over_complex_and_alias_heavy_queries_are_refused_and_pages_ar
     assert_eq!(error_code(&response).as_deref(), Some("QUERY_TOO_MANY_ALIASES"), "{response}");
 
     // 120 deposits: asking for 1000 history entries gets at most 100, with a next page.
+    let mut last = Value::Null;
     for n in 0..120 {
-        stack.ok(&alice, DEPOSIT, json!({ "id": id, "amount": "1", "key": format!("page-{n}") })).await;
+        last = stack.ok(&alice, DEPOSIT, json!({ "id": id, "amount": "1", "key": format!("page-{n}") })).await
+            ["deposit"]["lastPosition"]
+            .clone();
     }
     let page = stack
-        .ok(&alice, "query($id: UUID!) { portfolio(id: $id) { history(first: 1000) { pageInfo { hasNextPage } edges { cursor } } } }", json!({ "id": id }))
+        .ok(&alice, "query($id: UUID!, $w: LogPosition) { portfolio(id: $id, waitFor: $w) { history(first: 1000) { pageInfo { hasNextPage } edges { cursor } } } }", json!({ "id": id, "w": last }))
         .await;
     assert_eq!(page["portfolio"]["history"]["edges"].as_array().unwrap().len(), 100);
     assert_eq!(page["portfolio"]["history"]["pageInfo"]["hasNextPage"], true);

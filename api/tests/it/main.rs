@@ -1,6 +1,7 @@
 //! The `ledger` binary, run as users run it, against a real PostgreSQL.
 
 mod cli;
+mod demo;
 mod graphql;
 mod subscriptions;
 mod support;
