@@ -13,6 +13,10 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "ledger", version, about = "Event-sourced CQRS trading ledger")]
 pub struct Cli {
+    /// A file of NAME=value settings (the environment's names), applied under the environment (see README).
+    #[arg(long, env = "LEDGER_CONFIG", global = true)]
+    pub config: Option<std::path::PathBuf>,
+
     /// PostgreSQL URL. The database is created if missing and migrated at startup.
     #[arg(long, env = "DATABASE_URL", default_value = ledger::db::DATABASE_URL_DEFAULT, global = true)]
     pub database_url: String,
@@ -161,6 +165,24 @@ pub enum Command {
         /// Milliseconds between ticks of each symbol.
         #[arg(long, default_value_t = 500)]
         interval_ms: u64,
+    },
+    /// Run the paper-trading executor: fill accepted orders against the prices topic until interrupted.
+    Executor {
+        /// Price moved against each fill, in basis points.
+        #[arg(long, env = "LEDGER_PAPER_SLIPPAGE_BPS", default_value_t = 5)]
+        slippage_bps: u32,
+        /// Fee in basis points of each fill's value.
+        #[arg(long, env = "LEDGER_PAPER_FEE_BPS", default_value_t = 5)]
+        fee_bps: u32,
+        /// Minimum fee per fill.
+        #[arg(long, env = "LEDGER_PAPER_FEE_MIN", default_value = "0")]
+        fee_min: rust_decimal::Decimal,
+        /// Share of a tick's volume one order may take (0 < p ≤ 1).
+        #[arg(long, env = "LEDGER_PAPER_PARTICIPATION", default_value = "1")]
+        participation: rust_decimal::Decimal,
+        /// Time of day (UTC, HH:MM) at which Day orders expire.
+        #[arg(long, env = "LEDGER_PAPER_DAY_END_UTC", default_value = "21:00")]
+        day_end_utc: String,
     },
     /// Publish the ticks of a CSV file (ts,symbol,price[,volume]) to the prices topic.
     Feed {
@@ -383,6 +405,21 @@ pub async fn run(args: Cli) -> anyhow::Result<()> {
         Command::Simulate { seed, interval_ms } => {
             let kafka = args.kafka.required()?;
             crate::run::simulate(&kafka, seed, interval_ms, shutdown_on_signal()).await
+        }
+        Command::Executor { slippage_bps, fee_bps, fee_min, participation, day_end_utc } => {
+            let day_end_utc = chrono::NaiveTime::parse_from_str(&day_end_utc, "%H:%M")
+                .map_err(|_| anyhow::anyhow!("--day-end-utc must be HH:MM, not {day_end_utc:?}"))?;
+            let config = ledger::execution::PaperConfig { slippage_bps, fee_bps, fee_min, participation, day_end_utc };
+            let kafka = args.kafka.required()?;
+            let pool = connect_and_migrate(&args.database_url).await?;
+            let commands = std::sync::Arc::new(ledger::commands::CommandService::new(pool, Default::default()));
+            let executor = ledger::execution::PaperExecutor::new(commands, config).map_err(|e| anyhow::anyhow!(e))?;
+            let cancel = shutdown_on_signal();
+            let (sender, ticks) = tokio::sync::mpsc::channel(ledger::execution::TICK_QUEUE);
+            let consumer = ledger::execution::spawn_tick_consumer(&kafka, sender, cancel.clone())?;
+            executor.run(ticks, cancel).await.context("paper executor")?;
+            consumer.await.context("tick consumer")?;
+            Ok(())
         }
         Command::Feed { csv, speed } => {
             let kafka = args.kafka.required()?;

@@ -124,6 +124,19 @@ impl Hub {
         spawn_stream(move |sender| async move {
             let _guard = guard;
             let mut last = after;
+            // "From now": events of transactions that had committed when the subscription started (visible in
+            // the snapshot taken now) are skipped, whatever this instance's follower had delivered by then.
+            let mut before_now: Option<Snapshot> = None;
+            if after.is_none() {
+                match Snapshot::now(&hub.pool).await {
+                    Ok(snapshot) => before_now = Some(snapshot),
+                    Err(error) => {
+                        tracing::warn!(%error, "subscription start failed");
+                        let _ = sender.send(Err(FeedError::Database)).await;
+                        return;
+                    }
+                }
+            }
             if let Some(start) = after {
                 let mut reader = LogReader::new(hub.pool.clone(), start).with_batch_size(CATCH_UP_BATCH);
                 loop {
@@ -151,6 +164,9 @@ impl Hub {
                     Ok(event) => {
                         if last.is_some_and(|last| event.position <= last) {
                             continue; // delivered by the catch-up
+                        }
+                        if before_now.as_ref().is_some_and(|s| s.sees(event.position.transaction_id)) {
+                            continue; // committed before the subscription started
                         }
                         last = Some(event.position);
                         if filter(&event) && sender.send(Ok(event)).await.is_err() {
@@ -326,5 +342,51 @@ async fn follow_ticks(kafka: KafkaConfig, feed: broadcast::Sender<Arc<Tick>>, ca
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+    }
+}
+
+/// A PostgreSQL snapshot (`pg_current_snapshot()`): which transactions had committed when it was taken.
+#[derive(Debug, Clone, PartialEq)]
+struct Snapshot {
+    xmin: u64,
+    xmax: u64,
+    in_progress: Vec<u64>,
+}
+
+impl Snapshot {
+    async fn now(pool: &sqlx::PgPool) -> Result<Snapshot, sqlx::Error> {
+        let text: String = sqlx::query_scalar("select pg_current_snapshot()::text").fetch_one(pool).await?;
+        Snapshot::parse(&text).ok_or_else(|| sqlx::Error::Protocol(format!("unexpected snapshot {text:?}")))
+    }
+
+    /// `xmin:xmax:xip,xip,…`
+    fn parse(text: &str) -> Option<Snapshot> {
+        let mut parts = text.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let in_progress = match parts.next()? {
+            "" => Vec::new(),
+            list => list.split(',').map(|x| x.parse().ok()).collect::<Option<Vec<u64>>>()?,
+        };
+        Some(Snapshot { xmin, xmax, in_progress })
+    }
+
+    /// Whether the transaction's effects were visible (it had committed) when the snapshot was taken.
+    fn sees(&self, transaction: u64) -> bool {
+        transaction < self.xmin || (transaction < self.xmax && !self.in_progress.contains(&transaction))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Snapshot;
+
+    #[test]
+    fn a_snapshot_sees_what_had_committed() {
+        let snapshot = Snapshot::parse("100:110:102,105").unwrap();
+        assert!(snapshot.sees(99) && snapshot.sees(101) && snapshot.sees(109));
+        assert!(!snapshot.sees(102) && !snapshot.sees(105) && !snapshot.sees(110) && !snapshot.sees(200));
+        assert_eq!(Snapshot::parse("5:5:").unwrap(), Snapshot { xmin: 5, xmax: 5, in_progress: vec![] });
+        assert!(Snapshot::parse("garbage").is_none());
     }
 }

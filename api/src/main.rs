@@ -4,17 +4,30 @@ mod audit;
 mod bench;
 mod bench_export;
 mod cli;
+mod config_file;
 mod demo;
 mod run;
 mod serve;
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    // The configuration file is applied to the environment before any thread exists (see `config_file`).
+    let raw: Vec<String> = std::env::args().collect();
+    if let Err(error) = config_file::apply(&raw) {
+        eprintln!("error: {error}");
+        return std::process::ExitCode::FAILURE;
+    }
     let args = cli::Cli::parse();
     cli::init_logging(&args.log_format);
-    match cli::run(args).await {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             // One line a human can act on; the cause chain is in the log at debug level.

@@ -190,3 +190,35 @@ async fn export_and_verify_exit_0_when_intact_and_1_naming_the_position_when_tam
     pool.close().await;
     db.drop().await;
 }
+
+/// A configuration file sits between the defaults and the environment: its DATABASE_URL is used when the
+/// environment has none, the environment's wins otherwise, and an unknown name is refused with its line.
+#[tokio::test]
+async fn a_configuration_file_applies_under_the_environment() {
+    let dir = std::env::temp_dir().join(format!("ledger-config-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("ledger.env");
+    std::fs::write(&file, "# test\nDATABASE_URL=postgres://postgres@127.0.0.1:2/from_file\n").unwrap();
+    let run = |env_url: Option<&str>, file: &std::path::Path| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ledger"));
+        command
+            .args(["--config", file.to_str().unwrap(), "migrate"])
+            .env("RUST_LOG", "error")
+            .env_remove("LEDGER_CONFIG");
+        match env_url {
+            Some(url) => command.env("DATABASE_URL", url),
+            None => command.env_remove("DATABASE_URL"),
+        };
+        command.output().unwrap()
+    };
+    let from_file = run(None, &file);
+    assert_eq!(from_file.status.code(), Some(1));
+    assert!(text(&from_file.stderr).contains("127.0.0.1:2/from_file"), "{}", text(&from_file.stderr));
+    let from_env = run(Some("postgres://postgres@127.0.0.1:3/from_env"), &file);
+    assert!(text(&from_env.stderr).contains("127.0.0.1:3/from_env"), "{}", text(&from_env.stderr));
+    std::fs::write(&file, "DATABASE_URL=x\nLEDGER_LISTN=0.0.0.0:1\n").unwrap();
+    let typo = run(None, &file);
+    assert_eq!(typo.status.code(), Some(1));
+    assert!(text(&typo.stderr).contains("line 2: unknown setting \"LEDGER_LISTN\""), "{}", text(&typo.stderr));
+    std::fs::remove_dir_all(dir).ok();
+}
