@@ -184,6 +184,9 @@ pub enum Command {
         #[arg(long, env = "LEDGER_PAPER_DAY_END_UTC", default_value = "21:00")]
         day_end_utc: String,
     },
+    /// Chaos test: load through two API instances while processes are killed and the broker and PostgreSQL
+    /// restart; then check that nothing was lost or doubled (see `scripts/chaos`).
+    Chaos(crate::chaos::ChaosArgs),
     /// Publish the ticks of a CSV file (ts,symbol,price[,volume]) to the prices topic.
     Feed {
         #[arg(long)]
@@ -421,6 +424,7 @@ pub async fn run(args: Cli) -> anyhow::Result<()> {
             consumer.await.context("tick consumer")?;
             Ok(())
         }
+        Command::Chaos(chaos) => crate::chaos::run(&args.database_url, chaos).await,
         Command::Feed { csv, speed } => {
             let kafka = args.kafka.required()?;
             crate::run::feed(&kafka, &csv, speed, shutdown_on_signal()).await

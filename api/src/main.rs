@@ -3,6 +3,7 @@
 mod audit;
 mod bench;
 mod bench_export;
+mod chaos;
 mod cli;
 mod config_file;
 mod demo;

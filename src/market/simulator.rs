@@ -112,7 +112,7 @@ impl Simulator {
                 version: TICK_VERSION,
                 symbol,
                 price,
-                ts: now,
+                ts: super::tick::to_micros(now),
                 seq: self.seq,
                 volume: Some(Decimal::from(volume)),
                 source: "sim".to_string(),

@@ -53,18 +53,43 @@ impl Tick {
         if tick.volume.is_some_and(|v| v.is_sign_negative() && !v.is_zero()) {
             return Err(TickError::NegativeVolume);
         }
-        Ok(tick)
+        Ok(Tick { ts: to_micros(tick.ts), ..tick })
     }
 
-    /// The ordering key within the symbol.
+    /// The ordering key within the symbol, at PostgreSQL's precision (microseconds): keys read back from the
+    /// database must compare equal to the tick's own, or a redelivered tick would look newer than itself.
     pub fn order_key(&self) -> (DateTime<Utc>, i64) {
-        (self.ts, self.seq)
+        (to_micros(self.ts), self.seq)
     }
+}
+
+/// A time truncated to whole microseconds, the precision of PostgreSQL's `timestamptz`.
+pub fn to_micros(time: DateTime<Utc>) -> DateTime<Utc> {
+    chrono::SubsecRound::trunc_subsecs(time, 6)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the chaos test: a tick with nanoseconds, redelivered after its progress was stored (with
+    /// microseconds), compared as newer than itself and was applied twice.
+    #[test]
+    fn order_keys_have_database_precision() {
+        let ts = DateTime::parse_from_rfc3339("2026-12-02T01:51:44.620644123Z").unwrap().with_timezone(&Utc);
+        let stored = DateTime::parse_from_rfc3339("2026-12-02T01:51:44.620644Z").unwrap().with_timezone(&Utc);
+        let tick = Tick {
+            version: TICK_VERSION,
+            symbol: Symbol::new("ACME").unwrap(),
+            price: Price::new("1".parse().unwrap()).unwrap(),
+            ts,
+            seq: 7,
+            volume: None,
+            source: "test".into(),
+        };
+        assert_eq!(tick.order_key(), (stored, 7));
+        assert_eq!(Tick::decode(&tick.encode()).unwrap().ts, stored);
+    }
 
     #[test]
     fn ticks_round_trip_and_validate() {
@@ -72,7 +97,7 @@ mod tests {
             version: TICK_VERSION,
             symbol: Symbol::new("ACME").unwrap(),
             price: Price::new("101.25".parse().unwrap()).unwrap(),
-            ts: Utc::now(),
+            ts: to_micros(Utc::now()),
             seq: 4,
             volume: Some("300".parse().unwrap()),
             source: "sim".into(),

@@ -36,7 +36,7 @@ impl Projection for AnalyticsProjection {
     }
 
     async fn apply_tick(&self, conn: &mut PgConnection, tick: &Tick) -> Result<(), ApplyError> {
-        archive_tick(conn, tick).await?;
+        archive_tick(conn, self.name(), tick).await?;
         let symbol = tick.symbol.as_str();
         let price = tick.price.value();
         let longest = self.windows.iter().copied().max().unwrap_or(1) as i64;

@@ -221,8 +221,8 @@ pub async fn apply_ticks(
         .iter()
         .map(|r| (r.get::<String, _>("symbol"), (r.get::<DateTime<Utc>, _>("last_ts"), r.get::<i64, _>("last_seq"))))
         .collect();
-    // Symbol by symbol (arrival order within a symbol): every tick-driven worker archives ticks into the shared
-    // `market_ticks`, and two transactions inserting the same keys in different orders deadlock.
+    // Symbol by symbol (arrival order within a symbol): a fixed lock order for the rows a batch touches, so that
+    // two transactions of one projection (two workers during a rebalance) wait for each other, never deadlock.
     let mut ordered: Vec<(usize, &Tick)> = ticks.iter().enumerate().collect();
     ordered.sort_by(|a, b| a.1.symbol.as_str().cmp(b.1.symbol.as_str()));
     for (index, tick) in ordered {

@@ -133,46 +133,43 @@ pub async fn catch_up_from_log(
     }
 }
 
-/// The symbols the tick archive holds.
-pub async fn archive_symbols(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar("select distinct symbol from public.market_ticks order by symbol").fetch_all(conn).await
+/// The symbols in the tick archive: of the ticks `projection` applied, or of every projection's (`None`).
+pub async fn archive_symbols(conn: &mut PgConnection, projection: Option<&str>) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "select distinct symbol from public.market_ticks where ($1::text is null or projection = $1) order by symbol",
+    )
+    .bind(projection)
+    .fetch_all(conn)
+    .await
 }
 
-/// Archived ticks of `symbol` after `(ts, seq)`, in order.
+/// Archived ticks of `symbol` after `(ts, seq)`, in order: those `projection` applied, or (`None`) those any
+/// projection applied.
 ///
 /// Always per symbol: two workers archive ticks, each a symbol's ticks in order, so per symbol the archive is
 /// a gap-free prefix at any moment — but across symbols a tick with an older timestamp can be archived after
 /// newer ticks of other symbols, and a scan over all symbols in time order could pass it by.
 pub async fn read_archive(
     conn: &mut PgConnection,
+    projection: Option<&str>,
     symbol: &str,
     after: Option<(DateTime<Utc>, i64)>,
     limit: i64,
 ) -> Result<Vec<Tick>, sqlx::Error> {
-    let rows = match after {
-        Some((ts, seq)) => {
-            sqlx::query(
-                "select symbol, ts, seq, price, volume, source from public.market_ticks
-                  where symbol = $1 and (ts, seq) > ($2, $3) order by ts, seq limit $4",
-            )
-            .bind(symbol)
-            .bind(ts)
-            .bind(seq)
-            .bind(limit)
-            .fetch_all(conn)
-            .await?
-        }
-        None => {
-            sqlx::query(
-                "select symbol, ts, seq, price, volume, source from public.market_ticks
-                  where symbol = $1 order by ts, seq limit $2",
-            )
-            .bind(symbol)
-            .bind(limit)
-            .fetch_all(conn)
-            .await?
-        }
-    };
+    let (ts, seq) = after.map_or((None, 0), |(ts, seq)| (Some(ts), seq));
+    let rows = sqlx::query(
+        "select distinct on (ts, seq) symbol, ts, seq, price, volume, source from public.market_ticks
+          where symbol = $1 and ($2::text is null or projection = $2)
+            and ($3::timestamptz is null or (ts, seq) > ($3, $4))
+          order by ts, seq limit $5",
+    )
+    .bind(symbol)
+    .bind(projection)
+    .bind(ts)
+    .bind(seq)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
     rows.iter()
         .map(|row| {
             let symbol: String = row.try_get("symbol")?;
@@ -202,14 +199,14 @@ pub async fn catch_up_from_archive(
     let mut read = 0u64;
     let symbols = {
         let mut conn = pool.acquire().await.map_err(ApplyError::Database)?;
-        archive_symbols(&mut conn).await.map_err(ApplyError::Database)?
+        archive_symbols(&mut conn, None).await.map_err(ApplyError::Database)?
     };
     for symbol in symbols {
         let mut after = None;
         loop {
             let mut conn = pool.acquire().await.map_err(ApplyError::Database)?;
             let ticks =
-                read_archive(&mut conn, &symbol, after, batch_size as i64).await.map_err(ApplyError::Database)?;
+                read_archive(&mut conn, None, &symbol, after, batch_size as i64).await.map_err(ApplyError::Database)?;
             drop(conn);
             let Some(last) = ticks.last() else { break };
             after = Some(last.order_key());

@@ -14,13 +14,15 @@ pub struct PricesProjection {
     pub history_ticks: usize,
 }
 
-/// Stores the tick in the archive (idempotent). Every tick-driven projection that is rebuilt from the archive
-/// writes it, so a rebuild always finds every tick the live worker applied.
-pub async fn archive_tick(conn: &mut PgConnection, tick: &Tick) -> Result<(), ApplyError> {
+/// Stores the tick in the archive as applied by `projection` (idempotent). Every tick-driven projection that
+/// is rebuilt from the archive writes it, so that its rebuild replays exactly the ticks it applied.
+pub async fn archive_tick(conn: &mut PgConnection, projection: &str, tick: &Tick) -> Result<(), ApplyError> {
     sqlx::query(
-        "insert into public.market_ticks (symbol, ts, seq, price, volume, source) values ($1, $2, $3, $4, $5, $6)
-         on conflict (symbol, ts, seq) do nothing",
+        "insert into public.market_ticks (projection, symbol, ts, seq, price, volume, source)
+         values ($1, $2, $3, $4, $5, $6, $7)
+         on conflict (projection, symbol, ts, seq) do nothing",
     )
+    .bind(projection)
     .bind(tick.symbol.as_str())
     .bind(tick.ts)
     .bind(tick.seq)
@@ -47,7 +49,7 @@ impl Projection for PricesProjection {
     }
 
     async fn apply_tick(&self, conn: &mut PgConnection, tick: &Tick) -> Result<(), ApplyError> {
-        archive_tick(conn, tick).await?;
+        archive_tick(conn, self.name(), tick).await?;
         let symbol = tick.symbol.as_str();
         let price = tick.price.value();
         sqlx::query(

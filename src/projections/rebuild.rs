@@ -89,7 +89,10 @@ async fn total_inputs(pool: &PgPool, projection: &dyn Projection) -> Result<u64,
             .await?;
     }
     if projection.rebuilds_from_ticks() {
-        total += sqlx::query_scalar::<_, i64>("select count(*) from market_ticks").fetch_one(pool).await?;
+        total += sqlx::query_scalar::<_, i64>("select count(*) from market_ticks where projection = $1")
+            .bind(projection.name())
+            .fetch_one(pool)
+            .await?;
     }
     Ok(total as u64)
 }
@@ -127,13 +130,13 @@ pub async fn rebuild(
     if projection.rebuilds_from_ticks() {
         let symbols = {
             let mut conn = pool.acquire().await.map_err(ApplyError::Database)?;
-            archive_symbols(&mut conn).await.map_err(ApplyError::Database)?
+            archive_symbols(&mut conn, Some(projection.name())).await.map_err(ApplyError::Database)?
         };
         for symbol in symbols {
             let mut after = None;
             loop {
                 let mut conn = pool.acquire().await.map_err(ApplyError::Database)?;
-                let batch = read_archive(&mut conn, &symbol, after, REBUILD_BATCH_SIZE as i64)
+                let batch = read_archive(&mut conn, Some(projection.name()), &symbol, after, REBUILD_BATCH_SIZE as i64)
                     .await
                     .map_err(ApplyError::Database)?;
                 drop(conn);
@@ -321,11 +324,12 @@ async fn apply_archive_delta(
         progress_by_symbol(conn, "shadow", &table).await?;
     let live = if verify { Some(progress_by_symbol(conn, "public", &table).await?) } else { None };
     let mut applied = 0u64;
-    for symbol in archive_symbols(conn).await.map_err(ApplyError::Database)? {
+    for symbol in archive_symbols(conn, Some(projection.name())).await.map_err(ApplyError::Database)? {
         let mut after = rebuilt.get(&symbol).copied();
         loop {
-            let ticks =
-                read_archive(conn, &symbol, after, REBUILD_BATCH_SIZE as i64).await.map_err(ApplyError::Database)?;
+            let ticks = read_archive(conn, Some(projection.name()), &symbol, after, REBUILD_BATCH_SIZE as i64)
+                .await
+                .map_err(ApplyError::Database)?;
             let Some(last) = ticks.last() else { break };
             after = Some(last.order_key());
             let ticks: Vec<Tick> = match &live {
