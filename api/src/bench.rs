@@ -32,7 +32,7 @@ pub struct BenchResult {
     pub p999_ms: f64,
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
+pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

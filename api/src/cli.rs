@@ -220,6 +220,36 @@ pub enum BenchSuite {
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
+    /// GraphQL deposit mutations over HTTP from concurrent clients, with pgbench's single-row insert for reference.
+    Commands {
+        /// Concurrent clients (comma-separated for several runs, e.g. 1,32).
+        #[arg(long, value_delimiter = ',', default_value = "1,32")]
+        clients: Vec<usize>,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Runs per client count; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
+    /// N subscribers of priceTicks on one API instance: tick → subscriber delay. Needs KAFKA_BROKERS.
+    Fanout {
+        /// Subscribers (comma-separated for several runs).
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        subscribers: Vec<usize>,
+        /// Ticks published per run.
+        #[arg(long, default_value_t = 50)]
+        ticks: usize,
+        /// Ticks per second.
+        #[arg(long, default_value_t = 10)]
+        rate: u32,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
     /// DepositCash in a loop from concurrent tasks, each on its own portfolio.
     Deposits {
         /// Concurrent tasks (comma-separated for several runs, e.g. 1,16).
@@ -333,6 +363,41 @@ pub async fn run(args: Cli) -> anyhow::Result<()> {
         Command::Migrate => {
             connect_and_migrate(&args.database_url).await?;
             println!("database {} is migrated", redact(&args.database_url));
+            Ok(())
+        }
+        Command::Bench { suite: BenchSuite::Commands { clients, seconds, runs, json } } => {
+            let mut medians = Vec::new();
+            for count in clients {
+                let mut results = Vec::new();
+                for _ in 0..runs.max(1) {
+                    let result =
+                        crate::bench_api::commands(&args.database_url, count, std::time::Duration::from_secs(seconds))
+                            .await?;
+                    crate::bench_api::print(&result);
+                    results.push(result);
+                }
+                results.sort_by(|a, b| a.commands_per_second.total_cmp(&b.commands_per_second));
+                let median = results.swap_remove(results.len() / 2);
+                print!("median: ");
+                crate::bench_api::print(&median);
+                medians.push(median);
+            }
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&medians)?)?;
+            }
+            Ok(())
+        }
+        Command::Bench { suite: BenchSuite::Fanout { subscribers, ticks, rate, json } } => {
+            let kafka = args.kafka.required()?;
+            let mut results = Vec::new();
+            for count in subscribers {
+                let result = crate::bench_api::fanout(&args.database_url, kafka.clone(), count, ticks, rate).await?;
+                crate::bench_api::print_fanout(&result);
+                results.push(result);
+            }
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&results)?)?;
+            }
             Ok(())
         }
         Command::Bench { suite: BenchSuite::Deposits { tasks, seconds, runs, keyed, json } } => {

@@ -2,6 +2,7 @@
 
 mod audit;
 mod bench;
+mod bench_api;
 mod bench_export;
 mod chaos;
 mod cli;

@@ -1,0 +1,331 @@
+//! `ledger bench commands`: GraphQL `deposit` mutations over HTTP from C concurrent clients against an API
+//! server started in this process, with `pgbench` running a single-row insert at the same concurrency on the
+//! same server for reference (so that figures compare across machines as a ratio).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use chrono::Utc;
+use ledger::commands::CommandContext;
+use ledger::domain::values::{Currency, Owner, PortfolioId};
+use ledger::domain::{CostBasisMethod, PortfolioCommand};
+use ledger_api::app::{start, AppConfig};
+use ledger_api::auth::{Role, TokenKeys};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::bench::percentile;
+
+#[derive(Debug, Serialize)]
+pub struct ApiBenchResult {
+    pub suite: &'static str,
+    pub clients: usize,
+    pub seconds: f64,
+    pub commands: usize,
+    pub commands_per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub pgbench_tps: Option<f64>,
+    pub ratio: Option<f64>,
+}
+
+pub fn print(result: &ApiBenchResult) {
+    let reference = match (result.pgbench_tps, result.ratio) {
+        (Some(tps), Some(ratio)) => format!("  pgbench {tps:>8.0} tps  ours/pgbench {ratio:.2}"),
+        _ => "  pgbench n/a".into(),
+    };
+    println!(
+        "{:<9} clients {:>3}  {:>7} commands  {:>7.0} commands/s  p50 {:>6.2} ms  p99 {:>6.2} ms  p99.9 {:>7.2} ms{reference}",
+        result.suite, result.clients, result.commands, result.commands_per_second, result.p50_ms, result.p99_ms,
+        result.p999_ms
+    );
+}
+
+/// One run: `clients` HTTP clients, each depositing into its own portfolio for `duration`.
+pub async fn commands(database_url: &str, clients: usize, duration: Duration) -> anyhow::Result<ApiBenchResult> {
+    anyhow::ensure!((1..=512).contains(&clients), "clients must be 1 to 512");
+    let pool = crate::cli::connect_and_migrate(database_url).await?;
+    pool.close().await;
+    let pool = ledger::db::connect(database_url, (clients as u32 + 8).min(128)).await?;
+    let keys = TokenKeys::new("bench-secret-of-at-least-thirty-two-bytes").map_err(|e| anyhow::anyhow!(e))?;
+    let mut config = AppConfig::new(keys.clone(), None);
+    config.rate_limit_per_second = 1_000_000;
+    config.rate_limit_burst = 1_000_000;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let running = start(pool.clone(), config, listener).await?;
+    let url = format!("http://{}/graphql", running.address);
+    let token = keys.issue("bench", Role::Trader, chrono::Duration::hours(1), Utc::now());
+    let mut portfolios = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let id = PortfolioId::generate();
+        let open = PortfolioCommand::OpenPortfolio {
+            portfolio_id: id,
+            owner: Owner::new("bench")?,
+            base_currency: Currency::new("USD")?,
+            cost_basis_method: CostBasisMethod::Fifo,
+            opened_at: Utc::now(),
+        };
+        running.commands.execute_portfolio(&CommandContext::new("bench"), &id.to_string(), open).await?;
+        portfolios.push(id);
+    }
+    let http = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
+    let started = Instant::now();
+    let deadline = started + duration;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let handles: Vec<_> = portfolios
+        .into_iter()
+        .enumerate()
+        .map(|(c, portfolio)| {
+            let (http, url, token, run) = (http.clone(), url.clone(), token.clone(), run.clone());
+            tokio::spawn(async move {
+                let query = "mutation($id: UUID!, $k: String!) { deposit(portfolioId: $id, amount: \"1\", idempotencyKey: $k) { lastPosition } }";
+                let mut latencies = Vec::new();
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    let body = json!({ "query": query, "variables": { "id": portfolio.to_string(), "k": format!("{run}-{c}-{n}") } });
+                    let begin = Instant::now();
+                    let response: serde_json::Value =
+                        http.post(&url).bearer_auth(&token).json(&body).send().await?.json().await?;
+                    if response.get("errors").is_some() {
+                        bail!("the API refused a deposit: {response}");
+                    }
+                    latencies.push(begin.elapsed());
+                    n += 1;
+                }
+                Ok::<_, anyhow::Error>(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for handle in handles {
+        latencies.extend(handle.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    running.stop().await?;
+    latencies.sort();
+    let pgbench_tps = match pgbench_insert(database_url, clients, duration).await {
+        Ok(tps) => Some(tps),
+        Err(error) => {
+            eprintln!("pgbench reference skipped: {error:#}");
+            None
+        }
+    };
+    let commands_per_second = latencies.len() as f64 / elapsed;
+    Ok(ApiBenchResult {
+        suite: "commands",
+        clients,
+        seconds: elapsed,
+        commands: latencies.len(),
+        commands_per_second,
+        p50_ms: percentile(&latencies, 0.50),
+        p99_ms: percentile(&latencies, 0.99),
+        p999_ms: percentile(&latencies, 0.999),
+        pgbench_tps,
+        ratio: pgbench_tps.map(|tps| commands_per_second / tps),
+    })
+}
+
+/// `pgbench` with a one-row insert into a scratch table, `clients` connections, for `duration`; its tps.
+pub async fn pgbench_insert(database_url: &str, clients: usize, duration: Duration) -> anyhow::Result<f64> {
+    let pool = ledger::db::connect(database_url, 2).await?;
+    sqlx::query(
+        "create table if not exists bench_pgbench (id bigint generated always as identity primary key, payload jsonb)",
+    )
+    .execute(&pool)
+    .await?;
+    pool.close().await;
+    let dir = std::env::temp_dir().join(format!("ledger-pgbench-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    let script = dir.join("insert.sql");
+    std::fs::write(&script, "insert into bench_pgbench (payload) values ('{\"a\": 1}');\n")?;
+    let output = tokio::process::Command::new("pgbench")
+        .args(["-n", "-c", &clients.to_string(), "-j", "2", "-T", &duration.as_secs().max(1).to_string(), "-f"])
+        .arg(&script)
+        .arg(database_url)
+        .output()
+        .await
+        .context("running pgbench (Debian package postgresql-contrib or postgresql-client)")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!("pgbench failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    text.lines()
+        .find_map(|line| line.strip_prefix("tps = ").and_then(|rest| rest.split_whitespace().next()?.parse().ok()))
+        .with_context(|| format!("no tps in pgbench's output: {text}"))
+}
+
+#[derive(Debug, Serialize)]
+pub struct FanoutResult {
+    pub suite: &'static str,
+    pub subscribers: usize,
+    pub ticks: usize,
+    pub deliveries: usize,
+    pub expected_deliveries: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+pub fn print_fanout(result: &FanoutResult) {
+    println!(
+        "fanout  subscribers {:>6}  ticks {:>4}  deliveries {:>8}/{:<8}  delay p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms",
+        result.subscribers, result.ticks, result.deliveries, result.expected_deliveries, result.p50_ms, result.p99_ms,
+        result.max_ms
+    );
+}
+
+/// `subscribers` graphql-transport-ws subscriptions to `priceTicks` on one API instance; `ticks` ticks
+/// published to Kafka at `rate` per second; the delay from each tick's timestamp to its arrival at each
+/// subscriber.
+pub async fn fanout(
+    database_url: &str,
+    kafka: ledger::kafka::KafkaConfig,
+    subscribers: usize,
+    ticks: usize,
+    rate: u32,
+) -> anyhow::Result<FanoutResult> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    anyhow::ensure!((1..=20_000).contains(&subscribers), "subscribers must be 1 to 20000");
+    anyhow::ensure!((1..=10_000).contains(&ticks), "ticks must be 1 to 10000");
+    let pool = crate::cli::connect_and_migrate(database_url).await?;
+    let mut kafka = kafka;
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    kafka.prices_topic = format!("bench.prices.{suffix}");
+    kafka.partitions = 1;
+    kafka.ensure_topics().await.context("creating the bench topic")?;
+    pool.close().await;
+    let secret = "bench-secret-of-at-least-thirty-two-bytes";
+    let keys = TokenKeys::new(secret).map_err(|e| anyhow::anyhow!(e))?;
+    // The API in a process of its own (`ledger serve`), as in production; each side then holds one socket per
+    // subscriber, within the usual per-process file limit.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut server = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", database_url)
+        .env("KAFKA_BROKERS", &kafka.brokers)
+        .env("LEDGER_PRICES_TOPIC", &kafka.prices_topic)
+        .env("LEDGER_JWT_SECRET", secret)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting ledger serve")?;
+    let http = reqwest::Client::new();
+    let ready_until = Instant::now() + Duration::from_secs(60);
+    while !http.get(format!("http://127.0.0.1:{port}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
+        if Instant::now() > ready_until {
+            bail!("ledger serve was not ready within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let url = format!("ws://127.0.0.1:{port}/graphql/ws");
+    let token = keys.issue("bench", Role::Trader, chrono::Duration::hours(1), Utc::now());
+    let (sender, mut delays) = tokio::sync::mpsc::unbounded_channel::<f64>();
+    let mut tasks = Vec::with_capacity(subscribers);
+    let (ready_tx, mut ready) = tokio::sync::mpsc::unbounded_channel::<()>();
+    for _ in 0..subscribers {
+        let mut request = url.as_str().into_client_request()?;
+        request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse()?);
+        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.context("opening a subscription")?;
+        let init = json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {token}") } });
+        socket.send(Message::text(init.to_string())).await?;
+        let subscribe = json!({ "id": "1", "type": "subscribe",
+            "payload": { "query": "subscription { priceTicks(symbols: [\"BENCH\"]) { ts seq } }" } });
+        socket.send(Message::text(subscribe.to_string())).await?;
+        let (sender, ready_tx) = (sender.clone(), ready_tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut acked = false;
+            while let Some(Ok(message)) = socket.next().await {
+                let Message::Text(text) = message else { continue };
+                let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
+                match value["type"].as_str() {
+                    Some("connection_ack") if !acked => {
+                        acked = true;
+                        let _ = ready_tx.send(());
+                    }
+                    Some("next") => {
+                        let ts = value["payload"]["data"]["priceTicks"]["ts"].as_str().unwrap_or_default();
+                        if let Ok(ts) = chrono::DateTime::parse_from_rfc3339(ts) {
+                            let delay = (Utc::now() - ts.with_timezone(&Utc)).num_microseconds().unwrap_or(0);
+                            if sender.send(delay as f64 / 1_000.0).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Some("ping") => {
+                        let _ = socket.send(Message::text(json!({ "type": "pong" }).to_string())).await;
+                    }
+                    _ => {}
+                }
+            }
+        }));
+    }
+    drop(sender);
+    for _ in 0..subscribers {
+        tokio::time::timeout(Duration::from_secs(60), ready.recv()).await.context("subscriptions acknowledged")?;
+    }
+    // The API's tick consumer starts at the latest offset: give its assignment a moment, then warm up.
+    let publisher = ledger::market::TickPublisher::new(&kafka)?;
+    let tick = |seq: i64| -> anyhow::Result<ledger::market::Tick> {
+        Ok(ledger::market::Tick {
+            version: ledger::market::TICK_VERSION,
+            symbol: ledger::domain::values::Symbol::new("BENCH")?,
+            price: ledger::domain::values::Price::new(rust_decimal::Decimal::ONE_HUNDRED)?,
+            ts: Utc::now(),
+            seq,
+            volume: None,
+            source: "bench".into(),
+        })
+    };
+    let mut seq = 0i64;
+    let warm_until = Instant::now() + Duration::from_secs(30);
+    loop {
+        seq += 1;
+        publisher.publish(&tick(seq)?).await?;
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(500), delays.recv()).await {
+            break;
+        }
+        if Instant::now() > warm_until {
+            bail!("no tick reached a subscriber within 30 s");
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    while delays.try_recv().is_ok() {}
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    for _ in 0..ticks {
+        seq += 1;
+        publisher.publish(&tick(seq)?).await?;
+        tokio::time::sleep(interval).await;
+    }
+    let expected = subscribers * ticks;
+    let mut samples = Vec::with_capacity(expected);
+    let drain_until = Instant::now() + Duration::from_secs(30);
+    while samples.len() < expected && Instant::now() < drain_until {
+        match tokio::time::timeout(Duration::from_secs(2), delays.recv()).await {
+            Ok(Some(delay)) => samples.push(delay),
+            _ => break,
+        }
+    }
+    for task in tasks {
+        task.abort();
+    }
+    let _ = server.start_kill();
+    let _ = server.wait().await;
+    samples.sort_by(f64::total_cmp);
+    let at =
+        |p: f64| samples.get(((samples.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied().unwrap_or(0.0);
+    Ok(FanoutResult {
+        suite: "fanout",
+        subscribers,
+        ticks,
+        deliveries: samples.len(),
+        expected_deliveries: expected,
+        p50_ms: at(0.50),
+        p99_ms: at(0.99),
+        max_ms: samples.last().copied().unwrap_or(0.0),
+    })
+}
