@@ -39,7 +39,8 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-/// How long the system may take to settle after the load stops.
+/// How long the system may take to settle after the load stops, at least (longer runs get as long as they ran:
+/// workers killed every few seconds may end the run with that much backlog).
 const SETTLE_TIMEOUT_SECS: u64 = 180;
 /// How long a client keeps retrying one request.
 const REQUEST_RETRY_SECS: u64 = 120;
@@ -391,7 +392,7 @@ pub async fn run(database_url: &str, args: ChaosArgs) -> anyhow::Result<()> {
 
     // Let the system settle, then stop it and check.
     cluster.supervise()?;
-    let settle = settle(&pool, &kafka).await;
+    let settle = settle(&pool, &kafka, Duration::from_secs(SETTLE_TIMEOUT_SECS.max(args.duration_secs))).await;
     cluster.stop_all().await;
     let mut failures = Vec::new();
     if let Err(error) = settle {
@@ -506,9 +507,9 @@ async fn request(
 }
 
 /// Waits until the relay, the process manager and the event-driven projections have reached the log's head.
-async fn settle(pool: &PgPool, kafka: &KafkaConfig) -> anyhow::Result<()> {
+async fn settle(pool: &PgPool, kafka: &KafkaConfig, timeout: Duration) -> anyhow::Result<()> {
     let cursor = ledger::relay::cursor_name(kafka).await?;
-    let deadline = Instant::now() + Duration::from_secs(SETTLE_TIMEOUT_SECS);
+    let deadline = Instant::now() + timeout;
     loop {
         let relay = ledger::relay::relay_lag(pool, &cursor).await?.events;
         let process: i64 = sqlx::query_scalar(
@@ -536,7 +537,10 @@ async fn settle(pool: &PgPool, kafka: &KafkaConfig) -> anyhow::Result<()> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("after {SETTLE_TIMEOUT_SECS} s: relay {relay} events behind, process manager {process}, projections {behind} aggregates");
+            bail!(
+                "after {} s: relay {relay} events behind, process manager {process}, projections {behind} aggregates",
+                timeout.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
