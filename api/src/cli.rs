@@ -321,11 +321,18 @@ pub enum BenchSuite {
     },
 }
 
-pub fn init_logging(format: &LogFormat) {
+/// The median run by `key` (of a non-empty list of runs).
+fn median_by<T>(mut results: Vec<T>, key: impl Fn(&T) -> f64) -> T {
+    results.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    results.swap_remove(results.len() / 2)
+}
+
+pub fn init_logging(format: &LogFormat, quiet: bool) {
+    // librdkafka reports every failed connection attempt as an error; the relay and the workers report broker
+    // outages themselves, once per state change.
+    let default = if quiet { "warn,rdkafka=off,librdkafka=off" } else { "info,sqlx=warn,rdkafka=off,librdkafka=off" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // librdkafka reports every failed connection attempt as an error; the relay and the workers report
-        // broker outages themselves, once per state change.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,rdkafka=off,librdkafka=off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -376,8 +383,7 @@ pub async fn run(args: Cli) -> anyhow::Result<()> {
                     crate::bench_api::print(&result);
                     results.push(result);
                 }
-                results.sort_by(|a, b| a.commands_per_second.total_cmp(&b.commands_per_second));
-                let median = results.swap_remove(results.len() / 2);
+                let median = median_by(results, |r| r.commands_per_second);
                 print!("median: ");
                 crate::bench_api::print(&median);
                 medians.push(median);
@@ -415,8 +421,7 @@ pub async fn run(args: Cli) -> anyhow::Result<()> {
                     crate::bench::print(&result);
                     results.push(result);
                 }
-                results.sort_by(|a, b| a.commands_per_second.total_cmp(&b.commands_per_second));
-                let median = results.swap_remove(results.len() / 2);
+                let median = median_by(results, |r| r.commands_per_second);
                 print!("median: ");
                 crate::bench::print(&median);
                 medians.push(median);
@@ -441,8 +446,7 @@ pub async fn run(args: Cli) -> anyhow::Result<()> {
                     );
                     results.push(result);
                 }
-                results.sort_by(|a, b| a.events_per_second.total_cmp(&b.events_per_second));
-                let median = results.swap_remove(results.len() / 2);
+                let median = median_by(results, |r| r.events_per_second);
                 println!("median: batch {:>5}  {:>9.0} events/s", median.batch_size, median.events_per_second);
                 report.push(serde_json::to_value(&median)?);
             }

@@ -21,7 +21,8 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::FAILURE;
     }
     let args = cli::Cli::parse();
-    cli::init_logging(&args.log_format);
+    // The demo prints its URLs and tokens to stdout; keep routine logging out of their way.
+    cli::init_logging(&args.log_format, matches!(args.command, cli::Command::Demo(_)));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
