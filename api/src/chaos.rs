@@ -395,8 +395,12 @@ pub async fn run(database_url: &str, args: ChaosArgs) -> anyhow::Result<()> {
     let settle = settle(&pool, &kafka, Duration::from_secs(SETTLE_TIMEOUT_SECS.max(args.duration_secs))).await;
     cluster.stop_all().await;
     let mut failures = Vec::new();
-    if let Err(error) = settle {
-        failures.push(format!("the system did not settle: {error:#}"));
+    match settle {
+        Ok(()) => println!("chaos: ok    the system settled (relay, process manager and projections at the head)"),
+        Err(error) => {
+            println!("chaos: FAIL  the system did not settle: {error:#}");
+            failures.push(format!("the system did not settle: {error:#}"));
+        }
     }
     let checks = check_all(&pool, &kafka, &acknowledged).await;
     broker.kill().await;
@@ -466,9 +470,11 @@ async fn request(
     stop: &CancellationToken,
 ) -> anyhow::Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(REQUEST_RETRY_SECS);
+    // Spread requests over the instances by key; a retry goes to the next instance.
+    let first = key.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
     let mut attempt = 0usize;
     loop {
-        let base = &bases[(key.len() + attempt) % bases.len()];
+        let base = &bases[first.wrapping_add(attempt) % bases.len()];
         attempt += 1;
         let response = client
             .post(format!("{base}/graphql"))

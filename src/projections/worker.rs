@@ -457,11 +457,18 @@ impl ProjectionWorker {
                     .await
                     .map_err(|_| KafkaError::Canceled)??
             };
+            let mut check = check;
+            if topic == self.kafka.events_topic {
+                // Far behind (a worker restarted after a long stop or a crash loop): reading the log from
+                // PostgreSQL is much faster than re-reading the topic. Every message below the high watermark
+                // seen here was committed before the catch-up starts, so the catch-up covers it.
+                check.stale.append(&mut check.behind);
+            }
             if check.stale.is_empty() {
                 continue;
             }
             tracing::info!(projection = self.projection.name(), %topic, partitions = check.stale.len(),
-                "Kafka does not hold everything after this read model; catching up from PostgreSQL");
+                "Kafka lacks the history after this read model, or the group is far behind; catching up from PostgreSQL");
             self.status.catch_ups.fetch_add(1, Ordering::Relaxed);
             let projection = self.projection.clone();
             let batch_size = self.config.catch_up_batch_size;
@@ -488,9 +495,14 @@ impl ProjectionWorker {
     }
 }
 
+/// A group this many messages behind on a partition of the events topic catches up from PostgreSQL instead.
+pub const CATCH_UP_LAG_MESSAGES: i64 = 1_000;
+
 struct PartitionCheck {
     /// Partitions whose committed offset is missing or outside the topic, with their high watermark.
     stale: Vec<(i32, i64)>,
+    /// Partitions with a valid offset at least [`CATCH_UP_LAG_MESSAGES`] behind, with their high watermark.
+    behind: Vec<(i32, i64)>,
 }
 
 /// Compares the group's committed offsets with each partition's watermarks (blocking calls).
@@ -508,16 +520,19 @@ fn stale_partitions(consumer: &WorkerConsumer, topic: &str) -> Result<PartitionC
         assignment.add_partition(topic, partition);
     }
     let committed = consumer.committed_offsets(assignment, timeout)?;
-    let mut stale = Vec::new();
+    let (mut stale, mut behind) = (Vec::new(), Vec::new());
     for &partition in &partitions {
         let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
-        let offset = committed.find_partition(topic, partition).map(|p| p.offset());
-        let valid = matches!(offset, Some(Offset::Offset(o)) if o >= low && o <= high);
-        if !valid {
-            stale.push((partition, high));
+        match committed.find_partition(topic, partition).map(|p| p.offset()) {
+            Some(Offset::Offset(o)) if o >= low && o <= high => {
+                if high - o >= CATCH_UP_LAG_MESSAGES {
+                    behind.push((partition, high));
+                }
+            }
+            _ => stale.push((partition, high)),
         }
     }
-    Ok(PartitionCheck { stale })
+    Ok(PartitionCheck { stale, behind })
 }
 
 /// Runs one worker per projection until `cancel` fires; fails if one of them fails for good.

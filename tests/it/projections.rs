@@ -695,3 +695,54 @@ async fn positions_read_model_matches_the_aggregate() {
     pm.stop().await;
     db.drop().await;
 }
+
+/// A worker whose group is far behind on the events topic (a long stop, a crash loop) reads the backlog from
+/// PostgreSQL instead of re-reading the topic, then follows Kafka from the high watermark — and ends equal to a
+/// rebuild. (In the chaos test, re-reading thousands of messages after every kill left the workers minutes
+/// behind.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_far_behind_catches_up_from_postgres_then_follows_kafka() {
+    let db = TestDb::new_with(20).await;
+    let kafka = fresh_config(&brokers());
+    let commands = db.commands();
+    let pm = start_process_manager(commands.clone());
+    let relay = start_relay(db.pool.clone(), kafka.clone());
+    let prefix = group();
+    let (orders, status) = start_worker(db.pool.clone(), kafka.clone(), "orders", &prefix);
+    trade(&commands, &["ACME"], 2, 5, 61).await;
+    wait_events_applied(&db.pool, projection("orders").as_ref()).await;
+    let followed = eventually(Duration::from_secs(30), || async { status.following.load(Ordering::SeqCst) }).await;
+    assert!(followed);
+    orders.stop().await;
+    let catch_ups_before = status.catch_ups.load(Ordering::Relaxed);
+
+    // While the worker is down: orders, and 6,000 other events (over 1,000 per partition) relayed to the topic.
+    trade(&commands, &["ACME"], 2, 10, 62).await;
+    {
+        let mut conn = db.pool.acquire().await.unwrap();
+        for n in 0..6_000i64 {
+            crate::support::workload::insert_event(&mut conn, &format!("filler-{}", n % 600), n / 600 + 1).await;
+        }
+    }
+    let relayed = eventually(Duration::from_secs(60), || async {
+        let name = ledger::relay::cursor_name(&kafka).await.unwrap();
+        ledger::relay::relay_lag(&db.pool, &name).await.unwrap().events == 0
+    })
+    .await;
+    assert!(relayed);
+
+    let (orders, status) = start_worker(db.pool.clone(), kafka.clone(), "orders", &prefix);
+    wait_events_applied(&db.pool, projection("orders").as_ref()).await;
+    assert_eq!(status.catch_ups.load(Ordering::Relaxed), 1, "the restarted worker caught up from PostgreSQL");
+    assert_eq!(catch_ups_before, 1, "the first start caught up from an empty group once");
+    assert_equals_rebuild(&db.pool, &["orders"]).await;
+    let followed = eventually(Duration::from_secs(30), || async { status.following.load(Ordering::SeqCst) }).await;
+    assert!(followed);
+    trade(&commands, &["ACME"], 1, 3, 63).await;
+    wait_events_applied(&db.pool, projection("orders").as_ref()).await;
+    assert_equals_rebuild(&db.pool, &["orders"]).await;
+    orders.stop().await;
+    relay.stop().await;
+    pm.stop().await;
+    db.drop().await;
+}
