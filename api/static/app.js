@@ -136,7 +136,7 @@ const PORTFOLIO_FIELDS = `cash reserved buyingPower realizedPnl
   positions { symbol quantity averageCost realizedPnl }
   valuation { totalEquity marketValue unrealizedPnl stale missingReason
     positions { symbol lastPrice marketValue unrealizedPnl stale } }`;
-const ORDER_FIELDS = "id symbol side type limitPrice quantity timeInForce status cumQuantity averagePrice placedAt";
+const ORDER_FIELDS = "id symbol side type limitPrice quantity timeInForce status cumQuantity averagePrice placedAt lastPosition";
 
 async function loadPortfolios() {
   const { myPortfolios } = await gql("{ myPortfolios { id owner openedAt } }");
@@ -150,7 +150,7 @@ async function loadPortfolios() {
       if (state.portfolio) return;
       const portfolios = await loadPortfolios().catch(() => []);
       if (portfolios.length && !state.portfolio) {
-        $("order-result").textContent = "";
+        if ($("open-portfolio")) $("order-result").textContent = "";
         await selectPortfolio(portfolios[0].id);
       }
     }, 2000);
@@ -171,6 +171,7 @@ async function openPortfolio() {
 async function selectPortfolio(id) {
   state.portfolio = id;
   $("portfolio").value = id;
+  $("order-submit").disabled = false;
   state.orders.clear();
   $("orders").tBodies[0].innerHTML = "";
   equityChart.data.datasets[0].data = [];
@@ -211,8 +212,12 @@ function showPortfolio(p) {
 
 const OPEN_STATUSES = ["PENDING_NEW", "NEW", "PARTIALLY_FILLED"];
 
+// Queries and subscription messages can arrive out of order: a row never goes back to an older log position.
 function showOrder(order) {
   const known = state.orders.get(order.id) || {};
+  if (known.lastPosition !== undefined && order.lastPosition !== undefined && order.lastPosition < known.lastPosition) {
+    return;
+  }
   const merged = { ...known, ...order };
   state.orders.set(order.id, merged);
   const body = $("orders").tBodies[0];
@@ -243,7 +248,8 @@ async function onOrderUpdate(update) {
     const { order } = await gql(`query($id: UUID!) { order(id: $id) { ${ORDER_FIELDS} } }`, { id: update.orderId });
     if (order) showOrder(order);
   }
-  showOrder({ id: update.orderId, status: update.status, cumQuantity: update.cumQuantity, averagePrice: update.averagePrice });
+  showOrder({ id: update.orderId, status: update.status, cumQuantity: update.cumQuantity, averagePrice: update.averagePrice,
+    lastPosition: Number(String(update.position).split(":")[1]) });
 }
 
 function onAlert(alert) {
@@ -257,7 +263,7 @@ function resubscribePortfolio() {
   const id = state.portfolio;
   subscribe(`subscription($id: UUID!) { portfolioUpdates(id: $id) { ${PORTFOLIO_FIELDS} } }`, { id },
     (data) => showPortfolio(data.portfolioUpdates));
-  subscribe("subscription($id: UUID!) { orderUpdates(portfolioId: $id) { orderId status cumQuantity averagePrice } }",
+  subscribe("subscription($id: UUID!) { orderUpdates(portfolioId: $id) { position orderId status cumQuantity averagePrice } }",
     { id }, (data) => onOrderUpdate(data.orderUpdates));
   subscribe("subscription($id: UUID!) { alertFired(portfolioId: $id) { kind symbol price firedAt } }", { id },
     (data) => onAlert(data.alertFired));
@@ -313,6 +319,7 @@ async function start() {
     return;
   }
   $("app").hidden = false;
+  $("order-submit").disabled = true; // until a portfolio is selected
   priceChart = lineChart($("price-chart"), "price", "#58a6ff");
   equityChart = lineChart($("equity-chart"), "equity", "#3fb950");
   state.ws = graphqlWs.createClient({

@@ -28,6 +28,9 @@ const STEP_MS = 30000;
     step = 'see the subscriptions connected';
     await page.waitForSelector('#connection.live', { timeout: STEP_MS });
 
+    step = 'see the portfolio selected';
+    await page.waitForFunction(() => document.querySelector('#portfolio').value !== '' && !document.querySelector('#order-submit').disabled, null, { timeout: STEP_MS });
+
     step = 'place a market order';
     await page.waitForFunction(() => [...document.querySelectorAll('#order-symbol option')].some((o) => o.value === 'GLOBEX'), null, { timeout: STEP_MS });
     await page.selectOption('#order-symbol', 'GLOBEX');
