@@ -255,6 +255,8 @@ pub async fn run(database_url: &str, args: ChaosArgs) -> anyhow::Result<()> {
             ("DATABASE_URL".into(), url.clone()),
             ("KAFKA_BROKERS".into(), brokers.clone()),
             ("LEDGER_KAFKA_PARTITIONS".into(), "4".into()),
+            // Eight processes of 16 connections each would exceed PostgreSQL's default 100.
+            ("LEDGER_DB_CONNECTIONS".into(), "8".into()),
             ("LEDGER_JWT_SECRET".into(), SECRET.into()),
             ("RUST_LOG".into(), "info,sqlx=warn".into()),
         ],
@@ -517,39 +519,43 @@ async fn settle(pool: &PgPool, kafka: &KafkaConfig, timeout: Duration) -> anyhow
     let cursor = ledger::relay::cursor_name(kafka).await?;
     let deadline = Instant::now() + timeout;
     loop {
-        let relay = ledger::relay::relay_lag(pool, &cursor).await?.events;
-        let process: i64 = sqlx::query_scalar(
-            "select count(*) from events e where (e.transaction_id, e.global_position) >
-               coalesce((select (transaction_id, global_position) from log_cursors where name = 'process-manager'),
-                        ('0'::xid8, 0::bigint))",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap_or(i64::MAX);
-        let mut behind = 0i64;
-        for (table, types) in
-            [("orders_progress", "{Order}"), ("positions_progress", "{Portfolio}"), ("alerts_progress", "{Portfolio}")]
-        {
-            behind += sqlx::query_scalar::<_, i64>(&format!(
-                "select count(*) from (select aggregate_id, max(sequence) s from events
-                   where aggregate_type = any($1::text[]) group by aggregate_id) e
-                 left join {table} p using (aggregate_id) where p.last_sequence is distinct from e.s"
-            ))
-            .bind(types)
-            .fetch_one(pool)
-            .await?;
-        }
-        if relay == 0 && process == 0 && behind == 0 {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
+        match settled(pool, &cursor).await {
+            Ok((0, 0, 0)) => return Ok(()),
+            Ok((relay, process, behind)) if Instant::now() > deadline => bail!(
                 "after {} s: relay {relay} events behind, process manager {process}, projections {behind} aggregates",
                 timeout.as_secs()
-            );
+            ),
+            Err(error) if Instant::now() > deadline => return Err(error),
+            // Behind, or the database busy: look again.
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Events the relay and the process manager have yet to pass, and aggregates the projections have yet to apply.
+async fn settled(pool: &PgPool, cursor: &str) -> anyhow::Result<(i64, i64, i64)> {
+    let relay = ledger::relay::relay_lag(pool, cursor).await?.events;
+    let process: i64 = sqlx::query_scalar(
+        "select count(*) from events e where (e.transaction_id, e.global_position) >
+           coalesce((select (transaction_id, global_position) from log_cursors where name = 'process-manager'),
+                    ('0'::xid8, 0::bigint))",
+    )
+    .fetch_one(pool)
+    .await?;
+    let mut behind = 0i64;
+    for (table, types) in
+        [("orders_progress", "{Order}"), ("positions_progress", "{Portfolio}"), ("alerts_progress", "{Portfolio}")]
+    {
+        behind += sqlx::query_scalar::<_, i64>(&format!(
+            "select count(*) from (select aggregate_id, max(sequence) s from events
+               where aggregate_type = any($1::text[]) group by aggregate_id) e
+             left join {table} p using (aggregate_id) where p.last_sequence is distinct from e.s"
+        ))
+        .bind(types)
+        .fetch_one(pool)
+        .await?;
+    }
+    Ok((relay, process, behind))
 }
 
 type Check = (&'static str, anyhow::Result<String>);

@@ -17,6 +17,10 @@ pub struct Cli {
     #[arg(long, env = "LEDGER_CONFIG", global = true)]
     pub config: Option<std::path::PathBuf>,
 
+    /// Largest number of PostgreSQL connections this process opens (its pool).
+    #[arg(long, env = "LEDGER_DB_CONNECTIONS", default_value_t = ledger::db::POOL_CONNECTIONS_MAX, value_parser = clap::value_parser!(u32).range(1..=256), global = true)]
+    pub db_connections: u32,
+
     /// PostgreSQL URL. The database is created if missing and migrated at startup.
     #[arg(long, env = "DATABASE_URL", default_value = ledger::db::DATABASE_URL_DEFAULT, global = true)]
     pub database_url: String,
@@ -344,7 +348,11 @@ pub fn init_logging(format: &LogFormat, quiet: bool) {
     }
 }
 
+/// The pool size every command's `connect_and_migrate` uses (set once from `--db-connections`).
+static DB_CONNECTIONS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
 pub async fn run(args: Cli) -> anyhow::Result<()> {
+    let _ = DB_CONNECTIONS.set(args.db_connections);
     match args.command {
         Command::Demo(demo) => crate::demo::run(&args.database_url, &args.kafka, &args.projections, demo).await,
         Command::Serve(serve) => crate::serve::run(&args.database_url, &args.kafka, &args.projections, serve).await,
@@ -557,7 +565,8 @@ pub async fn connect_and_migrate(url: &str) -> anyhow::Result<PgPool> {
         )
     };
     ledger::db::ensure_database(url).await.with_context(unreachable)?;
-    let pool = ledger::db::connect(url, ledger::db::POOL_CONNECTIONS_MAX).await.with_context(unreachable)?;
+    let connections = DB_CONNECTIONS.get().copied().unwrap_or(ledger::db::POOL_CONNECTIONS_MAX);
+    let pool = ledger::db::connect(url, connections).await.with_context(unreachable)?;
     ledger::db::migrate(&pool).await.context("applying migrations")?;
     Ok(pool)
 }
