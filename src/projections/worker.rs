@@ -21,14 +21,17 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -79,6 +82,8 @@ impl Default for WorkerConfig {
 /// What a worker has done, for metrics and tests.
 #[derive(Debug, Default)]
 pub struct WorkerStatus {
+    /// Messages received from Kafka (applied, duplicate, skipped or dead-lettered).
+    pub messages: AtomicU64,
     pub applied: AtomicU64,
     pub duplicates: AtomicU64,
     pub dead_letters: AtomicU64,
@@ -106,15 +111,75 @@ pub enum WorkerError {
     CatchUp(#[from] ApplyError),
 }
 
-/// Counts rebalances (and logs them) for the status.
+/// Counts rebalances (and logs them) for the status, and starts partitions the start-up catch-up covered at
+/// the offsets it recorded.
 pub struct WorkerContext {
     status: Arc<WorkerStatus>,
     projection: &'static str,
+    /// `(topic, partition)` → the offset to start from when the partition is assigned (taken once).
+    start_at: Mutex<HashMap<(String, i32), i64>>,
+}
+
+impl WorkerContext {
+    /// Applies the recorded start offsets to an assignment; returns the offsets applied.
+    fn take_start_offsets(&self, assignment: &mut TopicPartitionList) -> TopicPartitionList {
+        let mut applied = TopicPartitionList::new();
+        let mut start_at = self.start_at.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if start_at.is_empty() {
+            return applied;
+        }
+        let assigned: Vec<(String, i32)> =
+            assignment.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+        for (topic, partition) in assigned {
+            if let Some(offset) = start_at.remove(&(topic.clone(), partition)) {
+                let _ = assignment.set_partition_offset(&topic, partition, Offset::Offset(offset));
+                let _ = applied.add_partition_offset(&topic, partition, Offset::Offset(offset));
+            }
+        }
+        applied
+    }
 }
 
 impl ClientContext for WorkerContext {}
 
 impl ConsumerContext for WorkerContext {
+    /// As rdkafka's default (assign or revoke, incrementally under the cooperative protocol), except that an
+    /// assignment starts the partitions the catch-up covered at the offsets it recorded. Setting them here,
+    /// not by a commit before subscribing, is what works on a group that still has members: a consumer that
+    /// has not joined yet has its commits refused (`UnknownMemberId`).
+    fn rebalance(&self, base_consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let cooperative = matches!(base_consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let started = self.take_start_offsets(tpl);
+                let assigned =
+                    if cooperative { base_consumer.incremental_assign(tpl) } else { base_consumer.assign(tpl) };
+                if assigned.is_ok() && started.count() > 0 {
+                    tracing::info!(
+                        projection = self.projection,
+                        partitions = started.count(),
+                        "partitions start after the catch-up from PostgreSQL"
+                    );
+                    // Now a member of the group: record the start so that the next owner starts there too.
+                    if let Err(error) = base_consumer.commit(&started, CommitMode::Async) {
+                        tracing::debug!(projection = self.projection, %error, "committing start offsets failed");
+                    }
+                }
+                assigned.map(|()| Rebalance::Assign(tpl))
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let revoked =
+                    if cooperative { base_consumer.incremental_unassign(tpl) } else { base_consumer.unassign() };
+                revoked.map(|()| Rebalance::Revoke(tpl))
+            }
+            other => Ok(Rebalance::Error(KafkaError::Rebalance(other.into()))),
+        };
+        match result {
+            Ok(rebalance) => self.post_rebalance(base_consumer, &rebalance),
+            Err(error) => tracing::warn!(projection = self.projection, %error, "applying a rebalance failed"),
+        }
+    }
+
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         self.status.rebalances.fetch_add(1, Ordering::Relaxed);
         match rebalance {
@@ -252,7 +317,11 @@ impl ProjectionWorker {
     }
 
     fn consumer(&self) -> Result<Arc<WorkerConsumer>, KafkaError> {
-        let context = WorkerContext { status: self.status.clone(), projection: self.projection.name() };
+        let context = WorkerContext {
+            status: self.status.clone(),
+            projection: self.projection.name(),
+            start_at: Mutex::default(),
+        };
         let consumer: WorkerConsumer = self
             .kafka
             .client_config()
@@ -350,6 +419,7 @@ impl ProjectionWorker {
             let result = crate::db::detached(job).await.map_err(ApplyError::Database).and_then(|r| r);
             match result {
                 Ok((poisoned, from_events, from_ticks)) => {
+                    self.status.messages.fetch_add(decoded.messages.len() as u64, Ordering::Relaxed);
                     self.record(&from_events, &from_ticks, &decoded.events, poisoned.len());
                     return Ok(Some(poisoned));
                 }
@@ -482,13 +552,10 @@ impl ProjectionWorker {
             if topic != self.kafka.events_topic {
                 continue; // ticks: start from the earliest offset (auto.offset.reset)
             }
-            let mut start = TopicPartitionList::new();
+            // Applied when the group assigns these partitions (see `WorkerContext::rebalance`).
+            let mut start_at = consumer.context().start_at.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             for (partition, high) in check.stale {
-                start.add_partition_offset(&topic, partition, Offset::Offset(high))?;
-            }
-            if let Err(error) = consumer.commit(&start, CommitMode::Sync) {
-                // Without the commit the group starts from the earliest offsets: slower, still correct.
-                tracing::info!(projection = self.projection.name(), %error, "could not set start offsets");
+                start_at.insert((topic.clone(), partition), high);
             }
         }
         Ok(())
@@ -496,7 +563,7 @@ impl ProjectionWorker {
 }
 
 /// A group this many messages behind on a partition of the events topic catches up from PostgreSQL instead.
-pub const CATCH_UP_LAG_MESSAGES: i64 = 1_000;
+pub const CATCH_UP_LAG_MESSAGES: i64 = 200;
 
 struct PartitionCheck {
     /// Partitions whose committed offset is missing or outside the topic, with their high watermark.

@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rust_decimal::Decimal;
 
-use crate::support::kafka::{brokers, fresh_config};
+use crate::support::kafka::{brokers, fresh_config, group_lag, IdleMember};
 use crate::support::system::{projection, start_process_manager, start_relay, start_worker, trade, Running};
 use crate::support::*;
 
@@ -699,7 +699,8 @@ async fn positions_read_model_matches_the_aggregate() {
 /// A worker whose group is far behind on the events topic (a long stop, a crash loop) reads the backlog from
 /// PostgreSQL instead of re-reading the topic, then follows Kafka from the high watermark — and ends equal to a
 /// rebuild. (In the chaos test, re-reading thousands of messages after every kill left the workers minutes
-/// behind.)
+/// behind.) The group still has a member while the worker restarts — as after a SIGKILL, until the session
+/// times out — so the start offsets cannot be committed before joining; they must be applied on assignment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_far_behind_catches_up_from_postgres_then_follows_kafka() {
     let db = TestDb::new_with(20).await;
@@ -715,6 +716,9 @@ async fn a_worker_far_behind_catches_up_from_postgres_then_follows_kafka() {
     assert!(followed);
     orders.stop().await;
     let catch_ups_before = status.catch_ups.load(Ordering::Relaxed);
+
+    let group_id = format!("{prefix}.orders");
+    let idle = IdleMember::join(&brokers(), &group_id, &kafka.events_topic);
 
     // While the worker is down: orders, and 6,000 other events (over 1,000 per partition) relayed to the topic.
     trade(&commands, &["ACME"], 2, 10, 62).await;
@@ -735,6 +739,18 @@ async fn a_worker_far_behind_catches_up_from_postgres_then_follows_kafka() {
     wait_events_applied(&db.pool, projection("orders").as_ref()).await;
     assert_eq!(status.catch_ups.load(Ordering::Relaxed), 1, "the restarted worker caught up from PostgreSQL");
     assert_eq!(catch_ups_before, 1, "the first start caught up from an empty group once");
+    let shared =
+        eventually(Duration::from_secs(30), || async { status.assigned_partitions.load(Ordering::SeqCst) > 0 }).await;
+    assert!(shared, "the restarted worker was assigned partitions next to the idle member");
+    drop(idle); // its partitions move to the worker
+    let drained = eventually(Duration::from_secs(60), || async {
+        group_lag(&brokers(), &group_id, &kafka.events_topic) == 0
+            && status.assigned_partitions.load(Ordering::SeqCst) == kafka.partitions as i64
+    })
+    .await;
+    assert!(drained, "the group's offsets reach the end of the topic");
+    let read = status.messages.load(Ordering::Relaxed);
+    assert!(read < 1_000, "the worker started after the catch-up instead of re-reading the topic ({read} messages)");
     assert_equals_rebuild(&db.pool, &["orders"]).await;
     let followed = eventually(Duration::from_secs(30), || async { status.following.load(Ordering::SeqCst) }).await;
     assert!(followed);

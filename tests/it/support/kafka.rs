@@ -206,3 +206,85 @@ pub fn check_mirror(committed: &[(String, i64)], consumed: &[Consumed]) -> Resul
     }
     Ok(duplicates)
 }
+
+/// A group's lag on a topic: Σ over partitions of (high watermark − committed offset); a partition without a
+/// committed offset counts from its low watermark.
+pub fn group_lag(brokers: &str, group: &str, topic: &str) -> i64 {
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::{Offset, TopicPartitionList};
+    let timeout = Duration::from_secs(10);
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", group).create().expect("consumer");
+    let metadata = consumer.fetch_metadata(Some(topic), timeout).expect("metadata");
+    let partitions: Vec<i32> = metadata.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let mut list = TopicPartitionList::new();
+    for &partition in &partitions {
+        list.add_partition(topic, partition);
+    }
+    let committed = consumer.committed_offsets(list, timeout).expect("committed offsets");
+    partitions
+        .iter()
+        .map(|&partition| {
+            let (low, high) = consumer.fetch_watermarks(topic, partition, timeout).expect("watermarks");
+            match committed.find_partition(topic, partition).map(|p| p.offset()) {
+                Some(Offset::Offset(offset)) => high - offset,
+                _ => high - low,
+            }
+        })
+        .sum()
+}
+
+/// A member of a consumer group that holds partitions and never commits: what a SIGKILLed worker looks like
+/// to the group until its session times out. Leaves the group when dropped.
+pub struct IdleMember {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl IdleMember {
+    /// Joins `group` on `topic` (cooperative-sticky, like the workers) and returns once it holds partitions.
+    pub fn join(brokers: &str, group: &str, topic: &str) -> Self {
+        use rdkafka::consumer::BaseConsumer;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .create()
+            .expect("consumer");
+        consumer.subscribe(&[topic]).expect("subscribe");
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (joined_tx, joined_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut joined = false;
+                while !stop.load(Ordering::SeqCst) {
+                    let _ = consumer.poll(Duration::from_millis(100));
+                    if !joined && consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
+                        joined = true;
+                        let _ = joined_tx.send(());
+                    }
+                }
+                consumer.unsubscribe();
+                for _ in 0..20 {
+                    let _ = consumer.poll(Duration::from_millis(50));
+                }
+            })
+        };
+        joined_rx.recv_timeout(Duration::from_secs(60)).expect("the idle member was assigned partitions");
+        Self { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for IdleMember {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
