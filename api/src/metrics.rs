@@ -76,6 +76,18 @@ pub async fn render(state: &AppState, http: &HttpMetrics) -> String {
     );
     counter(
         &mut out,
+        "ledger_command_batches_total",
+        "Command batches (cashBatch) executed; their commands count in ledger_commands_total.",
+        &[("", commands.batches.load(Ordering::Relaxed))],
+    );
+    histogram(
+        &mut out,
+        "ledger_command_batch_duration_seconds",
+        "Time to execute a command batch (lookups, load, handle, one commit).",
+        &commands.batch_latency,
+    );
+    counter(
+        &mut out,
         "ledger_http_requests_total",
         "GraphQL HTTP requests.",
         &[("", http.requests.load(Ordering::Relaxed))],

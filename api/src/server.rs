@@ -31,9 +31,10 @@ use ledger::kafka::KafkaConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, TokenKeys};
-use crate::graphql::{build_schema, AppState, LedgerSchema, SchemaOptions};
+use crate::graphql::{build_schema, AppState, LedgerSchema, RequestIds, SchemaOptions};
 use crate::metrics::HttpMetrics;
 use crate::ratelimit::RateLimiter;
+use tracing::Instrument;
 
 /// Largest request body accepted.
 pub const REQUEST_BODY_MAX_BYTES: usize = 256 * 1024;
@@ -113,6 +114,50 @@ async fn graphql(
 ) -> Response {
     let started = Instant::now();
     state.http.requests.fetch_add(1, Ordering::Relaxed);
+    let ids = request_ids(&headers);
+    let span = tracing::info_span!("request", trace_id = %format!("{:032x}", ids.trace_id),
+        correlation_id = %ids.correlation_id, subject = tracing::field::Empty);
+    let mut response = graphql_in_span(&state, peer, &headers, request, ids).instrument(span).await;
+    let response_headers = response.headers_mut();
+    if let Ok(value) = ids.correlation_id.to_string().parse() {
+        response_headers.insert("x-correlation-id", value);
+    }
+    let span_id: u64 = rand::random::<u64>() | 1;
+    if let Ok(value) = format!("00-{:032x}-{span_id:016x}-01", ids.trace_id).parse() {
+        response_headers.insert("traceparent", value);
+    }
+    state.http.request_duration.observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The caller's W3C trace id (`traceparent: 00-<trace id>-<parent id>-<flags>`) and correlation id
+/// (`x-correlation-id`, a UUID) when given and well formed; new ones otherwise.
+pub fn request_ids(headers: &HeaderMap) -> RequestIds {
+    let trace_id = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let mut parts = v.split('-');
+            let (_version, trace) = (parts.next()?, parts.next()?);
+            (trace.len() == 32).then(|| u128::from_str_radix(trace, 16).ok()).flatten()
+        })
+        .filter(|id| *id != 0)
+        .unwrap_or_else(|| rand::random::<u128>() | 1);
+    let correlation_id = headers
+        .get("x-correlation-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| uuid::Uuid::parse_str(v).ok())
+        .unwrap_or_else(uuid::Uuid::now_v7);
+    RequestIds { trace_id, correlation_id }
+}
+
+async fn graphql_in_span(
+    state: &ServerState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    request: GraphQLRequest,
+    ids: RequestIds,
+) -> Response {
     let authorization = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let principal = match state.keys.verify_header(authorization, state.app.clock.now()) {
         Ok(principal) => Some(principal),
@@ -127,13 +172,18 @@ async fn graphql(
         state.http.rate_limited.fetch_add(1, Ordering::Relaxed);
         return error_response(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", "too many requests; slow down");
     }
-    let mut request = request.into_inner();
+    let mut request = request.into_inner().data(ids);
     if let Some(principal) = principal {
+        tracing::Span::current().record("subject", principal.subject.as_str());
         request = request.data(principal);
     }
-    let response: Response = GraphQLResponse::from(state.schema.execute(request).await).into_response();
-    state.http.request_duration.observe(started.elapsed().as_secs_f64());
-    response
+    let answer = state.schema.execute(request).await;
+    if let Some(error) = answer.errors.first() {
+        let code = error.extensions.as_ref().and_then(|e| e.get("code")).map(|c| c.to_string());
+        tracing::debug!(errors = answer.errors.len(), code = code.as_deref().unwrap_or(""), message = %error.message,
+            "request answered with errors");
+    }
+    GraphQLResponse::from(answer).into_response()
 }
 
 #[derive(serde::Deserialize, Default)]

@@ -16,12 +16,17 @@
 //! include our idempotency row in the same transaction, and it returns nothing about what was written. We use
 //! the same building blocks (the `Aggregate` trait, `EventSink`, the event store's loading) and own the commit.
 //! Nothing is published from the command path: the events table is the outbox (see `crate::log`).
+//!
+//! Batched intake ([`CommandService::execute_batch`], the GraphQL `cashBatch` mutation) runs up to
+//! [`BATCH_COMMANDS_MAX`] commands with the same guarantees in one transaction; see `batch`.
 
+mod batch;
 mod context;
 mod locks;
 mod service;
 mod store;
 
+pub use batch::{BatchItem, BATCH_COMMANDS_MAX};
 pub use context::{CommandContext, Idempotency, IDEMPOTENCY_KEY_LEN_MAX};
 pub use service::{CommandConfig, CommandMetrics, CommandService, LedgerAggregate};
 
@@ -74,6 +79,9 @@ pub enum CommandError {
     IdempotencyKeyReused { key: String },
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// Refused by a check of the caller's (e.g. authorization in a batch), with its own code.
+    #[error("{message}")]
+    Refused { code: &'static str, message: String },
     #[error("gave up after {attempts} attempts: the aggregate kept changing concurrently")]
     Contention { attempts: u32 },
     #[error("event store error: {0}")]
@@ -88,6 +96,7 @@ impl CommandError {
             Self::Portfolio(e) => e.code(),
             Self::IdempotencyKeyReused { .. } => "IDEMPOTENCY_KEY_REUSED",
             Self::Invalid(_) => "INVALID_REQUEST",
+            Self::Refused { code, .. } => code,
             Self::Contention { .. } => "CONTENTION",
             Self::Store(_) => "INTERNAL",
         }

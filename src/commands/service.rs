@@ -60,6 +60,10 @@ pub struct CommandMetrics {
     pub failed: AtomicU64,
     /// Time to execute a command, from the idempotency lookup to the commit.
     pub latency: crate::metrics::Histogram,
+    /// Batches run by `execute_batch` (their commands count in the counters above).
+    pub batches: AtomicU64,
+    /// Time to execute a batch.
+    pub batch_latency: crate::metrics::Histogram,
     rejections: std::sync::Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -68,6 +72,11 @@ impl CommandMetrics {
     pub fn rejections_by_code(&self) -> Vec<(&'static str, u64)> {
         let rejections = self.rejections.lock().unwrap_or_else(|p| p.into_inner());
         rejections.iter().map(|(code, n)| (*code, *n)).collect()
+    }
+
+    pub(super) fn count_rejection(&self, code: &'static str) {
+        let mut rejections = self.rejections.lock().unwrap_or_else(|p| p.into_inner());
+        *rejections.entry(code).or_default() += 1;
     }
 }
 
@@ -109,14 +118,14 @@ impl LedgerAggregate for Portfolio {
 }
 
 pub struct CommandService {
-    pool: PgPool,
+    pub(super) pool: PgPool,
     orders: PersistedEventStore<PostgresEventRepository, Order>,
     portfolios: PersistedEventStore<PostgresEventRepository, Portfolio>,
     order_services: OrderServices,
-    locks: AggregateLocks,
-    config: CommandConfig,
+    pub(super) locks: AggregateLocks,
+    pub(super) config: CommandConfig,
     clock: Arc<dyn Clock>,
-    metrics: Arc<CommandMetrics>,
+    pub(super) metrics: Arc<CommandMetrics>,
     /// Connections this service may hold for database aggregate locks at once.
     lock_slots: Arc<tokio::sync::Semaphore>,
 }
@@ -195,8 +204,7 @@ impl CommandService {
         counter.fetch_add(1, Ordering::Relaxed);
         if let Err(error) = &result {
             if error.is_business() {
-                let mut rejections = self.metrics.rejections.lock().unwrap_or_else(|p| p.into_inner());
-                *rejections.entry(error.code()).or_default() += 1;
+                self.metrics.count_rejection(error.code());
             }
         }
         self.metrics.latency.observe(started.elapsed().as_secs_f64());
@@ -360,7 +368,7 @@ impl CommandService {
     }
 
     /// Event metadata. Every value is a string: cqrs-es reads metadata back as `HashMap<String, String>`.
-    fn metadata(&self, ctx: &CommandContext, command_type: &str) -> Value {
+    pub(super) fn metadata(&self, ctx: &CommandContext, command_type: &str) -> Value {
         let mut fields = BTreeMap::new();
         fields.insert("command_id", Uuid::now_v7().to_string());
         fields.insert("command_type", command_type.to_string());

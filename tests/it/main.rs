@@ -2,6 +2,7 @@
 //! One test binary for the crate: each binary links the whole dependency tree, so we build it once.
 
 mod audit;
+mod batch;
 mod commands;
 mod execution;
 mod log_order;

@@ -96,6 +96,25 @@ pub(crate) fn principal<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a Prin
     ctx.data_opt::<Principal>().ok_or_else(unauthenticated)
 }
 
+/// Ids of one HTTP request (set by the HTTP layer): every log line of the request carries them (JSON logs:
+/// the `request` span's fields) and every event it writes records the correlation id in its metadata.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestIds {
+    /// W3C trace id (from the caller's `traceparent` header, or new).
+    pub trace_id: u128,
+    /// From the caller's `x-correlation-id` header (a UUID), or new.
+    pub correlation_id: uuid::Uuid,
+}
+
+/// A command context for the caller, in the request's correlation when there is one.
+pub(crate) fn command_context(ctx: &Context<'_>, principal: &Principal) -> ledger::commands::CommandContext {
+    let mut command = ledger::commands::CommandContext::new(principal.subject.clone());
+    if let Some(ids) = ctx.data_opt::<RequestIds>() {
+        command.correlation_id = ids.correlation_id;
+    }
+    command
+}
+
 /// `first` capped to [`PAGE_SIZE_MAX`] (and at least 1).
 pub(crate) fn page_size(first: Option<i32>) -> usize {
     first.map_or(PAGE_SIZE_DEFAULT, |n| n.max(1) as usize).min(PAGE_SIZE_MAX)

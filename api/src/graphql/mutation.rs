@@ -28,9 +28,9 @@ use super::{principal, state, AppState, ACCEPTANCE_WAIT_MS_MAX};
 use crate::auth::{Principal, Role};
 
 /// The context of a mutation: the caller, a fresh correlation, and the idempotency key over `request`.
-fn context(principal: &Principal, key: &str, request: &impl Serialize) -> Result<CommandContext> {
+fn context(ctx: &Context<'_>, principal: &Principal, key: &str, request: &impl Serialize) -> Result<CommandContext> {
     let idempotency = Idempotency::new(key, request).map_err(command)?;
-    Ok(CommandContext::new(principal.subject.clone()).with_idempotency(idempotency))
+    Ok(super::command_context(ctx, principal).with_idempotency(idempotency))
 }
 
 /// Fails unless the caller may trade the portfolio (which must exist).
@@ -78,7 +78,7 @@ impl PortfolioMutation {
             _ => return Err(forbidden()),
         };
         let method_name = format!("{:?}", input.cost_basis_method);
-        let ctx_command = context(principal, &idempotency_key, &("openPortfolio", &input, &method_name))?;
+        let ctx_command = context(ctx, principal, &idempotency_key, &("openPortfolio", &input, &method_name))?;
         let portfolio_id = PortfolioId::generate();
         let command = PortfolioCommand::OpenPortfolio {
             portfolio_id,
@@ -106,7 +106,7 @@ impl PortfolioMutation {
         let principal = principal(ctx)?;
         let state = state(ctx);
         authorize_portfolio(state, principal, portfolio_id).await?;
-        let ctx_command = context(principal, &idempotency_key, &("deposit", portfolio_id, amount, &reference))?;
+        let ctx_command = context(ctx, principal, &idempotency_key, &("deposit", portfolio_id, amount, &reference))?;
         let command = PortfolioCommand::DepositCash { amount: self::amount(amount)?, reference, at: state.clock.now() };
         let outcome = state
             .commands
@@ -127,7 +127,7 @@ impl PortfolioMutation {
         let principal = principal(ctx)?;
         let state = state(ctx);
         authorize_portfolio(state, principal, portfolio_id).await?;
-        let ctx_command = context(principal, &idempotency_key, &("withdraw", portfolio_id, amount, &reference))?;
+        let ctx_command = context(ctx, principal, &idempotency_key, &("withdraw", portfolio_id, amount, &reference))?;
         let command =
             PortfolioCommand::WithdrawCash { amount: self::amount(amount)?, reference, at: state.clock.now() };
         let outcome = state
@@ -136,6 +136,107 @@ impl PortfolioMutation {
             .await
             .map_err(super::errors::command)?;
         Ok(outcome.into())
+    }
+
+    /// Deposits and withdrawals in bulk (at most 1 000): committed in one transaction, in order, each with the
+    /// guarantees of `deposit`/`withdraw` — its own idempotency key, a refusal (`INSUFFICIENT_FUNDS`,
+    /// `FORBIDDEN`, `PORTFOLIO_NOT_FOUND`…) leaves no trace and does not stop the others. One answer per
+    /// movement, in order. The fast path for imports and high-rate intake (see `ledger bench intake`).
+    async fn cash_batch(&self, ctx: &Context<'_>, movements: Vec<CashMovementInput>) -> Result<Vec<BatchItemResult>> {
+        use ledger::commands::{BatchItem, CommandError, BATCH_COMMANDS_MAX};
+        let principal = principal(ctx)?;
+        let state = state(ctx);
+        if movements.len() > BATCH_COMMANDS_MAX {
+            return Err(invalid(format!("at most {BATCH_COMMANDS_MAX} movements per batch")));
+        }
+        let now = state.clock.now();
+        let mut items = Vec::with_capacity(movements.len());
+        let mut early: Vec<Option<BatchItemResult>> = Vec::with_capacity(movements.len());
+        for movement in &movements {
+            let built = (|| {
+                let idempotency = Idempotency::new(&movement.idempotency_key, &("cashBatch", movement))?;
+                let amount = Amount::new(movement.amount).map_err(|e| CommandError::Invalid(e.to_string()))?;
+                let reference = movement.reference.clone();
+                let command = match movement.kind {
+                    CashMovementKind::Deposit => PortfolioCommand::DepositCash { amount, reference, at: now },
+                    CashMovementKind::Withdraw => PortfolioCommand::WithdrawCash { amount, reference, at: now },
+                };
+                Ok::<_, CommandError>(BatchItem {
+                    aggregate_id: movement.portfolio_id.to_string(),
+                    command,
+                    idempotency: Some(idempotency),
+                })
+            })();
+            match built {
+                Ok(item) => {
+                    items.push(item);
+                    early.push(None);
+                }
+                Err(error) => early.push(Some(batch_answer(Err(error)))),
+            }
+        }
+        let authorize = |portfolio: &ledger::domain::Portfolio| match &portfolio.terms {
+            None => Err(CommandError::Refused { code: "PORTFOLIO_NOT_FOUND", message: "no such portfolio".into() }),
+            Some(terms) if principal.can_trade_portfolio(terms.owner.as_str()) => Ok(()),
+            Some(_) => Err(CommandError::Refused { code: "FORBIDDEN", message: "not allowed for this token".into() }),
+        };
+        let command_ctx = super::command_context(ctx, principal);
+        let mut answers = state
+            .commands
+            .execute_batch::<ledger::domain::Portfolio>(&command_ctx, items, authorize)
+            .await
+            .map_err(super::errors::command)?
+            .into_iter()
+            .map(batch_answer);
+        Ok(early.into_iter().map(|e| e.unwrap_or_else(|| answers.next().expect("one answer per item"))).collect())
+    }
+}
+
+/// A cash movement of a batch.
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Serialize, Debug)]
+pub enum CashMovementKind {
+    Deposit,
+    Withdraw,
+}
+
+#[derive(InputObject, Serialize)]
+pub struct CashMovementInput {
+    pub portfolio_id: Uuid,
+    pub kind: CashMovementKind,
+    pub amount: Decimal,
+    pub reference: Option<String>,
+    /// Per movement, as for `deposit` and `withdraw`: a repeated movement returns its first answer.
+    pub idempotency_key: String,
+}
+
+/// A refusal of one command of a batch (`code` as in a mutation error's `extensions.code`).
+#[derive(SimpleObject)]
+pub struct CommandFailure {
+    pub code: String,
+    pub message: String,
+}
+
+/// The answer for one command of a batch: exactly one of `result` and `error`.
+#[derive(SimpleObject)]
+pub struct BatchItemResult {
+    pub result: Option<CommandResult>,
+    pub error: Option<CommandFailure>,
+}
+
+fn batch_answer(result: Result<CommandOutcome, ledger::commands::CommandError>) -> BatchItemResult {
+    match result {
+        Ok(outcome) => BatchItemResult { result: Some(outcome.into()), error: None },
+        Err(error) => {
+            let message = if error.is_business() {
+                error.to_string()
+            } else if matches!(error, ledger::commands::CommandError::Contention { .. }) {
+                "the target changed concurrently too often; retry".to_string()
+            } else {
+                tracing::error!(%error, "a batched command failed");
+                "internal error".to_string()
+            };
+            BatchItemResult { result: None, error: Some(CommandFailure { code: error.code().to_string(), message }) }
+        }
     }
 }
 
@@ -198,7 +299,7 @@ impl OrderMutation {
         authorize_portfolio(state, principal, input.portfolio_id).await?;
         let described =
             (format!("{:?}", input.side), format!("{:?}", input.order_type), format!("{:?}", input.time_in_force));
-        let ctx_command = context(principal, &idempotency_key, &("placeOrder", &input, &described))?;
+        let ctx_command = context(ctx, principal, &idempotency_key, &("placeOrder", &input, &described))?;
         let order_type = match (input.order_type, input.limit_price) {
             (OrderTypeGql::Limit, Some(limit)) => OrderType::Limit { limit_price: Price::new(limit).map_err(value)? },
             (OrderTypeGql::Limit, None) => return Err(invalid("a limit order needs limitPrice")),
@@ -247,7 +348,7 @@ impl OrderMutation {
         if !principal.is_admin() {
             authorize_portfolio(state, principal, terms.portfolio_id.0).await?;
         }
-        let ctx_command = context(principal, &idempotency_key, &("cancelOrder", order_id, &reason))?;
+        let ctx_command = context(ctx, principal, &idempotency_key, &("cancelOrder", order_id, &reason))?;
         let command = OrderCommand::CancelOrder {
             reason: reason.unwrap_or_else(|| "client".into()),
             canceled_at: state.clock.now(),
@@ -272,7 +373,7 @@ impl OrderMutation {
             return Err(forbidden());
         }
         let state = state(ctx);
-        let ctx_command = context(principal, &idempotency_key, &("recordExecution", &input))?;
+        let ctx_command = context(ctx, principal, &idempotency_key, &("recordExecution", &input))?;
         let command = OrderCommand::RecordExecution(RecordExecution {
             exec_id: ExecId::new(input.exec_id).map_err(value)?,
             quantity: Quantity::new(input.quantity).map_err(value)?,
@@ -372,7 +473,7 @@ impl AlertMutation {
         let principal = principal(ctx)?;
         let state = state(ctx);
         authorize_portfolio(state, principal, portfolio_id).await?;
-        let ctx_command = context(principal, &idempotency_key, &("createAlert", portfolio_id, &condition))?;
+        let ctx_command = context(ctx, principal, &idempotency_key, &("createAlert", portfolio_id, &condition))?;
         let command = PortfolioCommand::CreateAlert {
             alert_id: AlertId::generate(),
             condition: condition.condition()?,
@@ -429,7 +530,7 @@ async fn alert_command(
     let principal = principal(ctx)?;
     let state = state(ctx);
     authorize_portfolio(state, principal, portfolio_id).await?;
-    let ctx_command = context(principal, &key, &(name, portfolio_id, alert_id))?;
+    let ctx_command = context(ctx, principal, &key, &(name, portfolio_id, alert_id))?;
     let at = state.clock.now();
     let command = match name {
         "cancelAlert" => PortfolioCommand::CancelAlert { alert_id: AlertId(alert_id), at },

@@ -529,3 +529,102 @@ async fn the_audit_download_streams_the_same_json_lines_as_the_export_command() 
     std::fs::remove_dir_all(dir).ok();
     stack.stop().await;
 }
+
+const CASH_BATCH: &str = "mutation($m: [CashMovementInput!]!) {
+    cashBatch(movements: $m) { result { aggregateId lastPosition events { sequence eventType } } error { code message } }
+}";
+
+/// `cashBatch`: one answer per movement, in order; refusals (funds, authorization, unknown portfolio, bad
+/// amount) are per movement and write nothing; repeating the batch answers from the idempotency log; the
+/// request's correlation id (from `x-correlation-id`) is in the events' metadata and in the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cash_batches_answer_per_movement_and_repeat_idempotently() {
+    let stack = Stack::start(1).await;
+    let alice = stack.token("alice", Role::Trader);
+    let bob = stack.token("bob", Role::Trader);
+    let mine = open_funded(&stack, &alice, "100").await;
+    let theirs = open_funded(&stack, &bob, "100").await;
+    let movement = |id: &str, kind: &str, amount: &str, key: &str| json!({ "portfolioId": id, "kind": kind, "amount": amount, "idempotencyKey": key });
+    let movements = json!([
+        movement(&mine, "DEPOSIT", "10", "b1"),
+        movement(&mine, "WITHDRAW", "500", "b2"),
+        movement(&theirs, "DEPOSIT", "1", "b3"),
+        movement("00000000-0000-0000-0000-000000000000", "DEPOSIT", "1", "b4"),
+        movement(&mine, "DEPOSIT", "-1", "b5"),
+        movement(&mine, "WITHDRAW", "110", "b6"),
+    ]);
+    let correlation = uuid::Uuid::now_v7();
+    let response = reqwest::Client::new()
+        .post(stack.url(0, "/graphql"))
+        .bearer_auth(&alice)
+        .header("x-correlation-id", correlation.to_string())
+        .json(&json!({ "query": CASH_BATCH, "variables": { "m": movements } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-correlation-id"].to_str().unwrap(), correlation.to_string());
+    assert!(response.headers()["traceparent"].to_str().unwrap().starts_with("00-"));
+    let body: Value = response.json().await.unwrap();
+    let answers = body["data"]["cashBatch"].as_array().unwrap_or_else(|| panic!("no answers: {body}")).clone();
+    let codes: Vec<Option<&str>> = answers.iter().map(|a| a["error"]["code"].as_str()).collect();
+    assert_eq!(
+        codes,
+        [
+            None,
+            Some("INSUFFICIENT_FUNDS"),
+            Some("FORBIDDEN"),
+            Some("PORTFOLIO_NOT_FOUND"),
+            Some("INVALID_REQUEST"),
+            None
+        ]
+    );
+    assert_eq!(answers[0]["result"]["events"][0]["sequence"], 3);
+    assert_eq!(answers[5]["result"]["events"][0]["sequence"], 4, "the withdrawal saw the deposit before it");
+
+    let (cash, correlations): (Decimal, Vec<String>) = {
+        let cash: Decimal = sqlx::query_scalar(
+            "select (payload->'CashWithdrawn'->>'cash_after')::numeric from events
+              where aggregate_id = $1 and sequence = 4",
+        )
+        .bind(&mine)
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+        let correlations = sqlx::query_scalar(
+            "select metadata->>'correlation_id' from events where aggregate_id = $1 and sequence > 2 order by sequence",
+        )
+        .bind(&mine)
+        .fetch_all(&stack.pool)
+        .await
+        .unwrap();
+        (cash, correlations)
+    };
+    assert_eq!(cash, Decimal::ZERO);
+    assert_eq!(correlations, [correlation.to_string(), correlation.to_string()]);
+    let untouched: i64 = sqlx::query_scalar("select count(*) from events where aggregate_id = $1")
+        .bind(&theirs)
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    assert_eq!(untouched, 2);
+
+    // The same batch again: the same answers, nothing written.
+    let again = stack.gql(&alice, CASH_BATCH, json!({ "m": movements })).await;
+    assert_eq!(again["data"]["cashBatch"][0]["result"], answers[0]["result"]);
+    assert_eq!(again["data"]["cashBatch"][5]["result"], answers[5]["result"]);
+    let events: i64 = sqlx::query_scalar("select count(*) from events where aggregate_id = $1")
+        .bind(&mine)
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 4);
+
+    let too_many: Vec<Value> = (0..1_001).map(|n| movement(&mine, "DEPOSIT", "1", &format!("many-{n}"))).collect();
+    let refused = stack.gql(&alice, CASH_BATCH, json!({ "m": too_many })).await;
+    assert_eq!(error_code(&refused).as_deref(), Some("INVALID_INPUT"), "{refused}");
+
+    let metrics = reqwest::get(stack.url(0, "/metrics")).await.unwrap().text().await.unwrap();
+    let batches = metrics.lines().find(|l| l.starts_with("ledger_command_batches_total")).unwrap_or_default();
+    assert!(batches.ends_with(" 2"), "two batches ran: {batches}");
+    stack.stop().await;
+}
