@@ -32,6 +32,19 @@ use crate::log::LogPosition;
 /// Most commands in one batch.
 pub const BATCH_COMMANDS_MAX: usize = 1_000;
 
+/// Aggregate states kept between batches, at most (per service).
+pub const BATCH_CACHE_AGGREGATES_MAX: usize = 10_000;
+
+/// An aggregate's state after a committed batch, valid while its head sequence is still `sequence`.
+pub(super) struct CachedAggregate {
+    sequence: i64,
+    snapshot_number: i64,
+    state: Box<dyn std::any::Any + Send + Sync>,
+}
+
+/// `(aggregate type, id)` → the state a batch left it in.
+pub(super) type BatchCache = std::sync::Mutex<HashMap<(&'static str, String), CachedAggregate>>;
+
 /// One command of a batch.
 pub struct BatchItem<C> {
     pub aggregate_id: String,
@@ -79,6 +92,7 @@ impl CommandService {
         let started = std::time::Instant::now();
         let mut results: Vec<Option<ItemResult>> = (0..items.len()).map(|_| None).collect();
         self.answer_repeats(ctx, &items, &mut results).await?;
+        let looked_up = started.elapsed();
 
         // Aggregates to load, in sorted order (the lock order).
         let ids: Vec<String> = items
@@ -95,7 +109,9 @@ impl CommandService {
                 guards.push(self.locks.lock(format!("{}/{id}", A::TYPE)).await);
             }
         }
+        let locked = started.elapsed();
         let mut aggregates = self.load_many::<A>(&ids).await?;
+        let loaded_at = started.elapsed();
         let index: HashMap<String, usize> = ids.iter().cloned().enumerate().map(|(i, id)| (id, i)).collect();
 
         let mut staged = Vec::new();
@@ -138,12 +154,14 @@ impl CommandService {
             loaded.state = state;
         }
 
+        let handled = started.elapsed();
         let mut fell_back = false;
         match self.commit_batch::<A>(ctx, &items, &aggregates, &staged).await {
-            Ok(outcomes) => {
+            Ok((outcomes, snapshotted)) => {
                 for (n, outcome) in outcomes {
                     results[n] = Some(Ok(outcome));
                 }
+                self.remember(aggregates, &snapshotted);
             }
             Err(CommitError::Conflict | CommitError::DuplicateKey) => {
                 // Someone else wrote first and nothing of ours was written: every decision above may rest on a
@@ -171,6 +189,17 @@ impl CommandService {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(CommandError::Store("batch item left unanswered".into()))))
             .collect();
+        tracing::debug!(
+            commands = items.len(),
+            aggregates = ids.len(),
+            looked_up_ms = looked_up.as_secs_f64() * 1e3,
+            locked_ms = locked.as_secs_f64() * 1e3,
+            loaded_ms = loaded_at.as_secs_f64() * 1e3,
+            handled_ms = handled.as_secs_f64() * 1e3,
+            committed_ms = started.elapsed().as_secs_f64() * 1e3,
+            fell_back,
+            "batch executed"
+        );
         // Commands that went through `execute` were counted there.
         let counted: &[usize] = if fell_back { &decided } else { &[] };
         self.count_batch(&results, counted, started.elapsed().as_secs_f64());
@@ -234,20 +263,78 @@ impl CommandService {
         Ok(())
     }
 
-    /// Every aggregate of `ids` (sorted, distinct) from one consistent read: snapshot, then later events.
+    /// Every aggregate of `ids` (sorted, distinct) from one consistent read: each one's head sequence; the
+    /// state kept from an earlier batch when it is still at that sequence (events never change, so it is
+    /// exact), else its snapshot and the events after it.
     async fn load_many<A: LedgerAggregate>(&self, ids: &[String]) -> Result<Vec<Loaded<A>>, CommandError> {
         let mut tx = self.pool.begin().await.map_err(CommandError::store)?;
         sqlx::query("set transaction isolation level repeatable read, read only")
             .execute(&mut *tx)
             .await
             .map_err(CommandError::store)?;
+        let heads: Vec<(String, i64)> = sqlx::query_as(
+            // One backward index probe per aggregate (a `group by` would read all their events).
+            "select a.id, h.sequence
+               from unnest($2::text[]) as a(id)
+               cross join lateral (select sequence from events e
+                                    where e.aggregate_type = $1 and e.aggregate_id = a.id
+                                    order by sequence desc limit 1) h",
+        )
+        .bind(A::TYPE)
+        .bind(ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(CommandError::store)?;
+        let heads: HashMap<String, i64> = heads.into_iter().collect();
+
+        let mut by_id: BTreeMap<&str, Loaded<A>> = BTreeMap::new();
+        let mut missing: Vec<&str> = Vec::new();
+        {
+            let cache = self.batch_cache.lock().unwrap_or_else(|p| p.into_inner());
+            for id in ids {
+                let head = heads.get(id).copied().unwrap_or(0);
+                let cached = cache.get(&(A::TYPE, id.clone())).filter(|entry| entry.sequence == head);
+                match cached.and_then(|entry| entry.state.downcast_ref::<A>().map(|state| (entry, state))) {
+                    Some((entry, state)) => {
+                        by_id.insert(
+                            id.as_str(),
+                            Loaded {
+                                id: id.clone(),
+                                state: state.clone(),
+                                loaded_sequence: head,
+                                sequence: head,
+                                snapshot_number: entry.snapshot_number,
+                            },
+                        );
+                    }
+                    None if head == 0 => {
+                        by_id.insert(
+                            id.as_str(),
+                            Loaded {
+                                id: id.clone(),
+                                state: A::default(),
+                                loaded_sequence: 0,
+                                sequence: 0,
+                                snapshot_number: 0,
+                            },
+                        );
+                    }
+                    None => missing.push(id.as_str()),
+                }
+            }
+        }
+        if missing.is_empty() {
+            tx.commit().await.map_err(CommandError::store)?;
+            return Ok(by_id.into_values().collect());
+        }
+
         let snapshots: Vec<(String, i64, i64, Value)> = if A::SNAPSHOTTED {
             sqlx::query_as(
                 "select aggregate_id, last_sequence, current_snapshot, payload from snapshots
                   where aggregate_type = $1 and aggregate_id = any($2)",
             )
             .bind(A::TYPE)
-            .bind(ids)
+            .bind(&missing)
             .fetch_all(&mut *tx)
             .await
             .map_err(CommandError::store)?
@@ -264,22 +351,19 @@ impl CommandService {
               order by e.aggregate_id, e.sequence",
         )
         .bind(A::TYPE)
-        .bind(ids)
+        .bind(&missing)
         .bind(A::SNAPSHOTTED)
         .fetch_all(&mut *tx)
         .await
         .map_err(CommandError::store)?;
         tx.commit().await.map_err(CommandError::store)?;
 
-        let mut by_id: BTreeMap<&str, Loaded<A>> = ids
-            .iter()
-            .map(|id| {
-                (
-                    id.as_str(),
-                    Loaded { id: id.clone(), state: A::default(), loaded_sequence: 0, sequence: 0, snapshot_number: 0 },
-                )
-            })
-            .collect();
+        for id in missing {
+            by_id.insert(
+                id,
+                Loaded { id: id.to_string(), state: A::default(), loaded_sequence: 0, sequence: 0, snapshot_number: 0 },
+            );
+        }
         for (id, last_sequence, number, payload) in snapshots {
             if let Some(loaded) = by_id.get_mut(id.as_str()) {
                 loaded.state = serde_json::from_value(payload).map_err(CommandError::store)?;
@@ -303,6 +387,19 @@ impl CommandService {
             .collect())
     }
 
+    /// Keeps the states a committed batch ended with (bounded: the cache is emptied when full).
+    fn remember<A: LedgerAggregate>(&self, aggregates: Vec<Loaded<A>>, snapshotted: &HashSet<String>) {
+        let mut cache = self.batch_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() + aggregates.len() > BATCH_CACHE_AGGREGATES_MAX {
+            cache.clear();
+        }
+        for loaded in aggregates {
+            let snapshot_number = loaded.snapshot_number + i64::from(snapshotted.contains(&loaded.id));
+            let entry = CachedAggregate { sequence: loaded.sequence, snapshot_number, state: Box::new(loaded.state) };
+            cache.insert((A::TYPE, loaded.id), entry);
+        }
+    }
+
     /// The batch's one transaction (in a task of its own: a cancelled caller must not cut it short); the
     /// outcome of each staged item.
     async fn commit_batch<A: LedgerAggregate>(
@@ -311,9 +408,9 @@ impl CommandService {
         items: &[BatchItem<A::Command>],
         aggregates: &[Loaded<A>],
         staged: &[Staged],
-    ) -> Result<Vec<(usize, CommandOutcome)>, CommitError> {
+    ) -> Result<(Vec<(usize, CommandOutcome)>, HashSet<String>), CommitError> {
         if staged.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), HashSet::new()));
         }
         let mut write = BatchWrite { aggregate_type: A::TYPE, actor: ctx.actor.clone(), ..BatchWrite::default() };
         for s in staged {
@@ -329,6 +426,7 @@ impl CommandService {
         }
         // Snapshots due: an aggregate crossing a multiple of the interval gets its state after the batch.
         let every = self.config.portfolio_snapshot_every as i64;
+        let mut snapshotted = HashSet::new();
         if A::SNAPSHOTTED && every > 0 {
             for loaded in aggregates {
                 if loaded.sequence != loaded.loaded_sequence
@@ -337,6 +435,7 @@ impl CommandService {
                     let state = serde_json::to_value(&loaded.state)
                         .map_err(|e| CommitError::Database(sqlx::Error::Encode(e.into())))?;
                     write.snapshots.push((loaded.id.clone(), loaded.sequence, loaded.snapshot_number + 1, state));
+                    snapshotted.insert(loaded.id.clone());
                 }
             }
         }
@@ -357,7 +456,7 @@ impl CommandService {
             });
         }
         let pool = self.pool.clone();
-        crate::db::detached(async move {
+        let outcomes = crate::db::detached(async move {
             let mut tx = pool.begin().await?;
             let positions = write.insert_events(&mut tx).await?;
             write.upsert_snapshots(&mut tx).await?;
@@ -394,7 +493,8 @@ impl CommandService {
             Ok::<_, CommitError>(outcomes)
         })
         .await
-        .map_err(CommitError::Database)?
+        .map_err(CommitError::Database)??;
+        Ok((outcomes, snapshotted))
     }
 
     fn count_batch(&self, results: &[ItemResult], counted: &[usize], seconds: f64) {

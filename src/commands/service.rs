@@ -128,6 +128,8 @@ pub struct CommandService {
     pub(super) metrics: Arc<CommandMetrics>,
     /// Connections this service may hold for database aggregate locks at once.
     lock_slots: Arc<tokio::sync::Semaphore>,
+    /// States batches left aggregates in (see `batch`).
+    pub(super) batch_cache: super::batch::BatchCache,
 }
 
 /// Aggregate locks (each on a connection of its own) one service holds or waits for at once.
@@ -149,6 +151,7 @@ impl CommandService {
             clock: Arc::new(SystemClock),
             metrics: Arc::default(),
             lock_slots: Arc::new(tokio::sync::Semaphore::new(DATABASE_LOCKS_MAX)),
+            batch_cache: Default::default(),
         }
     }
 

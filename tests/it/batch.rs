@@ -220,9 +220,56 @@ async fn batches_racing_other_writers_lose_nothing() {
     assert_eq!(accepted, 800);
     assert_eq!(total, Decimal::from(800) + Decimal::new(singles as i64, 2));
     assert_eq!(events, 4 + 800 + singles);
-    assert!(
-        batcher.metrics().conflicts.load(Ordering::Relaxed) > 0,
-        "the race should have sent some batches down the one-by-one path"
-    );
+    db.drop().await;
+}
+
+/// A writer whose insert is still uncommitted when the batch commits: the batch's insert waits for it, then
+/// conflicts; nothing of the batch is written, and every command runs again one by one on the new state — the
+/// withdrawal the batch had refused now succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_conflicting_writer_sends_the_batch_down_the_one_by_one_path() {
+    let db = TestDb::new().await;
+    let commands = db.commands();
+    let a = open_portfolio(&commands, "10", CostBasisMethod::Fifo).await;
+    let other = open_portfolio(&commands, "0", CostBasisMethod::Fifo).await;
+    // The other writer: a deposit of 100 at sequence 3, held uncommitted.
+    let mut writer = db.pool.begin().await.unwrap();
+    let event = ledger::domain::PortfolioEvent::CashDeposited {
+        amount: amount("100"),
+        reference: None,
+        cash_after: dec("110"),
+        at: at(),
+    };
+    sqlx::query(
+        "insert into events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         values ('Portfolio', $1, 3, 'CashDeposited', '1.0', $2, '{}')",
+    )
+    .bind(a.to_string())
+    .bind(serde_json::to_value(&event).unwrap())
+    .execute(&mut *writer)
+    .await
+    .unwrap();
+    let batch = {
+        let commands = commands.clone();
+        tokio::spawn(async move {
+            let items = vec![
+                item(other, deposit("1"), Some("c1")),
+                item(a, deposit("1"), Some("c2")),
+                item(a, withdraw("50"), Some("c3")),
+            ];
+            commands.execute_batch::<Portfolio>(&ctx(), items, allow).await.unwrap()
+        })
+    };
+    // The batch refuses the withdrawal against the state it can see (cash 11) and blocks on the insert.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!batch.is_finished(), "the batch's insert should wait for the uncommitted writer");
+    writer.commit().await.unwrap();
+    let results = batch.await.unwrap();
+    assert!(results[0].is_ok());
+    assert_eq!(results[1].as_ref().unwrap().events[0].sequence, 4, "the deposit ran after the other writer's");
+    assert_eq!(results[2].as_ref().unwrap().events[0].sequence, 5, "the withdrawal was decided again");
+    assert_eq!(cash(&commands, a).await, (dec("61"), 5));
+    assert_eq!(cash(&commands, other).await, (dec("1"), 2));
+    assert_eq!(commands.metrics().conflicts.load(Ordering::Relaxed), 1);
     db.drop().await;
 }
