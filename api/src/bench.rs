@@ -469,15 +469,68 @@ pub async fn replay(database_url: &str, events: usize, runs: usize) -> anyhow::R
 pub struct EndToEndResult {
     pub suite: &'static str,
     pub rate_per_second: u64,
+    /// Commit → read model (the positions worker's batch commit).
     pub commands: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub p999_ms: f64,
+    /// Commit → a `logEvents` subscriber of an API instance (graphql-transport-ws).
+    pub subscriber_events: usize,
+    pub subscriber_p50_ms: f64,
+    pub subscriber_p99_ms: f64,
+    pub subscriber_p999_ms: f64,
+}
+
+/// A `logEvents` subscription on the API at `address`: the delay from each `CashDeposited`'s commit
+/// (`recordedAt`) to its arrival, sent to `delays`. Returns once the subscription is acknowledged.
+async fn subscribe_log(
+    address: std::net::SocketAddr,
+    token: &str,
+    delays: tokio::sync::mpsc::UnboundedSender<Duration>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut request = format!("ws://{address}/graphql/ws").into_client_request()?;
+    request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse()?);
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.context("opening the subscription")?;
+    let init =
+        serde_json::json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {token}") } });
+    socket.send(Message::text(init.to_string())).await?;
+    let subscribe = serde_json::json!({ "id": "1", "type": "subscribe",
+        "payload": { "query": "subscription { logEvents { eventType recordedAt } }" } });
+    socket.send(Message::text(subscribe.to_string())).await?;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .context("no connection_ack within 30 s")?
+            .context("the subscription closed")??;
+        if let Message::Text(text) = message {
+            if text.contains("connection_ack") {
+                break;
+            }
+        }
+    }
+    Ok(tokio::spawn(async move {
+        while let Some(Ok(message)) = socket.next().await {
+            let Message::Text(text) = message else { continue };
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
+            let event = &value["payload"]["data"]["logEvents"];
+            if event["eventType"] != "CashDeposited" {
+                continue;
+            }
+            let Some(Ok(at)) = event["recordedAt"].as_str().map(chrono::DateTime::parse_from_rfc3339) else { continue };
+            let delay = (Utc::now() - at.with_timezone(&Utc)).to_std().unwrap_or_default();
+            if delays.send(delay).is_err() {
+                return;
+            }
+        }
+    }))
 }
 
 /// Deposits at a steady `rate` through the command service while the relay and the positions worker run;
 /// reports, per event, the delay from its commit (`recorded_at`) to the commit of the read-model batch that
-/// applied it.
+/// applied it, and to its arrival at a `logEvents` subscriber of an API instance started here.
 pub async fn end_to_end(
     database_url: &str,
     kafka: &ledger::kafka::KafkaConfig,
@@ -522,6 +575,15 @@ pub async fn end_to_end(
         tokio::time::sleep(Duration::from_millis(20)).await; // warm-up: the pipeline is running
     }
     status.commit_to_applied.reset();
+    // An API instance with one subscriber of the log (as a dashboard or a downstream service would be).
+    let keys = ledger_api::auth::TokenKeys::new("bench-secret-of-at-least-thirty-two-bytes")
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let api =
+        ledger_api::app::start(pool.clone(), ledger_api::app::AppConfig::new(keys.clone(), None), listener).await?;
+    let token = keys.issue("bench", ledger_api::auth::Role::Auditor, chrono::Duration::hours(1), Utc::now());
+    let (delay_sender, mut delay_receiver) = tokio::sync::mpsc::unbounded_channel();
+    let subscriber = subscribe_log(api.address, &token, delay_sender).await?;
     let total = rate * seconds;
     let amount = Amount::new(Decimal::ONE)?;
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
@@ -546,6 +608,17 @@ pub async fn end_to_end(
     while status.applied.load(Ordering::Relaxed) < target {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let mut received = Vec::with_capacity(total as usize);
+    while received.len() < total as usize {
+        match tokio::time::timeout(Duration::from_secs(10), delay_receiver.recv()).await {
+            Ok(Some(delay)) => received.push(delay),
+            _ => break,
+        }
+    }
+    subscriber.abort();
+    api.stop().await?;
+    anyhow::ensure!(received.len() == total as usize, "the subscriber received {} of {total} events", received.len());
+    received.sort();
     let histogram = &status.commit_to_applied;
     let ms = |q| histogram.quantile(q).unwrap_or(0.0) * 1_000.0;
     let result = EndToEndResult {
@@ -555,6 +628,10 @@ pub async fn end_to_end(
         p50_ms: ms(0.5),
         p99_ms: ms(0.99),
         p999_ms: ms(0.999),
+        subscriber_events: received.len(),
+        subscriber_p50_ms: percentile(&received, 0.5),
+        subscriber_p99_ms: percentile(&received, 0.99),
+        subscriber_p999_ms: percentile(&received, 0.999),
     };
     cancel.cancel();
     relay_task.await??;

@@ -128,7 +128,30 @@ pub async fn commands(database_url: &str, clients: usize, duration: Duration) ->
 
 /// `pgbench` with a one-row insert into a scratch table, `clients` connections, for `duration`; its tps.
 pub async fn pgbench_insert(database_url: &str, clients: usize, duration: Duration) -> anyhow::Result<f64> {
-    let pool = ledger::db::connect(database_url, 2).await?;
+    Ok(pgbench(database_url, clients, duration, None).await?.tps)
+}
+
+/// What `pgbench` measured: the reference every suite divides by, so that figures compare across machines.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Pgbench {
+    pub clients: usize,
+    /// Transactions (single-row inserts) per second.
+    pub tps: f64,
+    /// Average latency of one insert, in milliseconds.
+    pub latency_ms: f64,
+    /// The rate pgbench was held to (`-R`), if any.
+    pub rate: Option<u64>,
+}
+
+/// `pgbench` with a one-row insert into a scratch table, `clients` connections, for `duration`, at most
+/// `rate` transactions per second when given.
+pub async fn pgbench(
+    database_url: &str,
+    clients: usize,
+    duration: Duration,
+    rate: Option<u64>,
+) -> anyhow::Result<Pgbench> {
+    let pool = crate::cli::connect_and_migrate(database_url).await?;
     sqlx::query(
         "create table if not exists bench_pgbench (id bigint generated always as identity primary key, payload jsonb)",
     )
@@ -139,8 +162,13 @@ pub async fn pgbench_insert(database_url: &str, clients: usize, duration: Durati
     std::fs::create_dir_all(&dir)?;
     let script = dir.join("insert.sql");
     std::fs::write(&script, "insert into bench_pgbench (payload) values ('{\"a\": 1}');\n")?;
-    let output = tokio::process::Command::new("pgbench")
-        .args(["-n", "-c", &clients.to_string(), "-j", "2", "-T", &duration.as_secs().max(1).to_string(), "-f"])
+    let mut command = tokio::process::Command::new("pgbench");
+    command.args(["-n", "-c", &clients.to_string(), "-j", "2", "-T", &duration.as_secs().max(1).to_string()]);
+    if let Some(rate) = rate {
+        command.args(["-R", &rate.to_string()]);
+    }
+    let output = command
+        .arg("-f")
         .arg(&script)
         .arg(database_url)
         .output()
@@ -151,9 +179,36 @@ pub async fn pgbench_insert(database_url: &str, clients: usize, duration: Durati
     if !output.status.success() {
         bail!("pgbench failed: {}", String::from_utf8_lossy(&output.stderr).trim());
     }
-    text.lines()
-        .find_map(|line| line.strip_prefix("tps = ").and_then(|rest| rest.split_whitespace().next()?.parse().ok()))
-        .with_context(|| format!("no tps in pgbench's output: {text}"))
+    let number = |prefix: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(prefix).and_then(|rest| rest.split_whitespace().next()?.parse().ok()))
+    };
+    Ok(Pgbench {
+        clients,
+        tps: number("tps = ").with_context(|| format!("no tps in pgbench's output: {text}"))?,
+        latency_ms: number("latency average = ").with_context(|| format!("no latency in pgbench's output: {text}"))?,
+        rate,
+    })
+}
+
+/// The reference for a suite, or `None` (with the reason on stderr) where pgbench cannot run.
+pub async fn reference(database_url: &str, clients: usize, seconds: u64, rate: Option<u64>) -> Option<Pgbench> {
+    match pgbench(database_url, clients, Duration::from_secs(seconds.max(1)), rate).await {
+        Ok(result) => {
+            println!(
+                "pgbench single-row insert, {} client(s){}: {:.0} tps, latency {:.2} ms",
+                result.clients,
+                rate.map(|r| format!(" at {r}/s")).unwrap_or_default(),
+                result.tps,
+                result.latency_ms
+            );
+            Some(result)
+        }
+        Err(error) => {
+            eprintln!("pgbench reference skipped: {error:#}");
+            None
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]

@@ -35,6 +35,14 @@ pub struct Cli {
     #[arg(long, env = "LEDGER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
 
+    /// OpenTelemetry: export spans as OTLP/HTTP JSON to this collector (e.g. http://collector:4318); off when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+
+    /// OpenTelemetry `service.name` of the exported spans.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "ledger", global = true)]
+    pub otel_service_name: String,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -299,6 +307,24 @@ pub enum BenchSuite {
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
+    /// Batched intake: `cashBatch` mutations of many deposits over HTTP, one transaction each; events/s.
+    Intake {
+        /// Concurrent clients (comma-separated for several runs), each on its own portfolios.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        clients: Vec<usize>,
+        /// Deposits per batch (at most 1000).
+        #[arg(long, default_value_t = 1_000)]
+        batch_size: usize,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Runs per client count; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
     /// Relay throughput (pre-filled log → fresh topic) and commit → acknowledgement delay. Needs KAFKA_BROKERS.
     Relay {
         /// Events in the pre-filled log.
@@ -325,27 +351,57 @@ pub enum BenchSuite {
     },
 }
 
+/// `  ours/pgbench 0.42` for a throughput (higher is better), or nothing without a reference.
+fn throughput_ratio(pgbench: Option<crate::bench_api::Pgbench>, ours: f64) -> String {
+    pgbench.map(|p| format!("  ours/pgbench {:.2} (throughput)", ours / p.tps)).unwrap_or_default()
+}
+
+/// `  ours/pgbench 12.3` for a latency against pgbench's average insert latency (lower is better).
+fn latency_ratio(pgbench: Option<crate::bench_api::Pgbench>, ours_ms: f64) -> String {
+    pgbench.map(|p| format!("  ours/pgbench {:.1} (latency)", ours_ms / p.latency_ms)).unwrap_or_default()
+}
+
+/// A suite's JSON with the pgbench reference and the ratio added (both null without pgbench).
+fn with_reference(
+    mut value: serde_json::Value,
+    pgbench: Option<crate::bench_api::Pgbench>,
+    ratio: impl Fn(&crate::bench_api::Pgbench) -> f64,
+) -> serde_json::Value {
+    if let Some(object) = value.as_object_mut() {
+        object.insert("pgbench".into(), serde_json::to_value(pgbench).unwrap_or_default());
+        object.insert("ratio".into(), pgbench.as_ref().map(ratio).into());
+    }
+    value
+}
+
 /// The median run by `key` (of a non-empty list of runs).
 fn median_by<T>(mut results: Vec<T>, key: impl Fn(&T) -> f64) -> T {
     results.sort_by(|a, b| key(a).total_cmp(&key(b)));
     results.swap_remove(results.len() / 2)
 }
 
-pub fn init_logging(format: &LogFormat, quiet: bool) {
+pub fn init_logging(format: &LogFormat, quiet: bool, otlp: Option<(&str, &str)>) -> anyhow::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     // librdkafka reports every failed connection attempt as an error; the relay and the workers report broker
     // outages themselves, once per state change.
     let default = if quiet { "warn,rdkafka=off,librdkafka=off" } else { "info,sqlx=warn,rdkafka=off,librdkafka=off" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    // One filter (RUST_LOG) for both: the spans exported are those it enables (`info` by default).
+    let otlp = match otlp {
+        Some((endpoint, service)) => Some(crate::otel::OtlpLayer::start(endpoint, service)?),
+        None => None,
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).with(otlp).try_init()?;
+    Ok(())
 }
 
 /// The pool size every command's `connect_and_migrate` uses (set once from `--db-connections`).
@@ -403,20 +459,20 @@ pub async fn run(args: Cli) -> anyhow::Result<()> {
         }
         Command::Bench { suite: BenchSuite::Fanout { subscribers, ticks, rate, json } } => {
             let kafka = args.kafka.required()?;
+            let single = crate::bench_api::reference(&args.database_url, 1, 10, None).await;
             let mut results = Vec::new();
             for count in subscribers {
                 let result = crate::bench_api::fanout(&args.database_url, kafka.clone(), count, ticks, rate).await?;
                 crate::bench_api::print_fanout(&result);
-                results.push(result);
+                println!("{}", latency_ratio(single, result.p99_ms));
+                results.push(with_reference(serde_json::to_value(&result)?, single, |p| result.p99_ms / p.latency_ms));
             }
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&results)?)?;
-            }
-            Ok(())
+            write_json(json, &results)
         }
         Command::Bench { suite: BenchSuite::Deposits { tasks, seconds, runs, keyed, json } } => {
             let mut medians = Vec::new();
             for task_count in tasks {
+                let pgbench = crate::bench_api::reference(&args.database_url, task_count, seconds, None).await;
                 let mut results = Vec::new();
                 for _ in 0..runs.max(1) {
                     let result = crate::bench::deposits(
@@ -432,15 +488,38 @@ pub async fn run(args: Cli) -> anyhow::Result<()> {
                 let median = median_by(results, |r| r.commands_per_second);
                 print!("median: ");
                 crate::bench::print(&median);
-                medians.push(median);
+                println!("{}", throughput_ratio(pgbench, median.commands_per_second));
+                medians.push(with_reference(serde_json::to_value(&median)?, pgbench, |p| {
+                    median.commands_per_second / p.tps
+                }));
             }
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_vec_pretty(&medians)?)?;
             }
             Ok(())
         }
+        Command::Bench { suite: BenchSuite::Intake { clients, batch_size, seconds, runs, json } } => {
+            let mut medians = Vec::new();
+            for count in clients {
+                let pgbench = crate::bench_api::reference(&args.database_url, count, seconds, None).await;
+                let mut results = Vec::new();
+                for _ in 0..runs.max(1) {
+                    let duration = std::time::Duration::from_secs(seconds);
+                    let result =
+                        crate::bench_intake::intake(&args.database_url, count, batch_size, duration, pgbench).await?;
+                    crate::bench_intake::print(&result);
+                    results.push(result);
+                }
+                let median = median_by(results, |r| r.events_per_second);
+                print!("median: ");
+                crate::bench_intake::print(&median);
+                medians.push(median);
+            }
+            write_json(json, &medians)
+        }
         Command::Bench { suite: BenchSuite::Relay { events, batch_sizes, runs, linger_ms, rate, seconds, json } } => {
             let kafka = args.kafka.required()?;
+            let single = crate::bench_api::reference(&args.database_url, 1, 10, None).await;
             let mut report = Vec::new();
             for batch_size in batch_sizes {
                 let mut results = Vec::new();
@@ -455,15 +534,27 @@ pub async fn run(args: Cli) -> anyhow::Result<()> {
                     results.push(result);
                 }
                 let median = median_by(results, |r| r.events_per_second);
-                println!("median: batch {:>5}  {:>9.0} events/s", median.batch_size, median.events_per_second);
-                report.push(serde_json::to_value(&median)?);
+                println!(
+                    "median: batch {:>5}  {:>9.0} events/s{}",
+                    median.batch_size,
+                    median.events_per_second,
+                    throughput_ratio(single, median.events_per_second)
+                );
+                report
+                    .push(with_reference(serde_json::to_value(&median)?, single, |p| median.events_per_second / p.tps));
             }
             let latency = crate::bench::relay_latency(&args.database_url, &kafka, rate, seconds).await?;
+            let paced = crate::bench_api::reference(&args.database_url, 1, 10, Some(rate)).await;
             println!(
-                "commit → broker ack at {} events/s: {} events, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
-                latency.rate_per_second, latency.events, latency.p50_ms, latency.p99_ms, latency.p999_ms
+                "commit → broker ack at {} events/s: {} events, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms{}",
+                latency.rate_per_second,
+                latency.events,
+                latency.p50_ms,
+                latency.p99_ms,
+                latency.p999_ms,
+                latency_ratio(paced, latency.p99_ms)
             );
-            report.push(serde_json::to_value(&latency)?);
+            report.push(with_reference(serde_json::to_value(&latency)?, paced, |p| latency.p99_ms / p.latency_ms));
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
             }
@@ -510,33 +601,67 @@ pub async fn run(args: Cli) -> anyhow::Result<()> {
             let mut results = crate::bench::replay(&args.database_url, events, runs).await?;
             results.sort_by(|a, b| a.events_per_second.total_cmp(&b.events_per_second));
             let median = &results[results.len() / 2];
-            println!("median: {:.0} events/s", median.events_per_second);
-            write_json(json, &results)
+            let single = crate::bench_api::reference(&args.database_url, 1, 10, None).await;
+            println!(
+                "median: {:.0} events/s{}",
+                median.events_per_second,
+                throughput_ratio(single, median.events_per_second)
+            );
+            let report = serde_json::json!({ "runs": results, "median_events_per_second": median.events_per_second });
+            write_json(json, &with_reference(report, single, |p| median.events_per_second / p.tps))
         }
         Command::Bench { suite: BenchSuite::E2e { rate, seconds, json } } => {
             let kafka = args.kafka.required()?;
             let result = crate::bench::end_to_end(&args.database_url, &kafka, rate, seconds).await?;
+            let paced = crate::bench_api::reference(&args.database_url, 1, 10, Some(rate)).await;
             println!(
-                "commit → read model at {} commands/s: {} events, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
-                result.rate_per_second, result.commands, result.p50_ms, result.p99_ms, result.p999_ms
+                "commit → read model at {} commands/s: {} events, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms{}",
+                result.rate_per_second,
+                result.commands,
+                result.p50_ms,
+                result.p99_ms,
+                result.p999_ms,
+                latency_ratio(paced, result.p99_ms)
             );
-            write_json(json, &result)
+            println!(
+                "commit → subscriber at {} commands/s: {} events, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms{}",
+                result.rate_per_second,
+                result.subscriber_events,
+                result.subscriber_p50_ms,
+                result.subscriber_p99_ms,
+                result.subscriber_p999_ms,
+                latency_ratio(paced, result.subscriber_p99_ms)
+            );
+            write_json(json, &with_reference(serde_json::to_value(&result)?, paced, |p| result.p99_ms / p.latency_ms))
         }
         Command::Bench { suite: BenchSuite::Valuation { portfolios, ticks, json } } => {
             let kafka = args.kafka.required()?;
             let result = crate::bench::valuation(&args.database_url, &kafka, portfolios, ticks).await?;
+            let single = crate::bench_api::reference(&args.database_url, 1, 10, None).await;
             println!(
-                "tick → valuation with {} holders: p50 {:.1} ms, p99 {:.1} ms over {} ticks; valuing all {:.1} ms",
-                result.portfolios, result.p50_ms, result.p99_ms, result.ticks, result.full_read_ms
+                "tick → valuation with {} holders: p50 {:.1} ms, p99 {:.1} ms over {} ticks; valuing all {:.1} ms{}",
+                result.portfolios,
+                result.p50_ms,
+                result.p99_ms,
+                result.ticks,
+                result.full_read_ms,
+                latency_ratio(single, result.p99_ms)
             );
-            write_json(json, &result)
+            write_json(json, &with_reference(serde_json::to_value(&result)?, single, |p| result.p99_ms / p.latency_ms))
         }
         Command::Seal => crate::audit::seal(&args.database_url).await,
         Command::Export(export) => crate::audit::export(&args.database_url, export).await,
         Command::Verify(verify) => crate::audit::verify(&args.database_url, verify).await,
         Command::Bench { suite: BenchSuite::Export { events, formats, json } } => {
             let results = crate::bench_export::run(&args.database_url, events, &formats).await?;
-            write_json(json, &results)
+            let single = crate::bench_api::reference(&args.database_url, 1, 10, None).await;
+            let mut report = Vec::new();
+            for result in &results {
+                println!("{:<22} {}", result.operation, throughput_ratio(single, result.events_per_second).trim());
+                report
+                    .push(with_reference(serde_json::to_value(result)?, single, |p| result.events_per_second / p.tps));
+            }
+            write_json(json, &report)
         }
         Command::ProcessManager => {
             let pool = connect_and_migrate(&args.database_url).await?;

@@ -4,10 +4,12 @@ mod audit;
 mod bench;
 mod bench_api;
 mod bench_export;
+mod bench_intake;
 mod chaos;
 mod cli;
 mod config_file;
 mod demo;
+mod otel;
 mod run;
 mod serve;
 
@@ -22,7 +24,11 @@ fn main() -> std::process::ExitCode {
     }
     let args = cli::Cli::parse();
     // The demo prints its URLs and tokens to stdout; keep routine logging out of their way.
-    cli::init_logging(&args.log_format, matches!(args.command, cli::Command::Demo(_)));
+    let otlp = args.otlp_endpoint.as_deref().map(|endpoint| (endpoint, args.otel_service_name.as_str()));
+    if let Err(error) = cli::init_logging(&args.log_format, matches!(args.command, cli::Command::Demo(_)), otlp) {
+        eprintln!("error: {error:#}");
+        return std::process::ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -179,9 +179,11 @@ async fn graphql_in_span(
     }
     let answer = state.schema.execute(request).await;
     if let Some(error) = answer.errors.first() {
-        let code = error.extensions.as_ref().and_then(|e| e.get("code")).map(|c| c.to_string());
-        tracing::debug!(errors = answer.errors.len(), code = code.as_deref().unwrap_or(""), message = %error.message,
-            "request answered with errors");
+        let code = match error.extensions.as_ref().and_then(|e| e.get("code")) {
+            Some(async_graphql::Value::String(code)) => code.clone(),
+            _ => String::new(),
+        };
+        tracing::debug!(errors = answer.errors.len(), %code, error = %error.message, "request answered with errors");
     }
     GraphQLResponse::from(answer).into_response()
 }

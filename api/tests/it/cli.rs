@@ -222,3 +222,124 @@ async fn a_configuration_file_applies_under_the_environment() {
     assert!(text(&typo.stderr).contains("line 2: unknown setting \"LEDGER_LISTN\""), "{}", text(&typo.stderr));
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// With `OTEL_EXPORTER_OTLP_ENDPOINT` set, `ledger serve` exports its spans as OTLP/HTTP JSON: a GraphQL request
+/// sent with a `traceparent` becomes a `request` span in the caller's trace, with the command it ran as a child
+/// span. With `LEDGER_LOG_FORMAT=json`, its log lines carry the trace and correlation ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_exports_spans_in_the_callers_trace_and_logs_json_with_ids() {
+    use std::sync::{Arc, Mutex};
+    let db = TestDb::new().await;
+    // A stand-in collector: stores every OTLP request body.
+    let received: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let collector = {
+        let received = received.clone();
+        axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::Json<serde_json::Value>| async move {
+                received.lock().unwrap().push(body.0);
+                "{}"
+            }),
+        )
+    };
+    let collector_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector_address = collector_listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(collector_listener, collector).await });
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let secret = "test-secret-of-at-least-thirty-two-bytes";
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledger"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", &db.url)
+        .env_remove("KAFKA_BROKERS")
+        .env("LEDGER_JWT_SECRET", secret)
+        .env("LEDGER_LOG_FORMAT", "json")
+        .env("RUST_LOG", "warn,ledger=info,ledger_api=info,ledger_api::server=debug")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector_address}"))
+        .env("OTEL_SERVICE_NAME", "ledger-test")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    for _ in 0..300 {
+        if http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let token = ledger_api::auth::TokenKeys::new(secret).unwrap().issue(
+        "alice",
+        ledger_api::auth::Role::Trader,
+        chrono::Duration::hours(1),
+        chrono::Utc::now(),
+    );
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let correlation = uuid::Uuid::now_v7().to_string();
+    let post = |query: &'static str| {
+        http.post(format!("{base}/graphql"))
+            .bearer_auth(&token)
+            .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+            .header("x-correlation-id", &correlation)
+            .json(&serde_json::json!({ "query": query }))
+            .send()
+    };
+    let opened =
+        post("mutation { openPortfolio(input: {}, idempotencyKey: \"otel-1\") { aggregateId } }").await.unwrap();
+    assert!(opened.headers()["traceparent"].to_str().unwrap().contains(trace));
+    let refused = post("mutation { withdraw(portfolioId: \"00000000-0000-0000-0000-000000000000\", amount: \"1\", idempotencyKey: \"otel-2\") { lastPosition } }");
+    let refused: serde_json::Value = refused.await.unwrap().json().await.unwrap();
+    assert!(refused["errors"].is_array(), "{refused}");
+
+    // The exporter posts every second.
+    let mut spans = Vec::new();
+    for _ in 0..100 {
+        spans = received
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|body| body["resourceSpans"].as_array().cloned().unwrap_or_default())
+            .inspect(|resource| {
+                assert_eq!(resource["resource"]["attributes"][0]["value"]["stringValue"], "ledger-test")
+            })
+            .flat_map(|resource| resource["scopeSpans"][0]["spans"].as_array().cloned().unwrap_or_default())
+            .filter(|span| span["traceId"] == trace)
+            .collect();
+        if spans.iter().filter(|s| s["name"] == "request").count() == 2 && spans.iter().any(|s| s["name"] == "execute")
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let requests: Vec<&serde_json::Value> = spans.iter().filter(|s| s["name"] == "request").collect();
+    assert_eq!(requests.len(), 2, "spans in the trace: {spans:#?}; received: {:?}", received.lock().unwrap());
+    let execute =
+        spans.iter().find(|s| s["name"] == "execute").unwrap_or_else(|| panic!("no command span: {spans:#?}"));
+    assert!(
+        requests.iter().any(|r| r["spanId"] == execute["parentSpanId"]),
+        "the command span is a child of a request"
+    );
+    let attribute = |span: &serde_json::Value, key: &str| {
+        span["attributes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["key"] == key)
+            .map(|a| a["value"]["stringValue"].clone())
+    };
+    assert_eq!(attribute(requests[0], "correlation_id"), Some(serde_json::json!(correlation)));
+    assert_eq!(attribute(execute, "command"), Some(serde_json::json!("OpenPortfolio")));
+
+    serve.start_kill().unwrap();
+    let output = serve.wait_with_output().await.unwrap();
+    let logs = text(&output.stderr);
+    let line = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "request answered with errors")
+        .unwrap_or_else(|| panic!("no JSON log line of the refused request in:\n{logs}"));
+    assert_eq!(line["span"]["trace_id"], trace, "{line}");
+    assert_eq!(line["span"]["correlation_id"], correlation.as_str(), "{line}");
+    db.drop().await;
+}

@@ -1,0 +1,182 @@
+//! Optional OpenTelemetry trace export: spans sent as OTLP/HTTP JSON to `<endpoint>/v1/traces` (an
+//! OpenTelemetry Collector, Jaeger, Tempo… all accept it), enabled by setting `OTEL_EXPORTER_OTLP_ENDPOINT`.
+//!
+//! A [`tracing_subscriber::Layer`]: every closed span becomes an OTLP span with its fields as attributes. Its
+//! trace id is the span's own `trace_id` field when it has one (the HTTP layer sets it from the caller's
+//! `traceparent`), else its parent's, else a new one — so a GraphQL request and the command spans under it
+//! form one trace, under the caller's trace when it sent one.
+//!
+//! Export never slows or blocks the ledger: spans go through a bounded queue ([`SPAN_QUEUE_MAX`]) to a thread
+//! of its own that posts batches of at most [`EXPORT_BATCH_MAX`] spans every [`EXPORT_INTERVAL_MS`]; when the
+//! queue is full or the collector is down, spans are dropped and counted (`dropped()`), never retried.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::Subscriber;
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::Layer;
+
+/// Spans waiting for export, at most.
+pub const SPAN_QUEUE_MAX: usize = 10_000;
+/// Spans per export request, at most.
+pub const EXPORT_BATCH_MAX: usize = 512;
+/// How often the exporter posts what it has.
+pub const EXPORT_INTERVAL_MS: u64 = 1_000;
+/// How long one export request may take.
+const EXPORT_TIMEOUT_MS: u64 = 5_000;
+
+/// What the layer keeps per open span.
+struct SpanData {
+    trace_id: u128,
+    span_id: u64,
+    parent_span_id: Option<u64>,
+    start: SystemTime,
+    attributes: Vec<(String, String)>,
+}
+
+#[derive(Default)]
+struct Fields(Vec<(String, String)>);
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.push((field.name().to_string(), value.to_string()));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.push((field.name().to_string(), format!("{value:?}")));
+    }
+}
+
+/// The exporting layer; see the module docs.
+pub struct OtlpLayer {
+    sender: std::sync::mpsc::SyncSender<Value>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl OtlpLayer {
+    /// A layer exporting to `endpoint` (e.g. `http://collector:4318`) as `service`, and its exporter thread.
+    pub fn start(endpoint: &str, service: &str) -> anyhow::Result<Self> {
+        let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+        reqwest::Url::parse(&url).map_err(|e| anyhow::anyhow!("OTEL_EXPORTER_OTLP_ENDPOINT {endpoint:?}: {e}"))?;
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<Value>(SPAN_QUEUE_MAX);
+        let service = service.to_string();
+        std::thread::Builder::new().name("otlp-export".into()).spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            runtime.block_on(export_loop(url, service, receiver));
+        })?;
+        Ok(Self { sender, dropped: Arc::new(AtomicU64::new(0)) })
+    }
+}
+
+async fn export_loop(url: String, service: String, receiver: std::sync::mpsc::Receiver<Value>) {
+    let client = match reqwest::Client::builder().timeout(Duration::from_millis(EXPORT_TIMEOUT_MS)).build() {
+        Ok(client) => client,
+        Err(_) => return,
+    };
+    let resource = json!({ "attributes": [ { "key": "service.name", "value": { "stringValue": service } } ] });
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(Duration::from_millis(EXPORT_INTERVAL_MS)).await;
+        loop {
+            let batch: Vec<Value> = receiver.try_iter().take(EXPORT_BATCH_MAX).collect();
+            if batch.is_empty() {
+                break;
+            }
+            let count = batch.len() as u64;
+            let body = json!({ "resourceSpans": [ {
+                "resource": resource,
+                "scopeSpans": [ { "scope": { "name": "ledger" }, "spans": batch } ],
+            } ] });
+            match client.post(&url).json(&body).send().await {
+                Ok(response) if response.status().is_success() => failing = false,
+                outcome => {
+                    if !failing {
+                        // Not through `tracing`: this thread's own events would be exported too.
+                        let reason = match outcome {
+                            Ok(response) => format!("HTTP {}", response.status()),
+                            Err(error) => error.to_string(),
+                        };
+                        eprintln!(
+                            "otlp: exporting {count} spans to {url} failed ({reason}); dropping spans until it works"
+                        );
+                        failing = true;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn unix_nanos(time: SystemTime) -> String {
+    time.duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0).to_string()
+}
+
+impl<S> Layer<S> for OtlpLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut fields = Fields::default();
+        attrs.record(&mut fields);
+        let parent = span.parent().and_then(|p| p.extensions().get::<SpanData>().map(|d| (d.trace_id, d.span_id)));
+        let own_trace = fields
+            .0
+            .iter()
+            .find(|(name, _)| name == "trace_id")
+            .and_then(|(_, value)| u128::from_str_radix(value, 16).ok())
+            .filter(|id| *id != 0);
+        let trace_id = own_trace.or(parent.map(|p| p.0)).unwrap_or_else(|| rand::random::<u128>() | 1);
+        let data = SpanData {
+            trace_id,
+            span_id: rand::random::<u64>() | 1,
+            parent_span_id: parent.filter(|p| p.0 == trace_id).map(|p| p.1),
+            start: SystemTime::now(),
+            attributes: fields.0,
+        };
+        span.extensions_mut().insert(data);
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut fields = Fields::default();
+        values.record(&mut fields);
+        let mut extensions = span.extensions_mut();
+        if let Some(data) = extensions.get_mut::<SpanData>() {
+            data.attributes.extend(fields.0);
+        }
+    }
+
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(&id) else { return };
+        let Some(data) = span.extensions_mut().remove::<SpanData>() else { return };
+        let attributes: Vec<Value> = data
+            .attributes
+            .iter()
+            .filter(|(name, _)| name != "trace_id")
+            .map(|(key, value)| json!({ "key": key, "value": { "stringValue": value } }))
+            .collect();
+        let mut otlp = json!({
+            "traceId": format!("{:032x}", data.trace_id),
+            "spanId": format!("{:016x}", data.span_id),
+            "name": span.name(),
+            "kind": 1,
+            "startTimeUnixNano": unix_nanos(data.start),
+            "endTimeUnixNano": unix_nanos(SystemTime::now()),
+            "attributes": attributes,
+        });
+        if let Some(parent) = data.parent_span_id {
+            otlp["parentSpanId"] = json!(format!("{parent:016x}"));
+        }
+        if self.sender.try_send(otlp).is_err() && self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+            eprintln!("otlp: the span queue ({SPAN_QUEUE_MAX}) is full; dropping spans");
+        }
+    }
+}
