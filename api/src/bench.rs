@@ -469,6 +469,8 @@ pub async fn replay(database_url: &str, events: usize, runs: usize) -> anyhow::R
 pub struct EndToEndResult {
     pub suite: &'static str,
     pub rate_per_second: u64,
+    /// Commands per second actually sent (below the rate when the command path cannot keep up).
+    pub achieved_rate_per_second: f64,
     /// Commit → read model (the positions worker's batch commit).
     pub commands: u64,
     pub p50_ms: f64,
@@ -585,6 +587,7 @@ pub async fn end_to_end(
     let (delay_sender, mut delay_receiver) = tokio::sync::mpsc::unbounded_channel();
     let subscriber = subscribe_log(api.address, &token, delay_sender).await?;
     let total = rate * seconds;
+    let sending = Instant::now();
     let amount = Amount::new(Decimal::ONE)?;
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -604,6 +607,7 @@ pub async fn end_to_end(
     while let Some(result) = in_flight.join_next().await {
         result??;
     }
+    let achieved = total as f64 / sending.elapsed().as_secs_f64();
     let target = portfolios.len() as u64 + total;
     while status.applied.load(Ordering::Relaxed) < target {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -617,7 +621,10 @@ pub async fn end_to_end(
     }
     subscriber.abort();
     api.stop().await?;
-    anyhow::ensure!(received.len() == total as usize, "the subscriber received {} of {total} events", received.len());
+    if received.len() < total as usize {
+        // The API closes a subscriber more than 1,024 messages behind (RESYNC_REQUIRED) rather than buffer.
+        eprintln!("the subscriber received {} of {total} events: it fell behind and was closed", received.len());
+    }
     received.sort();
     let histogram = &status.commit_to_applied;
     let ms = |q| histogram.quantile(q).unwrap_or(0.0) * 1_000.0;
@@ -628,6 +635,7 @@ pub async fn end_to_end(
         p50_ms: ms(0.5),
         p99_ms: ms(0.99),
         p999_ms: ms(0.999),
+        achieved_rate_per_second: achieved,
         subscriber_events: received.len(),
         subscriber_p50_ms: percentile(&received, 0.5),
         subscriber_p99_ms: percentile(&received, 0.99),

@@ -615,8 +615,9 @@ pub async fn run(args: Cli) -> anyhow::Result<()> {
             let result = crate::bench::end_to_end(&args.database_url, &kafka, rate, seconds).await?;
             let paced = crate::bench_api::reference(&args.database_url, 1, 10, Some(rate)).await;
             println!(
-                "commit → read model at {} commands/s: {} events, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms{}",
+                "commit → read model at {} commands/s ({:.0} achieved): {} events, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms{}",
                 result.rate_per_second,
+                result.achieved_rate_per_second,
                 result.commands,
                 result.p50_ms,
                 result.p99_ms,
