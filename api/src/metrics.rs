@@ -171,5 +171,59 @@ pub async fn render(state: &AppState, http: &HttpMetrics) -> String {
         gauge(&mut out, "ledger_follower_lag_events", "Committed events after a log follower's cursor (relay, process manager, …).", &events);
         gauge(&mut out, "ledger_follower_lag_seconds", "Age of the oldest event a log follower has not passed.", &seconds);
     }
+    projection_metrics(&mut out, pool).await;
     out
+}
+
+/// Lag (events and seconds) of each projection's workers behind the log, and their group's rebalances, from
+/// what the workers record in `projection_status` (they may run in other processes).
+async fn projection_metrics(out: &mut String, pool: &sqlx::PgPool) {
+    let Ok(rows) = sqlx::query_as::<_, (String, String, i64, i64)>(
+        "select projection, transaction_id::text, global_position, rebalances from projection_status order by projection",
+    )
+    .fetch_all(pool)
+    .await
+    else {
+        return;
+    };
+    let settings = ledger::projections::ProjectionSettings::default();
+    let (mut events, mut seconds, mut rebalances) = (Vec::new(), Vec::new(), Vec::new());
+    for (name, transaction_id, global_position, count) in rows {
+        let label = format!("{{projection=\"{name}\"}}");
+        rebalances.push((label.clone(), count as u64));
+        let Some(aggregate_type) = ledger::projections::by_name(&name, &settings).and_then(|p| p.aggregate_type())
+        else {
+            continue; // tick-driven only
+        };
+        let lag = sqlx::query_as::<_, (i64, Option<f64>)>(
+            "select (select count(*) from (select 1 from events e
+                       where (e.transaction_id, e.global_position) > ($1::text::xid8, $2) and e.aggregate_type = $3
+                       limit 1000000) behind),
+                    extract(epoch from clock_timestamp() - (select min(e.recorded_at) from events e
+                       where (e.transaction_id, e.global_position) > ($1::text::xid8, $2) and e.aggregate_type = $3))::float8",
+        )
+        .bind(&transaction_id)
+        .bind(global_position)
+        .bind(aggregate_type)
+        .fetch_one(pool)
+        .await;
+        if let Ok((behind, age)) = lag {
+            events.push((label.clone(), behind as f64));
+            seconds.push((label, age.unwrap_or(0.0)));
+        }
+    }
+    gauge(
+        out,
+        "ledger_projection_lag_events",
+        "Events of its aggregate type after the highest a projection has applied.",
+        &events,
+    );
+    gauge(out, "ledger_projection_lag_seconds", "Age of the oldest such event.", &seconds);
+    let rebalances: Vec<(&str, u64)> = rebalances.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+    counter(
+        out,
+        "ledger_consumer_rebalances_total",
+        "Partition assignments and revocations of a projection's consumer group.",
+        &rebalances,
+    );
 }

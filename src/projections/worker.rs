@@ -97,6 +97,8 @@ pub struct WorkerStatus {
     pub following: AtomicBool,
     /// Global position of the newest event applied (events only).
     pub last_position: AtomicI64,
+    /// The highest log position applied, in commit order (events only).
+    pub highest_applied: Mutex<Option<crate::log::LogPosition>>,
     /// Per event: from `recorded_at` to the commit of the batch that applied it.
     pub commit_to_applied: crate::metrics::Histogram,
 }
@@ -205,6 +207,14 @@ pub struct ProjectionWorker {
     projection: Arc<dyn Projection>,
     config: WorkerConfig,
     status: Arc<WorkerStatus>,
+}
+
+/// What a worker last wrote to `projection_status`.
+#[derive(Default)]
+struct Reported {
+    initialized: bool,
+    rebalances: u64,
+    position: Option<crate::log::LogPosition>,
 }
 
 /// A decoded message of a batch.
@@ -347,6 +357,8 @@ impl ProjectionWorker {
         tracing::info!(projection = self.projection.name(), group = %self.group_id(), "following Kafka");
         let dead_letters: FutureProducer =
             self.kafka.client_config().set("client.id", "ledger-dead-letters").create()?;
+        let mut reported = Reported::default();
+        self.report_status(&mut reported).await;
         loop {
             let batch = self.collect(&consumer, cancel).await?;
             if batch.is_empty() {
@@ -358,6 +370,7 @@ impl ProjectionWorker {
             let Some(poisoned) = poisoned else { return Ok(()) };
             self.publish_dead_letters(&dead_letters, &batch, &poisoned).await;
             self.commit_offsets(&consumer, &batch);
+            self.report_status(&mut reported).await;
         }
     }
 
@@ -437,6 +450,40 @@ impl ProjectionWorker {
         }
     }
 
+    /// Records in `projection_status` the rebalances since the last report and the highest position applied
+    /// (for /metrics). Outside the batch transaction, best effort: a failure only delays the figures.
+    async fn report_status(&self, reported: &mut Reported) {
+        let rebalances = self.status.rebalances.load(Ordering::Relaxed);
+        let position = *self.status.highest_applied.lock().unwrap_or_else(|p| p.into_inner());
+        if reported.initialized && rebalances == reported.rebalances && position == reported.position {
+            return;
+        }
+        let position_or_start = position.unwrap_or(crate::log::LogPosition::START);
+        let result = sqlx::query(
+            "insert into projection_status as s (projection, transaction_id, global_position, rebalances)
+             values ($1, $2::text::xid8, $3, $4)
+             on conflict (projection) do update set
+                 transaction_id = case when (excluded.transaction_id, excluded.global_position)
+                                            > (s.transaction_id, s.global_position)
+                                       then excluded.transaction_id else s.transaction_id end,
+                 global_position = case when (excluded.transaction_id, excluded.global_position)
+                                             > (s.transaction_id, s.global_position)
+                                        then excluded.global_position else s.global_position end,
+                 rebalances = s.rebalances + excluded.rebalances,
+                 updated_at = clock_timestamp()",
+        )
+        .bind(self.projection.name())
+        .bind(position_or_start.transaction_id.to_string())
+        .bind(position_or_start.global_position)
+        .bind((rebalances - reported.rebalances) as i64)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => *reported = Reported { initialized: true, rebalances, position },
+            Err(error) => tracing::debug!(projection = self.projection.name(), %error, "reporting status failed"),
+        }
+    }
+
     fn decode(&self, message: &OwnedMessage) -> Result<Input, String> {
         let payload = message.payload().ok_or("empty message")?;
         if message.topic() == self.kafka.events_topic {
@@ -460,6 +507,10 @@ impl ProjectionWorker {
         let relevant = events.iter().filter(|e| Some(e.aggregate_type.as_str()) == self.projection.aggregate_type());
         for event in relevant {
             status.last_position.fetch_max(event.position.global_position, Ordering::Relaxed);
+            let mut highest = status.highest_applied.lock().unwrap_or_else(|p| p.into_inner());
+            if highest.is_none_or(|h| event.position > h) {
+                *highest = Some(event.position);
+            }
             let delay = (now - event.recorded_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
             status.commit_to_applied.observe(delay);
         }

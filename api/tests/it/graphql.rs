@@ -472,6 +472,20 @@ async fn health_readiness_and_metrics() {
     );
     assert!(value(&after, "ledger_http_requests_total") > value(&before, "ledger_http_requests_total"));
     assert!(value(&after, "ledger_log_head_position") > value(&before, "ledger_log_head_position"));
+    // The workers (in this stack's process) report their position and rebalances; the lag drains to 0.
+    let mut last = String::new();
+    let mut reported = false;
+    for _ in 0..150 {
+        last = scrape().await;
+        reported = value(&last, "ledger_consumer_rebalances_total{projection=\"positions\"}") >= 1.0
+            && last.contains("ledger_projection_lag_seconds{projection=\"positions\"}")
+            && last.contains("ledger_projection_lag_events{projection=\"positions\"} 0");
+        if reported {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(reported, "projection metrics missing or lag not drained:\n{last}");
     stack.stop().await;
 }
 
