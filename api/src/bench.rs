@@ -32,6 +32,24 @@ pub struct BenchResult {
     pub p999_ms: f64,
 }
 
+/// Opens `count` portfolios owned by `bench` (FIFO, USD) through `commands`; their ids.
+pub(crate) async fn open_portfolios(commands: &CommandService, count: usize) -> anyhow::Result<Vec<PortfolioId>> {
+    let mut portfolios = Vec::with_capacity(count);
+    for _ in 0..count {
+        let id = PortfolioId::generate();
+        let open = PortfolioCommand::OpenPortfolio {
+            portfolio_id: id,
+            owner: Owner::new("bench")?,
+            base_currency: Currency::new("USD")?,
+            cost_basis_method: CostBasisMethod::Fifo,
+            opened_at: Utc::now(),
+        };
+        commands.execute_portfolio(&CommandContext::new("bench"), &id.to_string(), open).await?;
+        portfolios.push(id);
+    }
+    Ok(portfolios)
+}
+
 pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -54,19 +72,7 @@ pub async fn deposits(
         ledger::db::connect(database_url, connections).await?
     };
     let commands = Arc::new(CommandService::new(pool, CommandConfig::default()));
-    let mut portfolios = Vec::with_capacity(tasks);
-    for _ in 0..tasks {
-        let id = PortfolioId::generate();
-        let open = PortfolioCommand::OpenPortfolio {
-            portfolio_id: id,
-            owner: Owner::new("bench")?,
-            base_currency: Currency::new("USD")?,
-            cost_basis_method: CostBasisMethod::Fifo,
-            opened_at: Utc::now(),
-        };
-        commands.execute_portfolio(&CommandContext::new("bench"), &id.to_string(), open).await?;
-        portfolios.push(id);
-    }
+    let portfolios = open_portfolios(&commands, tasks).await?;
     let started = Instant::now();
     let deadline = started + duration;
     let handles: Vec<_> = portfolios
@@ -562,17 +568,7 @@ pub async fn end_to_end(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let commands = Arc::new(CommandService::new(pool.clone(), CommandConfig::default()));
-    let portfolios: Vec<PortfolioId> = (0..64).map(|_| PortfolioId::generate()).collect();
-    for id in &portfolios {
-        let open = PortfolioCommand::OpenPortfolio {
-            portfolio_id: *id,
-            owner: Owner::new("bench")?,
-            base_currency: Currency::new("USD")?,
-            cost_basis_method: CostBasisMethod::Fifo,
-            opened_at: Utc::now(),
-        };
-        commands.execute_portfolio(&CommandContext::new("bench"), &id.to_string(), open).await?;
-    }
+    let portfolios = open_portfolios(&commands, 64).await?;
     while status.applied.load(Ordering::Relaxed) < portfolios.len() as u64 {
         tokio::time::sleep(Duration::from_millis(20)).await; // warm-up: the pipeline is running
     }

@@ -6,9 +6,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use chrono::Utc;
-use ledger::commands::CommandContext;
-use ledger::domain::values::{Currency, Owner, PortfolioId};
-use ledger::domain::{CostBasisMethod, PortfolioCommand};
 use ledger_api::app::{start, AppConfig};
 use ledger_api::auth::{Role, TokenKeys};
 use serde::Serialize;
@@ -56,19 +53,7 @@ pub async fn commands(database_url: &str, clients: usize, duration: Duration) ->
     let running = start(pool.clone(), config, listener).await?;
     let url = format!("http://{}/graphql", running.address);
     let token = keys.issue("bench", Role::Trader, chrono::Duration::hours(1), Utc::now());
-    let mut portfolios = Vec::with_capacity(clients);
-    for _ in 0..clients {
-        let id = PortfolioId::generate();
-        let open = PortfolioCommand::OpenPortfolio {
-            portfolio_id: id,
-            owner: Owner::new("bench")?,
-            base_currency: Currency::new("USD")?,
-            cost_basis_method: CostBasisMethod::Fifo,
-            opened_at: Utc::now(),
-        };
-        running.commands.execute_portfolio(&CommandContext::new("bench"), &id.to_string(), open).await?;
-        portfolios.push(id);
-    }
+    let portfolios = crate::bench::open_portfolios(&running.commands, clients).await?;
     let http = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
     let started = Instant::now();
     let deadline = started + duration;

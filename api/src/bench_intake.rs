@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use chrono::Utc;
-use ledger::commands::CommandContext;
-use ledger::domain::values::{Currency, Owner, PortfolioId};
-use ledger::domain::{CostBasisMethod, PortfolioCommand};
+use ledger::domain::values::PortfolioId;
 use ledger_api::app::{start, AppConfig};
 use ledger_api::auth::{Role, TokenKeys};
 use serde::Serialize;
@@ -77,20 +75,7 @@ pub async fn intake(
     let token = keys.issue("bench", Role::Trader, chrono::Duration::hours(1), Utc::now());
     let mut owned: Vec<Vec<PortfolioId>> = Vec::with_capacity(clients);
     for _ in 0..clients {
-        let mut portfolios = Vec::with_capacity(PORTFOLIOS_PER_CLIENT);
-        for _ in 0..PORTFOLIOS_PER_CLIENT {
-            let id = PortfolioId::generate();
-            let open = PortfolioCommand::OpenPortfolio {
-                portfolio_id: id,
-                owner: Owner::new("bench")?,
-                base_currency: Currency::new("USD")?,
-                cost_basis_method: CostBasisMethod::Fifo,
-                opened_at: Utc::now(),
-            };
-            running.commands.execute_portfolio(&CommandContext::new("bench"), &id.to_string(), open).await?;
-            portfolios.push(id);
-        }
-        owned.push(portfolios);
+        owned.push(crate::bench::open_portfolios(&running.commands, PORTFOLIOS_PER_CLIENT).await?);
     }
     let http = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
     let started = Instant::now();
