@@ -175,11 +175,12 @@ impl CommandService {
                         Some(idempotency) => ctx.clone().with_idempotency(idempotency.clone()),
                         None => ctx.clone(),
                     };
-                    let (state, _) = self.load::<A>(&item.aggregate_id).await?;
-                    results[n] = Some(match authorize(&state) {
-                        Ok(()) => self.execute::<A>(&item_ctx, &item.aggregate_id, item.command.clone()).await,
-                        Err(refusal) => Err(refusal),
-                    });
+                    // Each answered on its own: a failure here must not hide the commands already run.
+                    results[n] =
+                        Some(match self.load::<A>(&item.aggregate_id).await.map(|(state, _)| authorize(&state)) {
+                            Ok(Ok(())) => self.execute::<A>(&item_ctx, &item.aggregate_id, item.command.clone()).await,
+                            Ok(Err(refusal)) | Err(refusal) => Err(refusal),
+                        });
                 }
             }
             Err(CommitError::Database(error)) => return Err(CommandError::store(error)),
