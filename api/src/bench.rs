@@ -50,6 +50,18 @@ pub(crate) async fn open_portfolios(commands: &CommandService, count: usize) -> 
     Ok(portfolios)
 }
 
+/// Waits for every client task; their latencies, sorted.
+pub(crate) async fn gather_latencies(
+    handles: Vec<tokio::task::JoinHandle<anyhow::Result<Vec<Duration>>>>,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut latencies = Vec::new();
+    for handle in handles {
+        latencies.extend(handle.await??);
+    }
+    latencies.sort();
+    Ok(latencies)
+}
+
 pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -100,12 +112,8 @@ pub async fn deposits(
             })
         })
         .collect();
-    let mut latencies = Vec::new();
-    for handle in handles {
-        latencies.extend(handle.await??);
-    }
+    let latencies = gather_latencies(handles).await?;
     let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort();
     Ok(BenchResult {
         suite: if keyed { "deposits-keyed" } else { "deposits" },
         tasks,

@@ -82,13 +82,9 @@ pub async fn commands(database_url: &str, clients: usize, duration: Duration) ->
             })
         })
         .collect();
-    let mut latencies = Vec::new();
-    for handle in handles {
-        latencies.extend(handle.await??);
-    }
+    let latencies = crate::bench::gather_latencies(handles).await?;
     let elapsed = started.elapsed().as_secs_f64();
     running.stop().await?;
-    latencies.sort();
     let pgbench_tps = match pgbench_insert(database_url, clients, duration).await {
         Ok(tps) => Some(tps),
         Err(error) => {

@@ -122,14 +122,10 @@ pub async fn intake(
             })
         })
         .collect();
-    let mut latencies = Vec::new();
-    for handle in handles {
-        latencies.extend(handle.await??);
-    }
+    let latencies = crate::bench::gather_latencies(handles).await?;
     let elapsed = started.elapsed().as_secs_f64();
     running.stop().await?;
     pool.close().await;
-    latencies.sort();
     let events = latencies.len() * batch_size;
     let events_per_second = events as f64 / elapsed;
     Ok(IntakeResult {

@@ -505,14 +505,16 @@ impl ProjectionWorker {
         status.batches.fetch_add(1, Ordering::Relaxed);
         let now = chrono::Utc::now();
         let relevant = events.iter().filter(|e| Some(e.aggregate_type.as_str()) == self.projection.aggregate_type());
+        let mut batch_highest = None;
         for event in relevant {
             status.last_position.fetch_max(event.position.global_position, Ordering::Relaxed);
-            let mut highest = status.highest_applied.lock().unwrap_or_else(|p| p.into_inner());
-            if highest.is_none_or(|h| event.position > h) {
-                *highest = Some(event.position);
-            }
+            batch_highest = batch_highest.max(Some(event.position));
             let delay = (now - event.recorded_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
             status.commit_to_applied.observe(delay);
+        }
+        if batch_highest.is_some() {
+            let mut highest = status.highest_applied.lock().unwrap_or_else(|p| p.into_inner());
+            *highest = (*highest).max(batch_highest);
         }
     }
 
