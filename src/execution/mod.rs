@@ -46,7 +46,7 @@ const ACTION_ATTEMPTS_MAX: u32 = 5;
 /// What the executor has done (for metrics and tests).
 #[derive(Debug, Default)]
 pub struct PaperStatus {
-    /// Ticks received.
+    /// Ticks handled (counted once the fills and cancels they caused are recorded).
     pub ticks: AtomicU64,
     pub fills: AtomicU64,
     pub cancels: AtomicU64,
@@ -104,6 +104,7 @@ impl PaperExecutor {
         let mut expiry = tokio::time::interval(Duration::from_millis(EXPIRY_CHECK_MS));
         expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let result = loop {
+            let mut handling_tick = false;
             let actions = tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
                 batch = events.recv() => match batch {
@@ -112,7 +113,7 @@ impl PaperExecutor {
                 },
                 tick = next_tick(&mut ticks) => match tick {
                     Some(tick) => {
-                        self.status.ticks.fetch_add(1, Ordering::Relaxed);
+                        handling_tick = true;
                         book.on_tick(&tick)
                     }
                     // The tick source ended: keep following the log (expiries still apply).
@@ -124,6 +125,9 @@ impl PaperExecutor {
                 if !self.carry_out(&action, &cancel).await {
                     book.action_failed(&action);
                 }
+            }
+            if handling_tick {
+                self.status.ticks.fetch_add(1, Ordering::Relaxed);
             }
         };
         follower_cancel.cancel();

@@ -13,7 +13,9 @@
 //! a crash re-runs at most one batch, converging to the same state. If an order was cancelled while it was
 //! still pending, the acceptance fails and the reservation just made is released at once.
 //!
-//! Events of different orders run concurrently (bounded); the events of one order run in log order.
+//! Events of different portfolios run concurrently (bounded); the events of one portfolio — of all its orders
+//! — run in log order. (Grouping by order was not enough: a sell placed right after a buy filled could reserve
+//! its quantity before the fill was booked, and be rejected for want of a position it already had.)
 //! An infrastructure error retries the step with backoff (the cursor does not move past it); a business
 //! refusal that should never happen (e.g. a fill the portfolio cannot book) is recorded in
 //! `process_failures` and processing continues.
@@ -45,7 +47,7 @@ pub struct ProcessConfig {
     pub fee_allowance_bps: u32,
     pub batch_size: usize,
     pub poll_interval_ms: u64,
-    /// Orders processed at once within a batch.
+    /// Portfolios processed at once within a batch.
     pub concurrency_max: usize,
     pub retry_backoff_max_ms: u64,
 }
@@ -132,19 +134,28 @@ impl ProcessManager {
         }
     }
 
-    /// Handles a batch: orders concurrently, each order's events in log order. Returns false if cancelled
+    /// Handles a batch: portfolios concurrently, each portfolio's events in log order. Returns false if cancelled
     /// before every event was handled.
     pub async fn handle_batch(&self, batch: Vec<RecordedEvent>, cancel: &CancellationToken) -> bool {
-        let mut by_order: Vec<Vec<RecordedEvent>> = Vec::new();
+        let mut by_portfolio: Vec<Vec<RecordedEvent>> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
         for event in batch.into_iter().filter(|e| e.aggregate_type == "Order") {
-            let slot = *index.entry(event.aggregate_id.clone()).or_insert_with(|| {
-                by_order.push(Vec::new());
-                by_order.len() - 1
+            // Events without a portfolio (acceptances, rejections) need no step; an undecodable one is
+            // recorded as a failure in its own group.
+            let group = event
+                .payload
+                .as_object()
+                .and_then(|variant| variant.values().next())
+                .and_then(|fields| fields.get("portfolio_id"))
+                .and_then(|id| id.as_str())
+                .map_or_else(|| format!("order:{}", event.aggregate_id), |id| format!("portfolio:{id}"));
+            let slot = *index.entry(group).or_insert_with(|| {
+                by_portfolio.push(Vec::new());
+                by_portfolio.len() - 1
             });
-            by_order[slot].push(event);
+            by_portfolio[slot].push(event);
         }
-        let results: Vec<bool> = futures::stream::iter(by_order)
+        let results: Vec<bool> = futures::stream::iter(by_portfolio)
             .map(|events| async move {
                 for event in &events {
                     if !self.handle_with_retry(event, cancel).await {

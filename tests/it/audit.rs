@@ -739,7 +739,7 @@ async fn one_sealer_is_active_a_standby_takes_over_and_a_killed_sealer_leaves_a_
         sqlx::query_scalar::<_, i64>("select count(*) from audit_chain").fetch_one(&db.pool).await.unwrap()
     };
     let total = db.count_events().await;
-    assert!(eventually(Duration::from_secs(30), || async { chain_length().await == total }).await);
+    assert!(eventually(|| async { chain_length().await == total }).await);
     let active = |s: &ledger::audit::SealerStatus| s.active.load(std::sync::atomic::Ordering::SeqCst);
     assert!(active(&first_status) ^ active(&second_status), "exactly one sealer is active");
     let (active_one, standby, standby_status) =
@@ -751,7 +751,7 @@ async fn one_sealer_is_active_a_standby_takes_over_and_a_killed_sealer_leaves_a_
     active_one.kill().await;
     writing.await.unwrap();
     let total = db.count_events().await;
-    assert!(eventually(Duration::from_secs(30), || async { chain_length().await == total }).await);
+    assert!(eventually(|| async { chain_length().await == total }).await);
     assert!(active(&standby_status), "the standby took over");
     standby.stop().await;
 

@@ -261,8 +261,18 @@ async fn a_conflicting_writer_sends_the_batch_down_the_one_by_one_path() {
         })
     };
     // The batch refuses the withdrawal against the state it can see (cash 11) and blocks on the insert.
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    assert!(!batch.is_finished(), "the batch's insert should wait for the uncommitted writer");
+    let blocked = eventually(|| async {
+        sqlx::query_scalar::<_, bool>(
+            "select exists (select 1 from pg_stat_activity
+                             where datname = current_database() and wait_event_type = 'Lock')",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    })
+    .await;
+    assert!(blocked, "the batch's insert should wait for the uncommitted writer");
+    assert!(!batch.is_finished());
     writer.commit().await.unwrap();
     let results = batch.await.unwrap();
     assert!(results[0].is_ok());

@@ -69,10 +69,10 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + CONDITION_WAIT_MAX;
     while tokio::time::Instant::now() < deadline {
         publisher.publish(&tick).await.unwrap();
-        if eventually(Duration::from_millis(500), &done).await {
+        if eventually_within(Duration::from_millis(500), &done).await {
             return true;
         }
         tick.seq += 1;
@@ -94,12 +94,15 @@ async fn ticks_from_kafka_fill_limit_orders_and_ioc_remainders_are_cancelled() {
 
     // A limit buy below the market waits; a tick at its limit fills it in full at the limit.
     let patient = place_order(&commands, portfolio, Side::Buy, "10", "99", TimeInForce::Gtc).await;
-    assert!(
-        eventually(Duration::from_secs(10), || async { status_of(&commands, patient).await == OrderStatus::New }).await
-    );
-    let above = tick("ACME", "100", 1, None);
-    publisher.publish(&above).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(eventually(|| async { status_of(&commands, patient).await == OrderStatus::New }).await);
+    // The executor has handled a tick above the limit (republished until its consumer, which starts at the
+    // latest offset, sees one) and filled nothing.
+    let seen = status.ticks.load(Ordering::Relaxed);
+    let above = publish_until(&publisher, tick("ACME", "100", 1, None), || async {
+        status.ticks.load(Ordering::Relaxed) > seen
+    })
+    .await;
+    assert!(above, "the executor should see the tick above the limit");
     assert_eq!(status_of(&commands, patient).await, OrderStatus::New, "100 is above the limit: no fill");
     let filled = publish_until(&publisher, tick("ACME", "98.5", 10, None), || async {
         status_of(&commands, patient).await == OrderStatus::Filled
@@ -118,15 +121,13 @@ async fn ticks_from_kafka_fill_limit_orders_and_ioc_remainders_are_cancelled() {
     .await;
     assert!(thin, "the executor should see the thin tick");
     let ioc = place_order(&commands, portfolio, Side::Buy, "10", "100", TimeInForce::Ioc).await;
-    let done =
-        eventually(Duration::from_secs(10), || async { status_of(&commands, ioc).await == OrderStatus::Canceled })
-            .await;
+    let done = eventually(|| async { status_of(&commands, ioc).await == OrderStatus::Canceled }).await;
     assert!(done, "the IOC order should end cancelled");
     let (order, _) = commands.load::<Order>(&ioc.to_string()).await.unwrap();
     assert_eq!(order.cum_quantity, dec("4"));
 
     // The process manager booked both fills on the portfolio: 14 units, nothing left reserved.
-    let booked = eventually(Duration::from_secs(10), || async {
+    let booked = eventually(|| async {
         let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
         state.positions.get(&sym("ACME")).is_some_and(|p| p.quantity == dec("14")) && state.reserved_cash.is_zero()
     })
@@ -137,7 +138,7 @@ async fn ticks_from_kafka_fill_limit_orders_and_ioc_remainders_are_cancelled() {
     // A restarted executor rebuilds its book from the log: a new crossing tick fills nothing twice.
     executor.stop().await;
     let (executor, status) = start_executor(commands.clone(), &kafka);
-    assert!(eventually(Duration::from_secs(10), || async { status.caught_up.load(Ordering::Relaxed) }).await);
+    assert!(eventually(|| async { status.caught_up.load(Ordering::Relaxed) }).await);
     let sell = place_order(&commands, portfolio, Side::Sell, "3", "90", TimeInForce::Gtc).await;
     let sold = publish_until(&publisher, tick("ACME", "95", 1000, None), || async {
         status_of(&commands, sell).await == OrderStatus::Filled

@@ -9,11 +9,33 @@ use sqlx::Acquire;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::workload::{insert_event, Workload};
-use crate::support::TestDb;
+use crate::support::{TestDb, CONDITION_WAIT_MAX};
 
 const WRITERS: usize = 8;
 const AGGREGATES_PER_WRITER: usize = 12;
 const TRANSACTIONS_PER_WRITER: usize = 120;
+
+/// The last committed event in `order`'s sense (the reader's cursor reaches it once it delivered everything).
+async fn log_head(pool: &sqlx::PgPool, order: ReadOrder) -> LogPosition {
+    let query = match order {
+        ReadOrder::CommitSafe => {
+            "select transaction_id::text, global_position from events
+              order by transaction_id desc, global_position desc limit 1"
+        }
+        ReadOrder::GlobalPositionOnly => {
+            "select transaction_id::text, global_position from events order by global_position desc limit 1"
+        }
+    };
+    let (transaction_id, global_position): (String, i64) = sqlx::query_as(query).fetch_one(pool).await.unwrap();
+    LogPosition { transaction_id: transaction_id.parse().unwrap(), global_position }
+}
+
+fn reached(position: LogPosition, head: LogPosition, order: ReadOrder) -> bool {
+    match order {
+        ReadOrder::CommitSafe => position >= head,
+        ReadOrder::GlobalPositionOnly => position.global_position >= head.global_position,
+    }
+}
 
 /// Reads with `order` while the workload runs; returns what the workload committed and what was delivered.
 async fn run_reader_during_workload(
@@ -26,7 +48,7 @@ async fn run_reader_during_workload(
         let pool = db.pool.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            let mut reader = LogReader::new(pool, LogPosition::START)
+            let mut reader = LogReader::new(pool.clone(), LogPosition::START)
                 .with_batch_size(100)
                 .with_poll_interval(Duration::from_millis(10))
                 .with_read_order(order);
@@ -34,11 +56,16 @@ async fn run_reader_during_workload(
             while let Some(batch) = reader.next_batch(&cancel).await.unwrap() {
                 delivered.extend(batch);
             }
-            // Drain whatever is visible once the writers are done.
-            loop {
+            // The writers are done: drain until the reader has passed the last committed event (in its own
+            // order). The commit-safe reader may have to wait for the horizon, which transactions of tests
+            // running in parallel on the same server hold back for a moment.
+            let head = log_head(&pool, order).await;
+            let deadline = tokio::time::Instant::now() + CONDITION_WAIT_MAX;
+            while !reached(reader.position(), head, order) {
                 let batch = reader.read_batch().await.unwrap();
                 if batch.is_empty() {
-                    break;
+                    assert!(tokio::time::Instant::now() < deadline, "the reader never reached the head {head:?}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 delivered.extend(batch);
             }
@@ -56,8 +83,6 @@ async fn run_reader_during_workload(
         seed,
     };
     let committed = workload.run(db.pool.clone()).await;
-    // Give the reader time to catch up with everything that is now committed.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     cancel.cancel();
     (committed, reader_task.await.unwrap())
 }
@@ -128,11 +153,9 @@ async fn a_late_commit_is_skipped_by_position_but_not_by_commit_order() {
     assert!(naive_second.is_empty(), "the naive reader has moved past A's position for good");
     // The horizon is cluster-wide: transactions of tests running in parallel may hold it a little longer.
     let mut safe_second = Vec::new();
-    for _ in 0..250 {
+    let deadline = tokio::time::Instant::now() + CONDITION_WAIT_MAX;
+    while safe_second.len() < 2 && tokio::time::Instant::now() < deadline {
         safe_second.extend(safe.read_batch().await.unwrap().into_iter().map(|e| e.aggregate_id));
-        if safe_second.len() >= 2 {
-            break;
-        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(safe_second, ["A", "B"]);

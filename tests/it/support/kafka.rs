@@ -275,7 +275,7 @@ impl IdleMember {
                 }
             })
         };
-        joined_rx.recv_timeout(Duration::from_secs(60)).expect("the idle member was assigned partitions");
+        joined_rx.recv_timeout(super::CONDITION_WAIT_MAX).expect("the idle member was assigned partitions");
         Self { stop, thread: Some(thread) }
     }
 }

@@ -157,8 +157,23 @@ pub fn place(
     (order_id, command)
 }
 
-/// Polls `check` every 20 ms until it returns true or `timeout` passes.
-pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+/// How long a test waits for a condition before it declares the system stuck. A condition normally holds
+/// within milliseconds; this bound only turns a hang into a failure, so it is generous enough for a slow machine
+/// that is busy with other work (tests assert what happens, never how fast: speed is for `ledger bench`).
+pub const CONDITION_WAIT_MAX: Duration = Duration::from_secs(180);
+
+/// Polls `check` every 20 ms until it returns true (→ true) or [`CONDITION_WAIT_MAX`] passes (→ false).
+pub async fn eventually<F, Fut>(check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    eventually_within(CONDITION_WAIT_MAX, check).await
+}
+
+/// Like [`eventually`] with a shorter bound: for a step that is retried when it did not take (e.g. a tick
+/// republished until a consumer that may have joined after it sees one), never for a final assertion.
+pub async fn eventually_within<F, Fut>(timeout: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,

@@ -2,7 +2,6 @@
 //! (aborted) and restarted, plus a trading workload driven through the command service.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use ledger::commands::CommandService;
 use ledger::domain::order::RecordExecution;
@@ -112,7 +111,7 @@ pub async fn trade(
         summary.orders.push(order_id);
     }
     for (order_id, limit, choice) in pending {
-        let decided = eventually(Duration::from_secs(60), || async {
+        let decided = eventually(|| async {
             commands.load::<Order>(&order_id.to_string()).await.unwrap().0.status != OrderStatus::PendingNew
         })
         .await;
