@@ -63,6 +63,8 @@ pub struct Running {
     pub tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     pub address: std::net::SocketAddr,
     pub commands: Arc<CommandService>,
+    /// The subscription feeds (their positions and counts are what a test waits for).
+    pub hub: Arc<Hub>,
 }
 
 impl Running {
@@ -84,7 +86,7 @@ pub async fn start(pool: PgPool, config: AppConfig, listener: tokio::net::TcpLis
     let app = AppState {
         pool: pool.clone(),
         commands: commands.clone(),
-        hub,
+        hub: hub.clone(),
         clock: Arc::new(SystemClock),
         valuation_stale_after: config.valuation_stale_after,
     };
@@ -129,5 +131,5 @@ pub async fn start(pool: PgPool, config: AppConfig, listener: tokio::net::TcpLis
         }
         None => {}
     }
-    Ok(Running { cancel, tasks, address, commands })
+    Ok(Running { cancel, tasks, address, commands, hub })
 }

@@ -68,6 +68,16 @@ impl Principal {
         }
     }
 
+    /// Whether the role may read portfolios at all (traders their own).
+    pub fn can_read_portfolios(&self) -> bool {
+        matches!(self.role, Role::Trader | Role::Auditor | Role::Admin)
+    }
+
+    /// Whether the role may trade at all (traders their own portfolios, admins every one).
+    pub fn can_trade(&self) -> bool {
+        matches!(self.role, Role::Trader | Role::Admin)
+    }
+
     pub fn can_read_any_order(&self) -> bool {
         matches!(self.role, Role::Broker | Role::Auditor | Role::Admin)
     }

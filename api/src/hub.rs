@@ -65,8 +65,14 @@ pub struct Hub {
     ticks: broadcast::Sender<Arc<Tick>>,
     alerts: broadcast::Sender<Arc<FiringNotice>>,
     ticks_available: bool,
-    /// Open subscriptions (for metrics).
+    /// Open subscriptions (for metrics), counted once their starting point is fixed: a subscription counted
+    /// here receives every event committed from then on.
     pub subscriptions: AtomicI64,
+    /// The log follower's position: every event up to it has been offered to the subscribers.
+    log_position: std::sync::Mutex<LogPosition>,
+    /// True once the tick consumer reads every partition from a known offset: a tick published after that
+    /// reaches the subscribers.
+    ticks_live: std::sync::atomic::AtomicBool,
 }
 
 impl Hub {
@@ -86,14 +92,28 @@ impl Hub {
             alerts,
             ticks_available: kafka.is_some(),
             subscriptions: AtomicI64::new(0),
+            log_position: std::sync::Mutex::new(LogPosition::START),
+            ticks_live: std::sync::atomic::AtomicBool::new(false),
         });
         let head = ledger::projections::catch_up::log_head(&pool).await?;
-        tokio::spawn(follow_log(pool.clone(), head, hub.log.clone(), cancel.clone()));
+        *hub.log_position.lock().unwrap_or_else(|p| p.into_inner()) = head;
+        tokio::spawn(follow_log(hub.clone(), head, cancel.clone()));
         tokio::spawn(follow_alerts(pool, hub.alerts.clone(), cancel.clone()));
         if let Some(kafka) = kafka {
-            tokio::spawn(follow_ticks(kafka, hub.ticks.clone(), cancel));
+            tokio::spawn(follow_ticks(kafka, hub.clone(), cancel));
         }
         Ok(hub)
+    }
+
+    /// How far the log feed has read (every event up to here was offered to the subscribers).
+    pub fn log_position(&self) -> LogPosition {
+        *self.log_position.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the tick feed is live: it reads every partition of the prices topic from a known offset, so
+    /// every tick published from now on reaches the subscribers.
+    pub fn ticks_live(&self) -> bool {
+        self.ticks_live.load(Ordering::Relaxed)
     }
 
     pub fn ticks_available(&self) -> bool {
@@ -120,9 +140,7 @@ impl Hub {
     {
         let hub = self.clone();
         let mut live = self.log.subscribe();
-        let guard = SubscriptionGuard::new(hub.clone());
         spawn_stream(move |sender| async move {
-            let _guard = guard;
             let mut last = after;
             // "From now": events of transactions that had committed when the subscription started (visible in
             // the snapshot taken now) are skipped, whatever this instance's follower had delivered by then.
@@ -137,6 +155,7 @@ impl Hub {
                     }
                 }
             }
+            let _guard = SubscriptionGuard::new(hub.clone());
             if let Some(start) = after {
                 let mut reader = LogReader::new(hub.pool.clone(), start).with_batch_size(CATCH_UP_BATCH);
                 loop {
@@ -248,19 +267,15 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn follow_log(
-    pool: PgPool,
-    from: LogPosition,
-    feed: broadcast::Sender<Arc<RecordedEvent>>,
-    cancel: CancellationToken,
-) {
-    let mut reader = LogReader::new(pool, from).with_poll_interval(Duration::from_millis(20));
+async fn follow_log(hub: Arc<Hub>, from: LogPosition, cancel: CancellationToken) {
+    let mut reader = LogReader::new(hub.pool.clone(), from).with_poll_interval(Duration::from_millis(20));
     loop {
         match reader.next_batch(&cancel).await {
             Ok(Some(batch)) => {
                 for event in batch {
-                    let _ = feed.send(Arc::new(event)); // no subscriber is fine
+                    let _ = hub.log.send(Arc::new(event)); // no subscriber is fine
                 }
+                *hub.log_position.lock().unwrap_or_else(|p| p.into_inner()) = reader.position();
             }
             Ok(None) => return,
             Err(error) => {
@@ -306,26 +321,23 @@ async fn follow_alerts(pool: PgPool, feed: broadcast::Sender<Arc<FiringNotice>>,
     }
 }
 
-async fn follow_ticks(kafka: KafkaConfig, feed: broadcast::Sender<Arc<Tick>>, cancel: CancellationToken) {
-    let consumer: StreamConsumer = match kafka
-        .client_config()
-        .set("client.id", "ledger-api-ticks")
-        .set("group.id", format!("ledger-api-{}", uuid::Uuid::new_v4().simple()))
-        .set("auto.offset.reset", "latest")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-    {
-        Ok(consumer) => consumer,
-        Err(error) => {
-            tracing::error!(%error, "tick feed: cannot create a Kafka consumer");
-            return;
+/// Follows the prices topic from its end, every partition assigned explicitly (no consumer group: every
+/// instance needs every tick). Once the end offsets are known the feed is live: a tick published from then on
+/// reaches the subscribers. Partitions added to the topic later are picked up at the next restart.
+async fn follow_ticks(kafka: KafkaConfig, hub: Arc<Hub>, cancel: CancellationToken) {
+    let consumer = loop {
+        let kafka = kafka.clone();
+        match tokio::task::spawn_blocking(move || tick_consumer_at_the_end(&kafka)).await {
+            Ok(Ok(consumer)) => break consumer,
+            Ok(Err(error)) => tracing::warn!(%error, "tick feed: cannot start reading the prices topic; retrying"),
+            Err(error) => tracing::warn!(%error, "tick feed: start-up task failed; retrying"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(TICKS_START_RETRY_MS)) => {}
         }
     };
-    if let Err(error) = consumer.subscribe(&[&kafka.prices_topic]) {
-        tracing::error!(%error, "tick feed: cannot subscribe");
-        return;
-    }
+    hub.ticks_live.store(true, Ordering::Relaxed);
     loop {
         let message = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -334,7 +346,7 @@ async fn follow_ticks(kafka: KafkaConfig, feed: broadcast::Sender<Arc<Tick>>, ca
         match message {
             Ok(message) => {
                 if let Some(tick) = message.payload().and_then(|p| Tick::decode(p).ok()) {
-                    let _ = feed.send(Arc::new(tick));
+                    let _ = hub.ticks.send(Arc::new(tick));
                 }
             }
             Err(error) => {
@@ -343,6 +355,41 @@ async fn follow_ticks(kafka: KafkaConfig, feed: broadcast::Sender<Arc<Tick>>, ca
             }
         }
     }
+}
+
+/// Wait before retrying to start the tick feed (broker unreachable, topic missing).
+const TICKS_START_RETRY_MS: u64 = 1_000;
+/// Bound on each metadata and watermark request of the tick feed's start.
+const TICKS_START_REQUEST_TIMEOUT_MS: u64 = 10_000;
+
+/// A consumer assigned every partition of the prices topic at its current end (blocking: run it off the runtime).
+fn tick_consumer_at_the_end(kafka: &KafkaConfig) -> Result<StreamConsumer, rdkafka::error::KafkaError> {
+    let consumer: StreamConsumer = kafka
+        .client_config()
+        .set("client.id", "ledger-api-ticks")
+        .set("group.id", format!("ledger-api-{}", uuid::Uuid::new_v4().simple()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    let timeout = Duration::from_millis(TICKS_START_REQUEST_TIMEOUT_MS);
+    let topic = kafka.prices_topic.as_str();
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(rdkafka::error::KafkaError::MetadataFetch(rdkafka::types::RDKafkaErrorCode::UnknownTopic));
+    }
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for partition in partitions {
+        let (_, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+        assignment.add_partition_offset(topic, partition, rdkafka::Offset::Offset(high))?;
+    }
+    consumer.assign(&assignment)?;
+    Ok(consumer)
 }
 
 /// A PostgreSQL snapshot (`pg_current_snapshot()`): which transactions had committed when it was taken.

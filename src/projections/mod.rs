@@ -28,6 +28,7 @@ pub mod positions;
 pub mod prices;
 pub mod rebuild;
 pub mod valuation;
+pub mod visibility;
 pub mod worker;
 
 use std::sync::Arc;

@@ -17,6 +17,22 @@ pub fn forbidden() -> Error {
     coded("FORBIDDEN", "not allowed for this token")
 }
 
+/// An unknown portfolio, or one the caller may not see: the two answer alike, so ids cannot be probed.
+pub fn portfolio_not_found() -> Error {
+    coded("PORTFOLIO_NOT_FOUND", "no such portfolio")
+}
+
+/// An unknown order, or one the caller may not see (see [`portfolio_not_found`]).
+pub fn order_not_found() -> Error {
+    coded("ORDER_NOT_FOUND", "no such order")
+}
+
+/// `waitFor` ran out of time: the read model has not shown that position yet. Ask again (the write is
+/// committed; only the view lags).
+pub fn not_yet_visible() -> Error {
+    coded("NOT_YET_VISIBLE", "the read model has not reached waitFor yet; the write is committed, ask again")
+}
+
 pub fn not_found(what: &str) -> Error {
     coded("NOT_FOUND", format!("no such {what}"))
 }

@@ -21,7 +21,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::errors::{command, forbidden, invalid, not_found, value};
+use super::errors::{command, forbidden, invalid, not_found, order_not_found, portfolio_not_found, value};
 use super::orders::portfolio_owner;
 use super::types::{CommandResult, CostBasisMethodGql, OrderStatusGql, OrderTypeGql, SideGql, TimeInForceGql};
 use super::{principal, state, AppState, ACCEPTANCE_WAIT_MS_MAX};
@@ -33,12 +33,16 @@ fn context(ctx: &Context<'_>, principal: &Principal, key: &str, request: &impl S
     Ok(super::command_context(ctx, principal).with_idempotency(idempotency))
 }
 
-/// Fails unless the caller may trade the portfolio (which must exist).
+/// Fails unless the caller may trade the portfolio. A role that trades nothing is `FORBIDDEN`; a portfolio the
+/// caller may not trade answers exactly like one that does not exist (`PORTFOLIO_NOT_FOUND`), so that ids
+/// cannot be probed.
 async fn authorize_portfolio(state: &AppState, principal: &Principal, portfolio_id: Uuid) -> Result<()> {
+    if !principal.can_trade() {
+        return Err(forbidden());
+    }
     match portfolio_owner(state, portfolio_id).await? {
-        None => Err(super::errors::coded("PORTFOLIO_NOT_FOUND", "no such portfolio")),
         Some(owner) if principal.can_trade_portfolio(&owner) => Ok(()),
-        Some(_) => Err(forbidden()),
+        _ => Err(portfolio_not_found()),
     }
 }
 
@@ -175,10 +179,14 @@ impl PortfolioMutation {
                 Err(error) => early.push(Some(batch_answer(Err(error)))),
             }
         }
+        // As for single commands: a role that trades nothing is FORBIDDEN; another owner's portfolio answers
+        // like an unknown one.
         let authorize = |portfolio: &ledger::domain::Portfolio| match &portfolio.terms {
-            None => Err(CommandError::Refused { code: "PORTFOLIO_NOT_FOUND", message: "no such portfolio".into() }),
+            _ if !principal.can_trade() => {
+                Err(CommandError::Refused { code: "FORBIDDEN", message: "not allowed for this token".into() })
+            }
             Some(terms) if principal.can_trade_portfolio(terms.owner.as_str()) => Ok(()),
-            Some(_) => Err(CommandError::Refused { code: "FORBIDDEN", message: "not allowed for this token".into() }),
+            _ => Err(CommandError::Refused { code: "PORTFOLIO_NOT_FOUND", message: "no such portfolio".into() }),
         };
         let command_ctx = super::command_context(ctx, principal);
         let mut answers = state
@@ -342,11 +350,16 @@ impl OrderMutation {
     ) -> Result<CommandResult> {
         let principal = principal(ctx)?;
         let state = state(ctx);
+        if !principal.can_trade() {
+            return Err(forbidden());
+        }
         let (order, _) =
             state.commands.load::<OrderAggregate>(&order_id.to_string()).await.map_err(super::errors::command)?;
-        let Some(terms) = order.terms else { return Err(super::errors::coded("ORDER_NOT_FOUND", "no such order")) };
-        if !principal.is_admin() {
-            authorize_portfolio(state, principal, terms.portfolio_id.0).await?;
+        let Some(terms) = order.terms else { return Err(order_not_found()) };
+        // Another owner's order answers like an unknown one.
+        let owner = portfolio_owner(state, terms.portfolio_id.0).await?;
+        if !owner.is_some_and(|owner| principal.can_trade_portfolio(&owner)) {
+            return Err(order_not_found());
         }
         let ctx_command = context(ctx, principal, &idempotency_key, &("cancelOrder", order_id, &reason))?;
         let command = OrderCommand::CancelOrder {

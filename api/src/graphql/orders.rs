@@ -60,8 +60,29 @@ impl From<OrderRecord> for Order {
 }
 
 /// The order as the blotter shows it now — or, when the blotter has not caught up with it yet, as its
-/// aggregate says.
-pub async fn load_live(state: &super::AppState, id: Uuid) -> Result<Option<Order>> {
+/// aggregate says. With `wait_for`, first waits (bounded) until the blotter shows that position and the process
+/// manager's reactions to it; `NOT_YET_VISIBLE` if it does not in time.
+pub async fn load_live(
+    state: &super::AppState,
+    id: Uuid,
+    wait_for: Option<ledger::log::LogPosition>,
+) -> Result<Option<Order>> {
+    if let Some(position) = wait_for {
+        let deadline =
+            tokio::time::Instant::now() + std::time::Duration::from_millis(super::portfolio::READ_WAIT_MS_MAX);
+        let visible = ledger::projections::visibility::wait_until_visible(
+            &state.pool,
+            ledger::projections::visibility::ReadModel::Order,
+            &id.to_string(),
+            position,
+            deadline,
+        )
+        .await
+        .map_err(database)?;
+        if !visible {
+            return Err(super::errors::not_yet_visible());
+        }
+    }
     let record: Option<OrderRecord> =
         sqlx::query_as(&format!("select {} from rm_orders where order_id = $1", OrderRecord::COLUMNS))
             .bind(id)
@@ -264,25 +285,30 @@ pub struct OrderQuery;
 
 #[Object]
 impl OrderQuery {
-    /// One order: live from the blotter, or as it was at `asOf` / `atPosition`.
+    /// One order: live from the blotter, or as it was at `asOf` / `atPosition`. `waitFor` works as on
+    /// `portfolio`. An unknown order and one the token may not read both answer null.
     async fn order(
         &self,
         ctx: &Context<'_>,
         id: Uuid,
         as_of: Option<DateTime<Utc>>,
         at_position: Option<LogPosition>,
+        wait_for: Option<LogPosition>,
     ) -> Result<Option<Order>> {
         let principal = principal(ctx)?;
+        if !principal.can_read_any_order() && !principal.can_read_portfolios() {
+            return Err(forbidden());
+        }
         let state = state(ctx);
         let order = match resolve_as_of(&state.pool, as_of, at_position).await? {
             Some(point) => load_as_of(&state.pool, id, point).await?,
-            None => load_live(state, id).await?,
+            None => load_live(state, id, wait_for.map(|w| w.0)).await?,
         };
         let Some(order) = order else { return Ok(None) };
         if !principal.can_read_any_order() {
             let owner = portfolio_owner(state, order.record.portfolio_id).await?;
             if !owner.is_some_and(|owner| principal.can_read_portfolio(&owner)) {
-                return Err(forbidden());
+                return Ok(None);
             }
         }
         Ok(Some(order))

@@ -14,7 +14,9 @@ use rust_decimal::Decimal;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::errors::{database, forbidden, invalid, not_found};
+use ledger::projections::visibility::{self, ReadModel};
+
+use super::errors::{database, forbidden, invalid, not_found, not_yet_visible};
 use super::orders::{Order, OrderRecord};
 use super::scalars::LogPosition;
 use super::types::{
@@ -83,29 +85,34 @@ const PORTFOLIO_COLUMNS: &str =
     "portfolio_id, owner, base_currency, cost_basis_method, cash, reserved_cash, realized_pnl,
     opened_at, updated_at, last_position";
 
-/// The live read-model row, waiting (bounded) until it reflects `wait_for` if given.
+/// The live read-model row. With `wait_for`, first waits (at most [`READ_WAIT_MS_MAX`]) until the read model
+/// shows that position and the process manager's reactions to it (`ledger::projections::visibility`), and
+/// answers `NOT_YET_VISIBLE` if it does not in time. A portfolio the read model has not seen yet (opened a
+/// moment ago) is answered from its events, as of now.
 pub async fn load_live(
     pool: &PgPool,
     id: Uuid,
     wait_for: Option<ledger::log::LogPosition>,
+    now: DateTime<Utc>,
 ) -> Result<Option<Portfolio>> {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(READ_WAIT_MS_MAX);
-    loop {
-        let row: Option<PortfolioRow> =
-            sqlx::query_as(&format!("select {PORTFOLIO_COLUMNS} from rm_portfolios where portfolio_id = $1"))
-                .bind(id)
-                .fetch_optional(pool)
-                .await
-                .map_err(database)?;
-        let reached = match (&row, wait_for) {
-            (_, None) => true,
-            (Some(row), Some(target)) => row.last_position >= target.global_position,
-            (None, Some(_)) => false,
-        };
-        if reached || tokio::time::Instant::now() > deadline {
-            return Ok(row.map(Portfolio::from));
+    if let Some(position) = wait_for {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(READ_WAIT_MS_MAX);
+        let visible = visibility::wait_until_visible(pool, ReadModel::Portfolio, &id.to_string(), position, deadline)
+            .await
+            .map_err(database)?;
+        if !visible {
+            return Err(not_yet_visible());
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let row: Option<PortfolioRow> =
+        sqlx::query_as(&format!("select {PORTFOLIO_COLUMNS} from rm_portfolios where portfolio_id = $1"))
+            .bind(id)
+            .fetch_optional(pool)
+            .await
+            .map_err(database)?;
+    match row {
+        Some(row) => Ok(Some(Portfolio::from(row))),
+        None => load_as_of(pool, id, AsOf { time: now, position: None }).await,
     }
 }
 
@@ -502,8 +509,11 @@ impl PortfolioQuery {
         Ok(rows.into_iter().map(Portfolio::from).collect())
     }
 
-    /// One portfolio: live, or as it was at `asOf` / `atPosition` (replayed from its events). `waitFor` makes
-    /// the live view wait (up to 5 s) until it reflects a log position returned by a mutation.
+    /// One portfolio: live, or as it was at `asOf` / `atPosition` (replayed from its events). `waitFor` (a
+    /// `lastPosition` returned by a mutation) makes the live view wait, at most 5 s, until it shows that
+    /// position and what the process manager did in reaction (a fill booked, a reservation released); it
+    /// answers `NOT_YET_VISIBLE` if that takes longer (the write is committed: ask again). An unknown portfolio
+    /// and one the token may not read both answer null.
     async fn portfolio(
         &self,
         ctx: &Context<'_>,
@@ -513,14 +523,14 @@ impl PortfolioQuery {
         wait_for: Option<LogPosition>,
     ) -> Result<Option<Portfolio>> {
         let principal = principal(ctx)?;
+        if !principal.can_read_portfolios() {
+            return Err(forbidden());
+        }
         let state = state(ctx);
         let portfolio = match resolve_as_of(&state.pool, as_of, at_position).await? {
             Some(point) => load_as_of(&state.pool, id, point).await?,
-            None => load_live(&state.pool, id, wait_for.map(|w| w.0)).await?,
+            None => load_live(&state.pool, id, wait_for.map(|w| w.0), state.clock.now()).await?,
         };
-        match portfolio {
-            Some(p) if !principal.can_read_portfolio(&p.owner) => Err(forbidden()),
-            other => Ok(other),
-        }
+        Ok(portfolio.filter(|p| principal.can_read_portfolio(&p.owner)))
     }
 }

@@ -88,10 +88,13 @@ pub struct AlertFiredUpdate {
 
 async fn authorize_read(state: &AppState, ctx: &Context<'_>, portfolio_id: Uuid) -> Result<()> {
     let principal = principal(ctx)?;
+    if !principal.can_read_portfolios() {
+        return Err(forbidden());
+    }
+    // Another owner's portfolio answers like an unknown one.
     match portfolio_owner(state, portfolio_id).await? {
         Some(owner) if principal.can_read_portfolio(&owner) => Ok(()),
-        Some(_) => Err(forbidden()),
-        None => Err(coded("PORTFOLIO_NOT_FOUND", "no such portfolio")),
+        _ => Err(coded("PORTFOLIO_NOT_FOUND", "no such portfolio")),
     }
 }
 

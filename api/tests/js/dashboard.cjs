@@ -5,7 +5,8 @@
 const { chromium } = require('playwright-core');
 
 const [url, screenshot] = process.argv.slice(2);
-const STEP_MS = 30000;
+// A bound that only turns a hang into a failure (generous: the machine may be slow and busy).
+const STEP_MS = 180000;
 
 (async () => {
   const browser = await chromium.launch({

@@ -1,0 +1,98 @@
+//! Read your writes. A mutation answers with the log position of what it wrote; a query given that position
+//! (`waitFor`) waits until its read model shows it — including what the process manager wrote in reaction (a
+//! fill booked on the portfolio, a cancel's reservation released), so a caller never guesses how long to wait.
+//!
+//! "Shows it", for the read model of one aggregate (a portfolio in `positions`, an order in `orders`), means:
+//! 1. the process manager's cursor has passed the position, so every reaction to the events up to it is in the
+//!    log (skipped when no process manager has ever run against this database: nothing will react);
+//! 2. then the projection has applied every event of the aggregate that was in the log at that moment.
+//!
+//! The target of step 2 is fixed once step 1 holds, so a busy aggregate cannot keep a waiter chasing its head.
+//! Waiting polls with a growing interval and is bounded by the caller's deadline.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use crate::log::LogPosition;
+use crate::process::PROCESS_MANAGER;
+
+/// First and longest interval between two checks while waiting.
+const POLL_INTERVAL_MIN_MS: u64 = 5;
+const POLL_INTERVAL_MAX_MS: u64 = 100;
+
+/// A read model that can be waited for, with the aggregate type whose events it applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadModel {
+    /// `positions`: a portfolio's cash, positions and lots.
+    Portfolio,
+    /// `orders`: an order's blotter row and executions.
+    Order,
+}
+
+impl ReadModel {
+    fn aggregate_type(self) -> &'static str {
+        match self {
+            Self::Portfolio => "Portfolio",
+            Self::Order => "Order",
+        }
+    }
+
+    fn progress_query(self) -> &'static str {
+        match self {
+            Self::Portfolio => "select coalesce(max(last_sequence), 0) from positions_progress where aggregate_id = $1",
+            Self::Order => "select coalesce(max(last_sequence), 0) from orders_progress where aggregate_id = $1",
+        }
+    }
+}
+
+/// Whether the process manager has passed `position` (true when no process manager ever ran).
+pub async fn process_manager_passed(pool: &PgPool, position: LogPosition) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "select coalesce((select (transaction_id, global_position) >= ($2::text::xid8, $3)
+                            from log_cursors where name = $1), true)",
+    )
+    .bind(PROCESS_MANAGER)
+    .bind(position.transaction_id.to_string())
+    .bind(position.global_position)
+    .fetch_one(pool)
+    .await
+}
+
+/// Waits until `read_model` shows `position` for `aggregate_id` (see the module docs); false if `deadline`
+/// passed first.
+pub async fn wait_until_visible(
+    pool: &PgPool,
+    read_model: ReadModel,
+    aggregate_id: &str,
+    position: LogPosition,
+    deadline: tokio::time::Instant,
+) -> Result<bool, sqlx::Error> {
+    let mut interval = Duration::from_millis(POLL_INTERVAL_MIN_MS);
+    let mut target: Option<i64> = None;
+    loop {
+        if target.is_none() && process_manager_passed(pool, position).await? {
+            let head: i64 = sqlx::query_scalar(
+                "select coalesce(max(sequence), 0) from events where aggregate_type = $1 and aggregate_id = $2",
+            )
+            .bind(read_model.aggregate_type())
+            .bind(aggregate_id)
+            .fetch_one(pool)
+            .await?;
+            target = Some(head);
+        }
+        if let Some(target) = target {
+            let applied: i64 =
+                sqlx::query_scalar(read_model.progress_query()).bind(aggregate_id).fetch_one(pool).await?;
+            if applied >= target {
+                return Ok(true);
+            }
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(interval.min(deadline - now)).await;
+        interval = (interval * 2).min(Duration::from_millis(POLL_INTERVAL_MAX_MS));
+    }
+}
