@@ -29,6 +29,12 @@ pub fn firing_id(alert_id: Uuid, arming: i32) -> Uuid {
     Uuid::new_v5(&FIRING_NAMESPACE, format!("{alert_id}/{arming}").as_bytes())
 }
 
+/// The alert id under which a portfolio's deficit notices are recorded (one per portfolio; the arming is the
+/// sequence of the `DeficitIncurred` event).
+pub fn deficit_notice_id(portfolio_id: Uuid) -> Uuid {
+    Uuid::new_v5(&FIRING_NAMESPACE, format!("deficit/{portfolio_id}").as_bytes())
+}
+
 pub struct AlertsProjection;
 
 /// What a tick makes of a rule: fire (with the value that triggered it) or not.
@@ -94,12 +100,32 @@ impl Projection for AlertsProjection {
     }
 
     async fn apply_event(&self, conn: &mut PgConnection, event: &RecordedEvent) -> Result<(), ApplyError> {
-        if !event.event_type.starts_with("Alert") {
+        if !event.event_type.starts_with("Alert") && event.event_type != "DeficitIncurred" {
             return Ok(());
         }
         let portfolio_event: PortfolioEvent = serde_json::from_value(event.payload.clone())?;
         let portfolio = Uuid::parse_str(&event.aggregate_id).map_err(|e| ApplyError::Poison(e.to_string()))?;
         match portfolio_event {
+            // The owner's notice that a fill left the portfolio in deficit: a firing of its own kind, pushed like
+            // any other (`alertFired`), once per event (its id derives from the event's).
+            PortfolioEvent::DeficitIncurred { symbol, deficit, .. } => {
+                sqlx::query(
+                    "insert into public.alert_firings (firing_id, alert_id, portfolio_id, arming, kind, symbol, price,
+                            observed_value, tick_ts, tick_seq, fired_at)
+                     values ($1, $2, $3, $4, 'DEFICIT', $5, 0, $6, $7, $8, $7)
+                     on conflict do nothing",
+                )
+                .bind(Uuid::new_v5(&FIRING_NAMESPACE, event.event_id.as_bytes()))
+                .bind(deficit_notice_id(portfolio))
+                .bind(portfolio)
+                .bind(i32::try_from(event.sequence).map_err(|e| ApplyError::Poison(e.to_string()))?)
+                .bind(symbol.as_str())
+                .bind(deficit)
+                .bind(event.recorded_at)
+                .bind(event.sequence)
+                .execute(conn)
+                .await?;
+            }
             PortfolioEvent::AlertCreated { alert_id, condition, at } => {
                 let status = status_for(conn, alert_id.0, 1).await?;
                 sqlx::query(

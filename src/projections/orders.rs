@@ -120,7 +120,7 @@ fn apply(
             if let Some(row) = orders.get_mut(&id) {
                 row.status = "Rejected".to_string();
                 row.leaves_quantity = Decimal::ZERO;
-                row.reject_code = Some(format!("{:?}", reason.code));
+                row.reject_code = Some(reason.code.as_str().to_string());
                 row.reject_reason = Some(reason.detail);
                 row.updated_at = rejected_at;
                 row.last_position = position;

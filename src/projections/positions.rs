@@ -182,7 +182,10 @@ impl Rows {
                     }
                 }
             }
-            PortfolioEvent::AlertCreated { .. }
+            // The deficit is reserved − cash, which the row already has; the markers only move its position.
+            PortfolioEvent::DeficitIncurred { .. }
+            | PortfolioEvent::DeficitCovered { .. }
+            | PortfolioEvent::AlertCreated { .. }
             | PortfolioEvent::AlertCanceled { .. }
             | PortfolioEvent::AlertRearmed { .. } => {
                 self.touch(id, event.recorded_at, position);

@@ -98,6 +98,23 @@ pub enum RejectCode {
     NoMarketPrice,
     UnknownPortfolio,
     PortfolioRejected,
+    /// The portfolio was in deficit: no new buys until it is covered.
+    PortfolioInDeficit,
+}
+
+impl RejectCode {
+    /// The stable name clients see, spelled like the API's error codes (`INSUFFICIENT_FUNDS` whether a
+    /// withdrawal was refused or an order rejected).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InsufficientFunds => "INSUFFICIENT_FUNDS",
+            Self::InsufficientQuantity => "INSUFFICIENT_QUANTITY",
+            Self::NoMarketPrice => "NO_MARKET_PRICE",
+            Self::UnknownPortfolio => "PORTFOLIO_NOT_FOUND",
+            Self::PortfolioRejected => "PORTFOLIO_REJECTED",
+            Self::PortfolioInDeficit => "PORTFOLIO_IN_DEFICIT",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

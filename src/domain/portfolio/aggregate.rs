@@ -36,6 +36,9 @@ pub struct Portfolio {
     pub realized_pnl: Decimal,
     #[serde(default)]
     pub alerts: BTreeMap<AlertId, AlertRule>,
+    /// Since when buying power has been negative (a fill cost more than was available), if it is.
+    #[serde(default)]
+    pub deficit_since: Option<DateTime<Utc>>,
 }
 
 /// One fill, as `ApplyExecution` states it.
@@ -51,9 +54,26 @@ struct Fill {
 }
 
 impl Portfolio {
-    /// Cash not promised to open orders.
+    /// Cash not promised to open orders. Negative while the portfolio is in deficit.
     pub fn buying_power(&self) -> Decimal {
         self.cash - self.reserved_cash
+    }
+
+    /// How much cash is missing: reserved − cash when that is positive, else zero.
+    pub fn deficit(&self) -> Decimal {
+        (-self.buying_power()).max(Decimal::ZERO)
+    }
+
+    /// Refuses taking `amount` out of buying power (a withdrawal, a buy reservation): never while in deficit,
+    /// never beyond what is available.
+    fn check_available(&self, amount: Decimal) -> Result<(), PortfolioError> {
+        if self.deficit() > Decimal::ZERO {
+            return Err(PortfolioError::InDeficit { deficit: self.deficit() });
+        }
+        if amount > self.buying_power() {
+            return Err(PortfolioError::InsufficientFunds { requested: amount, available: self.buying_power() });
+        }
+        Ok(())
     }
 
     fn terms(&self) -> Result<&PortfolioTerms, PortfolioError> {
@@ -63,11 +83,12 @@ impl Portfolio {
     /// The invariants every state must satisfy (see the module docs).
     pub fn check_invariants(&self) -> Result<(), PortfolioError> {
         let violated = |what: String| Err(PortfolioError::InvariantViolated(what));
-        if self.cash.is_sign_negative() && !self.cash.is_zero() {
-            return violated(format!("cash {} is negative", self.cash));
+        if self.reserved_cash < Decimal::ZERO {
+            return violated(format!("reserved cash {} is negative", self.reserved_cash));
         }
-        if self.reserved_cash.is_sign_negative() && !self.reserved_cash.is_zero() || self.reserved_cash > self.cash {
-            return violated(format!("reserved cash {} outside 0..=cash {}", self.reserved_cash, self.cash));
+        // Buying power (and cash) may be negative only as a deficit that fills caused; the marker says so.
+        if self.deficit_since.is_some() != (self.deficit() > Decimal::ZERO) {
+            return violated(format!("deficit {} but deficit marker {:?}", self.deficit(), self.deficit_since));
         }
         let reserved_by_orders: Decimal = self.reservations.values().map(|r| r.cash).sum();
         if reserved_by_orders != self.reserved_cash {
@@ -118,15 +139,11 @@ impl Portfolio {
                 && existing.symbol == symbol
                 && existing.open_quantity == quantity.value()
                 && existing.cash == amount.value()
+                && existing.price.is_none_or(|reserved_at| reserved_at == price)
                 && existing.applied_exec_ids.is_empty();
             return if same { Ok(None) } else { Err(PortfolioError::ReservationExists(order_id)) };
         }
-        if amount.value() > self.buying_power() {
-            return Err(PortfolioError::InsufficientFunds {
-                requested: amount.value(),
-                available: self.buying_power(),
-            });
-        }
+        self.check_available(amount.value())?;
         Ok(Some(PortfolioEvent::FundsReserved {
             order_id,
             symbol,
@@ -204,12 +221,10 @@ impl Portfolio {
 
         let event = match fill.side {
             Side::Buy => {
+                // Booked whatever it costs: the fill has happened. If it costs more than its reservation and the
+                // free cash, the portfolio goes into deficit (see `deficit_transition`).
                 let cost = gross + fee;
                 let release = proportional_share(reservation.cash, quantity, reservation.open_quantity);
-                let available = self.buying_power() + release;
-                if cost > available {
-                    return Err(PortfolioError::InsufficientFunds { requested: cost, available });
-                }
                 PortfolioEvent::ExecutionApplied {
                     order_id: fill.order_id,
                     exec_id: fill.exec_id,
@@ -240,13 +255,8 @@ impl Portfolio {
                         available: position.quantity,
                     });
                 }
+                // A fee above the proceeds makes them negative: booked all the same, possibly into deficit.
                 let proceeds = gross - fee;
-                if self.cash + proceeds < self.reserved_cash {
-                    return Err(PortfolioError::InsufficientFunds {
-                        requested: -proceeds,
-                        available: self.buying_power(),
-                    });
-                }
                 let lots_consumed = consume_fifo(&position.lots, quantity);
                 let removed = cost_basis_removed(method, &position, quantity, &lots_consumed);
                 PortfolioEvent::ExecutionApplied {
@@ -296,12 +306,7 @@ impl Portfolio {
             }
             PortfolioCommand::WithdrawCash { amount, reference, at } => {
                 self.terms()?;
-                if amount.value() > self.buying_power() {
-                    return Err(PortfolioError::InsufficientFunds {
-                        requested: amount.value(),
-                        available: self.buying_power(),
-                    });
-                }
+                self.check_available(amount.value())?;
                 let cash_after = self.cash - amount.value();
                 Ok(Some(PortfolioEvent::CashWithdrawn { amount, reference, cash_after, at }))
             }
@@ -364,8 +369,15 @@ impl Aggregate for Portfolio {
         let Some(event) = self.decide(command)? else { return Ok(()) };
         let mut next = self.clone();
         next.apply(event.clone());
+        let marker = deficit_transition(self, &next, &event);
+        if let Some(marker) = &marker {
+            next.apply(marker.clone());
+        }
         next.check_invariants()?;
         sink.write(event, self).await;
+        if let Some(marker) = marker {
+            sink.write(marker, self).await;
+        }
         Ok(())
     }
 
@@ -377,7 +389,9 @@ impl Aggregate for Portfolio {
             PortfolioEvent::CashDeposited { cash_after, .. } | PortfolioEvent::CashWithdrawn { cash_after, .. } => {
                 self.cash = cash_after;
             }
-            PortfolioEvent::FundsReserved { order_id, symbol, quantity, amount, reserved_cash_after, .. } => {
+            PortfolioEvent::FundsReserved {
+                order_id, symbol, quantity, price, amount, reserved_cash_after, ..
+            } => {
                 self.reserved_cash = reserved_cash_after;
                 self.reservations.insert(
                     order_id,
@@ -386,6 +400,7 @@ impl Aggregate for Portfolio {
                         side: Side::Buy,
                         open_quantity: quantity.value(),
                         cash: amount.value(),
+                        price: Some(price),
                         applied_exec_ids: Default::default(),
                     },
                 );
@@ -399,6 +414,7 @@ impl Aggregate for Portfolio {
                         side: Side::Sell,
                         open_quantity: quantity.value(),
                         cash: Decimal::ZERO,
+                        price: None,
                         applied_exec_ids: Default::default(),
                     },
                 );
@@ -447,6 +463,12 @@ impl Aggregate for Portfolio {
                     }
                 }
             }
+            PortfolioEvent::DeficitIncurred { at, .. } => {
+                self.deficit_since.get_or_insert(at);
+            }
+            PortfolioEvent::DeficitCovered { .. } => {
+                self.deficit_since = None;
+            }
             PortfolioEvent::AlertCreated { alert_id, condition, .. } => {
                 self.alerts.insert(alert_id, AlertRule { condition, arming: 1, canceled: false });
             }
@@ -461,5 +483,47 @@ impl Aggregate for Portfolio {
                 }
             }
         }
+    }
+}
+
+/// The deficit marker an event calls for, from the states before and after it: `DeficitIncurred` when a fill
+/// leaves buying power negative (or more negative), `DeficitCovered` when buying power is back at zero or above.
+fn deficit_transition(before: &Portfolio, after: &Portfolio, event: &PortfolioEvent) -> Option<PortfolioEvent> {
+    let (deficit_before, deficit_after) = (before.deficit(), after.deficit());
+    match event {
+        PortfolioEvent::ExecutionApplied { order_id, exec_id, symbol, executed_at, .. }
+            if deficit_after > deficit_before =>
+        {
+            Some(PortfolioEvent::DeficitIncurred {
+                order_id: *order_id,
+                exec_id: exec_id.clone(),
+                symbol: symbol.clone(),
+                increase: deficit_after - deficit_before,
+                deficit: deficit_after,
+                at: *executed_at,
+            })
+        }
+        _ if before.deficit_since.is_some() && deficit_after.is_zero() => {
+            Some(PortfolioEvent::DeficitCovered { covered: deficit_before, at: event_time(event) })
+        }
+        _ => None,
+    }
+}
+
+/// When an event happened, as it records it.
+fn event_time(event: &PortfolioEvent) -> DateTime<Utc> {
+    match event {
+        PortfolioEvent::PortfolioOpened { opened_at: at, .. }
+        | PortfolioEvent::ExecutionApplied { executed_at: at, .. }
+        | PortfolioEvent::CashDeposited { at, .. }
+        | PortfolioEvent::CashWithdrawn { at, .. }
+        | PortfolioEvent::FundsReserved { at, .. }
+        | PortfolioEvent::QuantityReserved { at, .. }
+        | PortfolioEvent::ReservationReleased { at, .. }
+        | PortfolioEvent::DeficitIncurred { at, .. }
+        | PortfolioEvent::DeficitCovered { at, .. }
+        | PortfolioEvent::AlertCreated { at, .. }
+        | PortfolioEvent::AlertCanceled { at, .. }
+        | PortfolioEvent::AlertRearmed { at, .. } => *at,
     }
 }

@@ -85,6 +85,8 @@ pub enum PortfolioEvent {
         gross: Decimal,
         /// Signed change of cash: −(gross + fee) for a buy, gross − fee for a sell.
         cash_delta: Decimal,
+        /// May be below the cash still reserved, even negative: a fill is booked whatever it costs (see
+        /// `DeficitIncurred`).
         cash_after: Decimal,
         reserved_cash_released: Decimal,
         reserved_quantity_released: Decimal,
@@ -99,6 +101,25 @@ pub enum PortfolioEvent {
         position_quantity_after: Decimal,
         position_cost_basis_after: Decimal,
         executed_at: DateTime<Utc>,
+    },
+    /// A fill left the portfolio short of cash: buying power (cash − reserved) is negative by `deficit`. Fills
+    /// are facts, so the fill was booked all the same (the `ExecutionApplied` just before this event); until the
+    /// deficit is covered the portfolio refuses new buys and withdrawals.
+    DeficitIncurred {
+        order_id: OrderId,
+        exec_id: ExecId,
+        symbol: Symbol,
+        /// How much this fill added to the deficit.
+        increase: Decimal,
+        /// The whole deficit now: reserved − cash.
+        deficit: Decimal,
+        at: DateTime<Utc>,
+    },
+    /// Buying power is back at zero or above (a deposit, a sell, a released reservation): the deficit of
+    /// `covered` is made good.
+    DeficitCovered {
+        covered: Decimal,
+        at: DateTime<Utc>,
     },
     AlertCreated {
         alert_id: AlertId,
@@ -127,6 +148,8 @@ impl PortfolioEvent {
             Self::QuantityReserved { .. } => "QuantityReserved",
             Self::ReservationReleased { .. } => "ReservationReleased",
             Self::ExecutionApplied { .. } => "ExecutionApplied",
+            Self::DeficitIncurred { .. } => "DeficitIncurred",
+            Self::DeficitCovered { .. } => "DeficitCovered",
             Self::AlertCreated { .. } => "AlertCreated",
             Self::AlertCanceled { .. } => "AlertCanceled",
             Self::AlertRearmed { .. } => "AlertRearmed",

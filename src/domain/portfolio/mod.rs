@@ -1,9 +1,19 @@
 //! The Portfolio aggregate: cash, reservations for open orders, positions with their lots, realized P&L.
 //!
 //! Invariants, checked after every event in `handle` (before it is written) and testable on any state:
-//! cash ≥ 0; 0 ≤ reserved cash ≤ cash and it equals the sum of the open buy reservations; per position,
-//! 0 ≤ reserved quantity ≤ quantity, the reserved quantity equals the open sell reservations on the symbol,
-//! Σ lot quantities = quantity, and a flat position has no cost basis.
+//! reserved cash ≥ 0 and it equals the sum of the open buy reservations; per position, 0 ≤ reserved quantity ≤
+//! quantity, the reserved quantity equals the open sell reservations on the symbol, Σ lot quantities =
+//! quantity, and a flat position has no cost basis.
+//!
+//! # Fills are facts
+//! An execution the order accepted has happened at the venue: `ApplyExecution` books it whatever it costs.
+//! Every other use of cash (a withdrawal, a buy reservation) must fit in the buying power (cash − reserved), so
+//! only a fill can take buying power — and cash — below zero: a fee above the reservation's allowance while the
+//! rest of the cash is committed, or a sell whose fee exceeds its proceeds. The portfolio is then *in deficit*
+//! (`DeficitIncurred` follows the fill's `ExecutionApplied`), refuses withdrawals and new buys
+//! (`PORTFOLIO_IN_DEFICIT`) and accepts deposits, sells and cancels until buying power is back at zero or
+//! above (`DeficitCovered`). A sell can never fill beyond the position: its units were reserved from the free
+//! quantity when it was accepted and only its own fills consume that reservation.
 //!
 //! Orders do not touch portfolios directly: the process manager turns order events into the reservation and
 //! execution commands below, each under an idempotency key, so a replay after a crash changes nothing twice.
@@ -77,6 +87,10 @@ pub struct Reservation {
     pub open_quantity: Decimal,
     /// Cash still reserved (buys); zero for sells.
     pub cash: Decimal,
+    /// The price a buy's reservation was computed at (its limit, or the last price plus the collar); `None` for
+    /// sells and for reservations recorded before the price was kept.
+    #[serde(default)]
+    pub price: Option<crate::domain::values::Price>,
     /// Executions already applied for this order: a repeated one is ignored while the reservation is open.
     /// (Once it closes, a replayed fill is refused with `NoReservation`; replays of process-manager steps are
     /// answered by their idempotency keys before they reach the aggregate.)
@@ -92,6 +106,8 @@ pub enum PortfolioError {
     NotFound,
     #[error("insufficient funds: {requested} requested, {available} available")]
     InsufficientFunds { requested: Decimal, available: Decimal },
+    #[error("the portfolio is in deficit by {deficit}: deposit (or sell) to cover it first")]
+    InDeficit { deficit: Decimal },
     #[error("insufficient quantity of {symbol}: {requested} requested, {available} available")]
     InsufficientQuantity { symbol: Symbol, requested: Decimal, available: Decimal },
     #[error("order {0} already has a different reservation")]
@@ -123,6 +139,7 @@ impl PortfolioError {
             Self::AlreadyExists => "PORTFOLIO_EXISTS",
             Self::NotFound => "PORTFOLIO_NOT_FOUND",
             Self::InsufficientFunds { .. } => "INSUFFICIENT_FUNDS",
+            Self::InDeficit { .. } => "PORTFOLIO_IN_DEFICIT",
             Self::InsufficientQuantity { .. } => "INSUFFICIENT_QUANTITY",
             Self::ReservationExists(_) => "RESERVATION_EXISTS",
             Self::NoReservation(_) => "NO_RESERVATION",

@@ -3,7 +3,9 @@
 //! Each case opens a portfolio and drives deposits, withdrawals, buy orders (reserve funds, then fills at random
 //! prices with fees), sell orders (reserve units, then fills), releases and redelivered fills straight through
 //! `Aggregate::handle`. Many commands are refused on purpose (withdrawing too much, filling beyond the
-//! reservation); a refusal must leave no trace. After every step the state is checked against the aggregate's
+//! reservation); a refusal must leave no trace. A fill within its reservation is never refused, whatever it
+//! costs (fills are facts): prices move up to 15 % against the reservation and fees run up to 2, so portfolios
+//! go into deficit and out of it, and the deficit markers must say so exactly. After every step the state is checked against the aggregate's
 //! own invariants, against a rebuild from its events and a JSON snapshot, and against [`ReferenceBook`], a plain
 //! re-implementation of the bookkeeping written from the rule documented in `accounting.rs`.
 
@@ -327,17 +329,51 @@ impl Harness {
     fn run(&mut self, step: &Step) -> Result<(), TestCaseError> {
         let Some(command) = self.command_for(step) else { return Ok(()) };
         let before = self.portfolio.clone();
-        match handle(&mut self.portfolio, command.clone()) {
+        let result = handle(&mut self.portfolio, command.clone());
+        if before.deficit() > Decimal::ZERO {
+            if let PortfolioCommand::WithdrawCash { .. } | PortfolioCommand::ReserveFunds { .. } = &command {
+                let refused = matches!(result, Err(PortfolioError::InDeficit { .. }));
+                prop_assert!(refused, "in deficit, {:?} gave {:?}", command, result);
+            }
+        }
+        match result {
             Err(error) => {
                 prop_assert!(!matches!(error, PortfolioError::InvariantViolated(_)), "{error} on {command:?}");
                 prop_assert_eq!(&self.portfolio, &before, "a refused command changed the state");
+                // Fills are facts: one within its order's open reservation is booked, whatever it costs.
+                if let PortfolioCommand::ApplyExecution { order_id, symbol, side, quantity, .. } = &command {
+                    let within = before
+                        .reservations
+                        .get(order_id)
+                        .is_some_and(|r| &r.symbol == symbol && r.side == *side && quantity.value() <= r.open_quantity);
+                    prop_assert!(!within, "a fill within its reservation was refused: {error} on {command:?}");
+                }
             }
             Ok(events) if events.is_empty() => {
                 prop_assert_eq!(&self.portfolio, &before, "a command without events changed the state");
             }
             Ok(events) => {
-                prop_assert_eq!(events.len(), 1);
                 self.record(&command, &events[0])?;
+                let deficit = self.portfolio.deficit();
+                match &events[1..] {
+                    [] => prop_assert!(
+                        deficit <= before.deficit() && (deficit.is_zero() || !before.deficit().is_zero()),
+                        "the deficit went from {} to {} without a marker",
+                        before.deficit(),
+                        deficit
+                    ),
+                    [PortfolioEvent::DeficitIncurred { increase, deficit: after, .. }] => {
+                        let by_a_fill = matches!(command, PortfolioCommand::ApplyExecution { .. });
+                        prop_assert!(by_a_fill, "a deficit incurred by {:?}", command);
+                        prop_assert_eq!(*after, deficit);
+                        prop_assert_eq!(*increase, deficit - before.deficit());
+                    }
+                    [PortfolioEvent::DeficitCovered { covered, .. }] => {
+                        prop_assert!(deficit.is_zero());
+                        prop_assert_eq!(*covered, before.deficit());
+                    }
+                    more => prop_assert!(false, "unexpected events after {:?}: {:?}", events[0], more),
+                }
                 self.events.extend(events);
             }
         }

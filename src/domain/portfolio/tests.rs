@@ -678,19 +678,110 @@ fn a_buy_costing_more_than_its_share_draws_on_buying_power() {
         .then_expect_events(vec![bought(&pricey, dec!(202), dec!(759), (dec!(4), dec!(241)))]);
 }
 
+/// 1000 in cash, all of it reserved: 505 for buy order 0xB1 (10 at 50), 495 for 0xB2 (5 at 99).
+fn fully_reserved() -> Vec<PortfolioEvent> {
+    with(
+        funded(),
+        [
+            funds_reserved(order(0xB1), dec!(10), dec!(50), dec!(505), dec!(505)),
+            funds_reserved(order(0xB2), dec!(5), dec!(99), dec!(495), dec!(1000)),
+        ],
+    )
+}
+
+fn deficit_incurred(fill: &TestFill, increase: Decimal, deficit: Decimal) -> PortfolioEvent {
+    PortfolioEvent::DeficitIncurred {
+        order_id: fill.order_id,
+        exec_id: ExecId::new(fill.exec_id).unwrap(),
+        symbol: fill.symbol.clone(),
+        increase,
+        deficit,
+        at: now(),
+    }
+}
+
 #[test]
-fn a_buy_costing_more_than_buying_power_plus_its_release_is_refused() {
-    // All 1000 reserved (505 + 495): only the 202 this fill releases is available for its 241.
+fn a_buy_costing_more_than_buying_power_plus_its_release_is_booked_into_deficit() {
+    // Only the 202 this fill releases is available for its 241: the fill is a fact, so it is booked, and buying
+    // power goes to 1000 − 241 − (1000 − 202) = −39.
+    let pricey = buy(order(0xB1), "e1", dec!(4), dec!(60), dec!(1));
+    framework().given(fully_reserved()).when(pricey.command()).then_expect_events(vec![
+        bought(&pricey, dec!(202), dec!(759), (dec!(4), dec!(241))),
+        deficit_incurred(&pricey, dec!(39), dec!(39)),
+    ]);
+    let portfolio = state_after(&with(
+        fully_reserved(),
+        [bought(&pricey, dec!(202), dec!(759), (dec!(4), dec!(241))), deficit_incurred(&pricey, dec!(39), dec!(39))],
+    ));
+    assert_eq!((portfolio.cash, portfolio.reserved_cash, portfolio.deficit()), (dec!(759), dec!(798), dec!(39)));
+    assert_eq!(portfolio.deficit_since, Some(now()));
+}
+
+/// The case found by the outside accounting check: a buy of 1 at 122.64 reserved 123.8664 (1 % fee allowance),
+/// a withdrawal left 0.5 of buying power, and the fill came with a fee of 4.4733 (a minimum fee). It is booked,
+/// the whole reservation is released with it, and the portfolio owes 2.7469.
+#[test]
+fn a_fee_beyond_the_allowance_with_the_cash_committed_ends_booked_in_deficit() {
+    let history = vec![
+        opened(CostBasisMethod::Fifo),
+        deposited(dec!(200), dec!(200)),
+        funds_reserved(order(0xB1), dec!(1), dec!(122.64), dec!(123.8664), dec!(123.8664)),
+        withdrawn(dec!(75.6336), dec!(124.3664)),
+    ];
+    let fill = buy(order(0xB1), "n1", dec!(1), dec!(122.64), dec!(4.4733));
+    let booked = bought(&fill, dec!(123.8664), dec!(-2.7469), (dec!(1), dec!(127.1133)));
     framework()
-        .given(with(
-            funded(),
-            [
-                funds_reserved(order(0xB1), dec!(10), dec!(50), dec!(505), dec!(505)),
-                funds_reserved(order(0xB2), dec!(5), dec!(99), dec!(495), dec!(1000)),
-            ],
-        ))
-        .when(buy(order(0xB1), "e1", dec!(4), dec!(60), dec!(1)).command())
-        .then_expect_error(PortfolioError::InsufficientFunds { requested: dec!(241), available: dec!(202) });
+        .given(history.clone())
+        .when(fill.command())
+        .then_expect_events(vec![booked.clone(), deficit_incurred(&fill, dec!(2.7469), dec!(2.7469))]);
+    let portfolio = state_after(&with(history, [booked, deficit_incurred(&fill, dec!(2.7469), dec!(2.7469))]));
+    assert!(portfolio.reservations.is_empty(), "the done order holds nothing");
+    assert_eq!((portfolio.cash, portfolio.reserved_cash, portfolio.deficit()), (dec!(-2.7469), dec!(0), dec!(2.7469)));
+    assert_eq!(portfolio.positions[&aapl()].quantity, dec!(1));
+}
+
+/// [`fully_reserved`] after 0xB1 filled 4 for 241: 39 in deficit.
+fn in_deficit() -> Vec<PortfolioEvent> {
+    let pricey = buy(order(0xB1), "e1", dec!(4), dec!(60), dec!(1));
+    with(
+        fully_reserved(),
+        [bought(&pricey, dec!(202), dec!(759), (dec!(4), dec!(241))), deficit_incurred(&pricey, dec!(39), dec!(39))],
+    )
+}
+
+#[test]
+fn in_deficit_withdrawals_and_new_buys_are_refused_but_sells_are_not() {
+    framework()
+        .given(in_deficit())
+        .when(withdraw(dec!(1)))
+        .then_expect_error(PortfolioError::InDeficit { deficit: dec!(39) });
+    framework()
+        .given(in_deficit())
+        .when(reserve_funds(order(0xB3), dec!(1), dec!(1), dec!(1)))
+        .then_expect_error(PortfolioError::InDeficit { deficit: dec!(39) });
+    framework()
+        .given(in_deficit())
+        .when(reserve_quantity(order(0x51), dec!(4)))
+        .then_expect_events(vec![quantity_reserved(order(0x51), dec!(4), dec!(4))]);
+}
+
+#[test]
+fn a_deposit_short_of_the_deficit_leaves_it_and_one_that_covers_it_says_so() {
+    framework().given(in_deficit()).when(deposit(dec!(20))).then_expect_events(vec![deposited(dec!(20), dec!(779))]);
+    let partly = with(in_deficit(), [deposited(dec!(20), dec!(779))]);
+    assert_eq!(state_after(&partly).deficit(), dec!(19));
+    framework().given(partly).when(deposit(dec!(19))).then_expect_events(vec![
+        deposited(dec!(19), dec!(798)),
+        PortfolioEvent::DeficitCovered { covered: dec!(19), at: now() },
+    ]);
+}
+
+#[test]
+fn releasing_another_reservation_can_cover_the_deficit() {
+    framework().given(in_deficit()).when(release(order(0xB2))).then_expect_events(vec![
+        released(order(0xB2), dec!(495), dec!(0)),
+        PortfolioEvent::DeficitCovered { covered: dec!(39), at: now() },
+    ]);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -871,18 +962,23 @@ fn an_average_cost_sell_of_the_whole_position_leaves_no_cost_basis() {
 }
 
 #[test]
-fn a_sell_whose_fee_would_eat_into_reserved_cash_is_refused() {
-    // Cash 499, all of it reserved for 0xB2. Selling 1 at 0.01 with fee 5 would take 4.99 out of cash.
+fn a_sell_whose_fee_exceeds_its_proceeds_with_the_cash_committed_is_booked_into_deficit() {
+    // Cash 499, all of it reserved for 0xB2. Selling 1 at 0.01 with fee 5 takes 4.99 out of cash: booked all
+    // the same (the venue charged it), leaving 4.99 of deficit.
+    let history = with(
+        holding_ten(CostBasisMethod::Fifo),
+        [
+            funds_reserved(order(0xB2), dec!(4), dec!(124.75), dec!(499), dec!(499)),
+            quantity_reserved(order(0x51), dec!(1), dec!(1)),
+        ],
+    );
+    let fill = sell(order(0x51), "x1", dec!(1), dec!(0.01), dec!(5));
+    let lot = b1_fill().consumed(dec!(1), dec!(50.1));
+    let booked = sold(&fill, vec![lot], dec!(50.1), dec!(-55.09), dec!(494.01), (dec!(9), dec!(450.9)));
     framework()
-        .given(with(
-            holding_ten(CostBasisMethod::Fifo),
-            [
-                funds_reserved(order(0xB2), dec!(4), dec!(124.75), dec!(499), dec!(499)),
-                quantity_reserved(order(0x51), dec!(1), dec!(1)),
-            ],
-        ))
-        .when(sell(order(0x51), "x1", dec!(1), dec!(0.01), dec!(5)).command())
-        .then_expect_error(PortfolioError::InsufficientFunds { requested: dec!(4.99), available: dec!(0) });
+        .given(history)
+        .when(fill.command())
+        .then_expect_events(vec![booked, deficit_incurred(&fill, dec!(4.99), dec!(4.99))]);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -959,11 +1055,12 @@ fn a_sell_beyond_its_reserved_units_is_refused() {
 
 #[test]
 fn an_event_that_would_break_an_invariant_is_not_written() {
-    // A corrupt history leaves cash at −5; a deposit of 1 would record −4, so `handle` refuses to write it.
+    // A corrupt history leaves cash at −5 without a deficit marker (only a fill can cause a deficit, and it
+    // says so); a deposit of 1 would record −4, so `handle` refuses to write it.
     framework()
         .given(vec![opened(CostBasisMethod::Fifo), deposited(dec!(10), dec!(-5))])
         .when(deposit(dec!(1)))
-        .then_expect_error(PortfolioError::InvariantViolated("cash -4 is negative".into()));
+        .then_expect_error(PortfolioError::InvariantViolated("deficit 4 but deficit marker None".into()));
 }
 
 #[test]
@@ -981,10 +1078,14 @@ fn check_invariants_catches_inconsistent_states() {
 
     let negative_cash =
         Portfolio { cash: dec!(-1), reserved_cash: dec!(0), reservations: Default::default(), ..sound.clone() };
-    violation(negative_cash, "cash -1 is negative");
+    violation(negative_cash, "deficit 1 but deficit marker None");
     violation(
-        Portfolio { reserved_cash: dec!(500), cash: dec!(499), ..sound.clone() },
-        "reserved cash 500 outside 0..=cash 499",
+        Portfolio { deficit_since: Some(now()), ..sound.clone() },
+        "deficit 0 but deficit marker Some(2023-11-14T22:13:20Z)",
+    );
+    violation(
+        Portfolio { reserved_cash: dec!(-1), reservations: Default::default(), ..sound.clone() },
+        "reserved cash -1 is negative",
     );
     violation(Portfolio { reserved_cash: dec!(201), ..sound.clone() }, "reservations hold 202, reserved cash is 201");
 
