@@ -1,10 +1,12 @@
-//! One active relay at a time: a session-level PostgreSQL advisory lock held on a connection of its own.
+//! One active instance at a time (the relay, the process manager, the sealer): a session-level PostgreSQL
+//! advisory lock held on a connection of its own.
 //!
-//! The lock lives as long as that session: when the active relay's process dies (or its task is aborted and
+//! The lock lives as long as that session: when the active instance's process dies (or its task is aborted and
 //! the connection dropped), the server ends the session and the lock is free; a standby polling
-//! `pg_try_advisory_lock` takes over within one poll interval. The active relay checks its session before
-//! every batch and steps down if it is gone. A relay cut off from the database but still connected to Kafka
-//! can keep producing until that check fails: the result is duplicates, never a gap.
+//! `pg_try_advisory_lock` takes over within one poll interval. The active instance checks its session before
+//! every batch and steps down if it is gone. An instance cut off from the database can finish the batch in
+//! hand; what each one does is idempotent (the relay: duplicates, never a gap; the process manager: steps
+//! under idempotency keys), so a brief overlap repeats work and loses nothing.
 
 use std::time::Duration;
 

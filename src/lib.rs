@@ -14,7 +14,8 @@
 //! - [`kafka`]: Kafka settings and topic creation shared by the relay and the consumers.
 //! - [`projections`]: read models built from the log.
 //! - [`audit`]: the hash chain sealed over the log, exports (JSON Lines, CSV, Parquet) and their verification.
-//! - [`db`], [`clock`], [`metrics`]: connections and migrations; where time comes from; latency histograms.
+//! - [`db`], [`clock`], [`metrics`], [`leadership`]: connections and migrations; where time comes from; latency
+//!   histograms; one active instance of a singleton process (advisory lock).
 //!
 //! The `ledger` binary (GraphQL API, workers and operations commands) lives in the `api` workspace member.
 
@@ -25,9 +26,11 @@ pub mod db;
 pub mod domain;
 pub mod execution;
 pub mod kafka;
+pub mod leadership;
 pub mod log;
 pub mod market;
 pub mod metrics;
 pub mod process;
 pub mod projections;
+pub mod queries;
 pub mod relay;

@@ -26,8 +26,8 @@ use uuid::Uuid;
 use super::canonical::{canonical_event, ChainHash};
 use super::sealed::{chain_head, parse_xid8, ChainHead};
 use super::AuditError;
+use crate::leadership::{lock_key, Leadership};
 use crate::log::{load_cursor, save_cursor, LogPosition, LogReader, RecordedEvent};
-use crate::relay::{lock_key, Leadership};
 
 /// The sealer's cursor in `log_cursors`, and the name its advisory lock is derived from.
 pub const SEALER_NAME: &str = "audit-sealer";

@@ -17,7 +17,7 @@ mod cursor;
 mod reader;
 
 pub use cursor::{load_cursor, reset_cursor, save_cursor};
-pub use reader::{decode_event, LogReader, ReadOrder};
+pub use reader::{decode_event, event_by_id, LogReader, ReadOrder};
 
 use std::fmt;
 use std::str::FromStr;

@@ -159,6 +159,15 @@ impl LogReader {
     }
 }
 
+/// One event by its id, if it exists.
+pub async fn event_by_id(pool: &PgPool, event_id: uuid::Uuid) -> Result<Option<RecordedEvent>, sqlx::Error> {
+    let row = sqlx::query(&format!("select {SELECT_COLUMNS} from events where event_id = $1"))
+        .bind(event_id)
+        .fetch_optional(pool)
+        .await?;
+    row.as_ref().map(decode_event).transpose()
+}
+
 /// Decodes a row selected with the reader's columns (`transaction_id_text`, `global_position`, …).
 pub fn decode_event(row: &PgRow) -> Result<RecordedEvent, sqlx::Error> {
     let transaction_id: String = row.try_get("transaction_id_text")?;

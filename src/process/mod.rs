@@ -3,9 +3,13 @@
 //! | order event          | portfolio step                                  | then                                  |
 //! |----------------------|-------------------------------------------------|---------------------------------------|
 //! | `OrderPlaced` (buy)  | `ReserveFunds` (limit, or last price + collar)  | `AcceptOrder`, or `RejectOrder(why)`  |
-//! | `OrderPlaced` (sell) | `ReserveQuantity`                               | `AcceptOrder`, or `RejectOrder(why)`  |
+//! | `OrderPlaced` (sell) | `ReserveQuantity` (market: last price − collar) | `AcceptOrder`, or `RejectOrder(why)`  |
 //! | `ExecutionRecorded`  | `ApplyExecution`                                |                                       |
 //! | `OrderCanceled/Expired` | `ReleaseReservation`                         |                                       |
+//!
+//! # One active instance
+//! Run several for availability: one holds the advisory lock `ledger.process-manager` and works, the others
+//! stand by and take over when its session ends (see `crate::leadership`).
 //!
 //! # Crash safety
 //! Every step runs under the idempotency key `pm:{event id}:{step}`, so re-running an event after a crash
@@ -21,6 +25,7 @@
 //! `process_failures` and processing continues.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,14 +39,21 @@ use crate::commands::{CommandContext, CommandError, CommandService, Idempotency}
 use crate::domain::order::{OrderRejectReason, RejectCode};
 use crate::domain::values::{Money, OrderId, Price, Symbol};
 use crate::domain::{OrderCommand, OrderError, OrderEvent, OrderType, PortfolioCommand, PortfolioError, Side};
-use crate::log::{load_cursor, save_cursor, LogReader, RecordedEvent};
+use crate::leadership::{lock_key, Leadership};
+use crate::log::{event_by_id, load_cursor, save_cursor, LogReader, RecordedEvent};
+
+pub mod agreement;
+pub mod failures;
 
 /// The cursor name and the actor recorded in the metadata of the commands it issues.
 pub const PROCESS_MANAGER: &str = "process-manager";
+/// The advisory lock one active process manager holds (per database).
+const LOCK_NAME: &str = "ledger.process-manager";
 
 #[derive(Debug, Clone)]
 pub struct ProcessConfig {
-    /// Market buys reserve at the last price raised by this many basis points, and may not fill above it.
+    /// Market buys reserve at the last price raised by this many basis points and may not fill above it;
+    /// market sells may not fill below the last price lowered by as much.
     pub market_collar_bps: u32,
     /// Extra cash reserved on every buy for fees, in basis points of the notional.
     pub fee_allowance_bps: u32,
@@ -50,6 +62,8 @@ pub struct ProcessConfig {
     /// Portfolios processed at once within a batch.
     pub concurrency_max: usize,
     pub retry_backoff_max_ms: u64,
+    /// How often a standby process manager tries to take over.
+    pub standby_poll_ms: u64,
 }
 
 impl Default for ProcessConfig {
@@ -61,13 +75,30 @@ impl Default for ProcessConfig {
             poll_interval_ms: 50,
             concurrency_max: 16,
             retry_backoff_max_ms: 5_000,
+            standby_poll_ms: 500,
         }
     }
+}
+
+/// What a process manager is doing (for tests and metrics).
+#[derive(Debug, Default)]
+pub struct ProcessStatus {
+    /// True while this instance holds the lock and follows the log.
+    pub active: AtomicBool,
+    /// Events handled (each once per batch it was read in).
+    pub handled: AtomicU64,
 }
 
 pub struct ProcessManager {
     commands: Arc<CommandService>,
     config: ProcessConfig,
+    status: Arc<ProcessStatus>,
+}
+
+/// How an active spell ended.
+enum ActiveExit {
+    Cancelled,
+    LostLeadership,
 }
 
 /// Why handling one event failed.
@@ -99,38 +130,74 @@ impl From<sqlx::Error> for StepError {
 
 impl ProcessManager {
     pub fn new(commands: Arc<CommandService>, config: ProcessConfig) -> Self {
-        Self { commands, config }
+        Self { commands, config, status: Arc::default() }
+    }
+
+    pub fn status(&self) -> Arc<ProcessStatus> {
+        self.status.clone()
     }
 
     fn pool(&self) -> &PgPool {
         self.commands.pool()
     }
 
-    /// Follows the log from the stored cursor until `cancel` fires. On cancellation it finishes the event in
-    /// hand; the cursor moves only past completed batches.
+    /// Follows the log from the stored cursor until `cancel` fires, while it holds the process manager's lock
+    /// (one active instance per database; others stand by and take over when its session ends). On
+    /// cancellation it finishes the event in hand; the cursor moves only past completed batches.
     pub async fn run(&self, cancel: CancellationToken) -> Result<(), sqlx::Error> {
+        let key = lock_key(LOCK_NAME);
+        loop {
+            let standby = || tracing::info!("process manager standing by: another one is active");
+            let poll = Duration::from_millis(self.config.standby_poll_ms);
+            let Some(mut leadership) = Leadership::acquire(self.pool(), key, poll, &cancel, standby).await? else {
+                return Ok(());
+            };
+            self.status.active.store(true, Ordering::SeqCst);
+            let exit = self.run_active(&mut leadership, &cancel).await;
+            self.status.active.store(false, Ordering::SeqCst);
+            leadership.release().await;
+            match exit? {
+                ActiveExit::Cancelled => return Ok(()),
+                ActiveExit::LostLeadership => tracing::warn!("process manager lost its lock session; standing by"),
+            }
+        }
+    }
+
+    async fn run_active(
+        &self,
+        leadership: &mut Leadership,
+        cancel: &CancellationToken,
+    ) -> Result<ActiveExit, sqlx::Error> {
+        // Read only now: the previous active instance may have moved the cursor until its last moment. Saved at
+        // once, so that a cursor row says a process manager runs here (`projections::visibility` relies on it).
         let start = load_cursor(self.pool(), PROCESS_MANAGER).await?;
+        save_cursor(self.pool(), PROCESS_MANAGER, start).await?;
         let mut reader = LogReader::new(self.pool().clone(), start)
             .with_batch_size(self.config.batch_size)
             .with_poll_interval(Duration::from_millis(self.config.poll_interval_ms));
-        tracing::info!(cursor = %start, "process manager started");
+        tracing::info!(cursor = %start, "process manager active");
         loop {
-            let batch = match reader.next_batch(&cancel).await {
+            let batch = match reader.next_batch(cancel).await {
                 Ok(Some(batch)) => batch,
-                Ok(None) => return Ok(()),
+                Ok(None) => return Ok(ActiveExit::Cancelled),
                 Err(error) => {
                     tracing::warn!(%error, "reading the log failed; retrying");
                     tokio::select! {
-                        _ = cancel.cancelled() => return Ok(()),
+                        _ = cancel.cancelled() => return Ok(ActiveExit::Cancelled),
                         _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
                     }
                 }
             };
             let Some(last) = batch.last().map(|e| e.position) else { continue };
-            if !self.handle_batch(batch, &cancel).await {
-                return Ok(());
+            if !leadership.still_held().await {
+                return Ok(ActiveExit::LostLeadership);
             }
-            self.save_cursor_retrying(last, &cancel).await?;
+            let events = batch.len() as u64;
+            if !self.handle_batch(batch, cancel).await {
+                return Ok(ActiveExit::Cancelled);
+            }
+            self.status.handled.fetch_add(events, Ordering::Relaxed);
+            self.save_cursor_retrying(last, cancel).await?;
         }
     }
 
@@ -215,11 +282,27 @@ impl ProcessManager {
                 let at = self.commands.clock().now();
                 let order = parse_order_id(order_id)?;
                 let (reserve, protection_price) = match side {
-                    Side::Sell => (PortfolioCommand::ReserveQuantity { order_id: order, symbol, quantity, at }, None),
+                    Side::Sell => {
+                        // A market sell may not fill below the last price lowered by the collar.
+                        let protection = match order_type {
+                            OrderType::Limit { .. } => None,
+                            OrderType::Market => match self.market_price(&symbol, Side::Sell).await? {
+                                Some(floor) => Some(floor),
+                                None => {
+                                    let reason = OrderRejectReason {
+                                        code: RejectCode::NoMarketPrice,
+                                        detail: format!("no market price known for {symbol}"),
+                                    };
+                                    return self.reject(event, order_id, reason).await;
+                                }
+                            },
+                        };
+                        (PortfolioCommand::ReserveQuantity { order_id: order, symbol, quantity, at }, protection)
+                    }
                     Side::Buy => {
                         let price = match order_type {
                             OrderType::Limit { limit_price } => limit_price,
-                            OrderType::Market => match self.market_reservation_price(&symbol).await? {
+                            OrderType::Market => match self.market_price(&symbol, Side::Buy).await? {
                                 Some(price) => price,
                                 None => {
                                     let reason = OrderRejectReason {
@@ -249,9 +332,12 @@ impl ProcessManager {
                 };
                 match self.commands.execute_portfolio(&self.context(event, "reserve")?, &portfolio_id, reserve).await {
                     Ok(outcome) => {
-                        // A replayed reservation may have been made at an earlier price: protect at that one.
-                        let protection_price = match (protection_price, outcome.duplicate, outcome.events.first()) {
-                            (Some(_), true, Some(reserved)) => self.reserved_price(reserved.event_id).await?,
+                        // A replayed buy reservation may have been made at an earlier price: protect at that one.
+                        let protection_price = match (protection_price, side, outcome.duplicate, outcome.events.first())
+                        {
+                            (Some(_), Side::Buy, true, Some(reserved)) => {
+                                self.reserved_price(reserved.event_id).await?
+                            }
                             _ => protection_price,
                         };
                         self.accept(event, order_id, &portfolio_id, order, protection_price).await
@@ -353,25 +439,28 @@ impl ProcessManager {
         Ok(CommandContext::caused_by(PROCESS_MANAGER, event).with_idempotency(idempotency))
     }
 
-    /// Last price raised by the collar, rounded up to the cent; `None` when no price was ever seen.
-    async fn market_reservation_price(&self, symbol: &Symbol) -> Result<Option<Price>, StepError> {
+    /// The protection price of a market order: the last price moved against the order by the collar — raised
+    /// and rounded up to the cent for a buy (it is also what the buy reserves at), lowered and rounded down for a
+    /// sell; `None` when no price was ever seen.
+    async fn market_price(&self, symbol: &Symbol, side: Side) -> Result<Option<Price>, StepError> {
         let last: Option<Decimal> = sqlx::query_scalar("select price from latest_prices where symbol = $1")
             .bind(symbol.as_str())
             .fetch_optional(self.pool())
             .await?;
+        let collar = Decimal::new(self.config.market_collar_bps.into(), 4);
         Ok(last.and_then(|price| {
-            let collared = price * (Decimal::ONE + Decimal::new(self.config.market_collar_bps.into(), 4));
-            Price::new(collared.round_dp_with_strategy(2, RoundingStrategy::AwayFromZero)).ok()
+            let (moved, rounding) = match side {
+                Side::Buy => (price * (Decimal::ONE + collar), RoundingStrategy::AwayFromZero),
+                Side::Sell => (price * (Decimal::ONE - collar), RoundingStrategy::ToZero),
+            };
+            Price::new(moved.round_dp_with_strategy(2, rounding)).ok()
         }))
     }
 
     /// The price basis recorded in a `FundsReserved` event.
     async fn reserved_price(&self, event_id: uuid::Uuid) -> Result<Option<Price>, StepError> {
-        let payload: Option<serde_json::Value> = sqlx::query_scalar("select payload from events where event_id = $1")
-            .bind(event_id)
-            .fetch_optional(self.pool())
-            .await?;
-        Ok(payload.and_then(|p| match serde_json::from_value(p) {
+        let event = event_by_id(self.pool(), event_id).await?;
+        Ok(event.and_then(|e| match serde_json::from_value(e.payload) {
             Ok(crate::domain::PortfolioEvent::FundsReserved { price, .. }) => Some(price),
             _ => None,
         }))
@@ -429,6 +518,7 @@ fn parse_order_id(order_id: &str) -> Result<OrderId, StepError> {
 fn reject_code(error: &PortfolioError) -> RejectCode {
     match error {
         PortfolioError::InsufficientFunds { .. } => RejectCode::InsufficientFunds,
+        PortfolioError::InDeficit { .. } => RejectCode::PortfolioInDeficit,
         PortfolioError::InsufficientQuantity { .. } => RejectCode::InsufficientQuantity,
         PortfolioError::NotFound => RejectCode::UnknownPortfolio,
         _ => RejectCode::PortfolioRejected,

@@ -13,9 +13,9 @@ use sqlx::{PgConnection, PgPool, Row};
 use super::applier::{apply_events, apply_ticks, Applied};
 use super::{ApplyError, Projection};
 use crate::domain::values::{Price, Symbol};
+use crate::leadership::lock_key;
 use crate::log::{save_cursor, LogPosition, LogReader, RecordedEvent};
 use crate::market::{Tick, TICK_VERSION};
-use crate::relay::lock_key;
 
 /// Where the writes of a catch-up go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

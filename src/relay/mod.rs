@@ -24,10 +24,8 @@
 //! without the history. A new cluster id starts from the beginning of the log.
 
 mod envelope;
-mod leader;
 
 pub use envelope::{headers, headers_for, Envelope, ENVELOPE_VERSION};
-pub use leader::{lock_key, Leadership};
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -42,6 +40,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::kafka::KafkaConfig;
+use crate::leadership::{lock_key, Leadership};
 use crate::log::{load_cursor, save_cursor, LogPosition, LogReader, RecordedEvent};
 
 #[derive(Debug, Clone)]

@@ -5,6 +5,7 @@ mod audit;
 mod batch;
 mod commands;
 mod execution;
+mod fills;
 mod log_order;
 mod process_manager;
 mod projections;

@@ -47,25 +47,6 @@ async fn wait_events_applied(pool: &sqlx::PgPool, projection: &dyn Projection) {
     assert!(done, "projection {} never caught up with the log", projection.name());
 }
 
-/// Waits until the process manager (if it has run) has passed every committed event. It reacts to order events after `trade`
-/// returns (reserving, applying fills, releasing), so a read model compared with the aggregates must wait for it
-/// first; with its cursor at the head, everything it will write is already in the log.
-async fn wait_process_manager_idle(pool: &sqlx::PgPool) {
-    let idle = eventually(|| async {
-        sqlx::query_scalar::<_, bool>(
-            "select not exists (select 1 from events e, log_cursors c
-                                  where c.name = $1
-                                    and (e.transaction_id, e.global_position) > (c.transaction_id, c.global_position))",
-        )
-        .bind(ledger::process::PROCESS_MANAGER)
-        .fetch_one(pool)
-        .await
-        .unwrap()
-    })
-    .await;
-    assert!(idle, "the process manager never caught up with the log");
-}
-
 /// Waits until the projection has applied `ticks` (the last tick of each symbol is enough).
 async fn wait_ticks_applied(pool: &sqlx::PgPool, name: &str, ticks: &[Tick]) {
     let query =

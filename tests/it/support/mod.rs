@@ -190,6 +190,26 @@ where
     }
 }
 
+/// Waits until the process manager has passed every committed event (call it with one running). It reacts to
+/// order events after they are written (reserving, applying fills, releasing), so anything compared with the
+/// aggregates or read models waits for it first; with its cursor at the head, everything it will write is
+/// already in the log.
+pub async fn wait_process_manager_idle(pool: &PgPool) {
+    let idle = eventually(|| async {
+        sqlx::query_scalar::<_, bool>(
+            "with c as (select coalesce((select transaction_id from log_cursors where name = $1), '0') as tx,
+                               coalesce((select global_position from log_cursors where name = $1), 0) as pos)
+             select not exists (select 1 from events e, c where (e.transaction_id, e.global_position) > (c.tx, c.pos))",
+        )
+        .bind(ledger::process::PROCESS_MANAGER)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    })
+    .await;
+    assert!(idle, "the process manager never caught up with the log");
+}
+
 pub mod kafka;
 pub mod system;
 pub mod workload;
