@@ -12,8 +12,10 @@
 //! 1. every command acknowledged to a client is in the log exactly once;
 //! 2. the events topic holds every event of the log;
 //! 3. every read model equals a fresh rebuild from the log;
-//! 4. the portfolio invariants hold (cash ≥ 0, reserved ≤ cash, Σ lots = position);
-//! 5. the audit chain verifies against the log.
+//! 4. the portfolio invariants hold (the aggregate's own: reserved cash = Σ reservations, Σ lots = position, a
+//!    deficit only with its marker, …);
+//! 5. every order agrees with its portfolio (fills booked once, reservations released when done);
+//! 6. the audit chain verifies against the log.
 //!
 //! Exit 0 when all hold; otherwise 1, with a report naming what failed and where the processes' logs are.
 
@@ -566,6 +568,7 @@ async fn check_all(pool: &PgPool, kafka: &KafkaConfig, acknowledged: &BTreeMap<S
         ("the events topic holds every event", check_topic(pool, kafka).await),
         ("every read model equals a fresh rebuild", check_rebuild(pool).await),
         ("portfolio invariants", check_invariants(pool).await),
+        ("orders and portfolios agree", check_agreement(pool).await),
         ("the audit chain verifies", check_audit(pool).await),
     ]
 }
@@ -686,25 +689,32 @@ async fn check_invariants(pool: &PgPool) -> anyhow::Result<String> {
             .fetch_all(pool)
             .await?;
     let mut problems = Vec::new();
+    let mut in_deficit = 0;
     for id in &ids {
         let (portfolio, _) = commands.load::<Portfolio>(id).await?;
-        if portfolio.cash.is_sign_negative() && !portfolio.cash.is_zero() {
-            problems.push(format!("{id}: cash {}", portfolio.cash));
+        if let Err(violation) = portfolio.check_invariants() {
+            problems.push(format!("{id}: {violation}"));
         }
-        if portfolio.reserved_cash > portfolio.cash {
-            problems.push(format!("{id}: reserved {} > cash {}", portfolio.reserved_cash, portfolio.cash));
-        }
-        for (symbol, position) in &portfolio.positions {
-            let lots: rust_decimal::Decimal = position.lots.iter().map(|lot| lot.quantity).sum();
-            if lots != position.quantity {
-                problems.push(format!("{id} {symbol}: lots {lots} ≠ position {}", position.quantity));
-            }
-        }
+        in_deficit += usize::from(portfolio.deficit() > rust_decimal::Decimal::ZERO);
     }
     if !problems.is_empty() {
         bail!("{}", problems.join("; "));
     }
-    Ok(format!("{} portfolios", ids.len()))
+    Ok(format!("{} portfolios ({in_deficit} in deficit)", ids.len()))
+}
+
+async fn check_agreement(pool: &PgPool) -> anyhow::Result<String> {
+    let commands = CommandService::new(pool.clone(), CommandConfig::default());
+    let disagreements = ledger::process::agreement::check(&commands).await?;
+    if !disagreements.is_empty() {
+        let shown: Vec<String> = disagreements.iter().take(10).map(ToString::to_string).collect();
+        bail!("{} disagreements: {}", disagreements.len(), shown.join("; "));
+    }
+    let orders: i64 =
+        sqlx::query_scalar("select count(distinct aggregate_id) from events where aggregate_type = 'Order'")
+            .fetch_one(pool)
+            .await?;
+    Ok(format!("{orders} orders"))
 }
 
 async fn check_audit(pool: &PgPool) -> anyhow::Result<String> {

@@ -149,8 +149,16 @@ pub enum Command {
     Schema,
     /// Create the database if missing and apply all migrations, then exit.
     Migrate,
-    /// Run the process manager (Order ↔ Portfolio coordination) until interrupted.
+    /// Run the process manager (Order ↔ Portfolio coordination) until interrupted (one active per database;
+    /// others stand by).
     ProcessManager,
+    /// Steps the process manager could not apply: list, retry (once the cause is fixed) or dismiss them.
+    ProcessFailures {
+        #[command(subcommand)]
+        command: crate::operations::ProcessFailuresCommand,
+    },
+    /// Check that every order agrees with its portfolio (fills booked, reservations released); exit 1 if not.
+    Check,
     /// Mirror the event log to Kafka until interrupted (one active relay per topic; others stand by).
     Relay,
     /// Run projection workers (one consumer group each) until interrupted.
@@ -664,6 +672,8 @@ pub async fn run(args: Cli) -> anyhow::Result<()> {
             }
             write_json(json, &report)
         }
+        Command::ProcessFailures { command } => crate::operations::process_failures(&args.database_url, command).await,
+        Command::Check => crate::operations::check(&args.database_url).await,
         Command::ProcessManager => {
             let pool = connect_and_migrate(&args.database_url).await?;
             let commands = Arc::new(CommandService::new(pool, CommandConfig::default()));

@@ -9,6 +9,7 @@ mod chaos;
 mod cli;
 mod config_file;
 mod demo;
+mod operations;
 mod otel;
 mod run;
 mod serve;

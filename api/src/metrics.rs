@@ -172,7 +172,34 @@ pub async fn render(state: &AppState, http: &HttpMetrics) -> String {
         gauge(&mut out, "ledger_follower_lag_seconds", "Age of the oldest event a log follower has not passed.", &seconds);
     }
     projection_metrics(&mut out, pool).await;
+    operations_metrics(&mut out, pool).await;
     out
+}
+
+/// What needs an operator: process-manager steps not applied, portfolios in deficit.
+async fn operations_metrics(out: &mut String, pool: &sqlx::PgPool) {
+    if let Ok(open) = ledger::process::failures::open_count(pool).await {
+        gauge(
+            out,
+            "ledger_process_failures",
+            "Process-manager steps refused and not yet retried or dismissed (see processFailures).",
+            &[("{state=\"open\"}".into(), open as f64)],
+        );
+    }
+    if let Ok((count, total)) = ledger::queries::portfolios::deficit_totals(pool).await {
+        gauge(
+            out,
+            "ledger_portfolios_in_deficit",
+            "Portfolios whose buying power is below zero (a fill cost more than was available).",
+            &[(String::new(), count as f64)],
+        );
+        gauge(
+            out,
+            "ledger_deficit_total",
+            "Sum of those deficits, in the portfolios' base currencies.",
+            &[(String::new(), total.to_string().parse().unwrap_or(f64::NAN))],
+        );
+    }
 }
 
 /// Lag (events and seconds) of each projection's workers behind the log, and their group's rebalances, from

@@ -2,10 +2,11 @@
 //!
 //! | area | queries | mutations | subscriptions |
 //! |------|---------|-----------|---------------|
-//! | portfolios | `myPortfolios`, `portfolio(id, asOf, atPosition)` | open, deposit, withdraw, alerts | `portfolioUpdates`, `alertFired` |
-//! | orders | `order(id, asOf, atPosition)` | place, cancel, record execution | `orderUpdates` |
+//! | portfolios | `myPortfolios`, `portfolio(id, asOf, atPosition, waitFor)` | open, deposit, withdraw, alerts | `portfolioUpdates`, `alertFired` |
+//! | orders | `order(id, asOf, atPosition, waitFor)` | place, cancel, record execution | `orderUpdates` |
 //! | market | `prices`, `priceHistory`, `indicators`, `movers` | — | `priceTicks` |
 //! | log | `log`, aggregate `history`, `deadLetters` | — | `logEvents(after)` |
+//! | operations | `processFailures`, `portfoliosInDeficit` | retry or dismiss a process failure | — |
 //!
 //! Limits (named constants below): query depth, complexity, aliases, page size; request size and per-token
 //! rate limits live in the HTTP layer (`server`).
@@ -13,6 +14,7 @@
 pub mod errors;
 pub mod market;
 pub mod mutation;
+pub mod operations;
 pub mod orders;
 pub mod portfolio;
 pub mod scalars;
@@ -56,11 +58,22 @@ pub struct AppState {
 
 #[derive(MergedObject, Default)]
 #[graphql(name = "Query")]
-pub struct QueryRoot(portfolio::PortfolioQuery, orders::OrderQuery, market::MarketQuery, system::LogQuery);
+pub struct QueryRoot(
+    portfolio::PortfolioQuery,
+    orders::OrderQuery,
+    market::MarketQuery,
+    system::LogQuery,
+    operations::OperationsQuery,
+);
 
 #[derive(MergedObject, Default)]
 #[graphql(name = "Mutation")]
-pub struct MutationRoot(mutation::PortfolioMutation, mutation::OrderMutation, mutation::AlertMutation);
+pub struct MutationRoot(
+    mutation::PortfolioMutation,
+    mutation::OrderMutation,
+    mutation::AlertMutation,
+    operations::OperationsMutation,
+);
 
 pub type LedgerSchema = Schema<QueryRoot, MutationRoot, subscription::SubscriptionRoot>;
 

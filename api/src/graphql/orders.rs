@@ -145,7 +145,7 @@ pub fn from_aggregate(id: Uuid, order: &OrderAggregate, last_position: i64) -> O
         leaves_quantity: order.leaves_quantity,
         average_price: order.average_price(),
         fees: order.fees,
-        reject_code: order.reject_reason.as_ref().map(|r| format!("{:?}", r.code)),
+        reject_code: order.reject_reason.as_ref().map(|r| r.code.as_str().to_string()),
         reject_reason: order.reject_reason.as_ref().map(|r| r.detail.clone()),
         placed_at: terms.placed_at,
         updated_at: order.updated_at.unwrap_or(terms.placed_at),
@@ -268,7 +268,8 @@ impl Order {
         })
     }
 
-    /// The order's own events, oldest first; the cursor is the sequence number.
+    /// The order's own events, oldest first; the cursor is the sequence number. In time travel, only the
+    /// events up to the point asked for.
     #[graphql(complexity = "super::page_size(first) * child_complexity")]
     async fn history(
         &self,
@@ -276,7 +277,8 @@ impl Order {
         first: Option<i32>,
         after: Option<String>,
     ) -> Result<Connection<String, Event>> {
-        aggregate_history(&state(ctx).pool, "Order", &self.record.order_id.to_string(), first, after).await
+        let id = self.record.order_id.to_string();
+        aggregate_history(&state(ctx).pool, "Order", &id, self.as_of.as_ref(), first, after).await
     }
 }
 

@@ -140,20 +140,7 @@ pub async fn load_as_of(pool: &PgPool, id: Uuid, as_of: AsOf) -> Result<Option<P
         last_position = position;
     }
     let Some(terms) = aggregate.terms.clone() else { return Ok(None) };
-    let positions = aggregate
-        .positions
-        .iter()
-        .map(|(symbol, p)| {
-            Position::new(
-                symbol.to_string(),
-                p.quantity,
-                p.reserved_quantity,
-                p.cost_basis,
-                p.fifo_cost_basis(),
-                p.realized_pnl,
-            )
-        })
-        .collect();
+    let positions = aggregate.positions.iter().map(|(symbol, p)| Position::of(symbol, p)).collect();
     Ok(Some(Portfolio {
         id,
         owner: terms.owner.to_string(),
@@ -242,9 +229,17 @@ impl Portfolio {
         self.reserved_cash
     }
 
-    /// cash − reserved.
+    /// cash − reserved: what withdrawals and new buys may use. Negative while the portfolio is in deficit.
     async fn buying_power(&self) -> Decimal {
         self.cash - self.reserved_cash
+    }
+
+    /// How much cash is missing (reserved − cash), zero when none. A fill is booked whatever it costs (fills
+    /// are facts), so a fee beyond the order's reservation with the rest of the cash committed can leave the
+    /// portfolio short; until a deposit, a sell or a cancel covers it, withdrawals and new buys are refused
+    /// (`PORTFOLIO_IN_DEFICIT`). See docs/accounting.md.
+    async fn deficit(&self) -> Decimal {
+        (self.reserved_cash - self.cash).max(Decimal::ZERO)
     }
 
     async fn realized_pnl(&self) -> Decimal {
@@ -424,7 +419,8 @@ impl Portfolio {
         .map_err(database)
     }
 
-    /// The portfolio's own events, oldest first; the cursor is the sequence number.
+    /// The portfolio's own events, oldest first; the cursor is the sequence number. In time travel, only the
+    /// events up to the point asked for.
     #[graphql(complexity = "super::page_size(first) * child_complexity")]
     async fn history(
         &self,
@@ -432,30 +428,41 @@ impl Portfolio {
         first: Option<i32>,
         after: Option<String>,
     ) -> Result<Connection<String, Event>> {
-        aggregate_history(&state(ctx).pool, "Portfolio", &self.id.to_string(), first, after).await
+        let until = self.as_of.as_ref().map(|(as_of, _)| as_of);
+        aggregate_history(&state(ctx).pool, "Portfolio", &self.id.to_string(), until, first, after).await
     }
 }
 
-/// An aggregate's events by sequence (shared by portfolios and orders).
+/// An aggregate's events by sequence (shared by portfolios and orders), up to `until` when given (the same
+/// bound as the time-travel replay: a log position, or a time).
 pub async fn aggregate_history(
     pool: &PgPool,
     aggregate_type: &str,
     id: &str,
+    until: Option<&AsOf>,
     first: Option<i32>,
     after: Option<String>,
 ) -> Result<Connection<String, Event>> {
     let limit = page_size(first);
     let after_sequence: i64 =
         after.as_deref().map(|a| a.parse().map_err(|_| invalid("bad cursor"))).transpose()?.unwrap_or(0);
+    let position = until.and_then(|u| u.position);
     let rows = sqlx::query(
         "select transaction_id::text as transaction_id_text, global_position, event_id, aggregate_type, aggregate_id,
                 sequence, event_type, event_version, payload, metadata, recorded_at
-           from events where aggregate_type = $1 and aggregate_id = $2 and sequence > $3 order by sequence limit $4",
+           from events
+          where aggregate_type = $1 and aggregate_id = $2 and sequence > $3
+            and ($5::text is null or (transaction_id, global_position) <= ($5::text::xid8, $6))
+            and ($7::timestamptz is null or recorded_at <= $7)
+          order by sequence limit $4",
     )
     .bind(aggregate_type)
     .bind(id)
     .bind(after_sequence)
     .bind(limit as i64 + 1)
+    .bind(position.map(|p| p.transaction_id.to_string()))
+    .bind(position.map_or(0, |p| p.global_position))
+    .bind(until.filter(|u| u.position.is_none()).map(|u| u.time))
     .fetch_all(pool)
     .await
     .map_err(database)?;

@@ -130,20 +130,7 @@ async fn portfolio_snapshot(
 ) -> Result<(PortfolioUpdate, BTreeSet<String>)> {
     let (portfolio, sequence) =
         state.commands.load::<PortfolioAggregate>(&id.to_string()).await.map_err(super::errors::command)?;
-    let positions: Vec<Position> = portfolio
-        .positions
-        .iter()
-        .map(|(symbol, p)| {
-            Position::new(
-                symbol.to_string(),
-                p.quantity,
-                p.reserved_quantity,
-                p.cost_basis,
-                p.fifo_cost_basis(),
-                p.realized_pnl,
-            )
-        })
-        .collect();
+    let positions: Vec<Position> = portfolio.positions.iter().map(|(symbol, p)| Position::of(symbol, p)).collect();
     let held: BTreeSet<String> = positions.iter().filter(|p| !p.quantity.is_zero()).map(|p| p.symbol.clone()).collect();
     let symbols: Vec<String> = held.iter().cloned().collect();
     let prices: HashMap<String, (Decimal, DateTime<Utc>)> = sqlx::query_as::<_, (String, Decimal, DateTime<Utc>)>(

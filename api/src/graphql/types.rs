@@ -159,9 +159,45 @@ pub struct Position {
     /// Σ open lot costs (FIFO), whatever the portfolio's method.
     pub fifo_cost_basis: Decimal,
     pub realized_pnl: Decimal,
+    /// The open lots, oldest first: the order a FIFO sell consumes them in (see docs/accounting.md).
+    pub lots: Vec<Lot>,
+}
+
+/// Units bought by one fill and not sold yet, at their full cost (quantity × price + fee, less what sells
+/// consumed).
+#[derive(SimpleObject, Clone, Debug, PartialEq)]
+pub struct Lot {
+    /// `order id/execution id` of the fill that opened it.
+    pub lot_id: String,
+    pub quantity: Decimal,
+    pub cost: Decimal,
+    /// cost ÷ quantity, to 8 decimals.
+    pub unit_cost: Decimal,
+    pub acquired_at: DateTime<Utc>,
+}
+
+impl Lot {
+    pub fn new(lot_id: String, quantity: Decimal, cost: Decimal, acquired_at: DateTime<Utc>) -> Self {
+        let unit_cost = if quantity.is_zero() { Decimal::ZERO } else { (cost / quantity).round_dp(8).normalize() };
+        Self { lot_id, quantity, cost, unit_cost, acquired_at }
+    }
 }
 
 impl Position {
+    /// A position of an aggregate's state (time travel, subscription snapshots).
+    pub fn of(symbol: &domain::values::Symbol, position: &domain::portfolio::Position) -> Self {
+        let lots = position.lots.iter().map(|l| Lot::new(l.lot_id.clone(), l.quantity, l.cost, l.acquired_at));
+        Self::new(
+            symbol.to_string(),
+            position.quantity,
+            position.reserved_quantity,
+            position.cost_basis,
+            position.fifo_cost_basis(),
+            position.realized_pnl,
+            lots.collect(),
+        )
+    }
+
     pub fn new(
         symbol: String,
         quantity: Decimal,
@@ -169,6 +205,7 @@ impl Position {
         cost: Decimal,
         fifo: Decimal,
         realized: Decimal,
+        lots: Vec<Lot>,
     ) -> Self {
         let average_cost = (!quantity.is_zero()).then(|| (cost / quantity).round_dp(8).normalize());
         Self {
@@ -179,6 +216,7 @@ impl Position {
             average_cost,
             fifo_cost_basis: fifo,
             realized_pnl: realized,
+            lots,
         }
     }
 }
@@ -403,11 +441,21 @@ impl Loader<PositionsOf> for Loaders {
         .fetch_all(&self.pool)
         .await
         .map_err(Arc::new)?;
+        let mut lots: HashMap<(Uuid, String), Vec<Lot>> = HashMap::new();
+        for lot in ledger::queries::portfolios::open_lots(&self.pool, &ids).await.map_err(Arc::new)? {
+            lots.entry((lot.portfolio_id, lot.symbol)).or_default().push(Lot::new(
+                lot.lot_id,
+                lot.quantity,
+                lot.cost,
+                lot.acquired_at,
+            ));
+        }
         let mut out: HashMap<PositionsOf, Vec<Position>> = keys.iter().map(|k| (*k, Vec::new())).collect();
         for (id, symbol, quantity, reserved, cost, fifo, realized) in rows {
+            let open = lots.remove(&(id, symbol.clone())).unwrap_or_default();
             out.entry(PositionsOf(id))
                 .or_default()
-                .push(Position::new(symbol, quantity, reserved, cost, fifo, realized));
+                .push(Position::new(symbol, quantity, reserved, cost, fifo, realized, open));
         }
         Ok(out)
     }

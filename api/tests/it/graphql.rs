@@ -16,6 +16,9 @@ pub const DEPOSIT: &str = "mutation($id: UUID!, $amount: Decimal!, $key: String!
 pub const PLACE: &str = "mutation($input: PlaceOrderInput!, $key: String!) {
     placeOrder(input: $input, idempotencyKey: $key, waitForAcceptanceMs: 8000) { orderId status result { aggregateId lastPosition } }
 }";
+pub const PLACE_NO_WAIT: &str = "mutation($input: PlaceOrderInput!, $key: String!) {
+    placeOrder(input: $input, idempotencyKey: $key) { orderId result { aggregateId lastPosition } }
+}";
 const FILL: &str = "mutation($input: RecordExecutionInput!, $key: String!) {
     recordExecution(input: $input, idempotencyKey: $key) { aggregateId lastPosition }
 }";

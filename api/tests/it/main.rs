@@ -1,5 +1,6 @@
 //! The `ledger` binary, run as users run it, against a real PostgreSQL.
 
+mod accounting;
 mod cli;
 mod demo;
 mod graphql;

@@ -1,0 +1,96 @@
+//! `ledger process-failures …` and `ledger check`: what an operator does about steps the process manager could
+//! not apply, and the check that orders and portfolios agree. The work is in `ledger::process`; this module
+//! parses options and prints one line per item.
+
+use std::sync::Arc;
+
+use anyhow::bail;
+use ledger::commands::{CommandConfig, CommandService};
+use ledger::process::failures::{self, RetryOutcome};
+use ledger::process::{ProcessConfig, ProcessManager};
+use uuid::Uuid;
+
+use crate::cli::connect_and_migrate;
+
+/// Who an operator's actions are recorded as (the OS user running the command).
+fn operator() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    format!("cli:{user}")
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ProcessFailuresCommand {
+    /// List the failures, oldest first (the open ones unless --all).
+    List {
+        #[arg(long)]
+        all: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Run the failed step of an event again (same idempotency keys: it cannot act twice); exit 1 if it is
+    /// refused again.
+    Retry { event_id: Uuid },
+    /// Record that a failure was dealt with outside the ledger.
+    Dismiss { event_id: Uuid },
+}
+
+pub async fn process_failures(database_url: &str, command: ProcessFailuresCommand) -> anyhow::Result<()> {
+    let pool = connect_and_migrate(database_url).await?;
+    match command {
+        ProcessFailuresCommand::List { all, limit } => {
+            let rows = failures::list(&pool, !all, None, limit).await?;
+            for row in &rows {
+                let resolved = match (&row.resolution, &row.resolved_by) {
+                    (Some(how), Some(by)) => format!(" — {how} by {by}"),
+                    _ => String::new(),
+                };
+                println!(
+                    "{} event {} at position {}: {} {}{resolved}",
+                    row.recorded_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                    row.event_id,
+                    row.global_position,
+                    row.error_code,
+                    row.error
+                );
+            }
+            println!("{} failure(s){}", rows.len(), if all { "" } else { " open" });
+            Ok(())
+        }
+        ProcessFailuresCommand::Retry { event_id } => {
+            let commands = Arc::new(CommandService::new(pool, CommandConfig::default()));
+            let manager = ProcessManager::new(commands, ProcessConfig::default());
+            match manager.retry_failure(event_id, &operator()).await? {
+                RetryOutcome::Applied => {
+                    println!("retried: the step for event {event_id} is applied and the failure resolved");
+                    Ok(())
+                }
+                RetryOutcome::StillFailing { code, message } => bail!("refused again: {code}: {message}"),
+                RetryOutcome::NotOpen => bail!("no open failure for event {event_id}"),
+            }
+        }
+        ProcessFailuresCommand::Dismiss { event_id } => {
+            if !failures::dismiss(&pool, event_id, &operator()).await? {
+                bail!("no open failure for event {event_id}");
+            }
+            println!("dismissed the failure of event {event_id}");
+            Ok(())
+        }
+    }
+}
+
+/// `ledger check`: one line and exit 0 when every order agrees with its portfolio, the disagreements and exit 1
+/// otherwise. Run it with the process manager caught up (a step in flight shows as a disagreement).
+pub async fn check(database_url: &str) -> anyhow::Result<()> {
+    let pool = connect_and_migrate(database_url).await?;
+    let commands = CommandService::new(pool, CommandConfig::default());
+    let disagreements = ledger::process::agreement::check(&commands).await?;
+    if disagreements.is_empty() {
+        println!("orders and portfolios agree");
+        return Ok(());
+    }
+    for disagreement in &disagreements {
+        println!("{disagreement}");
+    }
+    bail!("{} disagreement(s) between orders and portfolios", disagreements.len())
+}
