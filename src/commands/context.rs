@@ -24,9 +24,9 @@ pub struct Idempotency {
 impl Idempotency {
     pub fn new(key: impl Into<String>, request: &impl Serialize) -> Result<Self, CommandError> {
         let key = key.into();
-        if key.is_empty() || key.len() > IDEMPOTENCY_KEY_LEN_MAX {
+        if key.is_empty() || key.len() > IDEMPOTENCY_KEY_LEN_MAX || key.chars().any(char::is_control) {
             return Err(CommandError::Invalid(format!(
-                "idempotency key must be 1 to {IDEMPOTENCY_KEY_LEN_MAX} bytes long"
+                "idempotency key must be 1 to {IDEMPOTENCY_KEY_LEN_MAX} bytes long, without control characters"
             )));
         }
         let bytes = serde_json::to_vec(request).map_err(|e| CommandError::Invalid(e.to_string()))?;

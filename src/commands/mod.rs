@@ -95,7 +95,7 @@ impl CommandError {
             Self::Order(e) => e.code(),
             Self::Portfolio(e) => e.code(),
             Self::IdempotencyKeyReused { .. } => "IDEMPOTENCY_KEY_REUSED",
-            Self::Invalid(_) => "INVALID_REQUEST",
+            Self::Invalid(_) => "INVALID_INPUT",
             Self::Refused { code, .. } => code,
             Self::Contention { .. } => "CONTENTION",
             Self::Store(_) => "INTERNAL",

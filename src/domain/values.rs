@@ -27,6 +27,24 @@ pub const MONEY_SCALE_MAX: u32 = 8;
 pub const MONEY_MAX: Decimal = Decimal::from_parts(2_764_472_320, 232_830, 0, false, 0);
 /// Longest client-supplied identifier (client order id, execution id, owner), in bytes.
 pub const EXTERNAL_ID_LEN_MAX: usize = 64;
+/// Longest free text a client attaches to a command (a reference, a reason), in bytes: it is written to the
+/// append-only log for ever.
+pub const FREE_TEXT_LEN_MAX: usize = 256;
+/// Most bytes of a refused input an error message repeats.
+pub const ECHO_LEN_MAX: usize = 40;
+
+/// A refused input as an error message shows it: at most [`ECHO_LEN_MAX`] bytes (cut at a character boundary,
+/// with the full length), so that an error never echoes a huge or hostile input whole.
+pub fn echo(value: &str) -> String {
+    if value.len() <= ECHO_LEN_MAX {
+        return value.to_string();
+    }
+    let mut end = ECHO_LEN_MAX;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &value[..end], value.len())
+}
 
 /// Why a value was refused. The message names the rule and the offending value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -59,6 +77,8 @@ pub enum ValueError {
     Currency(String),
     #[error("{field} must be 1 to 64 printable characters, got {value:?}")]
     ExternalId { field: &'static str, value: String },
+    #[error("{field} must be 1 to 256 bytes without control characters, got {value:?}")]
+    FreeText { field: &'static str, value: String },
     #[error("{0:?} is not a valid UUID")]
     Id(String),
     #[error("{0:?} is not a decimal number")]
@@ -100,7 +120,7 @@ macro_rules! decimal_newtype_common {
         impl FromStr for $name {
             type Err = ValueError;
             fn from_str(s: &str) -> Result<Self, ValueError> {
-                let value = Decimal::from_str_exact(s.trim()).map_err(|_| ValueError::NotADecimal(s.to_string()))?;
+                let value = Decimal::from_str_exact(s.trim()).map_err(|_| ValueError::NotADecimal(echo(s)))?;
                 Self::new(value)
             }
         }
@@ -232,7 +252,7 @@ impl Symbol {
         if valid {
             Ok(Self(value))
         } else {
-            Err(ValueError::Symbol(value))
+            Err(ValueError::Symbol(echo(&value)))
         }
     }
 
@@ -271,7 +291,7 @@ impl Currency {
         if value.len() == 3 && value.bytes().all(|b| b.is_ascii_uppercase()) {
             Ok(Self(value))
         } else {
-            Err(ValueError::Currency(value))
+            Err(ValueError::Currency(echo(&value)))
         }
     }
 
@@ -304,7 +324,7 @@ fn check_external_id(field: &'static str, value: String) -> Result<String, Value
     if valid {
         Ok(value)
     } else {
-        Err(ValueError::ExternalId { field, value })
+        Err(ValueError::ExternalId { field, value: echo(&value) })
     }
 }
 
@@ -362,6 +382,48 @@ external_id!(
     "owner"
 );
 
+/// Free text a client attaches to a command — a deposit's reference, a cancel's reason: 1 to
+/// [`FREE_TEXT_LEN_MAX`] bytes without control characters (NUL included, which PostgreSQL cannot store). Events
+/// keep such text as a plain string: they are facts of the past, some recorded before this rule.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct FreeText(String);
+
+impl FreeText {
+    pub fn new(field: &'static str, value: impl Into<String>) -> Result<Self, ValueError> {
+        let value = value.into();
+        let valid = !value.is_empty() && value.len() <= FREE_TEXT_LEN_MAX && !value.chars().any(char::is_control);
+        if valid {
+            Ok(Self(value))
+        } else {
+            Err(ValueError::FreeText { field, value: echo(&value) })
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for FreeText {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
+        Self::new("text", value)
+    }
+}
+
+impl From<FreeText> for String {
+    fn from(value: FreeText) -> String {
+        value.0
+    }
+}
+
+impl fmt::Display for FreeText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 macro_rules! uuid_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
@@ -379,7 +441,7 @@ macro_rules! uuid_id {
         impl FromStr for $name {
             type Err = ValueError;
             fn from_str(s: &str) -> Result<Self, ValueError> {
-                Uuid::parse_str(s).map(Self).map_err(|_| ValueError::Id(s.to_string()))
+                Uuid::parse_str(s).map(Self).map_err(|_| ValueError::Id(echo(s)))
             }
         }
 
@@ -453,6 +515,24 @@ mod tests {
         }
         assert!(Currency::new("USD").is_ok());
         assert!(Currency::new("usd").is_err());
+    }
+
+    #[test]
+    fn free_text_is_bounded_and_has_no_control_characters() {
+        assert_eq!(FreeText::new("reference", "wire 2026-12-06").unwrap().as_str(), "wire 2026-12-06");
+        assert!(FreeText::new("reference", "é".repeat(128)).is_ok(), "256 bytes of UTF-8");
+        for bad in [String::new(), "x".repeat(257), "a\0b".into(), "line\nbreak".into(), "\u{7f}".into()] {
+            assert!(FreeText::new("reference", bad.clone()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn refused_inputs_are_echoed_short() {
+        let long = "A".repeat(10_000);
+        let message = Symbol::new(long).unwrap_err().to_string();
+        assert!(message.len() < 200, "{message}");
+        assert!(message.contains("(10000 bytes)"), "{message}");
+        assert_eq!(echo("é".repeat(30).as_str()), format!("{}… (60 bytes)", "é".repeat(20)));
     }
 
     #[test]

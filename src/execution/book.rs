@@ -76,7 +76,7 @@ impl PaperConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     Fill { order_id: OrderId, exec_id: ExecId, quantity: Quantity, price: Price, fee: Money },
-    Cancel { order_id: OrderId, reason: String },
+    Cancel { order_id: OrderId, reason: &'static str },
     Expire { order_id: OrderId },
 }
 
@@ -242,7 +242,7 @@ impl PaperBook {
                     order.closing = true;
                     actions.push(Action::Cancel {
                         order_id,
-                        reason: "FOK: the price or volume did not allow a complete fill".into(),
+                        reason: "FOK: the price or volume did not allow a complete fill",
                     });
                 }
             },
@@ -252,7 +252,7 @@ impl PaperBook {
                 }
                 if order.leaves > Decimal::ZERO {
                     order.closing = true;
-                    actions.push(Action::Cancel { order_id, reason: "IOC: remainder cancelled".into() });
+                    actions.push(Action::Cancel { order_id, reason: "IOC: remainder cancelled" });
                 }
             }
             TimeInForce::Day | TimeInForce::Gtc => {

@@ -28,7 +28,7 @@ pub use book::{Action, PaperBook, PaperConfig};
 
 use crate::commands::{CommandContext, CommandError, CommandService, Idempotency};
 use crate::domain::order::RecordExecution;
-use crate::domain::values::OrderId;
+use crate::domain::values::{FreeText, OrderId};
 use crate::domain::{OrderCommand, OrderEvent};
 use crate::kafka::KafkaConfig;
 use crate::log::{LogPosition, LogReader, RecordedEvent};
@@ -150,11 +150,17 @@ impl PaperExecutor {
                     executed_at: now,
                 }),
             ),
-            Action::Cancel { order_id, reason } => (
-                format!("paper:{order_id}:cancel"),
-                "cancel".into(),
-                OrderCommand::CancelOrder { reason: reason.clone(), canceled_at: now },
-            ),
+            Action::Cancel { order_id, reason } => {
+                let Ok(reason) = FreeText::new("reason", *reason) else {
+                    tracing::error!(%order_id, reason, "paper executor: a cancel reason it cannot record");
+                    return false;
+                };
+                (
+                    format!("paper:{order_id}:cancel"),
+                    "cancel".into(),
+                    OrderCommand::CancelOrder { reason, canceled_at: now },
+                )
+            }
             Action::Expire { order_id } => {
                 (format!("paper:{order_id}:expire"), "expire".into(), OrderCommand::ExpireOrder { expired_at: now })
             }

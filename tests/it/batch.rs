@@ -107,8 +107,8 @@ async fn a_repeated_batch_answers_from_the_log_and_writes_nothing() {
     let results = commands.execute_batch::<Portfolio>(&ctx(), mixed, allow).await.unwrap();
     assert_eq!(results[0].as_ref().unwrap_err().code(), "IDEMPOTENCY_KEY_REUSED");
     assert!(results[1].is_ok());
-    assert_eq!(results[2].as_ref().unwrap_err().code(), "INVALID_REQUEST");
-    assert_eq!(results[3].as_ref().unwrap_err().code(), "INVALID_REQUEST");
+    assert_eq!(results[2].as_ref().unwrap_err().code(), "INVALID_INPUT");
+    assert_eq!(results[3].as_ref().unwrap_err().code(), "INVALID_INPUT");
     assert_eq!(cash(&commands, a).await, (dec("17"), 5));
 
     let too_many: Vec<_> = (0..=BATCH_COMMANDS_MAX).map(|_| item(a, deposit("1"), None)).collect();

@@ -187,7 +187,7 @@ async fn bad_input_is_refused_with_a_typed_error_and_writes_nothing() {
     assert!(matches!(error, CommandError::Order(OrderError::PriceOffTick { .. })));
 
     // A fill on a terminal order.
-    let cancel = OrderCommand::CancelOrder { reason: "user".into(), canceled_at: now };
+    let cancel = OrderCommand::CancelOrder { reason: text("user"), canceled_at: now };
     commands.execute_order(&ctx(), &order_id.to_string(), cancel).await.unwrap();
     let before_terminal = db.count_events().await;
     let error = commands.execute_order(&ctx(), &order_id.to_string(), fill("e9", "1", "10")).await.unwrap_err();

@@ -392,7 +392,7 @@ async fn run_step(
                 return;
             }
             let order_id = orders[order.index(orders.len())];
-            let cancel = OrderCommand::CancelOrder { reason: "test".into(), canceled_at: now };
+            let cancel = OrderCommand::CancelOrder { reason: text("test"), canceled_at: now };
             match commands.execute_order(&ctx(), &order_id.to_string(), cancel).await {
                 Ok(_) | Err(CommandError::Order(_)) => {}
                 Err(error) => panic!("{error}"),

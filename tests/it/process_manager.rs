@@ -158,7 +158,7 @@ async fn cancelling_releases_what_is_left_reserved() {
     commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
     wait_for_status(&commands, order_id, |s| s == OrderStatus::New).await;
     commands.execute_order(&ctx(), &order_id.to_string(), fill("x", "4", "50", "0")).await.unwrap();
-    let cancel = OrderCommand::CancelOrder { reason: "user".into(), canceled_at: chrono::Utc::now() };
+    let cancel = OrderCommand::CancelOrder { reason: text("user"), canceled_at: chrono::Utc::now() };
     commands.execute_order(&ctx(), &order_id.to_string(), cancel).await.unwrap();
     let settled = eventually(|| async {
         let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
@@ -296,7 +296,7 @@ async fn killed_and_restarted_mid_stream_it_converges_exactly_once() {
                 *expected_cost.entry(*portfolio).or_default() += part * dec(limit) + dec("0.05");
             }
         } else {
-            let cancel = OrderCommand::CancelOrder { reason: "test".into(), canceled_at: chrono::Utc::now() };
+            let cancel = OrderCommand::CancelOrder { reason: text("test"), canceled_at: chrono::Utc::now() };
             commands.execute_order(&ctx(), &order_id.to_string(), cancel).await.unwrap();
         }
     }
@@ -405,7 +405,7 @@ async fn an_order_cancelled_while_pending_is_never_left_reserved() {
     let (order_id, command) = place(portfolio, "ACME", Side::Buy, "5", Some("10"));
     commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
     // Cancelled before the process manager ever ran.
-    let cancel = OrderCommand::CancelOrder { reason: "changed my mind".into(), canceled_at: chrono::Utc::now() };
+    let cancel = OrderCommand::CancelOrder { reason: text("changed my mind"), canceled_at: chrono::Utc::now() };
     commands.execute_order(&ctx(), &order_id.to_string(), cancel).await.unwrap();
     let pm = start_process_manager(commands.clone());
     let cursor_moved = eventually(|| async {

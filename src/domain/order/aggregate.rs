@@ -206,7 +206,7 @@ impl Order {
                 Ok(OrderEvent::OrderCanceled {
                     portfolio_id,
                     canceled_quantity: self.leaves_quantity,
-                    reason,
+                    reason: reason.into(),
                     canceled_at,
                 })
             }

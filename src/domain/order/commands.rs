@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{OrderRejectReason, OrderType, Side, TimeInForce};
-use crate::domain::values::{ClientOrderId, ExecId, Money, OrderId, PortfolioId, Price, Quantity, Symbol};
+use crate::domain::values::{ClientOrderId, ExecId, FreeText, Money, OrderId, PortfolioId, Price, Quantity, Symbol};
 
 /// Everything a client states when it places an order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,7 +47,7 @@ pub enum OrderCommand {
     },
     RecordExecution(RecordExecution),
     CancelOrder {
-        reason: String,
+        reason: FreeText,
         canceled_at: DateTime<Utc>,
     },
     ExpireOrder {

@@ -18,7 +18,7 @@ use super::{
     Order, OrderCommand, OrderError, OrderEvent, OrderRejectReason, OrderServices, OrderStatus, OrderType, PlaceOrder,
     RecordExecution, RejectCode, Side, TimeInForce,
 };
-use crate::domain::values::{ClientOrderId, ExecId, Money, OrderId, PortfolioId, Price, Quantity, Symbol};
+use crate::domain::values::{ClientOrderId, ExecId, FreeText, Money, OrderId, PortfolioId, Price, Quantity, Symbol};
 
 /// Random cases per property.
 const CASES: u32 = 128;
@@ -169,7 +169,9 @@ impl Harness {
                     executed_at: now(),
                 })
             }
-            Step::Cancel => OrderCommand::CancelOrder { reason: "proptest".into(), canceled_at: now() },
+            Step::Cancel => {
+                OrderCommand::CancelOrder { reason: FreeText::new("reason", "proptest").unwrap(), canceled_at: now() }
+            }
             Step::Expire => OrderCommand::ExpireOrder { expired_at: now() },
         }
     }

@@ -15,7 +15,9 @@ use super::{
     Order, OrderCommand, OrderError, OrderEvent, OrderRejectReason, OrderServices, OrderStatus, OrderType, PlaceOrder,
     RecordExecution, RejectCode, Side, TimeInForce,
 };
-use crate::domain::values::{ClientOrderId, ExecId, Money, OrderId, PortfolioId, Price, Quantity, Symbol, TickSize};
+use crate::domain::values::{
+    ClientOrderId, ExecId, FreeText, Money, OrderId, PortfolioId, Price, Quantity, Symbol, TickSize,
+};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Helpers
@@ -162,7 +164,7 @@ fn recorded(
 }
 
 fn cancel() -> OrderCommand {
-    OrderCommand::CancelOrder { reason: "client request".into(), canceled_at: at(3) }
+    OrderCommand::CancelOrder { reason: FreeText::new("reason", "client request").unwrap(), canceled_at: at(3) }
 }
 
 fn canceled(canceled_quantity: Decimal) -> OrderEvent {

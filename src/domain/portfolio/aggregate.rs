@@ -302,13 +302,19 @@ impl Portfolio {
             PortfolioCommand::DepositCash { amount, reference, at } => {
                 self.terms()?;
                 let cash_after = self.cash + amount.value();
+                let reference = reference.map(String::from);
                 Ok(Some(PortfolioEvent::CashDeposited { amount, reference, cash_after, at }))
             }
             PortfolioCommand::WithdrawCash { amount, reference, at } => {
                 self.terms()?;
                 self.check_available(amount.value())?;
                 let cash_after = self.cash - amount.value();
-                Ok(Some(PortfolioEvent::CashWithdrawn { amount, reference, cash_after, at }))
+                Ok(Some(PortfolioEvent::CashWithdrawn {
+                    amount,
+                    reference: reference.map(String::from),
+                    cash_after,
+                    at,
+                }))
             }
             PortfolioCommand::ReserveFunds { order_id, symbol, quantity, price, amount, at } => {
                 self.reserve_funds(order_id, symbol, quantity, price, amount, at)

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::{AlertCondition, CostBasisMethod};
 use crate::domain::order::Side;
 use crate::domain::values::{
-    AlertId, Amount, Currency, ExecId, Money, OrderId, Owner, PortfolioId, Price, Quantity, Symbol,
+    AlertId, Amount, Currency, ExecId, FreeText, Money, OrderId, Owner, PortfolioId, Price, Quantity, Symbol,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -21,12 +21,12 @@ pub enum PortfolioCommand {
     },
     DepositCash {
         amount: Amount,
-        reference: Option<String>,
+        reference: Option<FreeText>,
         at: DateTime<Utc>,
     },
     WithdrawCash {
         amount: Amount,
-        reference: Option<String>,
+        reference: Option<FreeText>,
         at: DateTime<Utc>,
     },
     /// Set cash aside for a buy order: `amount` covers the order quantity at `price` (the limit, or the

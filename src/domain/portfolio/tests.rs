@@ -14,7 +14,9 @@ use uuid::Uuid;
 
 use super::{CostBasisMethod, Lot, LotConsumed, Portfolio, PortfolioCommand, PortfolioError, PortfolioEvent};
 use crate::domain::order::Side;
-use crate::domain::values::{Amount, Currency, ExecId, Money, OrderId, Owner, PortfolioId, Price, Quantity, Symbol};
+use crate::domain::values::{
+    Amount, Currency, ExecId, FreeText, Money, OrderId, Owner, PortfolioId, Price, Quantity, Symbol,
+};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Helpers
@@ -81,7 +83,8 @@ fn opened(method: CostBasisMethod) -> PortfolioEvent {
 }
 
 fn deposit(value: Decimal) -> PortfolioCommand {
-    PortfolioCommand::DepositCash { amount: amount(value), reference: Some("wire".into()), at: now() }
+    let reference = Some(FreeText::new("reference", "wire").unwrap());
+    PortfolioCommand::DepositCash { amount: amount(value), reference, at: now() }
 }
 
 fn deposited(value: Decimal, cash_after: Decimal) -> PortfolioEvent {

@@ -88,6 +88,11 @@ pub fn amount(s: &str) -> Amount {
     Amount::new(dec(s)).unwrap()
 }
 
+/// Free text (a reason, a reference) that is valid by construction.
+pub fn text(s: &str) -> ledger::domain::values::FreeText {
+    ledger::domain::values::FreeText::new("text", s).unwrap()
+}
+
 pub fn sym(s: &str) -> Symbol {
     Symbol::new(s).unwrap()
 }

@@ -17,7 +17,7 @@ use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{ctx, dec, eventually, open_portfolio, place};
+use super::{ctx, dec, eventually, open_portfolio, place, text};
 
 /// A background task that can be stopped gracefully or killed.
 pub struct Running {
@@ -132,7 +132,7 @@ pub async fn trade(
         };
         match choice {
             0 => {
-                let cancel = OrderCommand::CancelOrder { reason: "test".into(), canceled_at: chrono::Utc::now() };
+                let cancel = OrderCommand::CancelOrder { reason: text("test"), canceled_at: chrono::Utc::now() };
                 commands.execute_order(&ctx(), &order_id.to_string(), cancel).await.unwrap();
             }
             1 if leaves > dec("1") => {
