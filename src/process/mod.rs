@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commands::{CommandContext, CommandError, CommandService, Idempotency};
 use crate::domain::order::{OrderRejectReason, RejectCode};
-use crate::domain::values::{Money, OrderId, Price, Symbol};
+use crate::domain::values::{Money, OrderId, Price, Symbol, PRICE_SCALE_MAX};
 use crate::domain::{OrderCommand, OrderError, OrderEvent, OrderType, PortfolioCommand, PortfolioError, Side};
 use crate::leadership::{lock_key, Leadership};
 use crate::log::{event_by_id, load_cursor, save_cursor, LogReader, RecordedEvent};
@@ -441,7 +441,8 @@ impl ProcessManager {
 
     /// The protection price of a market order: the last price moved against the order by the collar — raised
     /// and rounded up to the cent for a buy (it is also what the buy reserves at), lowered and rounded down for a
-    /// sell; `None` when no price was ever seen.
+    /// sell (below a cent: to 8 decimals, so that a sub-penny price never rounds to zero); `None` when no price
+    /// was ever seen.
     async fn market_price(&self, symbol: &Symbol, side: Side) -> Result<Option<Price>, StepError> {
         let last: Option<Decimal> = sqlx::query_scalar("select price from latest_prices where symbol = $1")
             .bind(symbol.as_str())
@@ -453,7 +454,10 @@ impl ProcessManager {
                 Side::Buy => (price * (Decimal::ONE + collar), RoundingStrategy::AwayFromZero),
                 Side::Sell => (price * (Decimal::ONE - collar), RoundingStrategy::ToZero),
             };
-            Price::new(moved.round_dp_with_strategy(2, rounding)).ok()
+            // To the cent; below a cent (a sub-penny instrument), to the finest price scale instead of zero.
+            let cents = moved.round_dp_with_strategy(2, rounding);
+            let rounded = if cents.is_zero() { moved.round_dp_with_strategy(PRICE_SCALE_MAX, rounding) } else { cents };
+            Price::new(rounded).ok()
         }))
     }
 
@@ -496,7 +500,10 @@ impl ProcessManager {
         let mut delay = Duration::from_millis(50);
         loop {
             match save_cursor(self.pool(), PROCESS_MANAGER, position).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    crate::projections::visibility::notify_progress(self.pool(), PROCESS_MANAGER).await;
+                    return Ok(());
+                }
                 Err(error) if !cancel.is_cancelled() => {
                     tracing::warn!(%error, "saving the process manager cursor failed; retrying");
                     tokio::time::sleep(delay).await;

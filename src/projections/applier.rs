@@ -161,6 +161,13 @@ pub async fn apply_events(
     .execute(&mut *conn)
     .await
     .map_err(ApplyError::Database)?;
+    // Delivered at commit: readers waiting for their writes (`visibility`) look again.
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(crate::projections::visibility::PROGRESS_CHANNEL)
+        .bind(projection.name())
+        .execute(&mut *conn)
+        .await
+        .map_err(ApplyError::Database)?;
     Ok(outcome)
 }
 

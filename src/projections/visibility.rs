@@ -8,7 +8,9 @@
 //! 2. then the projection has applied every event of the aggregate that was in the log at that moment.
 //!
 //! The target of step 2 is fixed once step 1 holds, so a busy aggregate cannot keep a waiter chasing its head.
-//! Waiting polls with a growing interval and is bounded by the caller's deadline.
+//! A waiter looks again when woken — the projection workers and the process manager notify
+//! [`PROGRESS_CHANNEL`] when they move (the API's feed hub relays it) — or at the latest every
+//! [`FALLBACK_POLL_MS`], and gives up at the caller's deadline.
 
 use std::time::Duration;
 
@@ -17,9 +19,18 @@ use sqlx::PgPool;
 use crate::log::LogPosition;
 use crate::process::PROCESS_MANAGER;
 
-/// First and longest interval between two checks while waiting.
-const POLL_INTERVAL_MIN_MS: u64 = 5;
-const POLL_INTERVAL_MAX_MS: u64 = 100;
+/// The channel notified (with the notifier's name) when a projection applied a batch or the process manager
+/// moved its cursor.
+pub const PROGRESS_CHANNEL: &str = "ledger_progress";
+/// Longest a waiter goes without looking again, in case a notification was missed.
+pub const FALLBACK_POLL_MS: u64 = 1_000;
+
+/// Tells waiters that `who` moved (best effort: a waiter also polls, so a lost notification only delays it).
+pub async fn notify_progress(pool: &PgPool, who: &str) {
+    if let Err(error) = sqlx::query("select pg_notify($1, $2)").bind(PROGRESS_CHANNEL).bind(who).execute(pool).await {
+        tracing::debug!(%error, "progress notification failed");
+    }
+}
 
 /// A read model that can be waited for, with the aggregate type whose events it applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,17 +71,23 @@ pub async fn process_manager_passed(pool: &PgPool, position: LogPosition) -> Res
 }
 
 /// Waits until `read_model` shows `position` for `aggregate_id` (see the module docs); false if `deadline`
-/// passed first.
-pub async fn wait_until_visible(
+/// passed first. `woken()` is called before each look and returns what to await after it: a progress
+/// notification (subscribe when called, so that one arriving during the look is not missed).
+pub async fn wait_until_visible<W, F>(
     pool: &PgPool,
     read_model: ReadModel,
     aggregate_id: &str,
     position: LogPosition,
     deadline: tokio::time::Instant,
-) -> Result<bool, sqlx::Error> {
-    let mut interval = Duration::from_millis(POLL_INTERVAL_MIN_MS);
+    mut woken: W,
+) -> Result<bool, sqlx::Error>
+where
+    W: FnMut() -> F,
+    F: std::future::Future<Output = ()>,
+{
     let mut target: Option<i64> = None;
     loop {
+        let wake = woken();
         if target.is_none() && process_manager_passed(pool, position).await? {
             let head: i64 = sqlx::query_scalar(
                 "select coalesce(max(sequence), 0) from events where aggregate_type = $1 and aggregate_id = $2",
@@ -92,7 +109,10 @@ pub async fn wait_until_visible(
         if now >= deadline {
             return Ok(false);
         }
-        tokio::time::sleep(interval.min(deadline - now)).await;
-        interval = (interval * 2).min(Duration::from_millis(POLL_INTERVAL_MAX_MS));
+        let fallback = Duration::from_millis(FALLBACK_POLL_MS).min(deadline - now);
+        tokio::select! {
+            _ = wake => {}
+            _ = tokio::time::sleep(fallback) => {}
+        }
     }
 }
