@@ -26,6 +26,12 @@ pub struct AppConfig {
     pub introspection: bool,
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
+    pub rate_limit_per_address_per_second: u32,
+    pub rate_limit_per_address_burst: u32,
+    /// Serve `/metrics` without a token on this address too (an internal network's scraper).
+    pub metrics_listen: Option<String>,
+    /// WebSocket server pings and the silence after which a socket is closed.
+    pub keep_alive: crate::ws::KeepAlive,
     pub valuation_stale_after: chrono::Duration,
     pub kafka: Option<KafkaConfig>,
     pub settings: ProjectionSettings,
@@ -40,9 +46,13 @@ impl AppConfig {
     pub fn new(keys: TokenKeys, kafka: Option<KafkaConfig>) -> Self {
         Self {
             keys,
-            introspection: true,
+            introspection: false,
             rate_limit_per_second: 200,
             rate_limit_burst: 400,
+            rate_limit_per_address_per_second: 1_000,
+            rate_limit_per_address_burst: 2_000,
+            metrics_listen: None,
+            keep_alive: crate::ws::KeepAlive::default(),
             valuation_stale_after: chrono::Duration::milliseconds(
                 ledger::projections::valuation::VALUATION_STALE_AFTER_MS_DEFAULT as i64,
             ),
@@ -62,6 +72,8 @@ pub struct Running {
     pub cancel: CancellationToken,
     pub tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     pub address: std::net::SocketAddr,
+    /// The metrics listener's address, when `metrics_listen` was set.
+    pub metrics_address: Option<std::net::SocketAddr>,
     pub commands: Arc<CommandService>,
     /// The subscription feeds (their positions and counts are what a test waits for).
     pub hub: Arc<Hub>,
@@ -95,14 +107,27 @@ pub async fn start(pool: PgPool, config: AppConfig, listener: tokio::net::TcpLis
         introspection: config.introspection,
         rate_limit_per_second: config.rate_limit_per_second,
         rate_limit_burst: config.rate_limit_burst,
+        rate_limit_per_address_per_second: config.rate_limit_per_address_per_second,
+        rate_limit_per_address_burst: config.rate_limit_per_address_burst,
+        keep_alive: config.keep_alive,
         kafka: config.kafka.clone(),
     };
-    let (router, _) = router(app, server);
+    let (router, server_state) = router(app, server);
     let address = listener.local_addr()?;
     let mut tasks = Vec::new();
     {
         let cancel = cancel.clone();
         tasks.push(tokio::spawn(async move { serve(listener, router, cancel).await.context("HTTP server") }));
+    }
+    let mut metrics_address = None;
+    if let Some(listen) = &config.metrics_listen {
+        let metrics_listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening for metrics on {listen}"))?;
+        metrics_address = Some(metrics_listener.local_addr()?);
+        let (router, cancel) = (crate::server::metrics_router(server_state), cancel.clone());
+        tasks
+            .push(tokio::spawn(async move { serve(metrics_listener, router, cancel).await.context("metrics server") }));
     }
     if config.with_process_manager {
         let manager = ProcessManager::new(commands.clone(), ProcessConfig::default());
@@ -131,5 +156,5 @@ pub async fn start(pool: PgPool, config: AppConfig, listener: tokio::net::TcpLis
         }
         None => {}
     }
-    Ok(Running { cancel, tasks, address, commands, hub })
+    Ok(Running { cancel, tasks, address, metrics_address, commands, hub })
 }

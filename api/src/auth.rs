@@ -8,7 +8,12 @@
 //! | `admin` | everything, including dead letters |
 //!
 //! Only `HS256` is accepted (a token claiming `alg: none` or anything else is refused before its signature is
-//! looked at); signatures are compared in constant time; tokens expire. Issue one with `ledger token`.
+//! looked at; `typ` is optional, as RFC 7519 makes it); signatures are compared in constant time; tokens
+//! expire. Issue one with `ledger token`.
+//!
+//! The secret must be at least [`SECRET_LEN_MIN`] bytes and look random: obviously weak ones (a repeated
+//! pattern, or fewer than [`SECRET_ENTROPY_BITS_MIN`] bits by a character-frequency estimate, such as 32 × "a")
+//! are refused at start-up. Make one with `openssl rand -base64 32` or `head -c 32 /dev/urandom | base64`.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -19,6 +24,9 @@ use sha2::Sha256;
 
 /// Shortest secret accepted, in bytes.
 pub const SECRET_LEN_MIN: usize = 32;
+/// Least entropy a secret must show, in bits, estimated from its byte frequencies (Shannon entropy × length):
+/// 32 random bytes score about 144, their hex or base64 rendering over 190, 32 × "a" zero.
+pub const SECRET_ENTROPY_BITS_MIN: f64 = 128.0;
 /// Longest token accepted, in bytes (tokens arrive in headers and WebSocket messages).
 pub const TOKEN_LEN_MAX: usize = 4_096;
 
@@ -112,7 +120,8 @@ pub enum AuthError {
 #[derive(Serialize, Deserialize)]
 struct Header {
     alg: String,
-    typ: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    typ: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -138,8 +147,14 @@ impl std::fmt::Debug for TokenKeys {
 impl TokenKeys {
     pub fn new(secret: impl Into<Vec<u8>>) -> Result<Self, String> {
         let secret = secret.into();
+        let advice = "make one with `openssl rand -base64 32`";
         if secret.len() < SECRET_LEN_MIN {
-            return Err(format!("the token secret must be at least {SECRET_LEN_MIN} bytes"));
+            return Err(format!("the token secret must be at least {SECRET_LEN_MIN} bytes; {advice}"));
+        }
+        if is_repetition(&secret) || entropy_bits(&secret) < SECRET_ENTROPY_BITS_MIN {
+            return Err(format!(
+                "the token secret is too weak (a repeated pattern or too few distinct bytes); {advice}"
+            ));
         }
         Ok(Self { secret })
     }
@@ -150,7 +165,7 @@ impl TokenKeys {
 
     /// A token for `subject` with `role`, valid for `ttl` from `now`.
     pub fn issue(&self, subject: &str, role: Role, ttl: Duration, now: DateTime<Utc>) -> String {
-        let header = Header { alg: "HS256".into(), typ: "JWT".into() };
+        let header = Header { alg: "HS256".into(), typ: Some("JWT".into()) };
         let claims = Claims { sub: subject.into(), role, iat: now.timestamp(), exp: (now + ttl).timestamp() };
         let encode = |value: &dyn erased::Json| URL_SAFE_NO_PAD.encode(value.to_json());
         let signing_input = format!("{}.{}", encode(&header), encode(&claims));
@@ -162,6 +177,11 @@ impl TokenKeys {
 
     /// The principal a token names, if it is well-formed, signed with our key and not expired at `now`.
     pub fn verify(&self, token: &str, now: DateTime<Utc>) -> Result<Principal, AuthError> {
+        self.verify_until(token, now).map(|(principal, _)| principal)
+    }
+
+    /// Like [`TokenKeys::verify`], with the moment the token expires (a WebSocket closes then).
+    pub fn verify_until(&self, token: &str, now: DateTime<Utc>) -> Result<(Principal, DateTime<Utc>), AuthError> {
         if token.len() > TOKEN_LEN_MAX {
             return Err(AuthError::Malformed);
         }
@@ -187,16 +207,50 @@ impl TokenKeys {
         if claims.sub.is_empty() || claims.sub.len() > ledger::domain::values::EXTERNAL_ID_LEN_MAX {
             return Err(AuthError::Malformed);
         }
-        Ok(Principal { subject: claims.sub, role: claims.role })
+        let expires_at = DateTime::from_timestamp(claims.exp, 0).ok_or(AuthError::Malformed)?;
+        Ok((Principal { subject: claims.sub, role: claims.role }, expires_at))
     }
 
     /// The principal of an `Authorization` header value (`Bearer <token>`).
     pub fn verify_header(&self, header: Option<&str>, now: DateTime<Utc>) -> Result<Principal, AuthError> {
+        self.verify_header_until(header, now).map(|(principal, _)| principal)
+    }
+
+    /// Like [`TokenKeys::verify_header`], with the moment the token expires.
+    pub fn verify_header_until(
+        &self,
+        header: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<(Principal, DateTime<Utc>), AuthError> {
         let value = header.ok_or(AuthError::Missing)?;
         let token =
             value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).ok_or(AuthError::Malformed)?;
-        self.verify(token.trim(), now)
+        self.verify_until(token.trim(), now)
     }
+}
+
+/// Whether `bytes` is one shorter sequence repeated (e.g. `abcabcabc…`).
+fn is_repetition(bytes: &[u8]) -> bool {
+    (1..=bytes.len() / 2).any(|period| bytes.chunks(period).all(|chunk| bytes.starts_with(chunk)))
+}
+
+/// Shannon entropy of the byte frequencies × length, in bits: a cheap estimate that catches low-diversity
+/// secrets (it cannot tell a random-looking phrase from a random one).
+fn entropy_bits(bytes: &[u8]) -> f64 {
+    let mut counts = [0usize; 256];
+    for &byte in bytes {
+        counts[byte as usize] += 1;
+    }
+    let length = bytes.len() as f64;
+    let per_byte: f64 = counts
+        .iter()
+        .filter(|&&count| count > 0)
+        .map(|&count| {
+            let p = count as f64 / length;
+            -p * p.log2()
+        })
+        .sum();
+    per_byte * length
 }
 
 fn decode_part<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, AuthError> {
@@ -221,7 +275,35 @@ mod tests {
     use super::*;
 
     fn keys() -> TokenKeys {
-        TokenKeys::new("0123456789abcdef0123456789abcdef").unwrap()
+        TokenKeys::new("p0Qn3Zr8LxV1sW6tY2uA9bC4dE7fG5hJ").unwrap()
+    }
+
+    #[test]
+    fn weak_secrets_are_refused_and_random_ones_accepted() {
+        for weak in ["a".repeat(32), "0123456789abcdef".repeat(2), "password".repeat(4), "short".into()] {
+            assert!(TokenKeys::new(weak.clone()).is_err(), "{weak}");
+        }
+        let random: Vec<u8> = (0..32).map(|_| rand::random::<u8>()).collect();
+        assert!(TokenKeys::new(random.clone()).is_ok());
+        use base64::engine::general_purpose::STANDARD;
+        assert!(TokenKeys::new(STANDARD.encode(&random)).is_ok());
+        let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(TokenKeys::new(hex).is_ok());
+    }
+
+    #[test]
+    fn a_token_without_typ_is_accepted() {
+        let now = Utc::now();
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256"}"#);
+        let claims = URL_SAFE_NO_PAD.encode(
+            serde_json::to_vec(&Claims { sub: "alice".into(), role: Role::Trader, iat: 0, exp: i64::from(i32::MAX) })
+                .unwrap(),
+        );
+        let signing_input = format!("{header}.{claims}");
+        let mut mac = keys().mac();
+        mac.update(signing_input.as_bytes());
+        let token = format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()));
+        assert_eq!(keys().verify(&token, now), Ok(Principal { subject: "alice".into(), role: Role::Trader }));
     }
 
     #[test]

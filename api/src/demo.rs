@@ -95,6 +95,8 @@ pub async fn run(
     };
     let keys = TokenKeys::new(secret.into_bytes()).map_err(|e| anyhow::anyhow!(e))?;
     let mut config = AppConfig::new(keys.clone(), Some(kafka.clone()));
+    // The demo is for exploring: introspection and GraphiQL on (off by default in `ledger serve`).
+    config.introspection = true;
     config.settings = settings;
     config.valuation_stale_after = chrono::Duration::milliseconds(projection_args.valuation_stale_after_ms as i64);
     config.with_relay = true;

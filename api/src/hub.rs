@@ -4,6 +4,8 @@
 //!   through any instance — or any process — reaches every instance's subscribers.
 //! - **ticks**: a Kafka consumer of the prices topic (its own group, from the latest offset).
 //! - **alerts**: `LISTEN alert_fired` (a trigger on `alert_firings` notifies every instance).
+//! - **progress**: `LISTEN ledger_progress` (projection workers after each batch, the process manager after each
+//!   cursor move): wakes the queries waiting for their writes (`waitFor`) instead of letting them poll.
 //!
 //! Each feed is a bounded broadcast channel: a subscriber that falls more than [`FEED_BUFFER`] messages behind
 //! is told to resync (and resumes from its last position), so a slow client can never make the server hold an
@@ -31,8 +33,11 @@ use tokio_util::sync::CancellationToken;
 
 /// Messages a subscriber may fall behind before it is told to resync.
 pub const FEED_BUFFER: usize = 1_024;
-/// Events read per batch when a subscriber catches up from the log.
-pub const CATCH_UP_BATCH: usize = 500;
+/// Events read per batch when a subscriber catches up from the log: all a catching-up subscriber holds, so it
+/// bounds its memory whatever the log's size (with the caps on subscriptions, see `ws`).
+pub const CATCH_UP_BATCH: usize = 100;
+/// Progress notifications a waiter may miss before it just looks again (they carry nothing).
+const PROGRESS_BUFFER: usize = 16;
 
 /// One alert firing, as the `alert_fired` notification carries it.
 #[derive(Debug, Clone, Deserialize)]
@@ -64,6 +69,7 @@ pub struct Hub {
     log: broadcast::Sender<Arc<RecordedEvent>>,
     ticks: broadcast::Sender<Arc<Tick>>,
     alerts: broadcast::Sender<Arc<FiringNotice>>,
+    progress: broadcast::Sender<()>,
     ticks_available: bool,
     /// Open subscriptions (for metrics), counted once their starting point is fixed: a subscription counted
     /// here receives every event committed from then on.
@@ -85,11 +91,13 @@ impl Hub {
         let (log, _) = broadcast::channel(FEED_BUFFER);
         let (ticks, _) = broadcast::channel(FEED_BUFFER);
         let (alerts, _) = broadcast::channel(FEED_BUFFER);
+        let (progress, _) = broadcast::channel(PROGRESS_BUFFER);
         let hub = Arc::new(Hub {
             pool: pool.clone(),
             log,
             ticks,
             alerts,
+            progress,
             ticks_available: kafka.is_some(),
             subscriptions: AtomicI64::new(0),
             log_position: std::sync::Mutex::new(LogPosition::START),
@@ -98,7 +106,18 @@ impl Hub {
         let head = ledger::projections::catch_up::log_head(&pool).await?;
         *hub.log_position.lock().unwrap_or_else(|p| p.into_inner()) = head;
         tokio::spawn(follow_log(hub.clone(), head, cancel.clone()));
-        tokio::spawn(follow_alerts(pool, hub.alerts.clone(), cancel.clone()));
+        tokio::spawn(follow_notifications(pool.clone(), "alert_fired", hub.clone(), cancel.clone(), |hub, payload| {
+            match serde_json::from_str::<FiringNotice>(payload) {
+                Ok(firing) => {
+                    let _ = hub.alerts.send(Arc::new(firing));
+                }
+                Err(error) => tracing::warn!(%error, "undecodable alert_fired notification"),
+            }
+        }));
+        let channel = ledger::projections::visibility::PROGRESS_CHANNEL;
+        tokio::spawn(follow_notifications(pool, channel, hub.clone(), cancel.clone(), |hub, _| {
+            let _ = hub.progress.send(());
+        }));
         if let Some(kafka) = kafka {
             tokio::spawn(follow_ticks(kafka, hub.clone(), cancel));
         }
@@ -126,6 +145,15 @@ impl Hub {
 
     pub fn subscribe_alerts(&self) -> broadcast::Receiver<Arc<FiringNotice>> {
         self.alerts.subscribe()
+    }
+
+    /// A future that completes at the next progress notification (a projection applied a batch, the process
+    /// manager moved); subscribed when called.
+    pub fn next_progress(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut receiver = self.progress.subscribe();
+        async move {
+            let _ = receiver.recv().await;
+        }
     }
 
     /// Committed events after `after` (or from now when `None`), matching `filter`, in log order, resuming
@@ -289,19 +317,21 @@ async fn follow_log(hub: Arc<Hub>, from: LogPosition, cancel: CancellationToken)
     }
 }
 
-async fn follow_alerts(pool: PgPool, feed: broadcast::Sender<Arc<FiringNotice>>, cancel: CancellationToken) {
+/// Relays notifications of `channel` to `deliver` until `cancel` fires, listening again after a failure.
+async fn follow_notifications(
+    pool: PgPool,
+    channel: &'static str,
+    hub: Arc<Hub>,
+    cancel: CancellationToken,
+    deliver: impl Fn(&Hub, &str) + Send + 'static,
+) {
     loop {
         let listener = async {
             let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen("alert_fired").await?;
+            listener.listen(channel).await?;
             loop {
                 let notification = listener.recv().await?;
-                match serde_json::from_str::<FiringNotice>(notification.payload()) {
-                    Ok(firing) => {
-                        let _ = feed.send(Arc::new(firing));
-                    }
-                    Err(error) => tracing::warn!(%error, "undecodable alert_fired notification"),
-                }
+                deliver(&hub, notification.payload());
             }
             #[allow(unreachable_code)]
             Ok::<(), sqlx::Error>(())
@@ -310,7 +340,7 @@ async fn follow_alerts(pool: PgPool, feed: broadcast::Sender<Arc<FiringNotice>>,
             _ = cancel.cancelled() => return,
             result = listener => {
                 if let Err(error) = result {
-                    tracing::warn!(%error, "alert feed: listening failed; retrying");
+                    tracing::warn!(%error, channel, "listening failed; retrying");
                 }
             }
         }

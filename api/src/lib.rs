@@ -9,3 +9,4 @@ pub mod hub;
 pub mod metrics;
 pub mod ratelimit;
 pub mod server;
+pub mod ws;

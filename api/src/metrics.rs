@@ -44,7 +44,8 @@ fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
     }
 }
 
-pub async fn render(state: &AppState, http: &HttpMetrics) -> String {
+/// This instance's own counters (cheap: no database).
+pub fn render(state: &AppState, http: &HttpMetrics) -> String {
     let mut out = String::new();
     let commands = state.commands.metrics();
     counter(
@@ -126,6 +127,13 @@ pub async fn render(state: &AppState, http: &HttpMetrics) -> String {
             ("{state=\"used\"}".into(), (pool.size() as usize).saturating_sub(pool.num_idle()) as f64),
         ],
     );
+    out
+}
+
+/// What the database says (log head, followers' and projections' lag, dead letters, process failures,
+/// deficits): a few queries, so the server caches it between scrapes (`server::METRICS_CACHE_MS`).
+pub async fn render_database(pool: &sqlx::PgPool) -> String {
+    let mut out = String::new();
     // Log head, dead letters, and the lag of every log follower (relay, process manager, sealer, catch-ups).
     if let Ok((head, head_age)) = sqlx::query_as::<_, (Option<i64>, Option<f64>)>(
         "select max(global_position), extract(epoch from clock_timestamp() - max(recorded_at))::float8 from events",

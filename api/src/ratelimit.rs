@@ -1,4 +1,4 @@
-//! Per-token rate limiting: a token bucket per subject (per client address for anonymous requests).
+//! Token buckets by key: per token subject, per client address, per address for failed authentications.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -16,6 +16,14 @@ pub struct RateLimiter {
 impl RateLimiter {
     pub fn new(per_second: u32, burst: u32) -> Self {
         Self { per_second: per_second.max(1) as f64, burst: burst.max(1) as f64, buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// Whether `key`'s bucket is empty now (takes nothing).
+    pub fn exhausted(&self, key: &str) -> bool {
+        let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        buckets.get(key).is_some_and(|(tokens, at)| {
+            *tokens + Instant::now().duration_since(*at).as_secs_f64() * self.per_second < 1.0
+        })
     }
 
     /// Takes one token from `key`'s bucket; false when it is empty.

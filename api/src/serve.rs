@@ -14,15 +14,26 @@ pub struct ServeArgs {
     /// Secret signing the bearer tokens (at least 32 bytes).
     #[arg(long, env = "LEDGER_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: String,
-    /// Allow schema introspection (GraphiQL needs it).
-    #[arg(long, env = "LEDGER_INTROSPECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    /// Allow schema introspection and serve GraphiQL at GET /graphql (off by default: the schema is published
+    /// as api/schema.graphql).
+    #[arg(long, env = "LEDGER_INTROSPECTION", default_value_t = false, action = clap::ArgAction::Set)]
     pub introspection: bool,
-    /// Requests per second and token (or client address without a token).
+    /// Requests (and WebSocket operations) per second and token subject (or client address without a token).
     #[arg(long, env = "LEDGER_RATE_LIMIT_PER_SECOND", default_value_t = 200)]
     pub rate_limit_per_second: u32,
     /// Burst above that rate.
     #[arg(long, env = "LEDGER_RATE_LIMIT_BURST", default_value_t = 400)]
     pub rate_limit_burst: u32,
+    /// Requests per second per client address, checked before any token is looked at.
+    #[arg(long, env = "LEDGER_RATE_LIMIT_PER_ADDRESS_PER_SECOND", default_value_t = 1_000)]
+    pub rate_limit_per_address_per_second: u32,
+    /// Burst above that rate.
+    #[arg(long, env = "LEDGER_RATE_LIMIT_PER_ADDRESS_BURST", default_value_t = 2_000)]
+    pub rate_limit_per_address_burst: u32,
+    /// Also serve /metrics without a token on this address (bind it to an internal network for the scraper;
+    /// on the API address /metrics needs an auditor or admin token).
+    #[arg(long, env = "LEDGER_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Also run the relay in this process (one is active per topic; others stand by).
     #[arg(long, env = "LEDGER_SERVE_RELAY")]
     pub with_relay: bool,
@@ -40,22 +51,27 @@ pub async fn run(
     projection_args: &crate::cli::ProjectionArgs,
     args: ServeArgs,
 ) -> anyhow::Result<()> {
+    // The secret first: a weak one stops the command before it touches anything.
+    let keys = TokenKeys::new(args.jwt_secret.clone().into_bytes()).map_err(|e| anyhow::anyhow!(e))?;
     let pool = crate::cli::connect_and_migrate(database_url).await?;
     let kafka = kafka_args.brokers.as_deref().map(|brokers| kafka_args.config(brokers));
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    let keys = TokenKeys::new(args.jwt_secret.clone().into_bytes()).map_err(|e| anyhow::anyhow!(e))?;
     let mut config = AppConfig::new(keys, kafka);
     config.introspection = args.introspection;
     config.rate_limit_per_second = args.rate_limit_per_second;
     config.rate_limit_burst = args.rate_limit_burst;
+    config.rate_limit_per_address_per_second = args.rate_limit_per_address_per_second;
+    config.rate_limit_per_address_burst = args.rate_limit_per_address_burst;
+    config.metrics_listen = args.metrics_listen.clone();
     config.valuation_stale_after = chrono::Duration::milliseconds(projection_args.valuation_stale_after_ms as i64);
     config.settings = projection_args.settings()?;
     config.with_relay = args.with_relay;
     config.with_process_manager = args.with_process_manager;
     config.with_workers = args.with_workers;
     let running = start(pool, config, listener).await?;
-    tracing::info!(address = %running.address, "GraphQL API listening (POST/GET /graphql, /graphql/ws, /metrics)");
+    tracing::info!(address = %running.address, metrics = ?running.metrics_address,
+        "GraphQL API listening (POST /graphql, /graphql/ws, /metrics)");
     crate::cli::shutdown_on_signal().cancelled().await;
     running.stop().await
 }

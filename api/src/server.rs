@@ -4,27 +4,29 @@
 //! |-------|------|
 //! | `GET /` | the web dashboard (`/static/…` its files; the token in the URL fragment `#token=…`) |
 //! | `POST /graphql` | queries and mutations; `Authorization: Bearer <token>` |
-//! | `GET /graphql` | GraphiQL |
-//! | `GET /graphql/ws` | subscriptions (`graphql-transport-ws`; token in `connection_init`: `{"authorization": "Bearer …"}`) |
+//! | `GET /graphql` | GraphiQL, served from the binary (only when introspection is on) |
+//! | `GET /graphql/ws` | subscriptions (`graphql-transport-ws`; token in `connection_init`: `{"authorization": "Bearer …"}`; see `ws`) |
 //! | `GET /healthz` | the process is up |
 //! | `GET /readyz` | database reachable and migrated, broker reachable (when configured) |
-//! | `GET /metrics` | Prometheus text |
+//! | `GET /metrics` | Prometheus text (auditor or admin token; or without a token on `LEDGER_METRICS_LISTEN`) |
 //! | `GET /audit/export` | the sealed audit trail as JSON Lines (auditor or admin; filters as query parameters) |
 //!
-//! Limits: request bodies of at most [`REQUEST_BODY_MAX_BYTES`]; a token bucket per token subject (per client
-//! address without a token); query depth, complexity and aliases (see `graphql`).
+//! Limits: request bodies of at most [`REQUEST_BODY_MAX_BYTES`]; a token bucket per client address, checked
+//! before any token is looked at, and a strict one for failed authentications per address; a token bucket per
+//! token subject (HTTP requests and WebSocket operations alike); query depth, complexity and aliases (see
+//! `graphql`). Every refusal is a JSON GraphQL error with a stable `extensions.code`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
-use async_graphql::Data;
-use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
+use async_graphql::http::WebSocketProtocols;
+use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
+use async_graphql_axum::{GraphQLRequest, GraphQLResponse};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use ledger::kafka::KafkaConfig;
@@ -40,13 +42,23 @@ use tracing::Instrument;
 pub const REQUEST_BODY_MAX_BYTES: usize = 256 * 1024;
 /// How long readiness checks may take.
 const READY_CHECK_TIMEOUT_MS: u64 = 2_000;
+/// Failed authentications one client address may make per second, and in a burst: beyond it, requests carrying
+/// a token are refused (429) before the token is even checked.
+pub const AUTH_FAILURES_PER_SECOND: u32 = 5;
+pub const AUTH_FAILURES_BURST: u32 = 20;
+/// How long the database-derived part of `/metrics` (lags, counts) is reused between scrapes.
+pub const METRICS_CACHE_MS: u64 = 5_000;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub keys: TokenKeys,
+    /// Schema introspection, and GraphiQL with it.
     pub introspection: bool,
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
+    pub rate_limit_per_address_per_second: u32,
+    pub rate_limit_per_address_burst: u32,
+    pub keep_alive: crate::ws::KeepAlive,
     /// The broker checked by `/readyz`, if any.
     pub kafka: Option<KafkaConfig>,
 }
@@ -55,9 +67,19 @@ pub struct ServerState {
     pub schema: LedgerSchema,
     pub app: AppState,
     pub keys: TokenKeys,
-    pub limiter: RateLimiter,
+    /// Per token subject: HTTP requests and WebSocket operations.
+    pub limiter: Arc<RateLimiter>,
+    /// Per client address, before any token is looked at.
+    pub address_limiter: RateLimiter,
+    /// Failed authentications per client address.
+    pub auth_failures: RateLimiter,
+    pub subjects: Arc<crate::ws::SubjectCounts>,
     pub http: HttpMetrics,
     pub kafka: Option<KafkaConfig>,
+    pub graphiql: bool,
+    pub keep_alive: crate::ws::KeepAlive,
+    /// The database-derived part of `/metrics` and when it was rendered.
+    metrics_cache: tokio::sync::Mutex<Option<(Instant, String)>>,
 }
 
 pub fn router(app: AppState, config: ServerConfig) -> (Router, Arc<ServerState>) {
@@ -66,9 +88,18 @@ pub fn router(app: AppState, config: ServerConfig) -> (Router, Arc<ServerState>)
         schema,
         app,
         keys: config.keys,
-        limiter: RateLimiter::new(config.rate_limit_per_second, config.rate_limit_burst),
+        limiter: Arc::new(RateLimiter::new(config.rate_limit_per_second, config.rate_limit_burst)),
+        address_limiter: RateLimiter::new(
+            config.rate_limit_per_address_per_second,
+            config.rate_limit_per_address_burst,
+        ),
+        auth_failures: RateLimiter::new(AUTH_FAILURES_PER_SECOND, AUTH_FAILURES_BURST),
+        subjects: Arc::default(),
         http: HttpMetrics::default(),
         kafka: config.kafka,
+        graphiql: config.introspection,
+        keep_alive: config.keep_alive,
+        metrics_cache: tokio::sync::Mutex::new(None),
     });
     let router = Router::new()
         .route("/", get(crate::dashboard::index))
@@ -84,6 +115,12 @@ pub fn router(app: AppState, config: ServerConfig) -> (Router, Arc<ServerState>)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))
         .with_state(state.clone());
     (router, state)
+}
+
+/// The router of the separate metrics listener (`LEDGER_METRICS_LISTEN`): `/metrics` without a token, for a
+/// scraper on an internal network.
+pub fn metrics_router(state: Arc<ServerState>) -> Router {
+    Router::new().route("/metrics", get(open_metrics)).with_state(state)
 }
 
 /// Serves `router` on `listener` until `cancel` fires, finishing requests in flight.
@@ -102,15 +139,67 @@ fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn graphiql() -> Html<String> {
-    Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql/ws").finish())
+fn rate_limited(state: &ServerState) -> Response {
+    state.http.rate_limited.fetch_add(1, Ordering::Relaxed);
+    error_response(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", "too many requests; slow down")
+}
+
+/// Why a request was refused before it reached its handler.
+enum Refusal {
+    RateLimited,
+    Unauthenticated(AuthError),
+}
+
+impl Refusal {
+    fn response(self, state: &ServerState) -> Response {
+        match self {
+            Refusal::RateLimited => rate_limited(state),
+            Refusal::Unauthenticated(error) => {
+                state.http.unauthorized.fetch_add(1, Ordering::Relaxed);
+                error_response(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", &error.to_string())
+            }
+        }
+    }
+}
+
+/// Authenticates a request's `Authorization` header, after the per-address checks: too many requests from the
+/// address, or too many failed authentications from it while carrying a token, are refused (429) before the
+/// token is looked at. `Ok(None)`: no token.
+fn authenticate(
+    state: &ServerState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<Option<(crate::auth::Principal, chrono::DateTime<chrono::Utc>)>, Refusal> {
+    let address = peer.ip().to_string();
+    if !state.address_limiter.allow(&address) {
+        return Err(Refusal::RateLimited);
+    }
+    let authorization = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if authorization.is_some() && state.auth_failures.exhausted(&address) {
+        return Err(Refusal::RateLimited);
+    }
+    match state.keys.verify_header_until(authorization, state.app.clock.now()) {
+        Ok(verified) => Ok(Some(verified)),
+        Err(AuthError::Missing) => Ok(None),
+        Err(error) => {
+            state.auth_failures.allow(&address);
+            Err(Refusal::Unauthenticated(error))
+        }
+    }
+}
+
+async fn graphiql(State(state): State<Arc<ServerState>>) -> Response {
+    if !state.graphiql {
+        return error_response(StatusCode::NOT_FOUND, "NOT_FOUND", "GraphiQL is off (LEDGER_INTROSPECTION=false)");
+    }
+    crate::dashboard::graphiql()
 }
 
 async fn graphql(
     State(state): State<Arc<ServerState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    request: GraphQLRequest,
+    request: GraphQLRequest<RequestRejected>,
 ) -> Response {
     let started = Instant::now();
     state.http.requests.fetch_add(1, Ordering::Relaxed);
@@ -155,22 +244,16 @@ async fn graphql_in_span(
     state: &ServerState,
     peer: SocketAddr,
     headers: &HeaderMap,
-    request: GraphQLRequest,
+    request: GraphQLRequest<RequestRejected>,
     ids: RequestIds,
 ) -> Response {
-    let authorization = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let principal = match state.keys.verify_header(authorization, state.app.clock.now()) {
-        Ok(principal) => Some(principal),
-        Err(AuthError::Missing) => None,
-        Err(error) => {
-            state.http.unauthorized.fetch_add(1, Ordering::Relaxed);
-            return error_response(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", &error.to_string());
-        }
+    let principal = match authenticate(state, peer, headers) {
+        Ok(verified) => verified.map(|(principal, _)| principal),
+        Err(refusal) => return refusal.response(state),
     };
     let bucket = principal.as_ref().map_or_else(|| format!("ip:{}", peer.ip()), |p| format!("sub:{}", p.subject));
     if !state.limiter.allow(&bucket) {
-        state.http.rate_limited.fetch_add(1, Ordering::Relaxed);
-        return error_response(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", "too many requests; slow down");
+        return rate_limited(state);
     }
     let mut request = request.into_inner().data(ids);
     if let Some(principal) = principal {
@@ -188,6 +271,36 @@ async fn graphql_in_span(
     GraphQLResponse::from(answer).into_response()
 }
 
+/// A request the GraphQL extractor could not read (not JSON, not a GraphQL request, too large): answered with a
+/// JSON error and a bounded generic message, never the parser's debug text.
+pub struct RequestRejected(async_graphql::ParseRequestError);
+
+impl From<async_graphql::ParseRequestError> for RequestRejected {
+    fn from(error: async_graphql::ParseRequestError) -> Self {
+        Self(error)
+    }
+}
+
+impl IntoResponse for RequestRejected {
+    fn into_response(self) -> Response {
+        match self.0 {
+            async_graphql::ParseRequestError::PayloadTooLarge => error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                &format!("the request body exceeds {REQUEST_BODY_MAX_BYTES} bytes"),
+            ),
+            error => {
+                tracing::debug!(%error, "unreadable GraphQL request");
+                error_response(
+                    StatusCode::BAD_REQUEST,
+                    "BAD_REQUEST",
+                    "not a GraphQL request: send JSON {\"query\": …, \"variables\": …} as application/json",
+                )
+            }
+        }
+    }
+}
+
 #[derive(serde::Deserialize, Default)]
 struct ConnectionInit {
     authorization: Option<String>,
@@ -198,28 +311,54 @@ struct ConnectionInit {
 
 async fn subscriptions(
     State(state): State<Arc<ServerState>>,
-    protocol: GraphQLProtocol,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let schema = state.schema.clone();
-    upgrade.protocols(ALL_WEBSOCKET_PROTOCOLS).on_upgrade(move |stream| {
-        let keys = state.keys.clone();
-        let clock = state.app.clock.clone();
-        GraphQLWebSocket::new(stream, schema, protocol)
-            .on_connection_init(move |payload| async move {
+    if !state.address_limiter.allow(&peer.ip().to_string()) {
+        return rate_limited(&state);
+    }
+    let protocol = headers
+        .get(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|protocols| protocols.split(',').find_map(|p| p.trim().parse::<WebSocketProtocols>().ok()));
+    let Some(protocol) = protocol else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            "a WebSocket subprotocol is required: graphql-transport-ws (or graphql-ws)",
+        );
+    };
+    let executor = crate::ws::SubscriptionExecutor { schema: state.schema.clone(), limiter: state.limiter.clone() };
+    let keep_alive = state.keep_alive;
+    upgrade
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .max_message_size(crate::ws::WS_MESSAGE_MAX_BYTES)
+        .max_frame_size(crate::ws::WS_MESSAGE_MAX_BYTES)
+        .on_upgrade(move |socket| {
+            crate::ws::serve(socket, executor, protocol, keep_alive, move |payload| async move {
                 let init: ConnectionInit = serde_json::from_value(payload).unwrap_or_default();
                 let header =
                     init.authorization.or(init.authorization_capital).or(init.token.map(|t| format!("Bearer {t}")));
-                let principal = keys
-                    .verify_header(header.as_deref(), clock.now())
-                    .map_err(|e| async_graphql::Error::new(format!("unauthenticated: {e}")))?;
-                let mut data = Data::default();
-                data.insert(principal);
-                Ok(data)
+                let address = peer.ip().to_string();
+                if state.auth_failures.exhausted(&address) {
+                    return Err(async_graphql::Error::new("too many failed authentications; slow down"));
+                }
+                let (principal, expires_at) =
+                    state.keys.verify_header_until(header.as_deref(), state.app.clock.now()).map_err(|e| {
+                        state.auth_failures.allow(&address);
+                        async_graphql::Error::new(format!("unauthenticated: {e}"))
+                    })?;
+                let socket =
+                    crate::ws::SocketPermit::acquire(&state.subjects, &principal.subject).ok_or_else(|| {
+                        async_graphql::Error::new(format!(
+                            "too many sockets for this token (at most {})",
+                            crate::ws::SOCKETS_PER_SUBJECT_MAX
+                        ))
+                    })?;
+                Ok(Arc::new(crate::ws::Connection { principal, expires_at, socket: Arc::new(socket) }))
             })
-            .keepalive_timeout(Duration::from_secs(30))
-            .serve()
-    })
+        })
 }
 
 async fn ready(State(state): State<Arc<ServerState>>) -> Response {
@@ -253,8 +392,40 @@ async fn ready(State(state): State<Arc<ServerState>>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
-    let body = crate::metrics::render(&state.app, &state.http).await;
+/// `/metrics` on the API listener: auditors and admins only (or use `LEDGER_METRICS_LISTEN`).
+async fn metrics(
+    State(state): State<Arc<ServerState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    match authenticate(&state, peer, &headers) {
+        Ok(Some((principal, _))) if principal.can_read_log() => {}
+        Ok(Some(_)) => {
+            return error_response(StatusCode::FORBIDDEN, "FORBIDDEN", "metrics are for auditors and admins")
+        }
+        Ok(None) => {
+            return error_response(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", "a valid bearer token is required")
+        }
+        Err(refusal) => return refusal.response(&state),
+    }
+    open_metrics(State(state)).await
+}
+
+/// `/metrics` without authentication (the separate metrics listener, or after the check above). The database
+/// part is rendered at most once per [`METRICS_CACHE_MS`], however often it is scraped.
+async fn open_metrics(State(state): State<Arc<ServerState>>) -> Response {
+    let database_part = {
+        let mut cache = state.metrics_cache.lock().await;
+        match cache.as_ref() {
+            Some((at, text)) if at.elapsed() < Duration::from_millis(METRICS_CACHE_MS) => text.clone(),
+            _ => {
+                let text = crate::metrics::render_database(&state.app.pool).await;
+                *cache = Some((Instant::now(), text.clone()));
+                text
+            }
+        }
+    };
+    let body = crate::metrics::render(&state.app, &state.http) + &database_part;
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -295,23 +466,22 @@ impl AuditExportQuery {
 /// `x-ledger-chain-count`, `x-ledger-chain-position` and `x-ledger-chain-hash`.
 async fn audit_export(
     State(state): State<Arc<ServerState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     query: Result<axum::extract::Query<AuditExportQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let authorization = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let principal = match state.keys.verify_header(authorization, state.app.clock.now()) {
-        Ok(principal) => principal,
-        Err(error) => {
-            state.http.unauthorized.fetch_add(1, Ordering::Relaxed);
-            return error_response(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", &error.to_string());
+    let principal = match authenticate(&state, peer, &headers) {
+        Ok(Some((principal, _))) => principal,
+        Ok(None) => {
+            return error_response(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", "a valid bearer token is required")
         }
+        Err(refusal) => return refusal.response(&state),
     };
     if !principal.can_read_log() {
         return error_response(StatusCode::FORBIDDEN, "FORBIDDEN", "the audit trail is for auditors and admins");
     }
     if !state.limiter.allow(&format!("sub:{}", principal.subject)) {
-        state.http.rate_limited.fetch_add(1, Ordering::Relaxed);
-        return error_response(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", "too many requests; slow down");
+        return rate_limited(&state);
     }
     let filter = match query.map_err(|e| e.body_text()).and_then(|q| q.0.filter()) {
         Ok(filter) => filter,

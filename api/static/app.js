@@ -31,9 +31,18 @@ async function gql(query, variables = {}) {
   return body.data;
 }
 
-function subscribe(query, variables, onData) {
-  const dispose = state.ws.subscribe({ query, variables }, {
-    next: (message) => { if (message.data) onData(message.data); },
+// `positionOf(data)`, when given, names the log position a message reflects: it becomes the subscription's
+// `after`, so that when the socket reconnects (graphql-ws sends the same payload object again) the
+// subscription resumes where it stopped instead of skipping what happened meanwhile.
+function subscribe(query, variables, onData, positionOf) {
+  const payload = { query, variables: { ...variables } };
+  const dispose = state.ws.subscribe(payload, {
+    next: (message) => {
+      if (!message.data) return;
+      const position = positionOf && positionOf(message.data);
+      if (position) payload.variables.after = position;
+      onData(message.data);
+    },
     error: (error) => setConnection("error", `subscription error: ${error.message || error}`),
     complete: () => {},
   });
@@ -261,10 +270,12 @@ function onAlert(alert) {
 function resubscribePortfolio() {
   while (state.subscriptions.length > 1) state.subscriptions.pop()();
   const id = state.portfolio;
-  subscribe(`subscription($id: UUID!) { portfolioUpdates(id: $id) { ${PORTFOLIO_FIELDS} } }`, { id },
-    (data) => showPortfolio(data.portfolioUpdates));
-  subscribe("subscription($id: UUID!) { orderUpdates(portfolioId: $id) { position orderId status cumQuantity averagePrice } }",
-    { id }, (data) => onOrderUpdate(data.orderUpdates));
+  subscribe(`subscription($id: UUID!, $after: LogPosition) {
+      portfolioUpdates(id: $id, after: $after) { position ${PORTFOLIO_FIELDS} } }`, { id },
+    (data) => showPortfolio(data.portfolioUpdates), (data) => data.portfolioUpdates.position);
+  subscribe(`subscription($id: UUID!, $after: LogPosition) {
+      orderUpdates(portfolioId: $id, after: $after) { position orderId status cumQuantity averagePrice } }`,
+    { id }, (data) => onOrderUpdate(data.orderUpdates), (data) => data.orderUpdates.position);
   subscribe("subscription($id: UUID!) { alertFired(portfolioId: $id) { kind symbol price firedAt } }", { id },
     (data) => onAlert(data.alertFired));
 }

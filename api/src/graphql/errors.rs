@@ -5,8 +5,24 @@ use async_graphql::{Error, ErrorExtensions};
 use ledger::commands::CommandError;
 use ledger::domain::values::ValueError;
 
+/// Longest error message sent to a client, in bytes: a message never repeats a large input whole.
+pub const ERROR_MESSAGE_LEN_MAX: usize = 300;
+
 pub fn coded(code: &str, message: impl Into<String>) -> Error {
-    Error::new(message).extend_with(|_, e| e.set("code", code))
+    Error::new(bounded(message.into())).extend_with(|_, e| e.set("code", code))
+}
+
+/// `message`, cut at a character boundary to at most [`ERROR_MESSAGE_LEN_MAX`] bytes.
+pub fn bounded(mut message: String) -> String {
+    if message.len() > ERROR_MESSAGE_LEN_MAX {
+        let mut end = ERROR_MESSAGE_LEN_MAX - "…".len();
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
+    message
 }
 
 pub fn unauthenticated() -> Error {

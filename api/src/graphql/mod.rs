@@ -33,9 +33,11 @@ use crate::auth::Principal;
 use crate::hub::Hub;
 use errors::unauthenticated;
 
-/// Deepest query accepted.
-pub const QUERY_DEPTH_MAX: usize = 12;
-/// Highest query complexity accepted (each field costs 1, lists multiply by their page size).
+/// Deepest query accepted: enough for the standard introspection query (15 levels: GraphiQL and code
+/// generators send it), and the complexity limit bounds the work whatever the depth.
+pub const QUERY_DEPTH_MAX: usize = 16;
+/// Highest query complexity accepted (each field costs 1; a list multiplies its items' cost by its page size,
+/// or by a weight when it is not paginated).
 pub const QUERY_COMPLEXITY_MAX: usize = 5_000;
 /// Most aliases one operation may use (aliases multiply work without deepening the query).
 pub const QUERY_ALIASES_MAX: usize = 30;
@@ -43,6 +45,15 @@ pub const QUERY_ALIASES_MAX: usize = 30;
 pub const PAGE_SIZE_DEFAULT: usize = 20;
 /// Items per page at most; a larger `first` is capped.
 pub const PAGE_SIZE_MAX: usize = 100;
+/// What an unpaginated list field counts for in the complexity limit: a multiple of its items' cost, as a
+/// paginated field counts its page size. Positions are one per symbol held; executions one per fill.
+pub const POSITIONS_WEIGHT: usize = 10;
+pub const EXECUTIONS_WEIGHT: usize = 10;
+/// Portfolios `myPortfolios` returns unless `first` says otherwise, and at most.
+pub const MY_PORTFOLIOS_DEFAULT: usize = 100;
+pub const MY_PORTFOLIOS_MAX: usize = 1_000;
+/// Fields with `waitFor` one request may hold (each waits up to 5 s).
+pub const WAIT_FOR_PER_REQUEST_MAX: usize = 1;
 /// How long `placeOrder(waitForAcceptanceMs)` may wait at most.
 pub const ACCEPTANCE_WAIT_MS_MAX: u64 = 10_000;
 
@@ -126,6 +137,40 @@ pub(crate) fn command_context(ctx: &Context<'_>, principal: &Principal) -> ledge
         command.correlation_id = ids.correlation_id;
     }
     command
+}
+
+/// Waits (at most [`portfolio::READ_WAIT_MS_MAX`]) until `read_model` shows `position` for the aggregate and
+/// the process manager's reactions to it, woken by the hub's progress notifications; `NOT_YET_VISIBLE` when it
+/// does not in time (see `ledger::projections::visibility`).
+pub(crate) async fn wait_visible(
+    state: &AppState,
+    read_model: ledger::projections::visibility::ReadModel,
+    aggregate_id: &str,
+    position: ledger::log::LogPosition,
+) -> async_graphql::Result<()> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(portfolio::READ_WAIT_MS_MAX);
+    let hub = state.hub.clone();
+    let woken = move || hub.next_progress();
+    let visible = ledger::projections::visibility::wait_until_visible(
+        &state.pool,
+        read_model,
+        aggregate_id,
+        position,
+        deadline,
+        woken,
+    )
+    .await
+    .map_err(errors::database)?;
+    if visible {
+        Ok(())
+    } else {
+        Err(errors::not_yet_visible())
+    }
+}
+
+/// `first` for `myPortfolios`: [`MY_PORTFOLIOS_DEFAULT`] when absent, capped to [`MY_PORTFOLIOS_MAX`].
+pub(crate) fn my_portfolios_limit(first: Option<i32>) -> usize {
+    first.map_or(MY_PORTFOLIOS_DEFAULT, |n| n.max(1) as usize).min(MY_PORTFOLIOS_MAX)
 }
 
 /// `first` capped to [`PAGE_SIZE_MAX`] (and at least 1).

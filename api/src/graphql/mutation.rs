@@ -14,7 +14,8 @@ use ledger::commands::{CommandContext, CommandOutcome, Idempotency};
 use ledger::domain::order::{PlaceOrder, RecordExecution};
 use ledger::domain::portfolio::AlertCondition;
 use ledger::domain::values::{
-    AlertId, Amount, ClientOrderId, Currency, ExecId, Money, OrderId, Owner, PortfolioId, Price, Quantity, Symbol,
+    AlertId, Amount, ClientOrderId, Currency, ExecId, FreeText, Money, OrderId, Owner, PortfolioId, Price, Quantity,
+    Symbol,
 };
 use ledger::domain::{Order as OrderAggregate, OrderCommand, OrderStatus, OrderType, PortfolioCommand};
 use rust_decimal::Decimal;
@@ -44,6 +45,11 @@ async fn authorize_portfolio(state: &AppState, principal: &Principal, portfolio_
         Some(owner) if principal.can_trade_portfolio(&owner) => Ok(()),
         _ => Err(portfolio_not_found()),
     }
+}
+
+/// Optional free text (a reference), bounded and without control characters.
+fn free_text(field: &'static str, text: Option<String>) -> Result<Option<FreeText>> {
+    text.map(|t| FreeText::new(field, t)).transpose().map_err(value)
 }
 
 fn amount(value: Decimal) -> Result<Amount> {
@@ -111,6 +117,7 @@ impl PortfolioMutation {
         let state = state(ctx);
         authorize_portfolio(state, principal, portfolio_id).await?;
         let ctx_command = context(ctx, principal, &idempotency_key, &("deposit", portfolio_id, amount, &reference))?;
+        let reference = free_text("reference", reference)?;
         let command = PortfolioCommand::DepositCash { amount: self::amount(amount)?, reference, at: state.clock.now() };
         let outcome = state
             .commands
@@ -132,6 +139,7 @@ impl PortfolioMutation {
         let state = state(ctx);
         authorize_portfolio(state, principal, portfolio_id).await?;
         let ctx_command = context(ctx, principal, &idempotency_key, &("withdraw", portfolio_id, amount, &reference))?;
+        let reference = free_text("reference", reference)?;
         let command =
             PortfolioCommand::WithdrawCash { amount: self::amount(amount)?, reference, at: state.clock.now() };
         let outcome = state
@@ -160,7 +168,12 @@ impl PortfolioMutation {
             let built = (|| {
                 let idempotency = Idempotency::new(&movement.idempotency_key, &("cashBatch", movement))?;
                 let amount = Amount::new(movement.amount).map_err(|e| CommandError::Invalid(e.to_string()))?;
-                let reference = movement.reference.clone();
+                let reference = movement
+                    .reference
+                    .clone()
+                    .map(|r| FreeText::new("reference", r))
+                    .transpose()
+                    .map_err(|e| CommandError::Invalid(e.to_string()))?;
                 let command = match movement.kind {
                     CashMovementKind::Deposit => PortfolioCommand::DepositCash { amount, reference, at: now },
                     CashMovementKind::Withdraw => PortfolioCommand::WithdrawCash { amount, reference, at: now },
@@ -362,10 +375,8 @@ impl OrderMutation {
             return Err(order_not_found());
         }
         let ctx_command = context(ctx, principal, &idempotency_key, &("cancelOrder", order_id, &reason))?;
-        let command = OrderCommand::CancelOrder {
-            reason: reason.unwrap_or_else(|| "client".into()),
-            canceled_at: state.clock.now(),
-        };
+        let reason = FreeText::new("reason", reason.unwrap_or_else(|| "client".into())).map_err(value)?;
+        let command = OrderCommand::CancelOrder { reason, canceled_at: state.clock.now() };
         let outcome = state
             .commands
             .execute_order(&ctx_command, &order_id.to_string(), command)

@@ -68,20 +68,8 @@ pub async fn load_live(
     wait_for: Option<ledger::log::LogPosition>,
 ) -> Result<Option<Order>> {
     if let Some(position) = wait_for {
-        let deadline =
-            tokio::time::Instant::now() + std::time::Duration::from_millis(super::portfolio::READ_WAIT_MS_MAX);
-        let visible = ledger::projections::visibility::wait_until_visible(
-            &state.pool,
-            ledger::projections::visibility::ReadModel::Order,
-            &id.to_string(),
-            position,
-            deadline,
-        )
-        .await
-        .map_err(database)?;
-        if !visible {
-            return Err(super::errors::not_yet_visible());
-        }
+        let order = ledger::projections::visibility::ReadModel::Order;
+        super::wait_visible(state, order, &id.to_string(), position).await?;
     }
     let record: Option<OrderRecord> =
         sqlx::query_as(&format!("select {} from rm_orders where order_id = $1", OrderRecord::COLUMNS))
@@ -255,6 +243,7 @@ impl Order {
         self.as_of.as_ref().map(|a| a.time)
     }
 
+    #[graphql(complexity = "super::EXECUTIONS_WEIGHT * child_complexity")]
     async fn executions(&self, ctx: &Context<'_>) -> Result<Vec<Execution>> {
         let loader = ctx.data_unchecked::<DataLoader<Loaders>>();
         let all = loader

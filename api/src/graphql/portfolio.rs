@@ -2,7 +2,6 @@
 //! replayed from the aggregate's own events (time travel).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use async_graphql::connection::{Connection, Edge};
 use async_graphql::dataloader::DataLoader;
@@ -14,9 +13,9 @@ use rust_decimal::Decimal;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use ledger::projections::visibility::{self, ReadModel};
+use ledger::projections::visibility::ReadModel;
 
-use super::errors::{database, forbidden, invalid, not_found, not_yet_visible};
+use super::errors::{database, forbidden, invalid, not_found};
 use super::orders::{Order, OrderRecord};
 use super::scalars::LogPosition;
 use super::types::{
@@ -90,20 +89,14 @@ const PORTFOLIO_COLUMNS: &str =
 /// answers `NOT_YET_VISIBLE` if it does not in time. A portfolio the read model has not seen yet (opened a
 /// moment ago) is answered from its events, as of now.
 pub async fn load_live(
-    pool: &PgPool,
+    state: &super::AppState,
     id: Uuid,
     wait_for: Option<ledger::log::LogPosition>,
-    now: DateTime<Utc>,
 ) -> Result<Option<Portfolio>> {
     if let Some(position) = wait_for {
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(READ_WAIT_MS_MAX);
-        let visible = visibility::wait_until_visible(pool, ReadModel::Portfolio, &id.to_string(), position, deadline)
-            .await
-            .map_err(database)?;
-        if !visible {
-            return Err(not_yet_visible());
-        }
+        super::wait_visible(state, ReadModel::Portfolio, &id.to_string(), position).await?;
     }
+    let (pool, now) = (&state.pool, state.clock.now());
     let row: Option<PortfolioRow> =
         sqlx::query_as(&format!("select {PORTFOLIO_COLUMNS} from rm_portfolios where portfolio_id = $1"))
             .bind(id)
@@ -264,6 +257,7 @@ impl Portfolio {
         self.as_of.as_ref().map(|(as_of, _)| as_of.time)
     }
 
+    #[graphql(complexity = "super::POSITIONS_WEIGHT * child_complexity")]
     async fn positions(&self, ctx: &Context<'_>) -> Result<Vec<Position>> {
         if let Some((_, positions)) = &self.as_of {
             return Ok(positions.clone());
@@ -393,6 +387,8 @@ impl Portfolio {
         Ok(connection)
     }
 
+    /// The portfolio's alert rules (at most 100 live ones).
+    #[graphql(complexity = "ledger::domain::portfolio::ALERTS_PER_PORTFOLIO_MAX * child_complexity")]
     async fn alert_rules(&self, ctx: &Context<'_>) -> Result<Vec<AlertRule>> {
         let rows: Vec<super::types::AlertRuleRow> = sqlx::query_as(
             "select alert_id, portfolio_id, kind, symbol, condition, arming, status from rm_alert_rules
@@ -490,23 +486,28 @@ pub struct PortfolioQuery;
 
 #[Object]
 impl PortfolioQuery {
-    /// The portfolios the token may see: a trader's own; every portfolio for auditors and admins.
-    async fn my_portfolios(&self, ctx: &Context<'_>) -> Result<Vec<Portfolio>> {
+    /// The portfolios the token may see — a trader's own, every portfolio for auditors and admins — oldest first:
+    /// the first 100, or `first` (at most 1,000).
+    #[graphql(complexity = "super::my_portfolios_limit(first) * child_complexity")]
+    async fn my_portfolios(&self, ctx: &Context<'_>, first: Option<i32>) -> Result<Vec<Portfolio>> {
+        let limit = super::my_portfolios_limit(first) as i64;
         let principal = principal(ctx)?;
         let state = state(ctx);
         let rows: Vec<PortfolioRow> = match principal.role {
             crate::auth::Role::Trader => {
                 sqlx::query_as(&format!(
-                    "select {PORTFOLIO_COLUMNS} from rm_portfolios where owner = $1 order by opened_at, portfolio_id limit 1000"
+                    "select {PORTFOLIO_COLUMNS} from rm_portfolios where owner = $1 order by opened_at, portfolio_id limit $2"
                 ))
                 .bind(&principal.subject)
+                .bind(limit)
                 .fetch_all(&state.pool)
                 .await
             }
             crate::auth::Role::Auditor | crate::auth::Role::Admin => {
                 sqlx::query_as(&format!(
-                    "select {PORTFOLIO_COLUMNS} from rm_portfolios order by opened_at, portfolio_id limit 1000"
+                    "select {PORTFOLIO_COLUMNS} from rm_portfolios order by opened_at, portfolio_id limit $1"
                 ))
+                .bind(limit)
                 .fetch_all(&state.pool)
                 .await
             }
@@ -536,7 +537,7 @@ impl PortfolioQuery {
         let state = state(ctx);
         let portfolio = match resolve_as_of(&state.pool, as_of, at_position).await? {
             Some(point) => load_as_of(&state.pool, id, point).await?,
-            None => load_live(&state.pool, id, wait_for.map(|w| w.0), state.clock.now()).await?,
+            None => load_live(state, id, wait_for.map(|w| w.0)).await?,
         };
         Ok(portfolio.filter(|p| principal.can_read_portfolio(&p.owner)))
     }

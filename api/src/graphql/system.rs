@@ -102,7 +102,8 @@ impl LogQuery {
     }
 }
 
-/// Refuses operations with more than N aliases: aliases multiply work without making a query deeper.
+/// Refuses operations with more than N aliases (aliases multiply work without making a query deeper) or more
+/// than one field waiting for a log position (`waitFor`: each would hold the request and the database).
 pub struct AliasLimit(pub usize);
 
 impl ExtensionFactory for AliasLimit {
@@ -146,8 +147,42 @@ impl Extension for AliasLimitExtension {
             );
             return Err(ServerError::new(error.message.clone(), None).extend_with_error(&error));
         }
+        let waits: usize =
+            document.operations.iter().map(|(_, op)| count_waits(&op.node.selection_set.node, &document, 0)).sum();
+        if waits > super::WAIT_FOR_PER_REQUEST_MAX {
+            let error = super::errors::coded(
+                "QUERY_TOO_MANY_WAITS",
+                format!("the query waits {waits} times (waitFor); at most one wait per request"),
+            );
+            return Err(ServerError::new(error.message.clone(), None).extend_with_error(&error));
+        }
         Ok(document)
     }
+}
+
+/// Fields with a `waitFor` argument, fragments expanded (each spread counts again: it would wait again).
+fn count_waits(set: &SelectionSet, document: &ExecutableDocument, depth: usize) -> usize {
+    if depth > super::QUERY_DEPTH_MAX {
+        return 0; // deeper than any query is allowed to be: refused by the depth limit anyway
+    }
+    set.items
+        .iter()
+        .map(|item| match &item.node {
+            Selection::Field(field) => {
+                let waits = field
+                    .node
+                    .arguments
+                    .iter()
+                    .any(|(name, value)| name.node.as_str() == "waitFor" && value.node.to_string() != "null");
+                usize::from(waits) + count_waits(&field.node.selection_set.node, document, depth + 1)
+            }
+            Selection::InlineFragment(fragment) => count_waits(&fragment.node.selection_set.node, document, depth + 1),
+            Selection::FragmentSpread(spread) => document
+                .fragments
+                .get(&spread.node.fragment_name.node)
+                .map_or(0, |fragment| count_waits(&fragment.node.selection_set.node, document, depth + 1)),
+        })
+        .sum()
 }
 
 trait ExtendWith {

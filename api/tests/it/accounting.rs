@@ -21,15 +21,6 @@ const PORTFOLIO: &str = "query($id: UUID!, $w: LogPosition) {
     }
 }";
 
-async fn metric(stack: &Stack, series: &str) -> f64 {
-    let text = reqwest::get(stack.url(0, "/metrics")).await.unwrap().text().await.unwrap();
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-}
-
 /// The example of the outside accounting check, over GraphQL: buy 1 NVDA at limit 122.64 (123.8664 reserved),
 /// withdraw down to 0.5 of buying power, fill 1 at 122.64 with a fee of 4.4733. The order is filled, the fill
 /// booked and listed, the reservation released, the deficit of 2.7469 shown on the portfolio, to operators, in
@@ -95,9 +86,9 @@ async fn a_fill_the_portfolio_cannot_pay_is_booked_and_the_deficit_is_visible() 
         json!([{ "node": { "portfolioId": id, "owner": "alice", "deficit": "2.7469" } }])
     );
     assert_eq!(error_code(&stack.gql(&alice, query, json!({})).await).as_deref(), Some("FORBIDDEN"));
-    assert_eq!(metric(&stack, "ledger_portfolios_in_deficit").await, 1.0);
-    assert_eq!(metric(&stack, "ledger_deficit_total").await, 2.7469);
-    assert_eq!(metric(&stack, "ledger_process_failures{state=\"open\"}").await, 0.0);
+    stack.wait_metric("ledger_portfolios_in_deficit", 1.0).await;
+    stack.wait_metric("ledger_deficit_total", 2.7469).await;
+    stack.wait_metric("ledger_process_failures{state=\"open\"}", 0.0).await;
 
     // Until covered: no withdrawal, no new buy (rejected with the reason, spelled like the error codes).
     let more =
@@ -107,11 +98,12 @@ async fn a_fill_the_portfolio_cannot_pay_is_booked_and_the_deficit_is_visible() 
         Some("PORTFOLIO_IN_DEFICIT")
     );
     let small = json!({ "portfolioId": id, "symbol": "NVDA", "side": "BUY", "type": "LIMIT", "quantity": "1", "limitPrice": "1" });
-    let (rejected, status) = place(&stack, &alice, small).await;
-    assert_eq!(status, "REJECTED");
-    let reason =
-        stack.ok(&alice, "query($id: UUID!) { order(id: $id) { rejectCode } }", json!({ "id": rejected })).await;
-    assert_eq!(reason["order"]["rejectCode"], "PORTFOLIO_IN_DEFICIT");
+    let placed = stack.ok(&alice, crate::graphql::PLACE_NO_WAIT, json!({ "input": small, "key": "small" })).await;
+    let query = "query($id: UUID!, $w: LogPosition) { order(id: $id, waitFor: $w) { status rejectCode } }";
+    let variables =
+        json!({ "id": placed["placeOrder"]["orderId"], "w": placed["placeOrder"]["result"]["lastPosition"] });
+    let rejected = stack.ok_visible(&alice, query, variables).await;
+    assert_eq!(rejected["order"], json!({ "status": "REJECTED", "rejectCode": "PORTFOLIO_IN_DEFICIT" }));
     let covered = stack.ok(&alice, DEPOSIT, json!({ "id": id, "amount": "10", "key": "cover" })).await;
     let types: Vec<&str> =
         covered["deposit"]["events"].as_array().unwrap().iter().map(|e| e["eventType"].as_str().unwrap()).collect();
@@ -150,7 +142,7 @@ async fn process_failures_are_listed_and_an_admin_retries_or_dismisses_them() {
     assert!(listed, "the failure was never listed");
     let node = stack.ok(&auditor, list, json!({})).await["processFailures"]["edges"][0]["node"].clone();
     assert_eq!((&node["eventId"], &node["errorCode"]), (&json!(event_id), &json!("UNDECODABLE_EVENT")));
-    assert_eq!(metric(&stack, "ledger_process_failures{state=\"open\"}").await, 1.0);
+    stack.wait_metric("ledger_process_failures{state=\"open\"}", 1.0).await;
     assert_eq!(error_code(&stack.gql(&alice, list, json!({})).await).as_deref(), Some("FORBIDDEN"));
 
     let retry = "mutation($e: UUID!) { retryProcessFailure(eventId: $e) { resolved errorCode } }";
@@ -166,7 +158,7 @@ async fn process_failures_are_listed_and_an_admin_retries_or_dismisses_them() {
         stack.ok(&auditor, all, json!({})).await["processFailures"]["edges"][0]["node"],
         json!({ "resolution": "dismissed", "resolvedBy": "root" })
     );
-    assert_eq!(metric(&stack, "ledger_process_failures{state=\"open\"}").await, 0.0);
+    stack.wait_metric("ledger_process_failures{state=\"open\"}", 0.0).await;
     stack.stop().await;
 }
 

@@ -4,5 +4,6 @@ mod accounting;
 mod cli;
 mod demo;
 mod graphql;
+mod security;
 mod subscriptions;
 mod support;

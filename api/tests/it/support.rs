@@ -124,6 +124,25 @@ impl Stack {
         }
     }
 
+    /// `/metrics` of instance 0, as an auditor (the route needs an auditor or admin token).
+    pub async fn metrics(&self) -> String {
+        let auditor = self.token("metrics-reader", Role::Auditor);
+        let response = self.http.get(self.url(0, "/metrics")).bearer_auth(auditor).send().await.unwrap();
+        response.text().await.unwrap()
+    }
+
+    /// Waits until a series of `/metrics` has `expected` (database-derived series are cached for a few seconds).
+    pub async fn wait_metric(&self, series: &str, expected: f64) {
+        let last = std::sync::Mutex::new(None);
+        let reached = eventually(|| async {
+            let value = metric_value(&self.metrics().await, series);
+            *last.lock().unwrap() = value;
+            value == Some(expected)
+        })
+        .await;
+        assert!(reached, "{series} never reached {expected}: last {:?}", last.lock().unwrap());
+    }
+
     /// Waits until `instance` has at least `count` live subscriptions (each receives everything committed from
     /// then on).
     pub async fn wait_subscriptions(&self, instance: usize, count: i64) {
@@ -155,6 +174,14 @@ impl Stack {
                 sqlx::query(&format!("drop database if exists {} with (force)", self.name)).execute(&mut conn).await;
         }
     }
+}
+
+/// The value of a series in Prometheus text (the first line starting with it).
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
 }
 
 /// The first error code of a response, if any.
@@ -244,5 +271,97 @@ impl WsSubscription {
 
     pub async fn close(mut self) {
         let _ = self.socket.close(None).await;
+    }
+}
+
+/// What a socket said: a protocol message, or the close frame's code.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WsEvent {
+    Message(Value),
+    Closed(Option<u16>),
+}
+
+/// A graphql-transport-ws client speaking the protocol message by message (several subscriptions, raw
+/// frames, pongs on request), for the WebSocket's limits.
+pub struct WsClient {
+    socket: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    /// Answer the server's pings (a well-behaved client); off to play a dead one.
+    pub answer_pings: bool,
+}
+
+impl WsClient {
+    /// Connects and sends `connection_init` with `token`; `Ok` once acknowledged, `Err` with what came instead.
+    pub async fn connect(url: &str, token: &str) -> Result<WsClient, WsEvent> {
+        let mut request = url.into_client_request().unwrap();
+        request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse().unwrap());
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(64 << 20))
+            .max_frame_size(Some(64 << 20));
+        let (socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), false)
+            .await
+            .map_err(|_| WsEvent::Closed(None))?;
+        let mut client = WsClient { socket, answer_pings: true };
+        let init = json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {token}") } });
+        client.send(&init).await;
+        match client.next().await {
+            WsEvent::Message(message) if message["type"] == "connection_ack" => Ok(client),
+            other => Err(other),
+        }
+    }
+
+    pub async fn send(&mut self, message: &Value) {
+        let _ = self.socket.send(Message::text(message.to_string())).await;
+    }
+
+    pub async fn send_raw(&mut self, text: String) {
+        let _ = self.socket.send(Message::text(text)).await;
+    }
+
+    pub async fn subscribe(&mut self, id: &str, query: &str, variables: Value) {
+        let message = json!({ "id": id, "type": "subscribe", "payload": { "query": query, "variables": variables } });
+        self.send(&message).await;
+    }
+
+    /// The next protocol message other than a ping (answered when `answer_pings`), or the close.
+    pub async fn next(&mut self) -> WsEvent {
+        self.next_within(CONDITION_WAIT_MAX).await.unwrap_or(WsEvent::Closed(None))
+    }
+
+    /// The next `next` or `error` message of subscription `id` (skipping `complete`s and other subscriptions'
+    /// messages), or the close.
+    pub async fn answer(&mut self, id: &str) -> WsEvent {
+        loop {
+            match self.next().await {
+                WsEvent::Message(message) if message["id"] != id || message["type"] == "complete" => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Like [`WsClient::next`], `None` when nothing came within `wait` (for a socket that must stay open).
+    pub async fn next_within(&mut self, wait: Duration) -> Option<WsEvent> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let frame = match tokio::time::timeout(remaining, self.socket.next()).await {
+                Err(_) => return None,
+                Ok(frame) => frame,
+            };
+            match frame {
+                Some(Ok(Message::Text(text))) => {
+                    let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    if value["type"] == "ping" {
+                        if self.answer_pings {
+                            self.send(&json!({ "type": "pong" })).await;
+                        }
+                        continue;
+                    }
+                    return Some(WsEvent::Message(value));
+                }
+                Some(Ok(Message::Close(frame))) => return Some(WsEvent::Closed(frame.map(|f| f.code.into()))),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return Some(WsEvent::Closed(None)),
+            }
+        }
     }
 }
