@@ -186,7 +186,8 @@ impl Order {
         self.record.limit_price
     }
 
-    /// For an accepted market buy: the price its reservation was made at (it cannot fill above it).
+    /// For an accepted market order: a buy's ceiling (the last price + 5 %, rounded up to the cent, also what it
+    /// reserved at) or a sell's floor (the last price − 5 %, rounded down); a fill beyond it is refused.
     async fn protection_price(&self) -> Option<Decimal> {
         self.record.protection_price
     }
@@ -211,6 +212,7 @@ impl Order {
         self.record.leaves_quantity
     }
 
+    /// Volume-weighted average fill price, to 8 decimals (see docs/accounting.md).
     async fn average_price(&self) -> Option<Decimal> {
         self.record.average_price
     }
@@ -219,6 +221,8 @@ impl Order {
         self.record.fees
     }
 
+    /// Why the order was rejected: `INSUFFICIENT_FUNDS`, `INSUFFICIENT_QUANTITY`, `NO_MARKET_PRICE`,
+    /// `PORTFOLIO_NOT_FOUND`, `PORTFOLIO_IN_DEFICIT` or `PORTFOLIO_REJECTED`.
     async fn reject_code(&self) -> Option<&str> {
         self.record.reject_code.as_deref()
     }
