@@ -99,10 +99,10 @@ async fn a_fill_the_portfolio_cannot_pay_is_booked_and_the_deficit_is_visible() 
     );
     let small = json!({ "portfolioId": id, "symbol": "NVDA", "side": "BUY", "type": "LIMIT", "quantity": "1", "limitPrice": "1" });
     let placed = stack.ok(&alice, crate::graphql::PLACE_NO_WAIT, json!({ "input": small, "key": "small" })).await;
-    let query = "query($id: UUID!, $w: LogPosition) { order(id: $id, waitFor: $w) { status rejectCode } }";
+    let order_query = "query($id: UUID!, $w: LogPosition) { order(id: $id, waitFor: $w) { status rejectCode } }";
     let variables =
         json!({ "id": placed["placeOrder"]["orderId"], "w": placed["placeOrder"]["result"]["lastPosition"] });
-    let rejected = stack.ok_visible(&alice, query, variables).await;
+    let rejected = stack.ok_visible(&alice, order_query, variables).await;
     assert_eq!(rejected["order"], json!({ "status": "REJECTED", "rejectCode": "PORTFOLIO_IN_DEFICIT" }));
     let covered = stack.ok(&alice, DEPOSIT, json!({ "id": id, "amount": "10", "key": "cover" })).await;
     let types: Vec<&str> =
