@@ -590,6 +590,10 @@ pub async fn end_to_end(
     let token = keys.issue("bench", ledger_api::auth::Role::Auditor, chrono::Duration::hours(1), Utc::now());
     let (delay_sender, mut delay_receiver) = tokio::sync::mpsc::unbounded_channel();
     let subscriber = subscribe_log(api.address, &token, delay_sender).await?;
+    // The subscription starts "from now" when the server has taken it in: deposits start after that.
+    while api.hub.subscriptions.load(Ordering::Relaxed) < 1 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let total = rate * seconds;
     let sending = Instant::now();
     let amount = Amount::new(Decimal::ONE)?;
