@@ -370,8 +370,11 @@ async fn follow_ticks(kafka: KafkaConfig, hub: Arc<Hub>, cancel: CancellationTok
     hub.ticks_live.store(true, Ordering::Relaxed);
     loop {
         let message = tokio::select! {
-            _ = cancel.cancelled() => return,
-            message = consumer.recv() => message,
+            _ = cancel.cancelled() => {
+                let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+                return;
+            }
+            message = consumer.0.recv() => message,
         };
         match message {
             Ok(message) => {
@@ -393,12 +396,15 @@ const TICKS_START_RETRY_MS: u64 = 1_000;
 const TICKS_START_REQUEST_TIMEOUT_MS: u64 = 10_000;
 
 /// A consumer assigned every partition of the prices topic at its current end (blocking: run it off the runtime).
-fn tick_consumer_at_the_end(kafka: &KafkaConfig) -> Result<StreamConsumer, rdkafka::error::KafkaError> {
+fn tick_consumer_at_the_end(kafka: &KafkaConfig) -> Result<TickConsumer, rdkafka::error::KafkaError> {
+    // The group is never joined (partitions are assigned by hand, no offset is committed): librdkafka only
+    // accepts an assignment from a consumer that names one.
     let consumer: StreamConsumer = kafka
         .client_config()
         .set("client.id", "ledger-api-ticks")
         .set("group.id", format!("ledger-api-{}", uuid::Uuid::new_v4().simple()))
         .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
         .set("fetch.wait.max.ms", "10")
         .create()?;
     let timeout = Duration::from_millis(TICKS_START_REQUEST_TIMEOUT_MS);
@@ -418,8 +424,28 @@ fn tick_consumer_at_the_end(kafka: &KafkaConfig) -> Result<StreamConsumer, rdkaf
         let (_, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
         assignment.add_partition_offset(topic, partition, rdkafka::Offset::Offset(high))?;
     }
-    consumer.assign(&assignment)?;
+    let consumer = TickConsumer(consumer);
+    consumer.0.assign(&assignment)?;
     Ok(consumer)
+}
+
+/// How long an unassigned tick consumer is given to stop its fetchers before it is closed.
+const TICKS_SETTLE_MS: u64 = 100;
+
+/// The tick consumer, closed carefully when dropped (which blocks: drop it off the runtime where it can). The
+/// partitions are unassigned first and the fetchers given a moment to stop: librdkafka 2.x can abort the process
+/// when a consumer is closed while its assignment is still being started or stopped (`rd_kafka_cgrp_terminated:
+/// assert: !rd_kafka_assignment_in_progress`, librdkafka issue 4792), which a server stopped right after it
+/// started hit.
+struct TickConsumer(StreamConsumer);
+
+impl Drop for TickConsumer {
+    fn drop(&mut self) {
+        if let Err(error) = self.0.unassign() {
+            tracing::debug!(%error, "tick feed: unassign before close failed");
+        }
+        std::thread::sleep(Duration::from_millis(TICKS_SETTLE_MS));
+    }
 }
 
 /// A PostgreSQL snapshot (`pg_current_snapshot()`): which transactions had committed when it was taken.
