@@ -14,10 +14,13 @@ pub async fn load_cursor<'e>(executor: impl PgExecutor<'e>, name: &str) -> Resul
             .bind(name)
             .fetch_optional(executor)
             .await?;
-    Ok(row.map_or(LogPosition::START, |(tx, pos)| LogPosition {
-        transaction_id: tx.parse().unwrap_or(0),
-        global_position: pos,
-    }))
+    match row {
+        None => Ok(LogPosition::START),
+        Some((tx, global_position)) => Ok(LogPosition {
+            transaction_id: crate::log::parse_transaction_id(&tx).map_err(sqlx::Error::Decode)?,
+            global_position,
+        }),
+    }
 }
 
 /// Moves the cursor forward to `position` (no-op if it is already at or past it). Pass a transaction as the

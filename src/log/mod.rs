@@ -64,6 +64,12 @@ impl FromStr for LogPosition {
     }
 }
 
+/// A transaction id as PostgreSQL renders an `xid8` (`transaction_id::text`). The one decoder of it: a value
+/// that does not parse is an error, never a silent 0 (which would rewind a cursor to the start of the log).
+pub fn parse_transaction_id(text: &str) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+    text.parse::<u64>().map_err(|error| format!("transaction id {text:?}: {error}").into())
+}
+
 /// One committed event as stored in the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RecordedEvent {

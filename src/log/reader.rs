@@ -173,7 +173,7 @@ pub fn decode_event(row: &PgRow) -> Result<RecordedEvent, sqlx::Error> {
     let transaction_id: String = row.try_get("transaction_id_text")?;
     Ok(RecordedEvent {
         position: LogPosition {
-            transaction_id: transaction_id.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+            transaction_id: super::parse_transaction_id(&transaction_id).map_err(sqlx::Error::Decode)?,
             global_position: row.try_get("global_position")?,
         },
         event_id: row.try_get("event_id")?,

@@ -297,8 +297,11 @@ pub async fn log_head(pool: &PgPool) -> Result<LogPosition, sqlx::Error> {
     )
     .fetch_optional(pool)
     .await?;
-    Ok(row.map_or(LogPosition::START, |(tx, pos)| LogPosition {
-        transaction_id: tx.parse().unwrap_or(0),
-        global_position: pos,
-    }))
+    match row {
+        None => Ok(LogPosition::START),
+        Some((tx, global_position)) => Ok(LogPosition {
+            transaction_id: crate::log::parse_transaction_id(&tx).map_err(sqlx::Error::Decode)?,
+            global_position,
+        }),
+    }
 }
