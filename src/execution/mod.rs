@@ -176,6 +176,8 @@ impl PaperExecutor {
         let mut delay = Duration::from_millis(50);
         for attempt in 1..=ACTION_ATTEMPTS_MAX {
             match self.commands.execute_order(&context, &order_id.to_string(), command.clone()).await {
+                // Carried out before (the book acted again before the log told it): already counted.
+                Ok(outcome) if outcome.duplicate => return true,
                 Ok(_) => {
                     let counter = match action {
                         Action::Fill { .. } => &self.status.fills,
