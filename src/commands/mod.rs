@@ -1,34 +1,44 @@
 //! The command service: the one entry point that changes aggregates.
 //!
 //! # How a command runs
-//! 1. With an idempotency key, look the key up in `command_log`: the same request returns the stored result
-//!    and writes nothing; another request under the same key is refused.
-//! 2. Take the in-process lock of the aggregate, so that commands on one aggregate inside one process queue
-//!    instead of colliding (conflicts then only happen between processes).
-//! 3. Load the aggregate with cqrs-es's `PersistedEventStore` over postgres-es's `PostgresEventRepository`
-//!    (snapshot plus later events for portfolios, all events for orders), run `handle`.
-//! 4. Commit in one transaction: the events (one multi-row insert), the snapshot when one is due, and the
-//!    `command_log` row. The events primary key `(aggregate_type, aggregate_id, sequence)` is the optimistic
-//!    lock: on a conflict the command is retried from step 3 with jittered exponential backoff, a bounded
-//!    number of times.
+//! 1. Take the in-process lock of the aggregate, so that commands on one aggregate inside one process are
+//!    decided one after the other (conflicts then only happen between processes).
+//! 2. Take the aggregate's state from the cache (`cache`), or load it — its snapshot and the events after it,
+//!    one statement — and run `handle`.
+//! 3. Hand the events to the writer (`writer`) while still holding the lock, record the new state in the cache
+//!    (the next command on the aggregate decides on top of it), release the lock and wait for the writer: it
+//!    commits whatever is queued — events, due snapshots, `command_log` rows with their stored answers — with
+//!    one statement (group commit). The events primary key `(aggregate_type, aggregate_id, sequence)` is the
+//!    optimistic lock: a conflict (another process wrote the aggregate) drops the cached state and the command is
+//!    decided again on a fresh load, with jittered backoff, a bounded number of times, then on a database lock.
+//! 4. Idempotency is folded into the commit: the `command_log` primary key refuses a key used before, and the
+//!    command is then answered from the log (the same request: its first answer; another: refused).
+//! 5. A command that writes nothing (refused, or a no-op) is answered once the log confirms the state it was
+//!    decided on: the commands decided before it on the aggregate committed, nobody else wrote the aggregate,
+//!    and its key has no stored answer.
 //!
-//! Why not `CqrsFramework::execute`: it commits through `PersistedEventRepository::persist`, which cannot
-//! include our idempotency row in the same transaction, and it returns nothing about what was written. We use
-//! the same building blocks (the `Aggregate` trait, `EventSink`, the event store's loading) and own the commit.
-//! Nothing is published from the command path: the events table is the outbox (see `crate::log`).
+//! Why not `CqrsFramework::execute`: it commits through `PersistedEventRepository::persist`, one transaction per
+//! command, which cannot include our idempotency row, and it returns nothing about what was written. We use the
+//! same building blocks (the `Aggregate` trait, `EventSink`; postgres-es's event store for [`CommandService::load`])
+//! and own the commit. Nothing is published from the command path: the events table is the outbox (see
+//! `crate::log`).
 //!
-//! Batched intake ([`CommandService::execute_batch`], the GraphQL `cashBatch` mutation) runs up to
-//! [`BATCH_COMMANDS_MAX`] commands with the same guarantees in one transaction; see `batch`.
+//! Batched intake ([`CommandService::execute_batch`], the GraphQL `cashBatch` mutation) decides up to
+//! [`BATCH_COMMANDS_MAX`] commands together and hands them to the same writer; see `batch`.
 
 mod batch;
+mod cache;
 mod context;
+mod loader;
 mod locks;
 mod service;
-mod store;
+mod writer;
 
 pub use batch::{BatchItem, BATCH_COMMANDS_MAX};
+pub use cache::{Cacheable, AGGREGATE_CACHE_BYTES_MAX, AGGREGATE_CACHE_ENTRIES_MAX};
 pub use context::{CommandContext, Idempotency, IDEMPOTENCY_KEY_LEN_MAX};
 pub use service::{CommandConfig, CommandMetrics, CommandService, LedgerAggregate};
+pub use writer::{GROUP_COMMANDS_MAX, GROUP_EVENTS_MAX, WRITER_QUEUE_MAX};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

@@ -1,4 +1,5 @@
-//! [`CommandService`]: idempotency, per-aggregate serialisation, bounded retries on conflict.
+//! [`CommandService`]: decide on the cached (or freshly loaded) aggregate, hand the events to the group
+//! committer, retry on conflict; idempotency folded into the commit.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,9 +15,12 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::cache::{AggregateCache, AggregateKey, Cacheable};
 use super::context::CommandContext;
 use super::locks::{AggregateLocks, DatabaseLock};
-use super::store::{self, CommandRecord, CommitError, NewEvent, PendingCommit};
+use super::writer::{
+    head_and_key, lookup, stored_outcome, CommandRecord, CommitError, CommitRequest, NewEvent, Writer,
+};
 use super::{CommandError, CommandOutcome, AGGREGATE_ID_LEN_MAX};
 use crate::clock::{Clock, SystemClock};
 use crate::domain::{Order, OrderCommand, OrderServices, Portfolio, PortfolioCommand};
@@ -58,12 +62,22 @@ pub struct CommandMetrics {
     pub conflicts: AtomicU64,
     pub duplicates: AtomicU64,
     pub failed: AtomicU64,
-    /// Time to execute a command, from the idempotency lookup to the commit.
+    /// Time to execute a command, from the first look at the aggregate to the answer.
     pub latency: crate::metrics::Histogram,
     /// Batches run by `execute_batch` (their commands count in the counters above).
     pub batches: AtomicU64,
     /// Time to execute a batch.
     pub batch_latency: crate::metrics::Histogram,
+    /// Group commits (statements) and the commands they wrote: their ratio is the mean group size.
+    pub group_commits: AtomicU64,
+    pub group_commands: AtomicU64,
+    /// Groups written again one command at a time (a key conflict inside).
+    pub group_fallbacks: AtomicU64,
+    /// Time to write a group.
+    pub group_latency: crate::metrics::Histogram,
+    /// Commands decided on a cached aggregate (no read before deciding), and on a fresh load.
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
     rejections: std::sync::Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -78,11 +92,27 @@ impl CommandMetrics {
         let mut rejections = self.rejections.lock().unwrap_or_else(|p| p.into_inner());
         *rejections.entry(code).or_default() += 1;
     }
+
+    /// Counts a command's result.
+    pub(super) fn count(&self, result: &Result<CommandOutcome, CommandError>) {
+        let counter = match result {
+            Ok(outcome) if outcome.duplicate => &self.duplicates,
+            Ok(_) => &self.committed,
+            Err(e) if e.is_business() => &self.rejected,
+            Err(_) => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Err(error) = result {
+            if error.is_business() {
+                self.count_rejection(error.code());
+            }
+        }
+    }
 }
 
 /// An aggregate the service can execute commands on.
 pub trait LedgerAggregate:
-    Aggregate<Command: Clone + Send + Sync, Error: Into<CommandError>> + Clone + 'static
+    Aggregate<Command: Clone + Send + Sync, Error: Into<CommandError>> + Cacheable + Clone + Send + Sync + 'static
 {
     /// Whether this aggregate type is snapshotted.
     const SNAPSHOTTED: bool;
@@ -119,6 +149,7 @@ impl LedgerAggregate for Portfolio {
 
 pub struct CommandService {
     pub(super) pool: PgPool,
+    /// postgres-es's event stores, for reads that must come from the log itself ([`CommandService::load`]).
     orders: PersistedEventStore<PostgresEventRepository, Order>,
     portfolios: PersistedEventStore<PostgresEventRepository, Portfolio>,
     order_services: OrderServices,
@@ -128,30 +159,53 @@ pub struct CommandService {
     pub(super) metrics: Arc<CommandMetrics>,
     /// Connections this service may hold for database aggregate locks at once.
     lock_slots: Arc<tokio::sync::Semaphore>,
-    /// States batches left aggregates in (see `batch`).
-    pub(super) batch_cache: super::batch::BatchCache,
+    pub(super) cache: Arc<AggregateCache>,
+    pub(super) writer: Writer,
 }
 
 /// Aggregate locks (each on a connection of its own) one service holds or waits for at once.
 pub const DATABASE_LOCKS_MAX: usize = 8;
+/// How long a command that wrote nothing waits for the commands decided before it on the same aggregate to
+/// reach the log, before it decides again from scratch.
+const PENDING_WAIT_MS_MAX: u64 = 5_000;
+
+/// What a decision was made on.
+pub(super) struct Decision {
+    pub generation: u64,
+    pub sequence: i64,
+    pub snapshot_number: i64,
+    pub command_type: &'static str,
+}
+
+/// What one attempt at a command came to.
+enum Attempted {
+    Done(Result<CommandOutcome, CommandError>),
+    /// Decide again on a fresh state (a conflict, or the cache moved on).
+    Again {
+        conflict: bool,
+    },
+}
 
 impl CommandService {
     pub fn new(pool: PgPool, config: CommandConfig) -> Self {
         let snapshot_every = config.portfolio_snapshot_every.max(1);
+        let metrics: Arc<CommandMetrics> = Arc::default();
+        let cache: Arc<AggregateCache> = Arc::default();
         Self {
             orders: PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone())),
             portfolios: PersistedEventStore::new_snapshot_store(
                 PostgresEventRepository::new(pool.clone()),
                 snapshot_every,
             ),
+            writer: Writer::new(pool.clone(), cache.clone(), metrics.clone()),
             pool,
             order_services: OrderServices::default(),
             locks: AggregateLocks::default(),
             config,
             clock: Arc::new(SystemClock),
-            metrics: Arc::default(),
+            metrics,
             lock_slots: Arc::new(tokio::sync::Semaphore::new(DATABASE_LOCKS_MAX)),
-            batch_cache: Default::default(),
+            cache,
         }
     }
 
@@ -177,6 +231,11 @@ impl CommandService {
         &self.metrics
     }
 
+    /// Commands decided and waiting for the group committer (not counting the group being written).
+    pub fn writer_queued(&self) -> usize {
+        self.writer.queued()
+    }
+
     /// Executes `command` on the aggregate `aggregate_id` (see the module docs for the steps).
     #[tracing::instrument(skip_all, fields(aggregate = A::TYPE, id = aggregate_id, command = A::command_name(&command), actor = %ctx.actor))]
     pub async fn execute<A: LedgerAggregate>(
@@ -189,27 +248,8 @@ impl CommandService {
             return Err(CommandError::Invalid(format!("aggregate id must be 1 to {AGGREGATE_ID_LEN_MAX} bytes")));
         }
         let started = std::time::Instant::now();
-        if let Some(outcome) = self.replay_idempotent(ctx).await? {
-            self.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
-            return Ok(outcome);
-        }
-        let _guard = match self.config.serialize_in_process {
-            true => Some(self.locks.lock(format!("{}/{aggregate_id}", A::TYPE)).await),
-            false => None,
-        };
         let result = self.execute_with_retries::<A>(ctx, aggregate_id, command).await;
-        let counter = match &result {
-            Ok(outcome) if outcome.duplicate => &self.metrics.duplicates,
-            Ok(_) => &self.metrics.committed,
-            Err(e) if e.is_business() => &self.metrics.rejected,
-            Err(_) => &self.metrics.failed,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        if let Err(error) = &result {
-            if error.is_business() {
-                self.metrics.count_rejection(error.code());
-            }
-        }
+        self.metrics.count(&result);
         self.metrics.latency.observe(started.elapsed().as_secs_f64());
         result
     }
@@ -232,19 +272,46 @@ impl CommandService {
         self.execute::<Portfolio>(ctx, portfolio_id, command).await
     }
 
-    /// The current state of an aggregate and its sequence (0 and the default state if it has no events).
+    /// The current state of an aggregate and its sequence (0 and the default state if it has no events), read
+    /// from the log (postgres-es's event store): what other processes wrote included.
     pub async fn load<A: LedgerAggregate>(&self, aggregate_id: &str) -> Result<(A, usize), CommandError> {
         let context = A::store(self).load_aggregate(aggregate_id).await.map_err(load_error)?;
         Ok((context.aggregate, context.current_sequence))
     }
 
-    async fn replay_idempotent(&self, ctx: &CommandContext) -> Result<Option<CommandOutcome>, CommandError> {
-        let Some(idempotency) = &ctx.idempotency else { return Ok(None) };
-        match store::lookup(&self.pool, &ctx.actor, &idempotency.key).await.map_err(CommandError::store)? {
-            None => Ok(None),
-            Some((fingerprint, outcome)) if fingerprint == idempotency.fingerprint => Ok(Some(outcome)),
-            Some(_) => Err(CommandError::IdempotencyKeyReused { key: idempotency.key.clone() }),
+    /// The aggregate as this service last saw it (its cache), or from the log if it has not (or saw it without
+    /// events: another process may have created it since). Possibly behind another process's later writes: for
+    /// facts that never change once written (a portfolio's owner), not for decisions.
+    pub async fn load_cached<A: LedgerAggregate>(&self, aggregate_id: &str) -> Result<A, CommandError> {
+        let key = (A::TYPE, aggregate_id.to_string());
+        match self.cache.get::<A>(&key) {
+            Some((state, sequence, ..)) if sequence > 0 => Ok(state),
+            _ => {
+                let mut loaded = super::loader::load::<A>(&self.pool, std::slice::from_ref(&key.1)).await?;
+                let loaded = loaded.remove(&key.1).ok_or_else(|| CommandError::Store("the loader lost it".into()))?;
+                if loaded.sequence > 0 && self.cache.get::<A>(&key).is_none() {
+                    self.cache.insert_loaded(key, loaded.state.clone(), loaded.sequence, loaded.snapshot_number);
+                }
+                Ok(loaded.state)
+            }
         }
+    }
+
+    /// The cached state of `key`, or a fresh load (then cached): state, sequence, snapshot number, generation.
+    pub(super) async fn cached_or_loaded<A: LedgerAggregate>(
+        &self,
+        key: &AggregateKey,
+    ) -> Result<(A, i64, i64, u64), CommandError> {
+        if let Some(cached) = self.cache.get::<A>(key) {
+            self.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(cached);
+        }
+        self.metrics.cache_misses.fetch_add(1, Ordering::Relaxed);
+        let mut loaded = super::loader::load::<A>(&self.pool, std::slice::from_ref(&key.1)).await?;
+        let super::loader::Loaded { state, sequence, snapshot_number } =
+            loaded.remove(&key.1).ok_or_else(|| CommandError::Store("the loader lost an aggregate".into()))?;
+        let generation = self.cache.insert_loaded(key.clone(), state.clone(), sequence, snapshot_number);
+        Ok((state, sequence, snapshot_number, generation))
     }
 
     async fn execute_with_retries<A: LedgerAggregate>(
@@ -253,24 +320,36 @@ impl CommandService {
         aggregate_id: &str,
         command: A::Command,
     ) -> Result<CommandOutcome, CommandError> {
+        let key: AggregateKey = (A::TYPE, aggregate_id.to_string());
         let command_type = A::command_name(&command);
         let metadata = self.metadata(ctx, command_type);
-        let mut attempt = 0;
+        let mut conflicts = 0;
+        let mut rounds = 0;
         let mut db_lock: Option<(DatabaseLock, tokio::sync::OwnedSemaphorePermit)> = None;
         let result = loop {
-            attempt += 1;
-            if db_lock.is_none() && self.config.retry_lock_after > 0 && attempt > self.config.retry_lock_after {
+            rounds += 1;
+            if db_lock.is_none() && self.config.retry_lock_after > 0 && conflicts >= self.config.retry_lock_after {
                 // Bounded: without a free slot the command keeps retrying optimistically.
                 if let Ok(slot) = self.lock_slots.clone().try_acquire_owned() {
-                    let key = format!("ledger.aggregate:{}/{aggregate_id}", A::TYPE);
-                    let lock = DatabaseLock::acquire(&self.pool, &key).await.map_err(CommandError::store)?;
+                    let lock_key = format!("ledger.aggregate:{}/{aggregate_id}", A::TYPE);
+                    let lock = DatabaseLock::acquire(&self.pool, &lock_key).await.map_err(CommandError::store)?;
                     db_lock = Some((lock, slot));
                 }
             }
-            match self.attempt::<A>(ctx, aggregate_id, &command, &metadata, command_type, attempt).await {
-                Ok(Some(outcome)) => break Ok(outcome),
-                Ok(None) => tokio::time::sleep(self.backoff(attempt)).await,
-                Err(error) => break Err(error),
+            match self.attempt::<A>(ctx, &key, &command, &metadata, command_type).await {
+                Attempted::Done(result) => break result,
+                Attempted::Again { conflict } => {
+                    conflicts += u32::from(conflict);
+                    if conflict {
+                        self.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if conflicts >= self.config.retry_attempts_max || rounds > 4 * self.config.retry_attempts_max {
+                        break Err(CommandError::Contention { attempts: rounds });
+                    }
+                    if conflict {
+                        tokio::time::sleep(self.backoff(conflicts)).await;
+                    }
+                }
             }
         };
         if let Some((lock, _slot)) = db_lock {
@@ -279,67 +358,76 @@ impl CommandService {
         result
     }
 
-    /// One load–decide–commit round; `Ok(None)` when it lost an optimistic-lock race and should be retried.
+    /// One decision on the aggregate's current state (cached, or loaded), handed to the writer; see the module
+    /// docs.
     async fn attempt<A: LedgerAggregate>(
         &self,
         ctx: &CommandContext,
-        aggregate_id: &str,
+        key: &AggregateKey,
         command: &A::Command,
         metadata: &Value,
         command_type: &'static str,
-        attempt: u32,
-    ) -> Result<Option<CommandOutcome>, CommandError> {
-        let mut context = A::store(self).load_aggregate(aggregate_id).await.map_err(load_error)?;
+    ) -> Attempted {
+        let guard = match self.config.serialize_in_process {
+            true => Some(self.locks.lock(format!("{}/{}", key.0, key.1)).await),
+            false => None,
+        };
+        let (state, sequence, snapshot_number, generation) = match self.cached_or_loaded::<A>(key).await {
+            Ok(loaded) => loaded,
+            Err(error) => return Attempted::Done(Err(error)),
+        };
         let sink = EventSink::default();
-        if let Err(refusal) = context.aggregate.handle(command.clone(), A::services(self), &sink).await {
-            // If this request's key committed after our first lookup (a concurrent retry of it), the state
-            // we just loaded includes its effect and may refuse it; its stored answer is ours.
-            if let Some(outcome) = self.replay_idempotent(ctx).await? {
-                return Ok(Some(outcome));
-            }
-            return Err(refusal.into());
-        }
+        let decided = state.clone().handle(command.clone(), A::services(self), &sink).await;
         let events = sink.collect().await;
-        let pending = self.pending_commit::<A>(ctx, aggregate_id, &context, events, metadata, command_type)?;
-        match store::commit(&self.pool, pending).await {
-            Ok(outcome) => Ok(Some(outcome)),
-            Err(CommitError::Conflict) => {
-                self.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
-                // The writer we collided with may have been this very request (a client retry, or a
-                // restarted process racing its predecessor's last commit): then its answer is ours.
-                if let Some(outcome) = self.replay_idempotent(ctx).await? {
-                    return Ok(Some(outcome));
-                }
-                if attempt >= self.config.retry_attempts_max {
-                    return Err(CommandError::Contention { attempts: attempt });
-                }
-                Ok(None)
-            }
-            // The same key committed concurrently by another request: answer as for a repeat.
-            Err(CommitError::DuplicateKey) => {
-                self.replay_idempotent(ctx).await?.map(Some).ok_or_else(|| {
-                    CommandError::Store("idempotency record vanished after a duplicate-key error".into())
-                })
-            }
-            Err(CommitError::Database(e)) => Err(CommandError::store(e)),
+        let refusal = match decided {
+            Err(refusal) => Some(refusal.into()),
+            Ok(()) => None,
+        };
+        if refusal.is_some() || events.is_empty() {
+            drop(guard);
+            return self.confirm_unwritten(ctx, key, generation, sequence, refusal, metadata, command_type).await;
         }
+        let mut next = state;
+        for event in &events {
+            next.apply(event.clone());
+        }
+        let decision = Decision { generation, sequence, snapshot_number, command_type };
+        let request = match self.request::<A>(ctx, key, decision, &next, events, metadata) {
+            Ok(request) => request,
+            Err(error) => return Attempted::Done(Err(error)),
+        };
+        let (request, reply) = request;
+        let (new_events, snapshotted) = (request.events.len() as i64, request.snapshot.is_some());
+        // Queued while the aggregate is still locked, so the writer sees its commands in the order decided; then
+        // (with no await in between: a cancelled caller cannot stop halfway) the cache takes the new state. A
+        // request queued on a state the cache dropped meanwhile fails on its own (conflict, or refused as the
+        // successor of a failed command) or is right.
+        if !self.writer.submit(request).await {
+            self.cache.invalidate(key, generation);
+            return Attempted::Done(Err(CommandError::Store("the writer stopped".into())));
+        }
+        self.cache.advance(key, generation, next, new_events, snapshotted);
+        drop(guard);
+        self.answer(ctx, key, generation, reply.await).await
     }
 
-    fn pending_commit<A: LedgerAggregate>(
+    /// The request for the writer of a decision that wrote `events`; `next` is the state after them (the
+    /// snapshot, when one is due).
+    pub(super) fn request<A: LedgerAggregate>(
         &self,
         ctx: &CommandContext,
-        aggregate_id: &str,
-        context: &cqrs_es::persist::EventStoreAggregateContext<A>,
+        key: &AggregateKey,
+        decision: Decision,
+        next: &A,
         events: Vec<A::Event>,
         metadata: &Value,
-        command_type: &'static str,
-    ) -> Result<PendingCommit, CommandError> {
-        let loaded = context.current_sequence;
-        let every = self.config.portfolio_snapshot_every;
-        let snapshot_due = A::SNAPSHOTTED && every > 0 && loaded / every != (loaded + events.len()) / every;
-        let snapshot = if snapshot_due {
-            let state = serde_json::to_value(&context.aggregate).map_err(CommandError::store)?;
-            Some((state, context.current_snapshot.map_or(1, |n| n + 1)))
+    ) -> Result<(CommitRequest, tokio::sync::oneshot::Receiver<Result<CommandOutcome, CommitError>>), CommandError>
+    {
+        let Decision { generation, sequence, snapshot_number, command_type } = decision;
+        let every = self.config.portfolio_snapshot_every as i64;
+        let after = sequence + events.len() as i64;
+        let snapshot = if A::SNAPSHOTTED && every > 0 && sequence / every != after / every {
+            Some((serde_json::to_value(next).map_err(CommandError::store)?, snapshot_number + 1))
         } else {
             None
         };
@@ -353,21 +441,147 @@ impl CommandService {
                 })
             })
             .collect::<Result<Vec<_>, CommandError>>()?;
-        let record = ctx.idempotency.as_ref().map(|i| CommandRecord {
+        let (reply, receiver) = tokio::sync::oneshot::channel();
+        let request = CommitRequest {
+            key: key.clone(),
+            generation,
+            loaded_sequence: sequence,
+            events,
+            metadata: metadata.clone(),
+            snapshot,
+            record: self.record(ctx, command_type),
+            reply,
+        };
+        Ok((request, receiver))
+    }
+
+    fn record(&self, ctx: &CommandContext, command_type: &'static str) -> Option<CommandRecord> {
+        ctx.idempotency.as_ref().map(|i| CommandRecord {
             actor: ctx.actor.clone(),
             key: i.key.clone(),
             fingerprint: i.fingerprint,
             command_type,
-        });
-        Ok(PendingCommit {
-            aggregate_type: A::TYPE,
-            aggregate_id: aggregate_id.to_string(),
-            loaded_sequence: loaded,
-            events,
-            metadata: metadata.clone(),
-            snapshot,
-            record,
         })
+    }
+
+    /// Turns the writer's answer into the command's.
+    async fn answer(
+        &self,
+        ctx: &CommandContext,
+        key: &AggregateKey,
+        generation: u64,
+        reply: Result<Result<CommandOutcome, CommitError>, tokio::sync::oneshot::error::RecvError>,
+    ) -> Attempted {
+        match reply {
+            Ok(Ok(outcome)) => Attempted::Done(Ok(outcome)),
+            Ok(Err(CommitError::Conflict)) => {
+                self.cache.invalidate(key, generation);
+                // The writer we collided with may have been this very request (a client retry, or a restarted
+                // process racing its predecessor's last commit): then its answer is ours.
+                match self.replay_idempotent(ctx).await {
+                    Ok(Some(outcome)) => Attempted::Done(Ok(outcome)),
+                    Ok(None) => Attempted::Again { conflict: true },
+                    Err(error) => Attempted::Done(Err(error)),
+                }
+            }
+            // The same key committed by another request first: answer as for a repeat.
+            Ok(Err(CommitError::DuplicateKey)) => {
+                self.cache.invalidate(key, generation);
+                Attempted::Done(self.replay_idempotent(ctx).await.and_then(|outcome| {
+                    outcome.ok_or_else(|| {
+                        CommandError::Store("idempotency record vanished after a duplicate-key error".into())
+                    })
+                }))
+            }
+            Ok(Err(CommitError::Database(error))) => {
+                self.cache.invalidate(key, generation);
+                Attempted::Done(Err(CommandError::store(error)))
+            }
+            Err(_) => {
+                self.cache.invalidate(key, generation);
+                Attempted::Done(Err(CommandError::Store("the writer stopped before answering".into())))
+            }
+        }
+    }
+
+    /// A decision that writes no event — a refusal, or a no-op — is answered only once the log confirms the state
+    /// it was made on: the commands decided before it on this aggregate have reached the log, nobody else wrote
+    /// the aggregate since, and its idempotency key (if any) has no stored answer. A keyed no-op is then recorded
+    /// like any command (its answer has no events).
+    #[allow(clippy::too_many_arguments)]
+    async fn confirm_unwritten(
+        &self,
+        ctx: &CommandContext,
+        key: &AggregateKey,
+        generation: u64,
+        sequence: i64,
+        refusal: Option<CommandError>,
+        metadata: &Value,
+        command_type: &'static str,
+    ) -> Attempted {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(PENDING_WAIT_MS_MAX);
+        loop {
+            match self.cache.committed_sequence(key, generation) {
+                Some(committed) if committed >= sequence => break,
+                // Reloaded or invalidated meanwhile: the commands before it failed or the log moved.
+                None => return Attempted::Again { conflict: false },
+                Some(_) if tokio::time::Instant::now() > deadline => return Attempted::Again { conflict: false },
+                Some(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+        let idempotency = ctx.idempotency.as_ref().map(|i| (ctx.actor.as_str(), i.key.as_str()));
+        let (head, stored) = match head_and_key(&self.pool, key, idempotency).await {
+            Ok(found) => found,
+            Err(error) => return Attempted::Done(Err(CommandError::store(error))),
+        };
+        if let (Some((hash, result)), Some(idempotency)) = (stored, &ctx.idempotency) {
+            // If this request's key committed meanwhile (a concurrent retry of it), the state includes its
+            // effect and may refuse it; its stored answer is ours.
+            return Attempted::Done(if hash[..] == idempotency.fingerprint[..] {
+                stored_outcome(result).map_err(CommandError::store)
+            } else {
+                Err(CommandError::IdempotencyKeyReused { key: idempotency.key.clone() })
+            });
+        }
+        if head != sequence {
+            self.cache.invalidate(key, generation);
+            return Attempted::Again { conflict: false };
+        }
+        if let Some(refusal) = refusal {
+            return Attempted::Done(Err(refusal));
+        }
+        if ctx.idempotency.is_none() {
+            return Attempted::Done(Ok(CommandOutcome {
+                aggregate_type: key.0.to_string(),
+                aggregate_id: key.1.clone(),
+                events: Vec::new(),
+                duplicate: false,
+            }));
+        }
+        let (reply, receiver) = tokio::sync::oneshot::channel();
+        let request = CommitRequest {
+            key: key.clone(),
+            generation: 0, // writes no event: depends on no other command
+            loaded_sequence: sequence,
+            events: Vec::new(),
+            metadata: metadata.clone(),
+            snapshot: None,
+            record: self.record(ctx, command_type),
+            reply,
+        };
+        if !self.writer.submit(request).await {
+            return Attempted::Done(Err(CommandError::Store("the writer stopped".into())));
+        }
+        self.answer(ctx, key, 0, receiver.await).await
+    }
+
+    async fn replay_idempotent(&self, ctx: &CommandContext) -> Result<Option<CommandOutcome>, CommandError> {
+        let Some(idempotency) = &ctx.idempotency else { return Ok(None) };
+        match lookup(&self.pool, &ctx.actor, &idempotency.key).await.map_err(CommandError::store)? {
+            None => Ok(None),
+            Some((fingerprint, outcome)) if fingerprint == idempotency.fingerprint => Ok(Some(outcome)),
+            Some(_) => Err(CommandError::IdempotencyKeyReused { key: idempotency.key.clone() }),
+        }
     }
 
     /// Event metadata. Every value is a string: cqrs-es reads metadata back as `HashMap<String, String>`.

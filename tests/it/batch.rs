@@ -141,8 +141,8 @@ async fn the_authorize_check_refuses_per_command_with_its_code() {
     db.drop().await;
 }
 
-/// A batch crossing the snapshot interval writes the snapshot of the state after it, and loading with or
-/// without snapshots agrees.
+/// A batch crossing the snapshot interval writes the snapshot of the state after the command that reached it,
+/// as single commands do, and loading with or without snapshots agrees.
 #[tokio::test]
 async fn batches_write_snapshots_like_single_commands() {
     let db = TestDb::new().await;
@@ -160,7 +160,7 @@ async fn batches_write_snapshots_like_single_commands() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert_eq!(last_sequence, 121, "the snapshot holds the state after the batch that crossed 100");
+    assert_eq!(last_sequence, 100, "the snapshot holds the state after the command that reached 100");
     let (with_snapshot, sequence) = commands.load::<Portfolio>(&a.to_string()).await.unwrap();
     assert_eq!(sequence, 121);
     sqlx::query("delete from snapshots").execute(&db.pool).await.unwrap();

@@ -6,6 +6,7 @@ mod batch;
 mod commands;
 mod execution;
 mod fills;
+mod group_commit;
 mod log_order;
 mod process_manager;
 mod projections;

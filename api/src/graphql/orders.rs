@@ -141,11 +141,12 @@ pub fn from_aggregate(id: Uuid, order: &OrderAggregate, last_position: i64) -> O
     })
 }
 
-/// The owner of a portfolio, from its aggregate (authoritative, unlike a read model that may lag).
+/// The owner of a portfolio, from its aggregate (authoritative, unlike a read model that may lag). An owner
+/// never changes once the portfolio is opened, so the command service's cached state serves (no read when warm).
 pub async fn portfolio_owner(state: &super::AppState, portfolio_id: Uuid) -> Result<Option<String>> {
-    let (portfolio, _) = state
+    let portfolio = state
         .commands
-        .load::<ledger::domain::Portfolio>(&portfolio_id.to_string())
+        .load_cached::<ledger::domain::Portfolio>(&portfolio_id.to_string())
         .await
         .map_err(super::errors::command)?;
     Ok(portfolio.terms.map(|t| t.owner.to_string()))

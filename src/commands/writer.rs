@@ -1,0 +1,445 @@
+//! The one writer of `events`, `snapshots` and `command_log`: group commit.
+//!
+//! Every command that writes — from GraphQL mutations, the process manager, the paper executor, batches — is
+//! handed to this process's committer task as a [`CommitRequest`]. The committer takes the first request that
+//! arrives and everything queued behind it (at most [`GROUP_COMMANDS_MAX`] commands and [`GROUP_EVENTS_MAX`]
+//! events) and writes them with **one statement**: the events (one multi-row insert, `unnest` of arrays), the
+//! `command_log` rows (their stored answers built from the events' log positions inside the statement) and the
+//! due snapshots, committed at once — one round trip and one flush for the whole group. Nothing waits on
+//! purpose: an idle committer writes the first command at once, and the ones arriving during that write form
+//! the next group (natural batching, as PostgreSQL's own group commit does).
+//!
+//! Each command keeps its guarantees on its own. The statement is all or nothing; if it fails on a key
+//! (another process wrote one of the aggregates: `events_pkey`; the same idempotency key committed elsewhere:
+//! `command_log_pkey`), the group is written again one command at a time, in order, so that only the command at
+//! fault is refused — and with it the commands decided on top of it (same aggregate, same cache generation),
+//! which are answered `Conflict` and decided again by their callers. Groups are written in order by one task,
+//! so the commands of one aggregate reach the log in the order they were decided.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::cache::{AggregateCache, AggregateKey};
+use super::service::CommandMetrics;
+use super::{CommandOutcome, CommittedEvent};
+use crate::log::LogPosition;
+
+/// Most commands written by one statement.
+pub const GROUP_COMMANDS_MAX: usize = 1_000;
+/// Most events written by one statement.
+pub const GROUP_EVENTS_MAX: usize = 4_000;
+/// Commands waiting for the committer at most; beyond it, callers wait to hand theirs over (back-pressure).
+pub const WRITER_QUEUE_MAX: usize = 10_000;
+/// Failed generations remembered (their successors, decided before the failure was known, are refused), oldest
+/// forgotten first.
+const FAILED_GENERATIONS_MAX: usize = 100_000;
+
+/// An event ready to be inserted.
+pub struct NewEvent {
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: Value,
+}
+
+/// The `command_log` row written with the events.
+pub struct CommandRecord {
+    pub actor: String,
+    pub key: String,
+    pub fingerprint: [u8; 32],
+    pub command_type: &'static str,
+}
+
+/// One command for the writer.
+pub struct CommitRequest {
+    pub key: AggregateKey,
+    /// The cache generation the command was decided on.
+    pub generation: u64,
+    /// The first new event gets `loaded_sequence + 1`.
+    pub loaded_sequence: i64,
+    pub events: Vec<NewEvent>,
+    pub metadata: Value,
+    /// `(state after the events, snapshot number)` when a snapshot is due.
+    pub snapshot: Option<(Value, i64)>,
+    pub record: Option<CommandRecord>,
+    pub reply: oneshot::Sender<Result<CommandOutcome, CommitError>>,
+}
+
+#[derive(Debug)]
+pub enum CommitError {
+    /// Another writer appended to the aggregate since it was loaded, or the command was decided on a state
+    /// that another command's failure took away: decide again on a fresh load.
+    Conflict,
+    /// Another request committed the same idempotency key first (`command_log` primary key).
+    DuplicateKey,
+    Database(sqlx::Error),
+}
+
+/// The violated unique constraint of a failed write, if that is why it failed.
+fn key_conflict(error: &sqlx::Error) -> Option<CommitError> {
+    let sqlx::Error::Database(db) = error else { return None };
+    if db.code().as_deref() != Some("23505") {
+        return None;
+    }
+    match db.constraint() {
+        Some("events_pkey") => Some(CommitError::Conflict),
+        Some("command_log_pkey") => Some(CommitError::DuplicateKey),
+        _ => None,
+    }
+}
+
+/// Hands requests to the committer task (started on first use, ended when the service is dropped).
+pub struct Writer {
+    sender: std::sync::OnceLock<mpsc::Sender<CommitRequest>>,
+    pool: PgPool,
+    cache: Arc<AggregateCache>,
+    metrics: Arc<CommandMetrics>,
+}
+
+impl Writer {
+    pub(super) fn new(pool: PgPool, cache: Arc<AggregateCache>, metrics: Arc<CommandMetrics>) -> Self {
+        Self { sender: std::sync::OnceLock::new(), pool, cache, metrics }
+    }
+
+    /// Requests waiting for the committer (not counting the group it is writing).
+    pub(super) fn queued(&self) -> usize {
+        self.sender.get().map_or(0, |sender| sender.max_capacity() - sender.capacity())
+    }
+
+    /// Queues a request (waiting while the queue is full); false if the committer is gone.
+    pub(super) async fn submit(&self, request: CommitRequest) -> bool {
+        let sender = self.sender.get_or_init(|| {
+            let (sender, receiver) = mpsc::channel(WRITER_QUEUE_MAX);
+            let committer = Committer {
+                pool: self.pool.clone(),
+                cache: self.cache.clone(),
+                metrics: self.metrics.clone(),
+                failed: FailedGenerations::default(),
+            };
+            tokio::spawn(committer.run(receiver));
+            sender
+        });
+        sender.send(request).await.is_ok()
+    }
+}
+
+struct Committer {
+    pool: PgPool,
+    cache: Arc<AggregateCache>,
+    metrics: Arc<CommandMetrics>,
+    /// Generations one of whose commands failed: their later commands were decided on a state that never was.
+    failed: FailedGenerations,
+}
+
+/// A bounded set of failed generations (generations only grow, so the oldest go first).
+#[derive(Default)]
+struct FailedGenerations {
+    set: HashSet<u64>,
+    order: std::collections::VecDeque<u64>,
+}
+
+impl FailedGenerations {
+    fn insert(&mut self, generation: u64) {
+        if self.set.insert(generation) {
+            self.order.push_back(generation);
+            if self.order.len() > FAILED_GENERATIONS_MAX {
+                if let Some(oldest) = self.order.pop_front() {
+                    self.set.remove(&oldest);
+                }
+            }
+        }
+    }
+
+    fn contains(&self, generation: &u64) -> bool {
+        self.set.contains(generation)
+    }
+}
+
+impl Committer {
+    async fn run(mut self, mut receiver: mpsc::Receiver<CommitRequest>) {
+        while let Some(first) = receiver.recv().await {
+            let mut events = first.events.len();
+            let mut group = vec![first];
+            while group.len() < GROUP_COMMANDS_MAX && events < GROUP_EVENTS_MAX {
+                match receiver.try_recv() {
+                    Ok(request) => {
+                        events += request.events.len();
+                        group.push(request);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let started = std::time::Instant::now();
+            let size = group.len();
+            self.commit_group(group).await;
+            self.metrics.group_commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.group_commands.fetch_add(size as u64, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.group_latency.observe(started.elapsed().as_secs_f64());
+        }
+    }
+
+    async fn commit_group(&mut self, group: Vec<CommitRequest>) {
+        let (live, doomed): (Vec<_>, Vec<_>) =
+            group.into_iter().partition(|r| r.events.is_empty() || !self.failed.contains(&r.generation));
+        for request in doomed {
+            self.cache.invalidate(&request.key, request.generation);
+            let _ = request.reply.send(Err(CommitError::Conflict));
+        }
+        if live.is_empty() {
+            return;
+        }
+        match write(&self.pool, &live).await {
+            Ok(outcomes) => {
+                for (request, outcome) in live.into_iter().zip(outcomes) {
+                    self.answer(request, Ok(outcome));
+                }
+            }
+            Err(error) if key_conflict(&error).is_some() => {
+                // Someone else's key: find whose, one command at a time, in order.
+                self.metrics.group_fallbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                for request in live {
+                    if !request.events.is_empty() && self.failed.contains(&request.generation) {
+                        self.answer(request, Err(CommitError::Conflict));
+                        continue;
+                    }
+                    let result = match write(&self.pool, std::slice::from_ref(&request)).await {
+                        Ok(mut outcomes) => outcomes.pop().ok_or_else(|| {
+                            CommitError::Database(sqlx::Error::Protocol("a write returned no outcome".into()))
+                        }),
+                        Err(error) => Err(key_conflict(&error).unwrap_or(CommitError::Database(error))),
+                    };
+                    self.answer(request, result);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, commands = live.len(), "group commit failed");
+                let message = error.to_string();
+                for request in live {
+                    let failure = sqlx::Error::Protocol(format!("group commit failed: {message}"));
+                    self.answer(request, Err(CommitError::Database(failure)));
+                }
+            }
+        }
+    }
+
+    fn answer(&mut self, request: CommitRequest, result: Result<CommandOutcome, CommitError>) {
+        match &result {
+            Ok(_) => {
+                let last = request.loaded_sequence + request.events.len() as i64;
+                self.cache.committed(&request.key, request.generation, last);
+            }
+            // A request without events (a keyed no-op's answer) is nobody's predecessor.
+            Err(_) if request.events.is_empty() => {}
+            Err(_) => {
+                // Its successors (decided on top of it) must not be written, and nobody may decide on the cached
+                // state any more — whether or not its caller is still there to hear of it.
+                self.failed.insert(request.generation);
+                self.cache.invalidate(&request.key, request.generation);
+            }
+        }
+        let _ = request.reply.send(result);
+    }
+}
+
+/// Writes `requests` with one statement (see the module docs); their outcomes, in order.
+async fn write(pool: &PgPool, requests: &[CommitRequest]) -> Result<Vec<CommandOutcome>, sqlx::Error> {
+    let mut columns = Columns::default();
+    let mut event_ids: Vec<Vec<(i64, Uuid, String)>> = Vec::with_capacity(requests.len());
+    let mut snapshots: HashMap<&AggregateKey, (i64, i64, &Value)> = HashMap::new();
+    for request in requests {
+        let (aggregate_type, aggregate_id) = (&request.key.0, &request.key.1);
+        let mut planned = Vec::with_capacity(request.events.len());
+        for (offset, event) in request.events.iter().enumerate() {
+            let sequence = request.loaded_sequence + 1 + offset as i64;
+            let event_id = Uuid::now_v7();
+            columns.types.push(aggregate_type.to_string());
+            columns.ids.push(aggregate_id.clone());
+            columns.sequences.push(sequence);
+            columns.event_types.push(event.event_type.clone());
+            columns.versions.push(event.event_version.clone());
+            columns.payloads.push(&event.payload);
+            columns.metadata.push(&request.metadata);
+            columns.event_ids.push(event_id);
+            planned.push((sequence, event_id, event.event_type.clone()));
+        }
+        let last = request.loaded_sequence + request.events.len() as i64;
+        if let Some(record) = &request.record {
+            columns.actors.push(&record.actor);
+            columns.keys.push(&record.key);
+            columns.hashes.push(&record.fingerprint[..]);
+            columns.log_types.push(aggregate_type.to_string());
+            columns.log_ids.push(aggregate_id.clone());
+            columns.command_types.push(record.command_type);
+            columns.firsts.push(request.loaded_sequence + 1);
+            columns.lasts.push(last);
+        }
+        if let Some((state, number)) = &request.snapshot {
+            // One snapshot per aggregate and statement: the latest.
+            snapshots.insert(&request.key, (last, *number, state));
+        }
+        event_ids.push(planned);
+    }
+    let (snapshot_types, snapshot_ids): (Vec<&str>, Vec<&str>) =
+        snapshots.keys().map(|(t, id)| (*t, id.as_str())).unzip();
+    let snapshot_lasts: Vec<i64> = snapshots.values().map(|s| s.0).collect();
+    let snapshot_numbers: Vec<i64> = snapshots.values().map(|s| s.1).collect();
+    let snapshot_states: Vec<&Value> = snapshots.values().map(|s| s.2).collect();
+
+    let rows: Vec<(String, String, i64, i64, String)> = sqlx::query_as(
+        "with e as (
+             insert into events
+                    (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, event_id)
+             select * from unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[],
+                                  $7::jsonb[], $8::uuid[])
+             returning aggregate_type, aggregate_id, sequence, event_id, event_type, global_position, transaction_id
+         ), c as (
+             insert into command_log
+                    (actor, idempotency_key, request_hash, aggregate_type, aggregate_id, command_type, result)
+             select k.actor, k.key, k.hash, k.aggregate_type, k.aggregate_id, k.command_type,
+                    jsonb_build_object(
+                        'aggregate_type', k.aggregate_type,
+                        'aggregate_id', k.aggregate_id,
+                        'events', coalesce((
+                            select jsonb_agg(jsonb_build_object(
+                                       'sequence', e.sequence, 'event_id', e.event_id, 'event_type', e.event_type,
+                                       'position', jsonb_build_object(
+                                           'transaction_id', e.transaction_id::text::numeric,
+                                           'global_position', e.global_position))
+                                   order by e.sequence)
+                              from e
+                             where e.aggregate_type = k.aggregate_type and e.aggregate_id = k.aggregate_id
+                               and e.sequence between k.first_sequence and k.last_sequence), '[]'::jsonb))
+               from unnest($9::text[], $10::text[], $11::bytea[], $12::text[], $13::text[], $14::text[],
+                           $15::bigint[], $16::bigint[])
+                    as k(actor, key, hash, aggregate_type, aggregate_id, command_type, first_sequence, last_sequence)
+             returning 1
+         ), s as (
+             insert into snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload)
+             select * from unnest($17::text[], $18::text[], $19::bigint[], $20::bigint[], $21::jsonb[])
+             on conflict (aggregate_type, aggregate_id) do update
+                set last_sequence = excluded.last_sequence,
+                    current_snapshot = excluded.current_snapshot,
+                    payload = excluded.payload
+              where snapshots.last_sequence < excluded.last_sequence
+             returning 1
+         )
+         select aggregate_type, aggregate_id, sequence, global_position, transaction_id::text from e",
+    )
+    .bind(&columns.types)
+    .bind(&columns.ids)
+    .bind(&columns.sequences)
+    .bind(&columns.event_types)
+    .bind(&columns.versions)
+    .bind(&columns.payloads)
+    .bind(&columns.metadata)
+    .bind(&columns.event_ids)
+    .bind(&columns.actors)
+    .bind(&columns.keys)
+    .bind(&columns.hashes)
+    .bind(&columns.log_types)
+    .bind(&columns.log_ids)
+    .bind(&columns.command_types)
+    .bind(&columns.firsts)
+    .bind(&columns.lasts)
+    .bind(&snapshot_types)
+    .bind(&snapshot_ids)
+    .bind(&snapshot_lasts)
+    .bind(&snapshot_numbers)
+    .bind(&snapshot_states)
+    .fetch_all(pool)
+    .await?;
+    let mut positions: HashMap<(String, String, i64), LogPosition> = HashMap::with_capacity(rows.len());
+    for (aggregate_type, aggregate_id, sequence, global_position, transaction_id) in rows {
+        let transaction_id = crate::log::parse_transaction_id(&transaction_id).map_err(sqlx::Error::Decode)?;
+        positions.insert((aggregate_type, aggregate_id, sequence), LogPosition { transaction_id, global_position });
+    }
+    requests
+        .iter()
+        .zip(event_ids)
+        .map(|(request, planned)| {
+            let events = planned
+                .into_iter()
+                .map(|(sequence, event_id, event_type)| {
+                    let key = (request.key.0.to_string(), request.key.1.clone(), sequence);
+                    let position = positions.get(&key).copied().ok_or_else(|| {
+                        sqlx::Error::Protocol(format!("event {}/{}#{sequence} was not returned", key.0, key.1))
+                    })?;
+                    Ok(CommittedEvent { sequence, event_id, event_type, position })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            Ok(CommandOutcome {
+                aggregate_type: request.key.0.to_string(),
+                aggregate_id: request.key.1.clone(),
+                events,
+                duplicate: false,
+            })
+        })
+        .collect()
+}
+
+/// The statement's parameters, column by column.
+#[derive(Default)]
+struct Columns<'a> {
+    types: Vec<String>,
+    ids: Vec<String>,
+    sequences: Vec<i64>,
+    event_types: Vec<String>,
+    versions: Vec<String>,
+    payloads: Vec<&'a Value>,
+    metadata: Vec<&'a Value>,
+    event_ids: Vec<Uuid>,
+    actors: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    hashes: Vec<&'a [u8]>,
+    log_types: Vec<String>,
+    log_ids: Vec<String>,
+    command_types: Vec<&'static str>,
+    firsts: Vec<i64>,
+    lasts: Vec<i64>,
+}
+
+/// The stored outcome of `(actor, key)` and the fingerprint of the request that produced it.
+pub async fn lookup(pool: &PgPool, actor: &str, key: &str) -> Result<Option<(Vec<u8>, CommandOutcome)>, sqlx::Error> {
+    let row: Option<(Vec<u8>, Value)> =
+        sqlx::query_as("select request_hash, result from command_log where actor = $1 and idempotency_key = $2")
+            .bind(actor)
+            .bind(key)
+            .fetch_optional(pool)
+            .await?;
+    row.map(|(hash, result)| Ok((hash, stored_outcome(result)?))).transpose()
+}
+
+/// A `command_log` result as the answer to a repeated request.
+pub fn stored_outcome(result: Value) -> Result<CommandOutcome, sqlx::Error> {
+    let mut outcome: CommandOutcome = serde_json::from_value(result).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+    outcome.duplicate = true;
+    Ok(outcome)
+}
+
+/// What the log says about a command that wrote nothing: the aggregate's head sequence, and the stored answer
+/// of its idempotency key if the key was used.
+pub async fn head_and_key(
+    pool: &PgPool,
+    key: &AggregateKey,
+    idempotency: Option<(&str, &str)>,
+) -> Result<(i64, Option<(Vec<u8>, Value)>), sqlx::Error> {
+    let (actor, idempotency_key) = idempotency.unzip();
+    let (head, hash, result): (i64, Option<Vec<u8>>, Option<Value>) = sqlx::query_as(
+        "select coalesce((select sequence from events where aggregate_type = $1 and aggregate_id = $2
+                           order by sequence desc limit 1), 0),
+                c.request_hash, c.result
+           from (select 1) one
+           left join command_log c on c.actor = $3 and c.idempotency_key = $4",
+    )
+    .bind(key.0)
+    .bind(&key.1)
+    .bind(actor)
+    .bind(idempotency_key)
+    .fetch_one(pool)
+    .await?;
+    Ok((head, hash.zip(result)))
+}
