@@ -20,6 +20,9 @@ pub struct ApiBenchResult {
     pub seconds: f64,
     pub commands: usize,
     pub commands_per_second: f64,
+    /// With the system running: events the relay had yet to mirror when the clients stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_behind: Option<i64>,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub p999_ms: f64,
@@ -32,28 +35,65 @@ pub fn print(result: &ApiBenchResult) {
         (Some(tps), Some(ratio)) => format!("  pgbench {tps:>8.0} tps  ours/pgbench {ratio:.2}"),
         _ => "  pgbench n/a".into(),
     };
+    let relay = result.relay_behind.map(|events| format!("  relay behind {events} events")).unwrap_or_default();
     println!(
-        "{:<9} clients {:>3}  {:>7} commands  {:>7.0} commands/s  p50 {:>6.2} ms  p99 {:>6.2} ms  p99.9 {:>7.2} ms{reference}",
+        "{:<9} clients {:>3}  {:>7} commands  {:>7.0} commands/s  p50 {:>6.2} ms  p99 {:>6.2} ms  p99.9 {:>7.2} ms{reference}{relay}",
         result.suite, result.clients, result.commands, result.commands_per_second, result.p50_ms, result.p99_ms,
         result.p999_ms
     );
 }
 
-/// One run: `clients` HTTP clients, each depositing into its own portfolio for `duration`.
-pub async fn commands(database_url: &str, clients: usize, duration: Duration) -> anyhow::Result<ApiBenchResult> {
+/// What runs beside the commands of `ledger bench commands`.
+#[derive(Debug, Clone, Default)]
+pub struct CommandsOptions {
+    /// Every client deposits into the same portfolio (one hot aggregate) instead of one portfolio each.
+    pub hot: bool,
+    /// The relay, the process manager and the projection workers run in the API process, on these brokers.
+    pub system: Option<ledger::kafka::KafkaConfig>,
+}
+
+/// How long `--with-system` waits for the relay, the process manager and the projections to reach the log's
+/// head before it measures (they start from their cursors: a database with a long unrelayed log takes a while).
+const SYSTEM_SETTLE_SECS: u64 = 600;
+
+/// One run: `clients` HTTP clients depositing for `duration`, each into its own portfolio (or all into one with
+/// `hot`), with the rest of the system beside the API when `options.system` is set.
+pub async fn commands(
+    database_url: &str,
+    clients: usize,
+    duration: Duration,
+    options: &CommandsOptions,
+) -> anyhow::Result<ApiBenchResult> {
     anyhow::ensure!((1..=512).contains(&clients), "clients must be 1 to 512");
     let pool = crate::cli::connect_and_migrate(database_url).await?;
     pool.close().await;
     let pool = ledger::db::connect(database_url, (clients as u32 + 8).min(128)).await?;
     let keys = TokenKeys::new("bench-secret-of-at-least-thirty-two-bytes").map_err(|e| anyhow::anyhow!(e))?;
-    let mut config = AppConfig::new(keys.clone(), None);
+    let mut config = AppConfig::new(keys.clone(), options.system.clone());
     config.rate_limit_per_second = 1_000_000;
     config.rate_limit_burst = 1_000_000;
+    config.rate_limit_per_address_per_second = 1_000_000;
+    config.rate_limit_per_address_burst = 1_000_000;
+    if options.system.is_some() {
+        config.with_relay = true;
+        config.with_process_manager = true;
+        config.with_workers = true;
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let running = start(pool.clone(), config, listener).await?;
+    if let Some(kafka) = &options.system {
+        crate::chaos::settle(&pool, kafka, Duration::from_secs(SYSTEM_SETTLE_SECS))
+            .await
+            .context("the relay, process manager and projections never reached the log's head")?;
+    }
     let url = format!("http://{}/graphql", running.address);
     let token = keys.issue("bench", Role::Trader, chrono::Duration::hours(1), Utc::now());
-    let portfolios = crate::bench::open_portfolios(&running.commands, clients).await?;
+    let portfolios = if options.hot {
+        let one = crate::bench::open_portfolios(&running.commands, 1).await?[0];
+        vec![one; clients]
+    } else {
+        crate::bench::open_portfolios(&running.commands, clients).await?
+    };
     let http = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
     let started = Instant::now();
     let deadline = started + duration;
@@ -84,6 +124,14 @@ pub async fn commands(database_url: &str, clients: usize, duration: Duration) ->
         .collect();
     let latencies = crate::bench::gather_latencies(handles).await?;
     let elapsed = started.elapsed().as_secs_f64();
+    // With the system running: how far the relay was behind the log when the clients stopped.
+    let relay_behind = match &options.system {
+        Some(kafka) => {
+            let cursor = ledger::relay::cursor_name(kafka).await?;
+            Some(ledger::relay::relay_lag(&pool, &cursor).await?.events)
+        }
+        None => None,
+    };
     running.stop().await?;
     let pgbench_tps = match pgbench_insert(database_url, clients, duration).await {
         Ok(tps) => Some(tps),
@@ -93,8 +141,15 @@ pub async fn commands(database_url: &str, clients: usize, duration: Duration) ->
         }
     };
     let commands_per_second = latencies.len() as f64 / elapsed;
+    let suite = match (options.hot, options.system.is_some()) {
+        (false, false) => "commands",
+        (true, false) => "commands-hot",
+        (false, true) => "commands+system",
+        (true, true) => "commands-hot+system",
+    };
     Ok(ApiBenchResult {
-        suite: "commands",
+        suite,
+        relay_behind,
         clients,
         seconds: elapsed,
         commands: latencies.len(),

@@ -517,7 +517,7 @@ async fn request(
 }
 
 /// Waits until the relay, the process manager and the event-driven projections have reached the log's head.
-async fn settle(pool: &PgPool, kafka: &KafkaConfig, timeout: Duration) -> anyhow::Result<()> {
+pub(crate) async fn settle(pool: &PgPool, kafka: &KafkaConfig, timeout: Duration) -> anyhow::Result<()> {
     let cursor = ledger::relay::cursor_name(kafka).await?;
     let deadline = Instant::now() + timeout;
     loop {

@@ -251,6 +251,13 @@ pub enum BenchSuite {
         /// Runs per client count; the median is reported.
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// All clients deposit into one portfolio (a hot aggregate) instead of one portfolio each.
+        #[arg(long)]
+        hot: bool,
+        /// Run the relay, the process manager and the projection workers beside the API, as deployed (needs
+        /// KAFKA_BROKERS); waits for them to reach the log's head first, and reports how far the relay was behind.
+        #[arg(long)]
+        with_system: bool,
         /// Write the results as JSON to this file.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
@@ -444,14 +451,15 @@ pub async fn run(args: Cli) -> anyhow::Result<()> {
             println!("database {} is migrated", redact(&args.database_url));
             Ok(())
         }
-        Command::Bench { suite: BenchSuite::Commands { clients, seconds, runs, json } } => {
+        Command::Bench { suite: BenchSuite::Commands { clients, seconds, runs, hot, with_system, json } } => {
+            let system = if with_system { Some(args.kafka.required()?) } else { None };
+            let options = crate::bench_api::CommandsOptions { hot, system };
             let mut medians = Vec::new();
             for count in clients {
                 let mut results = Vec::new();
                 for _ in 0..runs.max(1) {
-                    let result =
-                        crate::bench_api::commands(&args.database_url, count, std::time::Duration::from_secs(seconds))
-                            .await?;
+                    let duration = std::time::Duration::from_secs(seconds);
+                    let result = crate::bench_api::commands(&args.database_url, count, duration, &options).await?;
                     crate::bench_api::print(&result);
                     results.push(result);
                 }
