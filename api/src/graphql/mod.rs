@@ -99,7 +99,7 @@ pub fn build_schema(state: AppState, options: &SchemaOptions) -> LedgerSchema {
         .data(state)
         .limit_depth(QUERY_DEPTH_MAX)
         .limit_complexity(QUERY_COMPLEXITY_MAX)
-        .extension(system::AliasLimit(QUERY_ALIASES_MAX));
+        .extension(system::QueryLimits::new(QUERY_ALIASES_MAX));
     if !options.introspection {
         builder = builder.disable_introspection();
     }

@@ -1,6 +1,7 @@
-//! The global log (auditors and admins), dead letters (admins), and the alias limit.
+//! The global log (auditors and admins), dead letters (admins), and the query limits (with the parse cache).
 
-use std::sync::Arc;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
 
 use async_graphql::connection::{Connection, ConnectionNameType, Edge, EdgeNameType, EmptyFields};
 use async_graphql::extensions::{Extension, ExtensionContext, ExtensionFactory, NextParseQuery};
@@ -8,6 +9,7 @@ use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
 use async_graphql::{Context, Object, OutputType, Result, ServerError, ServerResult, SimpleObject, Variables};
 use chrono::{DateTime, Utc};
 use ledger::log::LogReader;
+use lru::LruCache;
 
 use super::errors::{database, forbidden, invalid};
 use super::scalars::LogPosition;
@@ -102,17 +104,71 @@ impl LogQuery {
     }
 }
 
-/// Refuses operations with more than N aliases (aliases multiply work without making a query deeper) or more
-/// than one field waiting for a log position (`waitFor`: each would hold the request and the database).
-pub struct AliasLimit(pub usize);
+/// Parses each distinct query text once and refuses operations with more than N aliases (aliases multiply
+/// work without making a query deeper) or more than one field waiting for a log position (`waitFor`: each
+/// would hold the request and the database).
+///
+/// Clients send the same few operations over and over with different variables; parsing was the largest
+/// single cost of a small mutation. A document depends on the query text alone (variables are bound later),
+/// so documents that passed the checks are kept in a bounded LRU keyed by the text and cloned per request.
+/// Texts longer than [`PARSE_CACHE_TEXT_MAX`] are parsed every time, so the cache holds at most
+/// [`PARSE_CACHE_ENTRIES`] × that many bytes of query text plus their documents.
+pub struct QueryLimits {
+    aliases_max: usize,
+    parsed: Arc<Mutex<LruCache<String, ExecutableDocument>>>,
+}
 
-impl ExtensionFactory for AliasLimit {
-    fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(AliasLimitExtension(self.0))
+/// Distinct query texts whose documents are kept.
+pub const PARSE_CACHE_ENTRIES: usize = 256;
+/// Longest query text whose document is kept (bytes).
+pub const PARSE_CACHE_TEXT_MAX: usize = 4_096;
+
+impl QueryLimits {
+    pub fn new(aliases_max: usize) -> Self {
+        let entries = NonZeroUsize::new(PARSE_CACHE_ENTRIES).expect("PARSE_CACHE_ENTRIES is not zero");
+        Self { aliases_max, parsed: Arc::new(Mutex::new(LruCache::new(entries))) }
     }
 }
 
-struct AliasLimitExtension(usize);
+impl ExtensionFactory for QueryLimits {
+    fn create(&self) -> Arc<dyn Extension> {
+        Arc::new(QueryLimitsExtension { aliases_max: self.aliases_max, parsed: self.parsed.clone() })
+    }
+}
+
+struct QueryLimitsExtension {
+    aliases_max: usize,
+    parsed: Arc<Mutex<LruCache<String, ExecutableDocument>>>,
+}
+
+impl QueryLimitsExtension {
+    fn cached(&self, query: &str) -> Option<ExecutableDocument> {
+        self.parsed.lock().unwrap_or_else(|p| p.into_inner()).get(query).cloned()
+    }
+
+    fn check(&self, document: &ExecutableDocument) -> ServerResult<()> {
+        let aliases: usize =
+            document.operations.iter().map(|(_, op)| count_aliases(&op.node.selection_set.node)).sum::<usize>()
+                + document.fragments.values().map(|f| count_aliases(&f.node.selection_set.node)).sum::<usize>();
+        if aliases > self.aliases_max {
+            let error = super::errors::coded(
+                "QUERY_TOO_MANY_ALIASES",
+                format!("the query uses {aliases} aliases; at most {} are allowed", self.aliases_max),
+            );
+            return Err(ServerError::new(error.message.clone(), None).extend_with_error(&error));
+        }
+        let waits: usize =
+            document.operations.iter().map(|(_, op)| count_waits(&op.node.selection_set.node, document, 0)).sum();
+        if waits > super::WAIT_FOR_PER_REQUEST_MAX {
+            let error = super::errors::coded(
+                "QUERY_TOO_MANY_WAITS",
+                format!("the query waits {waits} times (waitFor); at most one wait per request"),
+            );
+            return Err(ServerError::new(error.message.clone(), None).extend_with_error(&error));
+        }
+        Ok(())
+    }
+}
 
 fn count_aliases(set: &SelectionSet) -> usize {
     set.items
@@ -128,7 +184,7 @@ fn count_aliases(set: &SelectionSet) -> usize {
 }
 
 #[async_trait::async_trait]
-impl Extension for AliasLimitExtension {
+impl Extension for QueryLimitsExtension {
     async fn parse_query(
         &self,
         ctx: &ExtensionContext<'_>,
@@ -136,25 +192,13 @@ impl Extension for AliasLimitExtension {
         variables: &Variables,
         next: NextParseQuery<'_>,
     ) -> ServerResult<ExecutableDocument> {
-        let document = next.run(ctx, query, variables).await?;
-        let aliases: usize =
-            document.operations.iter().map(|(_, op)| count_aliases(&op.node.selection_set.node)).sum::<usize>()
-                + document.fragments.values().map(|f| count_aliases(&f.node.selection_set.node)).sum::<usize>();
-        if aliases > self.0 {
-            let error = super::errors::coded(
-                "QUERY_TOO_MANY_ALIASES",
-                format!("the query uses {aliases} aliases; at most {} are allowed", self.0),
-            );
-            return Err(ServerError::new(error.message.clone(), None).extend_with_error(&error));
+        if let Some(document) = self.cached(query) {
+            return Ok(document); // passed the checks when it was kept
         }
-        let waits: usize =
-            document.operations.iter().map(|(_, op)| count_waits(&op.node.selection_set.node, &document, 0)).sum();
-        if waits > super::WAIT_FOR_PER_REQUEST_MAX {
-            let error = super::errors::coded(
-                "QUERY_TOO_MANY_WAITS",
-                format!("the query waits {waits} times (waitFor); at most one wait per request"),
-            );
-            return Err(ServerError::new(error.message.clone(), None).extend_with_error(&error));
+        let document = next.run(ctx, query, variables).await?;
+        self.check(&document)?;
+        if query.len() <= PARSE_CACHE_TEXT_MAX {
+            self.parsed.lock().unwrap_or_else(|p| p.into_inner()).put(query.to_owned(), document.clone());
         }
         Ok(document)
     }
@@ -193,5 +237,85 @@ impl ExtendWith for ServerError {
     fn extend_with_error(mut self, error: &async_graphql::Error) -> Self {
         self.extensions = error.extensions.clone();
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use async_graphql::{EmptyMutation, EmptySubscription, Request, Schema};
+
+    use super::*;
+
+    struct Echo;
+
+    #[Object]
+    impl Echo {
+        async fn echo(&self, x: i32) -> i32 {
+            x
+        }
+    }
+
+    fn schema(limits: QueryLimits) -> Schema<Echo, EmptyMutation, EmptySubscription> {
+        Schema::build(Echo, EmptyMutation, EmptySubscription).extension(limits).finish()
+    }
+
+    async fn echo(
+        schema: &Schema<Echo, EmptyMutation, EmptySubscription>,
+        query: &str,
+        x: i32,
+    ) -> async_graphql::Response {
+        let variables = Variables::from_json(serde_json::json!({ "x": x }));
+        schema.execute(Request::new(query).variables(variables)).await
+    }
+
+    #[tokio::test]
+    async fn a_query_text_is_parsed_once_and_each_request_binds_its_own_variables() {
+        let limits = QueryLimits::new(2);
+        let parsed = limits.parsed.clone();
+        let schema = schema(limits);
+        let query = "query Echo($x: Int!) { echo(x: $x) }";
+        for x in [1, 2, 3] {
+            let response = echo(&schema, query, x).await;
+            assert!(response.errors.is_empty(), "{:?}", response.errors);
+            assert_eq!(response.data.into_json().unwrap(), serde_json::json!({ "echo": x }));
+        }
+        assert_eq!(parsed.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_query_is_not_kept_and_is_refused_every_time() {
+        let limits = QueryLimits::new(2);
+        let parsed = limits.parsed.clone();
+        let schema = schema(limits);
+        let query = "query Echo($x: Int!) { a: echo(x: $x) b: echo(x: $x) c: echo(x: $x) }";
+        for _ in 0..2 {
+            let response = echo(&schema, query, 1).await;
+            let code = response.errors[0].extensions.as_ref().and_then(|e| e.get("code")).cloned();
+            assert_eq!(code, Some(async_graphql::Value::from("QUERY_TOO_MANY_ALIASES")));
+        }
+        assert_eq!(parsed.lock().unwrap().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn long_texts_and_syntax_errors_are_not_kept() {
+        let limits = QueryLimits::new(2);
+        let parsed = limits.parsed.clone();
+        let schema = schema(limits);
+        let long = format!("query Echo($x: Int!) {{ echo(x: $x) }} #{}", "-".repeat(PARSE_CACHE_TEXT_MAX));
+        assert!(echo(&schema, &long, 1).await.errors.is_empty());
+        assert!(!echo(&schema, "query { echo(", 1).await.errors.is_empty());
+        assert_eq!(parsed.lock().unwrap().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_cache_holds_at_most_its_bound() {
+        let limits = QueryLimits::new(2);
+        let parsed = limits.parsed.clone();
+        let schema = schema(limits);
+        for i in 0..PARSE_CACHE_ENTRIES + 10 {
+            let query = format!("query Echo{i}($x: Int!) {{ echo(x: $x) }}");
+            assert!(echo(&schema, &query, 1).await.errors.is_empty());
+        }
+        assert_eq!(parsed.lock().unwrap().len(), PARSE_CACHE_ENTRIES);
     }
 }
