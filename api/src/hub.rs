@@ -295,17 +295,33 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Offers every committed event to the log subscribers and keeps [`Hub::log_position`] (what `waitFor`
+/// waits on). While nobody subscribes, it only moves the position: the events' bodies are not read.
+///
+/// Skipping is safe: a batch is skipped only if there was still no subscriber *after* its end was read. A
+/// subscription that starts later takes its snapshot (from now) or reads its catch-up (`after`) later still,
+/// so it sees every skipped event as already committed: it skips them (from now) or reads them itself.
 async fn follow_log(hub: Arc<Hub>, from: LogPosition, cancel: CancellationToken) {
     let mut reader = LogReader::new(hub.pool.clone(), from).with_poll_interval(Duration::from_millis(20));
     loop {
-        match reader.next_batch(&cancel).await {
-            Ok(Some(batch)) => {
-                for event in batch {
-                    let _ = hub.log.send(Arc::new(event)); // no subscriber is fine
+        let step = async {
+            if hub.log.receiver_count() == 0 {
+                let Some(end) = reader.next_batch_end(&cancel).await? else { return Ok(false) };
+                if hub.log.receiver_count() == 0 {
+                    reader.seek(end);
+                    return Ok(true);
                 }
-                *hub.log_position.lock().unwrap_or_else(|p| p.into_inner()) = reader.position();
+                // A subscriber arrived meanwhile: read the batch after all.
             }
-            Ok(None) => return,
+            let Some(batch) = reader.next_batch(&cancel).await? else { return Ok(false) };
+            for event in batch {
+                let _ = hub.log.send(Arc::new(event)); // a subscriber may have gone: fine
+            }
+            Ok::<_, sqlx::Error>(true)
+        };
+        match step.await {
+            Ok(true) => *hub.log_position.lock().unwrap_or_else(|p| p.into_inner()) = reader.position(),
+            Ok(false) => return,
             Err(error) => {
                 tracing::warn!(%error, "log feed: reading failed; retrying");
                 tokio::select! {

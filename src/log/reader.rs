@@ -125,23 +125,91 @@ impl LogReader {
             if !batch.is_empty() {
                 return Ok(Some(batch));
             }
-            let notified = async {
-                match self.listener.as_mut() {
-                    Some(listener) => listener.try_recv().await.map(|_| ()),
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = cancel.cancelled() => return Ok(None),
-                result = notified => {
-                    if result.is_err() {
-                        // Lost the listening connection: fall back to polling until it reconnects.
-                        self.listener = None;
-                    }
-                }
-                _ = tokio::time::sleep(self.poll_interval) => {}
+            if !self.wait(cancel).await {
+                return Ok(None);
             }
         }
+    }
+
+    /// The position of the last event of the next non-empty batch, waiting for one like [`Self::next_batch`],
+    /// without reading the events' bodies and **without advancing the cursor**: [`Self::seek`] to it to skip
+    /// the batch, or [`Self::read_batch`] to read it after all. `None` when `cancel` fires first.
+    pub async fn next_batch_end(&mut self, cancel: &CancellationToken) -> Result<Option<LogPosition>, sqlx::Error> {
+        loop {
+            self.ensure_listening().await;
+            if let Some(end) = self.batch_end().await? {
+                return Ok(Some(end));
+            }
+            if !self.wait(cancel).await {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// The position of the last event [`Self::read_batch`] would return now, if any.
+    async fn batch_end(&self) -> Result<Option<LogPosition>, sqlx::Error> {
+        let limit = self.batch_size as i64;
+        let row = match self.order {
+            ReadOrder::CommitSafe => {
+                sqlx::query(
+                    "select transaction_id::text as transaction_id_text, global_position from (
+                        select transaction_id, global_position from events
+                         where (transaction_id, global_position) > ($1::text::xid8, $2)
+                           and transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+                         order by transaction_id, global_position
+                         limit $3) batch
+                      order by batch.transaction_id desc, batch.global_position desc
+                      limit 1",
+                )
+                .bind(self.after.transaction_id.to_string())
+                .bind(self.after.global_position)
+                .bind(limit)
+                .fetch_optional(&self.pool)
+                .await?
+            }
+            ReadOrder::GlobalPositionOnly => {
+                sqlx::query(
+                    "select transaction_id::text as transaction_id_text, global_position from (
+                        select transaction_id, global_position from events where global_position > $1
+                         order by global_position limit $2) batch
+                      order by batch.global_position desc
+                      limit 1",
+                )
+                .bind(self.after.global_position)
+                .bind(limit)
+                .fetch_optional(&self.pool)
+                .await?
+            }
+        };
+        row.map(|row| {
+            let transaction_id: String = row.try_get("transaction_id_text")?;
+            Ok(LogPosition {
+                transaction_id: super::parse_transaction_id(&transaction_id).map_err(sqlx::Error::Decode)?,
+                global_position: row.try_get("global_position")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Waits for a notification, or the poll interval; false when `cancel` fires first.
+    async fn wait(&mut self, cancel: &CancellationToken) -> bool {
+        let notified = async {
+            match self.listener.as_mut() {
+                Some(listener) => listener.try_recv().await.map(|_| ()),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return false,
+            result = notified => {
+                if result.is_err() {
+                    // Lost the listening connection: fall back to polling until it reconnects.
+                    self.listener = None;
+                }
+            }
+            _ = tokio::time::sleep(self.poll_interval) => {}
+        }
+        true
     }
 
     async fn ensure_listening(&mut self) {

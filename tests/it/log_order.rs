@@ -188,3 +188,40 @@ async fn batches_follow_numeric_transaction_order_across_digit_boundaries() {
     assert!(reader.read_batch().await.unwrap().is_empty(), "nothing is read twice");
     db.drop().await;
 }
+
+/// `next_batch_end` tells where the next batch ends, in the same order and bounds as `read_batch`, without
+/// moving the cursor: a follower with nobody to deliver to can skip a batch by seeking to it.
+#[tokio::test]
+async fn the_end_of_the_next_batch_is_known_without_reading_it() {
+    let db = TestDb::new().await;
+    for (aggregate, transaction, position) in [("late", 100i64, 1i64), ("early", 99, 2), ("later", 1000, 3)] {
+        sqlx::query(
+            "insert into events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
+                                 metadata, transaction_id, global_position)
+             overriding system value
+             values ('Test', $1, 1, 'Tested', '1', '{}', '{}', $2::text::xid8, $3)",
+        )
+        .bind(aggregate)
+        .bind(transaction.to_string())
+        .bind(position)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let cancel = CancellationToken::new();
+    let mut reader = LogReader::new(db.pool.clone(), LogPosition::START).with_batch_size(2);
+    let end = reader.next_batch_end(&cancel).await.unwrap().unwrap();
+    assert_eq!(end, LogPosition { transaction_id: 100, global_position: 1 });
+    assert_eq!(reader.position(), LogPosition::START, "the cursor did not move");
+    let batch: Vec<_> = reader.read_batch().await.unwrap().into_iter().map(|e| e.position).collect();
+    assert_eq!(batch.last(), Some(&end), "the batch ends where it was said to");
+
+    let end = reader.next_batch_end(&cancel).await.unwrap().unwrap();
+    assert_eq!(end, LogPosition { transaction_id: 1000, global_position: 3 });
+    reader.seek(end);
+    assert!(reader.read_batch().await.unwrap().is_empty(), "skipped for good");
+
+    cancel.cancel();
+    assert_eq!(reader.next_batch_end(&cancel).await.unwrap(), None, "nothing more: waits until cancelled");
+    db.drop().await;
+}
