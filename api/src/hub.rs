@@ -36,6 +36,8 @@ pub const FEED_BUFFER: usize = 1_024;
 /// Events read per batch when a subscriber catches up from the log: all a catching-up subscriber holds, so it
 /// bounds its memory whatever the log's size (with the caps on subscriptions, see `ws`).
 pub const CATCH_UP_BATCH: usize = 100;
+/// How often the log follower moves to the log's head while nobody subscribes (it reads nothing else then).
+pub const LOG_IDLE_POLL_MS: u64 = 100;
 /// Progress notifications a waiter may miss before it just looks again (they carry nothing).
 const PROGRESS_BUFFER: usize = 16;
 
@@ -76,6 +78,8 @@ pub struct Hub {
     pub subscriptions: AtomicI64,
     /// The log follower's position: every event up to it has been offered to the subscribers.
     log_position: std::sync::Mutex<LogPosition>,
+    /// Signalled when a log subscription starts (an idle follower starts reading the events again).
+    log_subscribed: tokio::sync::Notify,
     /// True once the tick consumer reads every partition from a known offset: a tick published after that
     /// reaches the subscribers.
     ticks_live: std::sync::atomic::AtomicBool,
@@ -101,6 +105,7 @@ impl Hub {
             ticks_available: kafka.is_some(),
             subscriptions: AtomicI64::new(0),
             log_position: std::sync::Mutex::new(LogPosition::START),
+            log_subscribed: tokio::sync::Notify::new(),
             ticks_live: std::sync::atomic::AtomicBool::new(false),
         });
         let head = ledger::projections::catch_up::log_head(&pool).await?;
@@ -168,6 +173,7 @@ impl Hub {
     {
         let hub = self.clone();
         let mut live = self.log.subscribe();
+        self.log_subscribed.notify_one(); // wakes an idle follower
         spawn_stream(move |sender| async move {
             let mut last = after;
             // "From now": events of transactions that had committed when the subscription started (visible in
@@ -295,33 +301,50 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Offers every committed event to the log subscribers and keeps [`Hub::log_position`] (what `waitFor`
-/// waits on). While nobody subscribes, it only moves the position: the events' bodies are not read.
+/// Offers every committed event to the log subscribers and keeps [`Hub::log_position`].
 ///
-/// Skipping is safe: a batch is skipped only if there was still no subscriber *after* its end was read. A
-/// subscription that starts later takes its snapshot (from now) or reads its catch-up (`after`) later still,
+/// While nobody subscribes it reads nothing but the log's head, every [`LOG_IDLE_POLL_MS`] or as soon as
+/// someone subscribes, and moves its position there; it does not listen for commits meanwhile (a busy desk
+/// commits thousands of times a second, and each wake-up and read would cost both processes CPU).
+///
+/// Skipping is safe: the follower moves to a head only if there was still no subscriber *after* it read it.
+/// A subscription that starts later takes its snapshot (from now) or reads its catch-up (`after`) later still,
 /// so it sees every skipped event as already committed: it skips them (from now) or reads them itself.
 async fn follow_log(hub: Arc<Hub>, from: LogPosition, cancel: CancellationToken) {
     let mut reader = LogReader::new(hub.pool.clone(), from).with_poll_interval(Duration::from_millis(20));
     loop {
-        let step = async {
-            if hub.log.receiver_count() == 0 {
-                let Some(end) = reader.next_batch_end(&cancel).await? else { return Ok(false) };
-                if hub.log.receiver_count() == 0 {
-                    reader.seek(end);
-                    return Ok(true);
+        let result = if hub.log.receiver_count() == 0 {
+            reader.stop_listening();
+            match reader.head().await {
+                Ok(head) => {
+                    if let Some(head) = head.filter(|_| hub.log.receiver_count() == 0) {
+                        reader.seek(head);
+                    }
+                    if hub.log.receiver_count() == 0 {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = hub.log_subscribed.notified() => {}
+                            _ = tokio::time::sleep(Duration::from_millis(LOG_IDLE_POLL_MS)) => {}
+                        }
+                    }
+                    Ok(())
                 }
-                // A subscriber arrived meanwhile: read the batch after all.
+                Err(error) => Err(error),
             }
-            let Some(batch) = reader.next_batch(&cancel).await? else { return Ok(false) };
-            for event in batch {
-                let _ = hub.log.send(Arc::new(event)); // a subscriber may have gone: fine
+        } else {
+            match reader.next_batch(&cancel).await {
+                Ok(Some(batch)) => {
+                    for event in batch {
+                        let _ = hub.log.send(Arc::new(event)); // a subscriber may have gone: fine
+                    }
+                    Ok(())
+                }
+                Ok(None) => return,
+                Err(error) => Err(error),
             }
-            Ok::<_, sqlx::Error>(true)
         };
-        match step.await {
-            Ok(true) => *hub.log_position.lock().unwrap_or_else(|p| p.into_inner()) = reader.position(),
-            Ok(false) => return,
+        match result {
+            Ok(()) => *hub.log_position.lock().unwrap_or_else(|p| p.into_inner()) = reader.position(),
             Err(error) => {
                 tracing::warn!(%error, "log feed: reading failed; retrying");
                 tokio::select! {

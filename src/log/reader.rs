@@ -131,52 +131,31 @@ impl LogReader {
         }
     }
 
-    /// The position of the last event of the next non-empty batch, waiting for one like [`Self::next_batch`],
-    /// without reading the events' bodies and **without advancing the cursor**: [`Self::seek`] to it to skip
-    /// the batch, or [`Self::read_batch`] to read it after all. `None` when `cancel` fires first.
-    pub async fn next_batch_end(&mut self, cancel: &CancellationToken) -> Result<Option<LogPosition>, sqlx::Error> {
-        loop {
-            self.ensure_listening().await;
-            if let Some(end) = self.batch_end().await? {
-                return Ok(Some(end));
-            }
-            if !self.wait(cancel).await {
-                return Ok(None);
-            }
-        }
-    }
-
-    /// The position of the last event [`Self::read_batch`] would return now, if any.
-    async fn batch_end(&self) -> Result<Option<LogPosition>, sqlx::Error> {
-        let limit = self.batch_size as i64;
+    /// The last event after the cursor that [`Self::read_batch`] would return now, over as many batches as it
+    /// takes (the log's head in the reader's order and bounds), found without reading the events' bodies and
+    /// **without moving the cursor**; `None` if there is nothing new. [`Self::seek`] to it to skip everything
+    /// up to it.
+    pub async fn head(&self) -> Result<Option<LogPosition>, sqlx::Error> {
         let row = match self.order {
             ReadOrder::CommitSafe => {
                 sqlx::query(
-                    "select transaction_id::text as transaction_id_text, global_position from (
-                        select transaction_id, global_position from events
-                         where (transaction_id, global_position) > ($1::text::xid8, $2)
-                           and transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-                         order by transaction_id, global_position
-                         limit $3) batch
-                      order by batch.transaction_id desc, batch.global_position desc
+                    "select transaction_id::text as transaction_id_text, global_position from events
+                      where (transaction_id, global_position) > ($1::text::xid8, $2)
+                        and transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+                      order by transaction_id desc, global_position desc
                       limit 1",
                 )
                 .bind(self.after.transaction_id.to_string())
                 .bind(self.after.global_position)
-                .bind(limit)
                 .fetch_optional(&self.pool)
                 .await?
             }
             ReadOrder::GlobalPositionOnly => {
                 sqlx::query(
-                    "select transaction_id::text as transaction_id_text, global_position from (
-                        select transaction_id, global_position from events where global_position > $1
-                         order by global_position limit $2) batch
-                      order by batch.global_position desc
-                      limit 1",
+                    "select transaction_id::text as transaction_id_text, global_position from events
+                      where global_position > $1 order by global_position desc limit 1",
                 )
                 .bind(self.after.global_position)
-                .bind(limit)
                 .fetch_optional(&self.pool)
                 .await?
             }
@@ -189,6 +168,12 @@ impl LogReader {
             })
         })
         .transpose()
+    }
+
+    /// Stops listening for commits (returning the listening connection to the pool) until the next
+    /// [`Self::next_batch`]: a reader that is only asked from time to time need not be woken by every commit.
+    pub fn stop_listening(&mut self) {
+        self.listener = None;
     }
 
     /// Waits for a notification, or the poll interval; false when `cancel` fires first.
