@@ -19,7 +19,7 @@ pub const POOL_ACQUIRE_TIMEOUT_MS: u64 = 5_000;
 /// Longest any single statement may run (guards against runaway queries holding the log's xmin back).
 pub const STATEMENT_TIMEOUT_MS: u64 = 30_000;
 /// A session idle inside a transaction this long is ended by the server. Our own transactions never idle
-/// (see `commands::store::commit`); this is the safety net that keeps a leaked transaction from holding every
+/// (see `commands::writer`: one statement each); this is the safety net that keeps a leaked transaction from holding every
 /// log reader's horizon back indefinitely.
 pub const IDLE_IN_TRANSACTION_TIMEOUT_MS: u64 = 60_000;
 

@@ -197,7 +197,7 @@ impl CommandService {
                 PostgresEventRepository::new(pool.clone()),
                 snapshot_every,
             ),
-            writer: Writer::new(pool.clone(), cache.clone(), metrics.clone()),
+            writer: Writer::new(&pool, cache.clone(), metrics.clone()),
             pool,
             order_services: OrderServices::default(),
             locks: AggregateLocks::default(),
