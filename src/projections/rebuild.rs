@@ -1,7 +1,10 @@
 //! Rebuilding a projection from the PostgreSQL log (and the tick archive) without stopping it.
 //!
 //! 1. Create empty copies of the projection's tables (and progress tables) in the `shadow` schema.
-//! 2. Replay the log (and the archive) into them with `search_path = shadow`, while the live worker goes on.
+//! 2. Replay the log (and the archive) into them with `search_path = shadow`, while the live worker goes on —
+//!    at least up to the last event committed when the rebuild started: if a transaction elsewhere in the
+//!    cluster holds the log's horizon below it, the rebuild waits for it (at most
+//!    [`REBUILD_HORIZON_WAIT_MAX_SECS`]), so an offline `ledger replay` never leaves out what was committed.
 //! 3. Take the projection's advisory lock exclusively (the live worker's transactions take it shared, so it
 //!    pauses), replay the few events and ticks that arrived meanwhile, then, in the same transaction:
 //!    - swap: move the live tables to `retired`, the shadow tables to `public`, drop the retired ones, recreate
@@ -97,6 +100,29 @@ async fn total_inputs(pool: &PgPool, projection: &dyn Projection) -> Result<u64,
     Ok(total as u64)
 }
 
+/// How long a rebuild waits at most for the log's horizon to pass what was committed before it started.
+pub const REBUILD_HORIZON_WAIT_MAX_SECS: u64 = 300;
+const REBUILD_HORIZON_POLL_MS: u64 = 20;
+
+/// The last event committed so far (visible now), in commit order; the start when the log is empty. Unlike
+/// the reader's head it is not bounded by the horizon: the reader reaches it once the transactions older than
+/// it have ended.
+async fn committed_head(pool: &PgPool) -> Result<LogPosition, sqlx::Error> {
+    let row: Option<(String, i64)> = sqlx::query_as(
+        "select transaction_id::text, global_position from events
+          order by transaction_id desc, global_position desc limit 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        None => Ok(LogPosition::START),
+        Some((transaction_id, global_position)) => Ok(LogPosition {
+            transaction_id: crate::log::parse_transaction_id(&transaction_id).map_err(sqlx::Error::Decode)?,
+            global_position,
+        }),
+    }
+}
+
 /// Rebuilds `projection` (see the module docs).
 pub async fn rebuild(
     pool: &PgPool,
@@ -112,13 +138,26 @@ pub async fn rebuild(
     let mut ticks = 0u64;
     let mut position = LogPosition::START;
 
-    // 1. The bulk, while the live worker goes on.
+    // 1. The bulk, while the live worker goes on: at least everything committed before the rebuild started,
+    //    even while a transaction elsewhere in the cluster holds the log's horizon back for a moment.
     if projection.aggregate_type().is_some() {
+        let committed = committed_head(pool).await.map_err(ApplyError::Database)?;
+        let waiting_since = Instant::now();
         let mut reader = LogReader::new(pool.clone(), position).with_batch_size(REBUILD_BATCH_SIZE);
         loop {
             let batch = reader.read_batch().await.map_err(ApplyError::Database)?;
             if batch.is_empty() {
-                break;
+                if reader.position() >= committed {
+                    break;
+                }
+                if waiting_since.elapsed() > std::time::Duration::from_secs(REBUILD_HORIZON_WAIT_MAX_SECS) {
+                    return Err(ApplyError::Database(sqlx::Error::Protocol(format!(
+                        "the log's horizon stayed below {committed} (committed before the rebuild started) for \
+                         {REBUILD_HORIZON_WAIT_MAX_SECS} s: a transaction is held open (see pg_stat_activity)"
+                    ))));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(REBUILD_HORIZON_POLL_MS)).await;
+                continue;
             }
             events += batch.len() as u64;
             let batch = if verify { within_live_progress(pool, projection, batch).await? } else { batch };
