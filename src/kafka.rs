@@ -82,3 +82,28 @@ impl KafkaConfig {
         Ok(())
     }
 }
+
+/// How long closing a consumer may take before [`close_off_runtime`] stops waiting for it.
+pub const CONSUMER_CLOSE_WAIT_MAX_MS: u64 = 10_000;
+
+/// Drops `consumer` (closing it: leaving its group, revoking its partitions) on a thread of its own, waiting
+/// for that at most [`CONSUMER_CLOSE_WAIT_MAX_MS`].
+///
+/// librdkafka's close blocks its thread, and has been seen to block it forever: a revocation during the close
+/// (`incremental_unassign` in the rebalance callback) waited on the group coordinator without end. On a
+/// runtime thread that stalls every task scheduled there (and a blocking-pool thread would keep the runtime
+/// from shutting down), so the close runs on a detached thread and whoever stops the consumer goes on.
+pub async fn close_off_runtime<T: Send + 'static>(consumer: T, what: &'static str) {
+    let (closed, done) = tokio::sync::oneshot::channel::<()>();
+    let closing = std::thread::Builder::new().name(format!("close-{what}")).spawn(move || {
+        drop(consumer);
+        let _ = closed.send(());
+    });
+    if let Err(error) = closing {
+        tracing::warn!(what, %error, "no thread to close the Kafka consumer on; it was closed here");
+        return;
+    }
+    if tokio::time::timeout(Duration::from_millis(CONSUMER_CLOSE_WAIT_MAX_MS), done).await.is_err() {
+        tracing::warn!(what, "closing the Kafka consumer has not finished; it goes on in the background");
+    }
+}

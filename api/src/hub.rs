@@ -410,7 +410,7 @@ async fn follow_ticks(kafka: KafkaConfig, hub: Arc<Hub>, cancel: CancellationTok
     loop {
         let message = tokio::select! {
             _ = cancel.cancelled() => {
-                let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+                ledger::kafka::close_off_runtime(consumer, "tick-feed").await;
                 return;
             }
             message = consumer.0.recv() => message,

@@ -268,7 +268,7 @@ pub fn spawn_tick_consumer(
     Ok(tokio::spawn(async move {
         loop {
             let message = tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => break,
                 message = consumer.recv() => message,
             };
             let decoded = match message {
@@ -288,8 +288,9 @@ pub fn spawn_tick_consumer(
                 None => continue,
             };
             if sender.send(tick).await.is_err() {
-                return;
+                break;
             }
         }
+        crate::kafka::close_off_runtime(consumer, "paper-executor").await;
     }))
 }

@@ -349,7 +349,13 @@ impl ProjectionWorker {
 
     async fn run_once(&self, cancel: &CancellationToken) -> Result<(), WorkerError> {
         let consumer = self.consumer()?;
-        self.catch_up_if_needed(&consumer).await?;
+        let result = self.follow(&consumer, cancel).await;
+        crate::kafka::close_off_runtime(consumer, "projection-worker").await;
+        result
+    }
+
+    async fn follow(&self, consumer: &Arc<WorkerConsumer>, cancel: &CancellationToken) -> Result<(), WorkerError> {
+        self.catch_up_if_needed(consumer).await?;
         let topics = self.topics();
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topic_refs)?;
@@ -360,7 +366,7 @@ impl ProjectionWorker {
         let mut reported = Reported::default();
         self.report_status(&mut reported).await;
         loop {
-            let batch = self.collect(&consumer, cancel).await?;
+            let batch = self.collect(consumer, cancel).await?;
             if batch.is_empty() {
                 return Ok(()); // cancelled
             }
@@ -369,7 +375,7 @@ impl ProjectionWorker {
             tracing::debug!(projection = self.projection.name(), "batch applied");
             let Some(poisoned) = poisoned else { return Ok(()) };
             self.publish_dead_letters(&dead_letters, &batch, &poisoned).await;
-            self.commit_offsets(&consumer, &batch);
+            self.commit_offsets(consumer, &batch);
             self.report_status(&mut reported).await;
         }
     }
