@@ -38,6 +38,8 @@ pub const WRITER_QUEUE_MAX: usize = 10_000;
 /// Connections of the committer's own pool (it writes one statement at a time; the second is a spare while a
 /// broken one is replaced).
 pub const COMMITTER_CONNECTIONS: u32 = 2;
+/// Largest group written with the generic plan (see [`committer_pool`]); larger ones are planned for their size.
+pub const GENERIC_PLAN_GROUP_MAX: usize = 64;
 /// Failed generations remembered (their successors, decided before the failure was known, are refused), oldest
 /// forgotten first.
 const FAILED_GENERATIONS_MAX: usize = 100_000;
@@ -118,7 +120,8 @@ impl Writer {
         let sender = self.sender.get_or_init(|| {
             let (sender, receiver) = mpsc::channel(WRITER_QUEUE_MAX);
             let committer = Committer {
-                pool: committer_pool(&self.pool),
+                pool: self.pool.clone(),
+                planned_once: committer_pool(&self.pool),
                 cache: self.cache.clone(),
                 metrics: self.metrics.clone(),
                 failed: FailedGenerations::default(),
@@ -134,8 +137,9 @@ impl Writer {
 ///
 /// Its statement always has the same shape, but with array parameters PostgreSQL's plan cache kept choosing a
 /// custom plan, so every group was planned again — a sixth of the server's CPU at one command per group. A
-/// generic plan is made once per connection; `ledger bench commands` went from 4,728 to 6,673 commands/s at 32
-/// clients (docs/benchmarks.md). Other statements keep the server's default: only this one was measured.
+/// generic plan is made once per connection; `ledger bench commands` went from 4,728 to 5,938 commands/s at 32
+/// clients (docs/benchmarks.md). The generic plan assumes small arrays, so only groups of at most
+/// [`GENERIC_PLAN_GROUP_MAX`] commands use it. Other statements keep the server's default.
 fn committer_pool(pool: &PgPool) -> PgPool {
     let options = pool.connect_options().as_ref().clone().options([("plan_cache_mode", "force_generic_plan")]);
     sqlx::postgres::PgPoolOptions::new()
@@ -147,7 +151,10 @@ fn committer_pool(pool: &PgPool) -> PgPool {
 }
 
 struct Committer {
+    /// For large groups: planned for their sizes (a generic plan joins them badly).
     pool: PgPool,
+    /// For groups of at most [`GENERIC_PLAN_GROUP_MAX`] commands: planned once per connection.
+    planned_once: PgPool,
     cache: Arc<AggregateCache>,
     metrics: Arc<CommandMetrics>,
     /// Generations one of whose commands failed: their later commands were decided on a state that never was.
@@ -211,7 +218,7 @@ impl Committer {
         if live.is_empty() {
             return;
         }
-        match write(&self.pool, &live).await {
+        match write(self.pool_for(live.len()), &live).await {
             Ok(outcomes) => {
                 for (request, outcome) in live.into_iter().zip(outcomes) {
                     self.answer(request, Ok(outcome));
@@ -225,7 +232,7 @@ impl Committer {
                         self.answer(request, Err(CommitError::Conflict));
                         continue;
                     }
-                    let result = match write(&self.pool, std::slice::from_ref(&request)).await {
+                    let result = match write(&self.planned_once, std::slice::from_ref(&request)).await {
                         Ok(mut outcomes) => outcomes.pop().ok_or_else(|| {
                             CommitError::Database(sqlx::Error::Protocol("a write returned no outcome".into()))
                         }),
@@ -242,6 +249,16 @@ impl Committer {
                     self.answer(request, Err(CommitError::Database(failure)));
                 }
             }
+        }
+    }
+
+    /// Small groups (the concurrent commands of a busy desk) gain from a plan made once; a large group (a batch
+    /// of a thousand deposits) needs a plan made for its size, and its planning costs little beside it.
+    fn pool_for(&self, commands: usize) -> &PgPool {
+        if commands <= GENERIC_PLAN_GROUP_MAX {
+            &self.planned_once
+        } else {
+            &self.pool
         }
     }
 
