@@ -271,6 +271,7 @@ pub async fn serve<F, Fut>(
         .boxed();
     let mut pings = tokio::time::interval(keep_alive.ping_interval);
     pings.tick().await;
+    let mut expiry_open = true;
     loop {
         let expires_at = *expiry_rx.borrow();
         let until_expiry = async {
@@ -303,11 +304,10 @@ pub async fn serve<F, Fut>(
                 let _ = sink.send(Message::Close(Some(close))).await;
                 return;
             }
-            changed = expiry_rx.changed() => {
-                if changed.is_err() {
-                    // The init callback is gone (answered or dropped): keep serving with what was set.
-                    expiry_rx = tokio::sync::watch::channel(expires_at).1;
-                }
+            changed = expiry_rx.changed(), if expiry_open => {
+                // The init callback gone (answered or dropped), nothing will change any more: serve with what
+                // was set. (Polling a closed channel again would answer at once, for ever: a busy loop.)
+                expiry_open = changed.is_ok();
                 continue;
             }
         };
