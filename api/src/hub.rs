@@ -163,33 +163,35 @@ impl Hub {
 
     /// Committed events after `after` (or from now when `None`), matching `filter`, in log order, resuming
     /// without gaps or repeats (see the module docs). Ends with `FeedError::Resync` if the subscriber lags.
-    pub fn log_events<F>(
+    ///
+    /// The starting point is fixed before this returns (for "from now", a snapshot of what has committed), and
+    /// only then is the subscription counted: a write made after the call returns is delivered. (Fixing it in
+    /// the stream's task instead let a subscription that also follows ticks be counted by its tick feed first,
+    /// and a write racing the snapshot was taken for "before now" and skipped.)
+    pub async fn log_events<F>(
         self: &Arc<Self>,
         after: Option<LogPosition>,
         filter: F,
-    ) -> impl Stream<Item = Result<Arc<RecordedEvent>, FeedError>> + Send + 'static
+    ) -> Result<impl Stream<Item = Result<Arc<RecordedEvent>, FeedError>> + Send + 'static, FeedError>
     where
         F: Fn(&RecordedEvent) -> bool + Send + Sync + 'static,
     {
         let hub = self.clone();
         let mut live = self.log.subscribe();
         self.log_subscribed.notify_one(); // wakes an idle follower
-        spawn_stream(move |sender| async move {
+                                          // "From now": events of transactions that had committed when the subscription started (visible in the
+                                          // snapshot taken now) are skipped, whatever this instance's follower had delivered by then.
+        let before_now = match after {
+            Some(_) => None,
+            None => Some(Snapshot::now(&self.pool).await.map_err(|error| {
+                tracing::warn!(%error, "subscription start failed");
+                FeedError::Database
+            })?),
+        };
+        let guard = SubscriptionGuard::new(self.clone());
+        Ok(spawn_stream(move |sender| async move {
             let mut last = after;
-            // "From now": events of transactions that had committed when the subscription started (visible in
-            // the snapshot taken now) are skipped, whatever this instance's follower had delivered by then.
-            let mut before_now: Option<Snapshot> = None;
-            if after.is_none() {
-                match Snapshot::now(&hub.pool).await {
-                    Ok(snapshot) => before_now = Some(snapshot),
-                    Err(error) => {
-                        tracing::warn!(%error, "subscription start failed");
-                        let _ = sender.send(Err(FeedError::Database)).await;
-                        return;
-                    }
-                }
-            }
-            let _guard = SubscriptionGuard::new(hub.clone());
+            let _guard = guard;
             if let Some(start) = after {
                 let mut reader = LogReader::new(hub.pool.clone(), start).with_batch_size(CATCH_UP_BATCH);
                 loop {
@@ -236,7 +238,7 @@ impl Hub {
                     }
                 }
             }
-        })
+        }))
     }
 
     /// A stream over a broadcast feed: ends with `Resync` when lagging.

@@ -192,6 +192,8 @@ impl SubscriptionRoot {
         let hub = state(ctx).hub.clone();
         Ok(hub
             .log_events(after.map(|a| a.0), |_| true)
+            .await
+            .map_err(feed_error)?
             .map(|item| item.map(|e| Event::from(e.as_ref())).map_err(feed_error)))
     }
 
@@ -204,7 +206,8 @@ impl SubscriptionRoot {
     ) -> Result<impl Stream<Item = Result<OrderUpdate>>> {
         let state = state(ctx).clone();
         authorize_read(&state, ctx, portfolio_id).await?;
-        let mut events = Box::pin(state.hub.log_events(after.map(|a| a.0), |e| e.aggregate_type == "Order"));
+        let events = state.hub.log_events(after.map(|a| a.0), |e| e.aggregate_type == "Order").await;
+        let mut events = Box::pin(events.map_err(feed_error)?);
         Ok(crate::hub::spawn_stream(move |sender| async move {
             let mut known: HashMap<String, Uuid> = HashMap::new();
             while let Some(item) = events.next().await {
@@ -236,9 +239,11 @@ impl SubscriptionRoot {
         let state = state(ctx).clone();
         authorize_read(&state, ctx, id).await?;
         let aggregate_id = id.to_string();
-        let mut events = Box::pin(state.hub.log_events(after.map(|a| a.0), move |e| {
-            e.aggregate_type == "Portfolio" && e.aggregate_id == aggregate_id
-        }));
+        let events = state
+            .hub
+            .log_events(after.map(|a| a.0), move |e| e.aggregate_type == "Portfolio" && e.aggregate_id == aggregate_id)
+            .await;
+        let mut events = Box::pin(events.map_err(feed_error)?);
         let mut ticks = Box::pin(state.hub.broadcast_stream(state.hub.subscribe_ticks()));
         let (_, mut held) = portfolio_snapshot(&state, id, String::new(), None).await?;
         Ok(crate::hub::spawn_stream(move |sender| async move {
