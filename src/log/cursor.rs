@@ -14,13 +14,7 @@ pub async fn load_cursor<'e>(executor: impl PgExecutor<'e>, name: &str) -> Resul
             .bind(name)
             .fetch_optional(executor)
             .await?;
-    match row {
-        None => Ok(LogPosition::START),
-        Some((tx, global_position)) => Ok(LogPosition {
-            transaction_id: crate::log::parse_transaction_id(&tx).map_err(sqlx::Error::Decode)?,
-            global_position,
-        }),
-    }
+    row.map_or(Ok(LogPosition::START), |(tx, global_position)| LogPosition::from_columns(&tx, global_position))
 }
 
 /// Moves the cursor forward to `position` (no-op if it is already at or past it). Pass a transaction as the

@@ -36,6 +36,41 @@ pub struct LogPosition {
 impl LogPosition {
     /// Before the first event.
     pub const START: LogPosition = LogPosition { transaction_id: 0, global_position: 0 };
+
+    /// A position from its columns as queried: `transaction_id::text` (see [`parse_transaction_id`]) and
+    /// `global_position`.
+    pub fn from_columns(transaction_id: &str, global_position: i64) -> Result<Self, sqlx::Error> {
+        Ok(Self { transaction_id: parse_transaction_id(transaction_id).map_err(sqlx::Error::Decode)?, global_position })
+    }
+}
+
+/// Which newest event [`newest_position`] finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Newest {
+    /// The newest committed so far (visible now), whether or not older transactions are still running; a
+    /// reader reaches it once they have ended.
+    Committed,
+    /// The newest below the horizon: what a commit-safe reader can read now.
+    BelowHorizon,
+}
+
+/// The position of the log's newest event in commit order ([`LogPosition::START`] when there is none).
+pub async fn newest_position(pool: &sqlx::PgPool, newest: Newest) -> Result<LogPosition, sqlx::Error> {
+    let sql = match newest {
+        Newest::Committed => {
+            "select transaction_id::text, global_position from events
+              order by transaction_id desc, global_position desc limit 1"
+        }
+        Newest::BelowHorizon => {
+            "select transaction_id::text, global_position from events
+              where transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+              order by transaction_id desc, global_position desc limit 1"
+        }
+    };
+    let row: Option<(String, i64)> = sqlx::query_as(sql).fetch_optional(pool).await?;
+    row.map_or(Ok(LogPosition::START), |(transaction_id, global_position)| {
+        LogPosition::from_columns(&transaction_id, global_position)
+    })
 }
 
 /// Rendered as `transaction_id:global_position`, the form used in cursors exposed to clients.

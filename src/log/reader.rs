@@ -160,14 +160,7 @@ impl LogReader {
                 .await?
             }
         };
-        row.map(|row| {
-            let transaction_id: String = row.try_get("transaction_id_text")?;
-            Ok(LogPosition {
-                transaction_id: super::parse_transaction_id(&transaction_id).map_err(sqlx::Error::Decode)?,
-                global_position: row.try_get("global_position")?,
-            })
-        })
-        .transpose()
+        row.map(|row| position(&row)).transpose()
     }
 
     /// Stops listening for commits (returning the listening connection to the pool) until the next
@@ -221,14 +214,15 @@ pub async fn event_by_id(pool: &PgPool, event_id: uuid::Uuid) -> Result<Option<R
     row.as_ref().map(decode_event).transpose()
 }
 
+/// The position of a row selected with the reader's columns (`transaction_id_text`, `global_position`).
+fn position(row: &PgRow) -> Result<LogPosition, sqlx::Error> {
+    LogPosition::from_columns(row.try_get("transaction_id_text")?, row.try_get("global_position")?)
+}
+
 /// Decodes a row selected with the reader's columns (`transaction_id_text`, `global_position`, …).
 pub fn decode_event(row: &PgRow) -> Result<RecordedEvent, sqlx::Error> {
-    let transaction_id: String = row.try_get("transaction_id_text")?;
     Ok(RecordedEvent {
-        position: LogPosition {
-            transaction_id: super::parse_transaction_id(&transaction_id).map_err(sqlx::Error::Decode)?,
-            global_position: row.try_get("global_position")?,
-        },
+        position: position(row)?,
         event_id: row.try_get("event_id")?,
         aggregate_type: row.try_get("aggregate_type")?,
         aggregate_id: row.try_get("aggregate_id")?,

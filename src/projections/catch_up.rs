@@ -14,7 +14,7 @@ use super::applier::{apply_events, apply_ticks, Applied};
 use super::{ApplyError, Projection};
 use crate::domain::values::{Price, Symbol};
 use crate::leadership::lock_key;
-use crate::log::{save_cursor, LogPosition, LogReader, RecordedEvent};
+use crate::log::{save_cursor, LogReader, RecordedEvent};
 use crate::market::{Tick, TICK_VERSION};
 
 /// Where the writes of a catch-up go.
@@ -286,22 +286,4 @@ pub async fn record_dead_letter(
     .execute(conn)
     .await?;
     Ok(())
-}
-
-/// The position of the log's newest committed event below the horizon (what a catch-up reaches).
-pub async fn log_head(pool: &PgPool) -> Result<LogPosition, sqlx::Error> {
-    let row: Option<(String, i64)> = sqlx::query_as(
-        "select transaction_id::text, global_position from events
-          where transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-          order by events.transaction_id desc, events.global_position desc limit 1",
-    )
-    .fetch_optional(pool)
-    .await?;
-    match row {
-        None => Ok(LogPosition::START),
-        Some((tx, global_position)) => Ok(LogPosition {
-            transaction_id: crate::log::parse_transaction_id(&tx).map_err(sqlx::Error::Decode)?,
-            global_position,
-        }),
-    }
 }

@@ -104,25 +104,6 @@ async fn total_inputs(pool: &PgPool, projection: &dyn Projection) -> Result<u64,
 pub const REBUILD_HORIZON_WAIT_MAX_SECS: u64 = 300;
 const REBUILD_HORIZON_POLL_MS: u64 = 20;
 
-/// The last event committed so far (visible now), in commit order; the start when the log is empty. Unlike
-/// the reader's head it is not bounded by the horizon: the reader reaches it once the transactions older than
-/// it have ended.
-async fn committed_head(pool: &PgPool) -> Result<LogPosition, sqlx::Error> {
-    let row: Option<(String, i64)> = sqlx::query_as(
-        "select transaction_id::text, global_position from events
-          order by transaction_id desc, global_position desc limit 1",
-    )
-    .fetch_optional(pool)
-    .await?;
-    match row {
-        None => Ok(LogPosition::START),
-        Some((transaction_id, global_position)) => Ok(LogPosition {
-            transaction_id: crate::log::parse_transaction_id(&transaction_id).map_err(sqlx::Error::Decode)?,
-            global_position,
-        }),
-    }
-}
-
 /// Rebuilds `projection` (see the module docs).
 pub async fn rebuild(
     pool: &PgPool,
@@ -141,7 +122,8 @@ pub async fn rebuild(
     // 1. The bulk, while the live worker goes on: at least everything committed before the rebuild started,
     //    even while a transaction elsewhere in the cluster holds the log's horizon back for a moment.
     if projection.aggregate_type().is_some() {
-        let committed = committed_head(pool).await.map_err(ApplyError::Database)?;
+        let committed =
+            crate::log::newest_position(pool, crate::log::Newest::Committed).await.map_err(ApplyError::Database)?;
         let waiting_since = Instant::now();
         let mut reader = LogReader::new(pool.clone(), position).with_batch_size(REBUILD_BATCH_SIZE);
         loop {

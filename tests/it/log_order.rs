@@ -17,17 +17,18 @@ const TRANSACTIONS_PER_WRITER: usize = 120;
 
 /// The last committed event in `order`'s sense (the reader's cursor reaches it once it delivered everything).
 async fn log_head(pool: &sqlx::PgPool, order: ReadOrder) -> LogPosition {
-    let query = match order {
-        ReadOrder::CommitSafe => {
-            "select transaction_id::text, global_position from events
-              order by transaction_id desc, global_position desc limit 1"
-        }
+    match order {
+        ReadOrder::CommitSafe => ledger::log::newest_position(pool, ledger::log::Newest::Committed).await.unwrap(),
         ReadOrder::GlobalPositionOnly => {
-            "select transaction_id::text, global_position from events order by global_position desc limit 1"
+            let (transaction_id, global_position): (String, i64) = sqlx::query_as(
+                "select transaction_id::text, global_position from events order by global_position desc limit 1",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            LogPosition::from_columns(&transaction_id, global_position).unwrap()
         }
-    };
-    let (transaction_id, global_position): (String, i64) = sqlx::query_as(query).fetch_one(pool).await.unwrap();
-    LogPosition { transaction_id: transaction_id.parse().unwrap(), global_position }
+    }
 }
 
 fn reached(position: LogPosition, head: LogPosition, order: ReadOrder) -> bool {
