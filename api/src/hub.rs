@@ -108,7 +108,7 @@ impl Hub {
             log_subscribed: tokio::sync::Notify::new(),
             ticks_live: std::sync::atomic::AtomicBool::new(false),
         });
-        let head = ledger::projections::catch_up::log_head(&pool).await?;
+        let head = ledger::log::newest_position(&pool, ledger::log::Newest::BelowHorizon).await?;
         *hub.log_position.lock().unwrap_or_else(|p| p.into_inner()) = head;
         tokio::spawn(follow_log(hub.clone(), head, cancel.clone()));
         tokio::spawn(follow_notifications(pool.clone(), "alert_fired", hub.clone(), cancel.clone(), |hub, payload| {
@@ -415,10 +415,14 @@ async fn follow_ticks(kafka: KafkaConfig, hub: Arc<Hub>, cancel: CancellationTok
                 ledger::kafka::close_off_runtime(consumer, "tick-feed").await;
                 return;
             }
-            message = consumer.0.recv() => message,
+            message = consumer.get().recv() => message,
         };
         match message {
             Ok(message) => {
+                // A reused consumer may still hold a message of its previous feed's topic.
+                if message.topic() != kafka.prices_topic {
+                    continue;
+                }
                 if let Some(tick) = message.payload().and_then(|p| Tick::decode(p).ok()) {
                     let _ = hub.ticks.send(Arc::new(tick));
                 }
@@ -438,19 +442,27 @@ const TICKS_START_REQUEST_TIMEOUT_MS: u64 = 10_000;
 
 /// A consumer assigned every partition of the prices topic at its current end (blocking: run it off the runtime).
 fn tick_consumer_at_the_end(kafka: &KafkaConfig) -> Result<TickConsumer, rdkafka::error::KafkaError> {
-    // The group is never joined (partitions are assigned by hand, no offset is committed): librdkafka only
-    // accepts an assignment from a consumer that names one.
-    let consumer: StreamConsumer = kafka
-        .client_config()
-        .set("client.id", "ledger-api-ticks")
-        .set("group.id", format!("ledger-api-{}", uuid::Uuid::new_v4().simple()))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()?;
+    let consumer = match TickConsumer::idle(&kafka.brokers) {
+        Some(consumer) => consumer,
+        // The group is never joined (partitions are assigned by hand, no offset is committed): librdkafka only
+        // accepts an assignment from a consumer that names one.
+        None => TickConsumer {
+            brokers: kafka.brokers.clone(),
+            consumer: Some(
+                kafka
+                    .client_config()
+                    .set("client.id", "ledger-api-ticks")
+                    .set("group.id", format!("ledger-api-{}", uuid::Uuid::new_v4().simple()))
+                    .set("enable.auto.commit", "false")
+                    .set("enable.auto.offset.store", "false")
+                    .set("fetch.wait.max.ms", "10")
+                    .create()?,
+            ),
+        },
+    };
     let timeout = Duration::from_millis(TICKS_START_REQUEST_TIMEOUT_MS);
     let topic = kafka.prices_topic.as_str();
-    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let metadata = consumer.get().fetch_metadata(Some(topic), timeout)?;
     let partitions: Vec<i32> = metadata
         .topics()
         .iter()
@@ -462,30 +474,54 @@ fn tick_consumer_at_the_end(kafka: &KafkaConfig) -> Result<TickConsumer, rdkafka
     }
     let mut assignment = rdkafka::TopicPartitionList::new();
     for partition in partitions {
-        let (_, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+        let (_, high) = consumer.get().fetch_watermarks(topic, partition, timeout)?;
         assignment.add_partition_offset(topic, partition, rdkafka::Offset::Offset(high))?;
     }
-    let consumer = TickConsumer(consumer);
-    consumer.0.assign(&assignment)?;
+    consumer.get().assign(&assignment)?;
     Ok(consumer)
 }
 
-/// How long an unassigned tick consumer is given to stop its fetchers before it is closed.
-const TICKS_SETTLE_MS: u64 = 100;
+/// Tick consumers of stopped feeds, unassigned, kept for the next feed of this process (by broker list).
+///
+/// A tick consumer is never closed while its process runs: librdkafka 2.x aborts the process when a consumer is
+/// closed while its assignment is being started or stopped (`rd_kafka_cgrp_terminated: assert:
+/// !rd_kafka_assignment_in_progress`), which unassigning first and waiting 100 ms did not prevent on a busy
+/// machine (1 run in 20 of the API suite under load aborted). An unassigned consumer fetches nothing; it is
+/// reassigned by the next feed, so the pool never holds more consumers than there were feeds running at once
+/// (one in a deployed server, a few in a test binary). The operating system ends them with the process.
+static IDLE_TICK_CONSUMERS: std::sync::Mutex<Vec<TickConsumer>> = std::sync::Mutex::new(Vec::new());
 
-/// The tick consumer, closed carefully when dropped (which blocks: drop it off the runtime where it can). The
-/// partitions are unassigned first and the fetchers given a moment to stop: librdkafka 2.x can abort the process
-/// when a consumer is closed while its assignment is still being started or stopped (`rd_kafka_cgrp_terminated:
-/// assert: !rd_kafka_assignment_in_progress`, librdkafka issue 4792), which a server stopped right after it
-/// started hit.
-struct TickConsumer(StreamConsumer);
+/// The tick feed's consumer; dropping it unassigns it and parks it in [`IDLE_TICK_CONSUMERS`].
+struct TickConsumer {
+    brokers: String,
+    /// Always `Some` until dropped.
+    consumer: Option<StreamConsumer>,
+}
+
+impl TickConsumer {
+    fn get(&self) -> &StreamConsumer {
+        self.consumer.as_ref().expect("a tick consumer holds its consumer until dropped")
+    }
+
+    /// A parked consumer of `brokers`, if there is one.
+    fn idle(brokers: &str) -> Option<TickConsumer> {
+        let mut idle = IDLE_TICK_CONSUMERS.lock().unwrap_or_else(|p| p.into_inner());
+        let index = idle.iter().position(|c| c.brokers == brokers)?;
+        Some(idle.swap_remove(index))
+    }
+}
 
 impl Drop for TickConsumer {
     fn drop(&mut self) {
-        if let Err(error) = self.0.unassign() {
-            tracing::debug!(%error, "tick feed: unassign before close failed");
+        let Some(consumer) = self.consumer.take() else { return };
+        if let Err(error) = consumer.unassign() {
+            // Not reusable, and closing it is what aborts: leave it to the end of the process.
+            tracing::debug!(%error, "tick feed: unassigning the consumer failed; it is left idle");
+            std::mem::forget(consumer);
+            return;
         }
-        std::thread::sleep(Duration::from_millis(TICKS_SETTLE_MS));
+        let parked = TickConsumer { brokers: std::mem::take(&mut self.brokers), consumer: Some(consumer) };
+        IDLE_TICK_CONSUMERS.lock().unwrap_or_else(|p| p.into_inner()).push(parked);
     }
 }
 
