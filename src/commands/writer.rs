@@ -13,12 +13,18 @@
 //! (another process wrote one of the aggregates: `events_pkey`; the same idempotency key committed elsewhere:
 //! `command_log_pkey`), the group is written again one command at a time, in order, so that only the command at
 //! fault is refused — and with it the commands decided on top of it (same aggregate, same cache generation),
-//! which are answered `Conflict` and decided again by their callers. Groups are written in order by one task,
-//! so the commands of one aggregate reach the log in the order they were decided.
+//! which are answered `Conflict` and decided again by their callers.
+//!
+//! Up to [`GROUPS_IN_FLIGHT_MAX`] groups are written at once, on connections of their own, so that one group's
+//! flush overlaps the next one's statement. Groups in flight never share an aggregate: a command whose aggregate
+//! a group in flight is writing waits (with every later command of that aggregate, in order) until that group's
+//! outcome is known — it may have been decided on that group's state, and must not reach the log if that group
+//! failed. So the commands of one aggregate reach the log in the order they were decided.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
@@ -35,9 +41,12 @@ pub const GROUP_COMMANDS_MAX: usize = 1_000;
 pub const GROUP_EVENTS_MAX: usize = 4_000;
 /// Commands waiting for the committer at most; beyond it, callers wait to hand theirs over (back-pressure).
 pub const WRITER_QUEUE_MAX: usize = 10_000;
-/// Connections of the committer's own pool (it writes one statement at a time; the second is a spare while a
-/// broken one is replaced).
-pub const COMMITTER_CONNECTIONS: u32 = 2;
+/// Groups written at once (on different connections), their aggregates disjoint: one group's flush overlaps
+/// the next group's statement.
+pub const GROUPS_IN_FLIGHT_MAX: usize = 2;
+/// Connections of the committer's own pool: one per group in flight, and a spare while a broken one is
+/// replaced.
+pub const COMMITTER_CONNECTIONS: u32 = GROUPS_IN_FLIGHT_MAX as u32 + 1;
 /// Largest group written with the generic plan (see [`committer_pool`]); larger ones are planned for their size.
 pub const GENERIC_PLAN_GROUP_MAX: usize = 64;
 /// Failed generations remembered (their successors, decided before the failure was known, are refused), oldest
@@ -85,7 +94,7 @@ pub enum CommitError {
 }
 
 /// The violated unique constraint of a failed write, if that is why it failed.
-fn key_conflict(error: &sqlx::Error) -> Option<CommitError> {
+pub(super) fn key_conflict(error: &sqlx::Error) -> Option<CommitError> {
     let sqlx::Error::Database(db) = error else { return None };
     if db.code().as_deref() != Some("23505") {
         return None;
@@ -185,30 +194,57 @@ impl FailedGenerations {
     }
 }
 
+/// A group being written: its aggregates, and the task writing it.
+type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = (Vec<AggregateKey>, Written)> + Send>>;
+/// What a group's task hands back: the group, the statement's result, when it started (`None`: the task died,
+/// and with it the group's reply channels, so its callers hear that the writer stopped).
+type Written = Option<(Vec<CommitRequest>, Result<Vec<CommandOutcome>, sqlx::Error>, std::time::Instant)>;
+
 impl Committer {
+    /// Forms groups and writes up to [`GROUPS_IN_FLIGHT_MAX`] of them at once; see [`Committer::next_group`]
+    /// for what may share a group and what must wait.
     async fn run(mut self, mut receiver: mpsc::Receiver<CommitRequest>) {
-        while let Some(first) = receiver.recv().await {
-            let mut events = first.events.len();
-            let mut group = vec![first];
-            while group.len() < GROUP_COMMANDS_MAX && events < GROUP_EVENTS_MAX {
-                match receiver.try_recv() {
-                    Ok(request) => {
-                        events += request.events.len();
-                        group.push(request);
+        let mut pending: VecDeque<CommitRequest> = VecDeque::new();
+        let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
+        let mut busy: HashSet<AggregateKey> = HashSet::new();
+        let mut open = true;
+        loop {
+            if !open && in_flight.is_empty() && pending.is_empty() {
+                return;
+            }
+            if in_flight.len() < GROUPS_IN_FLIGHT_MAX {
+                let group = next_group(&mut pending, &mut receiver, &busy);
+                if !group.is_empty() {
+                    if let Some(started) = self.start(group, &mut busy) {
+                        in_flight.push(started);
                     }
-                    Err(_) => break,
+                    continue;
                 }
             }
-            let started = std::time::Instant::now();
-            let size = group.len();
-            self.commit_group(group).await;
-            self.metrics.group_commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.metrics.group_commands.fetch_add(size as u64, std::sync::atomic::Ordering::Relaxed);
-            self.metrics.group_latency.observe(started.elapsed().as_secs_f64());
+            tokio::select! {
+                Some((keys, written)) = in_flight.next() => {
+                    for key in &keys {
+                        busy.remove(key);
+                    }
+                    if let Some((group, result, started)) = written {
+                        let size = group.len();
+                        self.finish(group, result).await;
+                        self.metrics.group_commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.metrics.group_commands.fetch_add(size as u64, std::sync::atomic::Ordering::Relaxed);
+                        self.metrics.group_latency.observe(started.elapsed().as_secs_f64());
+                    }
+                }
+                request = receiver.recv(), if open && in_flight.len() < GROUPS_IN_FLIGHT_MAX => match request {
+                    Some(request) => pending.push_back(request),
+                    None => open = false,
+                },
+            }
         }
     }
 
-    async fn commit_group(&mut self, group: Vec<CommitRequest>) {
+    /// Answers the group's commands decided on a failed predecessor, and starts writing the rest (their
+    /// aggregates marked busy until it is done).
+    fn start(&mut self, group: Vec<CommitRequest>, busy: &mut HashSet<AggregateKey>) -> Option<InFlight> {
         let (live, doomed): (Vec<_>, Vec<_>) =
             group.into_iter().partition(|r| r.events.is_empty() || !self.failed.contains(&r.generation));
         for request in doomed {
@@ -216,9 +252,21 @@ impl Committer {
             let _ = request.reply.send(Err(CommitError::Conflict));
         }
         if live.is_empty() {
-            return;
+            return None;
         }
-        match write(self.pool_for(live.len()), &live).await {
+        let keys: Vec<AggregateKey> = live.iter().map(|r| r.key.clone()).filter(|k| busy.insert(k.clone())).collect();
+        let pool = self.pool_for(live.len()).clone();
+        let task = tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let result = write(&pool, &live).await;
+            (live, result, started)
+        });
+        Some(Box::pin(async move { (keys, task.await.ok()) }))
+    }
+
+    /// Answers a written group's commands.
+    async fn finish(&mut self, live: Vec<CommitRequest>, result: Result<Vec<CommandOutcome>, sqlx::Error>) {
+        match result {
             Ok(outcomes) => {
                 for (request, outcome) in live.into_iter().zip(outcomes) {
                     self.answer(request, Ok(outcome));
@@ -281,14 +329,74 @@ impl Committer {
     }
 }
 
-/// Writes `requests` with one statement (see the module docs); their outcomes, in order.
-async fn write(pool: &PgPool, requests: &[CommitRequest]) -> Result<Vec<CommandOutcome>, sqlx::Error> {
+/// The next group to write: the oldest waiting commands, then what is queued, up to [`GROUP_COMMANDS_MAX`]
+/// commands and [`GROUP_EVENTS_MAX`] events — except the commands of an aggregate a group in flight is writing
+/// (`busy`), and any later command of theirs, which wait in `pending`, in order, for that group's outcome (they
+/// may have been decided on its state). Never waits.
+fn next_group(
+    pending: &mut VecDeque<CommitRequest>,
+    receiver: &mut mpsc::Receiver<CommitRequest>,
+    busy: &HashSet<AggregateKey>,
+) -> Vec<CommitRequest> {
+    let mut next = NextGroup { group: Vec::new(), events: 0, held: HashSet::new(), waiting: VecDeque::new(), busy };
+    while !next.full() {
+        match pending.pop_front() {
+            Some(request) => next.take(request),
+            None => break,
+        }
+    }
+    while !next.full() && next.waiting.len() + pending.len() < GROUP_COMMANDS_MAX {
+        match receiver.try_recv() {
+            Ok(request) => next.take(request),
+            Err(_) => break,
+        }
+    }
+    // Held commands came before whatever is left of `pending` (the group filled up) and after nothing else.
+    next.waiting.append(pending);
+    *pending = next.waiting;
+    next.group
+}
+
+/// A group being formed by [`next_group`].
+struct NextGroup<'a> {
+    group: Vec<CommitRequest>,
+    events: usize,
+    /// Aggregates with a command waiting: their later commands wait too (in order).
+    held: HashSet<AggregateKey>,
+    waiting: VecDeque<CommitRequest>,
+    busy: &'a HashSet<AggregateKey>,
+}
+
+impl NextGroup<'_> {
+    fn full(&self) -> bool {
+        self.group.len() >= GROUP_COMMANDS_MAX || self.events >= GROUP_EVENTS_MAX
+    }
+
+    fn take(&mut self, request: CommitRequest) {
+        if self.busy.contains(&request.key) || self.held.contains(&request.key) {
+            self.held.insert(request.key.clone());
+            self.waiting.push_back(request);
+        } else {
+            self.events += request.events.len();
+            self.group.push(request);
+        }
+    }
+}
+
+/// Writes `requests` with one statement (see the module docs); their outcomes, in order. Outside the committer
+/// only for the exclusive last attempt of a starving command (`CommandService::attempt_exclusive`).
+pub(super) async fn write<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    requests: &[CommitRequest],
+) -> Result<Vec<CommandOutcome>, sqlx::Error> {
     let mut columns = Columns::default();
     let mut event_ids: Vec<Vec<(i64, Uuid, String)>> = Vec::with_capacity(requests.len());
     let mut snapshots: HashMap<&AggregateKey, (i64, i64, &Value)> = HashMap::new();
     for request in requests {
         let (aggregate_type, aggregate_id) = (&request.key.0, &request.key.1);
         let mut planned = Vec::with_capacity(request.events.len());
+        // The 1-based index of this command's `command_log` row in the statement (0: it has none).
+        let record = if request.record.is_some() { columns.actors.len() as i32 + 1 } else { 0 };
         for (offset, event) in request.events.iter().enumerate() {
             let sequence = request.loaded_sequence + 1 + offset as i64;
             let event_id = Uuid::now_v7();
@@ -300,6 +408,7 @@ async fn write(pool: &PgPool, requests: &[CommitRequest]) -> Result<Vec<CommandO
             columns.payloads.push(&event.payload);
             columns.metadata.push(&request.metadata);
             columns.event_ids.push(event_id);
+            columns.event_records.push(record);
             planned.push((sequence, event_id, event.event_type.clone()));
         }
         let last = request.loaded_sequence + request.events.len() as i64;
@@ -310,8 +419,6 @@ async fn write(pool: &PgPool, requests: &[CommitRequest]) -> Result<Vec<CommandO
             columns.log_types.push(aggregate_type.to_string());
             columns.log_ids.push(aggregate_id.clone());
             columns.command_types.push(record.command_type);
-            columns.firsts.push(request.loaded_sequence + 1);
-            columns.lasts.push(last);
         }
         if let Some((state, number)) = &request.snapshot {
             // One snapshot per aggregate and statement: the latest.
@@ -332,6 +439,17 @@ async fn write(pool: &PgPool, requests: &[CommitRequest]) -> Result<Vec<CommandO
              select * from unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[],
                                   $7::jsonb[], $8::uuid[])
              returning aggregate_type, aggregate_id, sequence, event_id, event_type, global_position, transaction_id
+         ), answered as (
+             -- each recorded command's events, found by event id (a hash join: linear in the group's size)
+             select r.record, jsonb_agg(jsonb_build_object(
+                        'sequence', e.sequence, 'event_id', e.event_id, 'event_type', e.event_type,
+                        'position', jsonb_build_object(
+                            'transaction_id', e.transaction_id::text::numeric,
+                            'global_position', e.global_position))
+                    order by e.sequence) as events
+               from e join unnest($8::uuid[], $15::int[]) as r(event_id, record) using (event_id)
+              where r.record > 0
+              group by r.record
          ), c as (
              insert into command_log
                     (actor, idempotency_key, request_hash, aggregate_type, aggregate_id, command_type, result)
@@ -339,23 +457,14 @@ async fn write(pool: &PgPool, requests: &[CommitRequest]) -> Result<Vec<CommandO
                     jsonb_build_object(
                         'aggregate_type', k.aggregate_type,
                         'aggregate_id', k.aggregate_id,
-                        'events', coalesce((
-                            select jsonb_agg(jsonb_build_object(
-                                       'sequence', e.sequence, 'event_id', e.event_id, 'event_type', e.event_type,
-                                       'position', jsonb_build_object(
-                                           'transaction_id', e.transaction_id::text::numeric,
-                                           'global_position', e.global_position))
-                                   order by e.sequence)
-                              from e
-                             where e.aggregate_type = k.aggregate_type and e.aggregate_id = k.aggregate_id
-                               and e.sequence between k.first_sequence and k.last_sequence), '[]'::jsonb))
-               from unnest($9::text[], $10::text[], $11::bytea[], $12::text[], $13::text[], $14::text[],
-                           $15::bigint[], $16::bigint[])
-                    as k(actor, key, hash, aggregate_type, aggregate_id, command_type, first_sequence, last_sequence)
+                        'events', coalesce(answered.events, '[]'::jsonb))
+               from unnest($9::text[], $10::text[], $11::bytea[], $12::text[], $13::text[], $14::text[])
+                    with ordinality as k(actor, key, hash, aggregate_type, aggregate_id, command_type, record)
+                    left join answered on answered.record = k.record
              returning 1
          ), s as (
              insert into snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload)
-             select * from unnest($17::text[], $18::text[], $19::bigint[], $20::bigint[], $21::jsonb[])
+             select * from unnest($16::text[], $17::text[], $18::bigint[], $19::bigint[], $20::jsonb[])
              on conflict (aggregate_type, aggregate_id) do update
                 set last_sequence = excluded.last_sequence,
                     current_snapshot = excluded.current_snapshot,
@@ -379,19 +488,20 @@ async fn write(pool: &PgPool, requests: &[CommitRequest]) -> Result<Vec<CommandO
     .bind(&columns.log_types)
     .bind(&columns.log_ids)
     .bind(&columns.command_types)
-    .bind(&columns.firsts)
-    .bind(&columns.lasts)
+    .bind(&columns.event_records)
     .bind(&snapshot_types)
     .bind(&snapshot_ids)
     .bind(&snapshot_lasts)
     .bind(&snapshot_numbers)
     .bind(&snapshot_states)
-    .fetch_all(pool)
+    .fetch_all(executor)
     .await?;
     let mut positions: HashMap<(String, String, i64), LogPosition> = HashMap::with_capacity(rows.len());
     for (aggregate_type, aggregate_id, sequence, global_position, transaction_id) in rows {
-        let transaction_id = crate::log::parse_transaction_id(&transaction_id).map_err(sqlx::Error::Decode)?;
-        positions.insert((aggregate_type, aggregate_id, sequence), LogPosition { transaction_id, global_position });
+        positions.insert(
+            (aggregate_type, aggregate_id, sequence),
+            LogPosition::from_columns(&transaction_id, global_position)?,
+        );
     }
     requests
         .iter()
@@ -428,14 +538,14 @@ struct Columns<'a> {
     payloads: Vec<&'a Value>,
     metadata: Vec<&'a Value>,
     event_ids: Vec<Uuid>,
+    /// Per event: the 1-based index of its command's `command_log` row (0: none).
+    event_records: Vec<i32>,
     actors: Vec<&'a str>,
     keys: Vec<&'a str>,
     hashes: Vec<&'a [u8]>,
     log_types: Vec<String>,
     log_ids: Vec<String>,
     command_types: Vec<&'static str>,
-    firsts: Vec<i64>,
-    lasts: Vec<i64>,
 }
 
 /// The stored outcome of `(actor, key)` and the fingerprint of the request that produced it.
@@ -478,4 +588,72 @@ pub async fn head_and_key(
     .fetch_one(pool)
     .await?;
     Ok((head, hash.zip(result)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(aggregate: &str, events: usize) -> CommitRequest {
+        let (reply, _) = oneshot::channel();
+        CommitRequest {
+            key: ("Portfolio", aggregate.to_string()),
+            generation: 1,
+            loaded_sequence: 0,
+            events: (0..events)
+                .map(|_| NewEvent { event_type: "Deposited".into(), event_version: "1".into(), payload: Value::Null })
+                .collect(),
+            metadata: Value::Null,
+            snapshot: None,
+            record: None,
+            reply,
+        }
+    }
+
+    fn aggregates(requests: impl IntoIterator<Item = CommitRequest>) -> Vec<String> {
+        requests.into_iter().map(|r| r.key.1).collect()
+    }
+
+    #[test]
+    fn a_group_leaves_out_the_aggregates_in_flight_and_their_later_commands_in_order() {
+        let (sender, mut receiver) = mpsc::channel(16);
+        let mut pending: VecDeque<CommitRequest> = [request("k", 1), request("l", 1)].into();
+        for aggregate in ["k", "m", "l", "k"] {
+            sender.try_send(request(aggregate, 1)).unwrap();
+        }
+        let busy: HashSet<AggregateKey> = [("Portfolio", "k".to_string())].into();
+
+        let group = next_group(&mut pending, &mut receiver, &busy);
+
+        // "l" twice: consecutive commands of one aggregate may share a group.
+        assert_eq!(aggregates(group), ["l", "m", "l"]);
+        assert_eq!(aggregates(pending.drain(..)), ["k", "k", "k"]);
+    }
+
+    #[test]
+    fn once_its_aggregate_is_done_a_held_command_goes_first() {
+        let (sender, mut receiver) = mpsc::channel(16);
+        let mut pending: VecDeque<CommitRequest> = [request("k", 1), request("k", 2)].into();
+        sender.try_send(request("k", 1)).unwrap();
+        sender.try_send(request("m", 1)).unwrap();
+
+        let group = next_group(&mut pending, &mut receiver, &HashSet::new());
+
+        assert_eq!(aggregates(group), ["k", "k", "k", "m"]);
+        assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn a_full_group_leaves_the_rest_waiting_in_order() {
+        let (sender, mut receiver) = mpsc::channel(16);
+        let mut pending: VecDeque<CommitRequest> =
+            [request("a", GROUP_EVENTS_MAX - 1), request("b", 1), request("c", 1)].into();
+        sender.try_send(request("d", 1)).unwrap();
+
+        let group = next_group(&mut pending, &mut receiver, &HashSet::new());
+
+        assert_eq!(aggregates(group), ["a", "b"]);
+        assert_eq!(aggregates(pending.drain(..)), ["c"]);
+        assert_eq!(receiver.try_recv().map(|r| r.key.1).ok().as_deref(), Some("d"));
+    }
 }

@@ -31,7 +31,11 @@ async fn a_group_with_a_conflict_and_a_refusal_commits_the_rest_and_retries_the_
     let db = TestDb::new_with(16).await;
     let commands = db.commands();
     let other_process = Arc::new(CommandService::new(db.pool.clone(), CommandConfig::default()));
-    let blocker = open_portfolio(&commands, "10", CostBasisMethod::Fifo).await;
+    // Two blockers: the committer writes up to two groups at once (on different aggregates).
+    let blockers = [
+        open_portfolio(&commands, "10", CostBasisMethod::Fifo).await,
+        open_portfolio(&commands, "10", CostBasisMethod::Fifo).await,
+    ];
     let stale = open_portfolio(&commands, "10", CostBasisMethod::Fifo).await;
     let poor = open_portfolio(&commands, "10", CostBasisMethod::Fifo).await;
     let fine: Vec<_> = {
@@ -44,7 +48,7 @@ async fn a_group_with_a_conflict_and_a_refusal_commits_the_rest_and_retries_the_
     // Another process writes `stale`: this service's cached state of it is now behind the log.
     other_process.execute_portfolio(&ctx(), &stale.to_string(), deposit("100")).await.unwrap();
 
-    // Another writer's transaction holds `blocker`'s next sequence: the committer's next statement waits on it.
+    // Another writer's transaction holds each blocker's next sequence: the committer's statements for them wait.
     let mut foreign = db.pool.begin().await.unwrap();
     let event = ledger::domain::PortfolioEvent::CashDeposited {
         amount: amount("5"),
@@ -52,30 +56,36 @@ async fn a_group_with_a_conflict_and_a_refusal_commits_the_rest_and_retries_the_
         cash_after: dec("15"),
         at: chrono::Utc::now(),
     };
-    sqlx::query(
-        "insert into events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-         values ('Portfolio', $1, 3, 'CashDeposited', '1', $2, '{}')",
-    )
-    .bind(blocker.to_string())
-    .bind(serde_json::to_value(&event).unwrap())
-    .execute(&mut *foreign)
-    .await
-    .unwrap();
+    for blocker in &blockers {
+        sqlx::query(
+            "insert into events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             values ('Portfolio', $1, 3, 'CashDeposited', '1', $2, '{}')",
+        )
+        .bind(blocker.to_string())
+        .bind(serde_json::to_value(&event).unwrap())
+        .execute(&mut *foreign)
+        .await
+        .unwrap();
+    }
     let spawn = |id: ledger::domain::values::PortfolioId, command: PortfolioCommand| {
         let commands = commands.clone();
         tokio::spawn(async move { commands.execute_portfolio(&ctx(), &id.to_string(), command).await })
     };
-    let held = spawn(blocker, deposit("1"));
-    let waiting = eventually(|| async {
-        sqlx::query_scalar::<_, bool>(
-            "select exists (select 1 from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock')",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-    })
-    .await;
-    assert!(waiting, "the committer never waited for the foreign transaction");
+    let mut held = Vec::new();
+    for (n, blocker) in blockers.iter().enumerate() {
+        held.push(spawn(*blocker, deposit("1")));
+        let waiting = eventually(|| async {
+            sqlx::query_scalar::<_, i64>(
+                "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+                > n as i64
+        })
+        .await;
+        assert!(waiting, "the committer never waited for the foreign transaction ({} groups)", n + 1);
+    }
 
     // Behind it: a command on the stale aggregate, three fine ones, and a refusal (which writes nothing).
     let conflicting = spawn(stale, deposit("1"));
@@ -86,8 +96,9 @@ async fn a_group_with_a_conflict_and_a_refusal_commits_the_rest_and_retries_the_
     let fallbacks_before = commands.metrics().group_fallbacks.load(Ordering::Relaxed);
     foreign.commit().await.unwrap();
 
-    let held = held.await.unwrap().unwrap();
-    assert_eq!(held.events[0].sequence, 4, "decided again after the foreign event");
+    for task in held {
+        assert_eq!(task.await.unwrap().unwrap().events[0].sequence, 4, "decided again after the foreign event");
+    }
     let conflicting = conflicting.await.unwrap().unwrap();
     assert_eq!(conflicting.events[0].sequence, 4, "decided again after the other process's deposit");
     for (task, id) in fine_tasks.into_iter().zip(&fine) {
@@ -95,7 +106,9 @@ async fn a_group_with_a_conflict_and_a_refusal_commits_the_rest_and_retries_the_
         assert_eq!(cash(&commands, *id).await, dec("12"));
     }
     assert_eq!(cash(&commands, stale).await, dec("111"));
-    assert_eq!(cash(&commands, blocker).await, dec("16"));
+    for blocker in blockers {
+        assert_eq!(cash(&commands, blocker).await, dec("16"));
+    }
     let poor_events: i64 = sqlx::query_scalar("select count(*) from events where aggregate_id = $1")
         .bind(poor.to_string())
         .fetch_one(&db.pool)
