@@ -65,6 +65,12 @@ pub fn render(state: &AppState, http: &HttpMetrics) -> String {
         "Optimistic-lock conflicts retried.",
         &[("", commands.conflicts.load(Ordering::Relaxed))],
     );
+    counter(
+        &mut out,
+        "ledger_command_exclusive_attempts_total",
+        "Commands starved by another process's writes, written holding back every writer of the log.",
+        &[("", commands.exclusive_attempts.load(Ordering::Relaxed))],
+    );
     let rejections: Vec<(String, u64)> =
         commands.rejections_by_code().into_iter().map(|(code, n)| (format!("{{code=\"{code}\"}}"), n)).collect();
     let rejections: Vec<(&str, u64)> = rejections.iter().map(|(l, n)| (l.as_str(), *n)).collect();

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 
 use serde_json::Value;
-use sqlx::PgPool;
 
 use super::service::LedgerAggregate;
 use super::CommandError;
@@ -19,8 +18,8 @@ pub(super) struct Loaded<A> {
 }
 
 /// The aggregates `ids` (distinct) of type `A`, by id.
-pub(super) async fn load<A: LedgerAggregate>(
-    pool: &PgPool,
+pub(super) async fn load<'e, A: LedgerAggregate>(
+    executor: impl sqlx::PgExecutor<'e>,
     ids: &[String],
 ) -> Result<BTreeMap<String, Loaded<A>>, CommandError> {
     let rows: Vec<(i32, String, i64, i64, Value)> = sqlx::query_as(
@@ -36,7 +35,7 @@ pub(super) async fn load<A: LedgerAggregate>(
     .bind(A::TYPE)
     .bind(ids)
     .bind(A::SNAPSHOTTED)
-    .fetch_all(pool)
+    .fetch_all(executor)
     .await
     .map_err(CommandError::store)?;
     let mut loaded: BTreeMap<String, Loaded<A>> =

@@ -68,6 +68,11 @@ impl DatabaseLock {
         Ok(Self { conn })
     }
 
+    /// The session holding the lock.
+    pub fn connection(&mut self) -> &mut sqlx::PgConnection {
+        &mut self.conn
+    }
+
     /// Ends the session, releasing the lock.
     pub async fn release(self) {
         use sqlx::Connection;

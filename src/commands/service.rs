@@ -35,6 +35,10 @@ pub struct CommandConfig {
     /// After this many conflicts a command queues on a database advisory lock for its aggregate (fair across
     /// processes) instead of racing again; 0 disables the escalation.
     pub retry_lock_after: u32,
+    /// After this many conflicts (holding the advisory lock, so at least `retry_lock_after`) a command is
+    /// decided and written in one transaction that holds back every other writer of `events` (see
+    /// [`CommandService::attempt_exclusive`]): the last resort that guarantees progress; 0 disables it.
+    pub retry_exclusive_after: u32,
     /// Write a portfolio snapshot every this many events (0 disables snapshots).
     pub portfolio_snapshot_every: usize,
     /// Queue commands per aggregate inside this process (see `locks`). Off only to test the retry path.
@@ -48,6 +52,7 @@ impl Default for CommandConfig {
             retry_backoff_initial_ms: 2,
             retry_backoff_max_ms: 100,
             retry_lock_after: 3,
+            retry_exclusive_after: 8,
             portfolio_snapshot_every: 50,
             serialize_in_process: true,
         }
@@ -73,6 +78,9 @@ pub struct CommandMetrics {
     pub group_commands: AtomicU64,
     /// Groups written again one command at a time (a key conflict inside).
     pub group_fallbacks: AtomicU64,
+    /// Commands that lost so many races that they were written holding back every other writer
+    /// ([`CommandService::attempt_exclusive`]).
+    pub exclusive_attempts: AtomicU64,
     /// Time to write a group.
     pub group_latency: crate::metrics::Histogram,
     /// Commands decided on a cached aggregate (no read before deciding), and on a fresh load.
@@ -336,7 +344,14 @@ impl CommandService {
                     db_lock = Some((lock, slot));
                 }
             }
-            match self.attempt::<A>(ctx, &key, &command, &metadata, command_type).await {
+            let exclusive = self.config.retry_exclusive_after > 0 && conflicts >= self.config.retry_exclusive_after;
+            let attempted = match &mut db_lock {
+                Some((lock, _)) if exclusive => {
+                    self.attempt_exclusive::<A>(ctx, &key, &command, &metadata, command_type, lock.connection()).await
+                }
+                _ => self.attempt::<A>(ctx, &key, &command, &metadata, command_type).await,
+            };
+            match attempted {
                 Attempted::Done(result) => break result,
                 Attempted::Again { conflict } => {
                     conflicts += u32::from(conflict);
@@ -409,6 +424,90 @@ impl CommandService {
         self.cache.advance(key, generation, next, new_events, snapshotted);
         drop(guard);
         self.answer(ctx, key, generation, reply.await).await
+    }
+
+    /// The last resort of a command that lost [`CommandConfig::retry_exclusive_after`] races in a row: another
+    /// process keeps writing its aggregate between its load and its commit (a warm cache decides faster than a
+    /// load), and the advisory lock only queues those that also lost. On the lock's own session, one transaction
+    /// takes `events` in `share row exclusive` mode — every other writer of the log waits (readers do not) — then
+    /// loads, decides and writes with the writer's statement, and commits. Nobody can write the aggregate in
+    /// between, so the attempt cannot conflict; the price is a stall of all writers for one load and one commit,
+    /// only for a command already starved this long.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt_exclusive<A: LedgerAggregate>(
+        &self,
+        ctx: &CommandContext,
+        key: &AggregateKey,
+        command: &A::Command,
+        metadata: &Value,
+        command_type: &'static str,
+        connection: &mut sqlx::PgConnection,
+    ) -> Attempted {
+        use sqlx::Connection;
+        let _guard = match self.config.serialize_in_process {
+            true => Some(self.locks.lock(format!("{}/{}", key.0, key.1)).await),
+            false => None,
+        };
+        self.metrics.exclusive_attempts.fetch_add(1, Ordering::Relaxed);
+        let result: Result<Result<(CommandOutcome, A, i64), CommandError>, CommandError> = async {
+            let mut tx = connection.begin().await.map_err(CommandError::store)?;
+            sqlx::query("lock table events in share row exclusive mode")
+                .execute(&mut *tx)
+                .await
+                .map_err(CommandError::store)?;
+            let mut loaded = super::loader::load::<A>(&mut *tx, std::slice::from_ref(&key.1)).await?;
+            let super::loader::Loaded { state, sequence, snapshot_number } =
+                loaded.remove(&key.1).ok_or_else(|| CommandError::Store("the loader lost an aggregate".into()))?;
+            let sink = EventSink::default();
+            let decided = state.clone().handle(command.clone(), A::services(self), &sink).await;
+            let events = sink.collect().await;
+            if let Err(refusal) = decided {
+                return Ok(Err(refusal.into()));
+            }
+            if events.is_empty() && ctx.idempotency.is_none() {
+                let outcome = CommandOutcome {
+                    aggregate_type: key.0.to_string(),
+                    aggregate_id: key.1.clone(),
+                    events: Vec::new(),
+                    duplicate: false,
+                };
+                return Ok(Ok((outcome, state, snapshot_number)));
+            }
+            let mut next = state;
+            for event in &events {
+                next.apply(event.clone());
+            }
+            let decision = Decision { generation: 0, sequence, snapshot_number, command_type };
+            let (request, _) = self.request::<A>(ctx, key, decision, &next, events, metadata)?;
+            let snapshot_number = snapshot_number + i64::from(request.snapshot.is_some());
+            let mut outcomes =
+                super::writer::write(&mut *tx, std::slice::from_ref(&request)).await.map_err(|error| {
+                    match super::writer::key_conflict(&error) {
+                        Some(CommitError::DuplicateKey) => CommandError::Store("duplicate idempotency key".into()),
+                        _ => CommandError::store(error),
+                    }
+                })?;
+            tx.commit().await.map_err(CommandError::store)?;
+            let outcome = outcomes.pop().ok_or_else(|| CommandError::Store("a write returned no outcome".into()))?;
+            Ok(Ok((outcome, next, snapshot_number)))
+        }
+        .await;
+        match result {
+            Ok(Ok((outcome, state, snapshot_number))) => {
+                let sequence = outcome.events.last().map_or(0, |e| e.sequence);
+                if sequence > 0 {
+                    self.cache.insert_loaded(key.clone(), state, sequence, snapshot_number);
+                }
+                Attempted::Done(Ok(outcome))
+            }
+            // A refusal, or the key taken by another request: if this request's key committed meanwhile (a
+            // retry of it elsewhere), its stored answer is ours.
+            Ok(Err(error)) | Err(error) => match self.replay_idempotent(ctx).await {
+                Ok(Some(outcome)) => Attempted::Done(Ok(outcome)),
+                Ok(None) => Attempted::Done(Err(error)),
+                Err(replay_error) => Attempted::Done(Err(replay_error)),
+            },
+        }
     }
 
     /// The request for the writer of a decision that wrote `events`; `next` is the state after them (the
