@@ -10,7 +10,9 @@
 //!    commits whatever is queued — events, due snapshots, `command_log` rows with their stored answers — with
 //!    one statement (group commit). The events primary key `(aggregate_type, aggregate_id, sequence)` is the
 //!    optimistic lock: a conflict (another process wrote the aggregate) drops the cached state and the command is
-//!    decided again on a fresh load, with jittered backoff, a bounded number of times, then on a database lock.
+//!    decided again on a fresh load, with jittered backoff, a bounded number of times, then on a database lock,
+//!    and at last in one transaction that holds back every other writer of the log (so that a process with a
+//!    warm cache cannot starve another's retries).
 //! 4. Idempotency is folded into the commit: the `command_log` primary key refuses a key used before, and the
 //!    command is then answered from the log (the same request: its first answer; another: refused).
 //! 5. A command that writes nothing (refused, or a no-op) is answered once the log confirms the state it was
