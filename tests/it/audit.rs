@@ -257,6 +257,8 @@ async fn random_workload(db: &TestDb, seed: u64) -> crate::support::system::Trad
         seed,
     };
     let (summary, _) = tokio::join!(trade(&commands, &["ACME", "BOLT"], 3, 10, seed), raw.run(db.pool.clone()));
+    // The fills are booked on the portfolios by the process manager after `trade` returns.
+    wait_process_manager_idle(&db.pool).await;
     pm.stop().await;
     sealer.stop().await;
     seal_until_head(&db.pool).await.unwrap();
