@@ -373,6 +373,31 @@ impl CommandService {
         result
     }
 
+    /// This process's turn on the aggregate (see `locks`), when commands are serialised in process.
+    async fn in_process_turn(&self, key: &AggregateKey) -> Option<super::locks::AggregateGuard<'_>> {
+        match self.config.serialize_in_process {
+            true => Some(self.locks.lock(format!("{}/{}", key.0, key.1)).await),
+            false => None,
+        }
+    }
+
+    /// The command decided on `state`: the events it raised and the state after them, or its refusal.
+    async fn decide<A: LedgerAggregate>(
+        &self,
+        state: A,
+        command: &A::Command,
+    ) -> Result<(Vec<A::Event>, A), CommandError> {
+        let sink = EventSink::default();
+        let decided = state.clone().handle(command.clone(), A::services(self), &sink).await;
+        let events = sink.collect().await;
+        decided.map_err(Into::<CommandError>::into)?;
+        let mut next = state;
+        for event in &events {
+            next.apply(event.clone());
+        }
+        Ok((events, next))
+    }
+
     /// One decision on the aggregate's current state (cached, or loaded), handed to the writer; see the module
     /// docs.
     async fn attempt<A: LedgerAggregate>(
@@ -383,29 +408,19 @@ impl CommandService {
         metadata: &Value,
         command_type: &'static str,
     ) -> Attempted {
-        let guard = match self.config.serialize_in_process {
-            true => Some(self.locks.lock(format!("{}/{}", key.0, key.1)).await),
-            false => None,
-        };
+        let guard = self.in_process_turn(key).await;
         let (state, sequence, snapshot_number, generation) = match self.cached_or_loaded::<A>(key).await {
             Ok(loaded) => loaded,
             Err(error) => return Attempted::Done(Err(error)),
         };
-        let sink = EventSink::default();
-        let decided = state.clone().handle(command.clone(), A::services(self), &sink).await;
-        let events = sink.collect().await;
-        let refusal = match decided {
-            Err(refusal) => Some(refusal.into()),
-            Ok(()) => None,
+        let (events, next) = match self.decide(state, command).await {
+            Ok((events, next)) if !events.is_empty() => (events, next),
+            decided => {
+                drop(guard);
+                let refusal = decided.err();
+                return self.confirm_unwritten(ctx, key, generation, sequence, refusal, metadata, command_type).await;
+            }
         };
-        if refusal.is_some() || events.is_empty() {
-            drop(guard);
-            return self.confirm_unwritten(ctx, key, generation, sequence, refusal, metadata, command_type).await;
-        }
-        let mut next = state;
-        for event in &events {
-            next.apply(event.clone());
-        }
         let decision = Decision { generation, sequence, snapshot_number, command_type };
         let request = match self.request::<A>(ctx, key, decision, &next, events, metadata) {
             Ok(request) => request,
@@ -444,10 +459,7 @@ impl CommandService {
         connection: &mut sqlx::PgConnection,
     ) -> Attempted {
         use sqlx::Connection;
-        let _guard = match self.config.serialize_in_process {
-            true => Some(self.locks.lock(format!("{}/{}", key.0, key.1)).await),
-            false => None,
-        };
+        let _guard = self.in_process_turn(key).await;
         self.metrics.exclusive_attempts.fetch_add(1, Ordering::Relaxed);
         let result: Result<Result<(CommandOutcome, A, i64), CommandError>, CommandError> = async {
             let mut tx = connection.begin().await.map_err(CommandError::store)?;
@@ -458,12 +470,10 @@ impl CommandService {
             let mut loaded = super::loader::load::<A>(&mut *tx, std::slice::from_ref(&key.1)).await?;
             let super::loader::Loaded { state, sequence, snapshot_number } =
                 loaded.remove(&key.1).ok_or_else(|| CommandError::Store("the loader lost an aggregate".into()))?;
-            let sink = EventSink::default();
-            let decided = state.clone().handle(command.clone(), A::services(self), &sink).await;
-            let events = sink.collect().await;
-            if let Err(refusal) = decided {
-                return Ok(Err(refusal.into()));
-            }
+            let (events, next) = match self.decide(state, command).await {
+                Ok(decided) => decided,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
             if events.is_empty() && ctx.idempotency.is_none() {
                 let outcome = CommandOutcome {
                     aggregate_type: key.0.to_string(),
@@ -471,11 +481,7 @@ impl CommandService {
                     events: Vec::new(),
                     duplicate: false,
                 };
-                return Ok(Ok((outcome, state, snapshot_number)));
-            }
-            let mut next = state;
-            for event in &events {
-                next.apply(event.clone());
+                return Ok(Ok((outcome, next, snapshot_number)));
             }
             let decision = Decision { generation: 0, sequence, snapshot_number, command_type };
             let (request, _) = self.request::<A>(ctx, key, decision, &next, events, metadata)?;

@@ -201,3 +201,63 @@ async fn the_cache_never_serves_a_state_older_than_the_log() {
     assert_eq!((state.cash, sequence), (dec("1062"), 7));
     db.drop().await;
 }
+
+/// The last resort of a starved command: after `retry_exclusive_after` conflicts it is decided and written in
+/// one transaction that holds `events` against every other writer. Here one conflict is enough: the command
+/// decides on a stale cache (another process wrote since), conflicts, then waits for the table lock behind an
+/// uncommitted writer of another aggregate — it cannot write before that writer is done — and commits on the
+/// fresh state once it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_starved_command_takes_the_log_exclusively_and_cannot_lose_again() {
+    let db = TestDb::new().await;
+    let config = CommandConfig { retry_lock_after: 1, retry_exclusive_after: 1, ..CommandConfig::default() };
+    let commands = Arc::new(CommandService::new(db.pool.clone(), config));
+    let elsewhere = Arc::new(CommandService::new(db.pool.clone(), CommandConfig::default()));
+    let starved = open_portfolio(&commands, "10", CostBasisMethod::Fifo).await; // cached here at sequence 2
+    let bystander = open_portfolio(&commands, "10", CostBasisMethod::Fifo).await;
+    elsewhere.execute_portfolio(&ctx(), &starved.to_string(), deposit("5")).await.unwrap(); // sequence 3
+
+    let mut writer = db.pool.begin().await.unwrap();
+    let event = ledger::domain::PortfolioEvent::CashDeposited {
+        amount: amount("100"),
+        reference: None,
+        cash_after: dec("110"),
+        at: chrono::Utc::now(),
+    };
+    sqlx::query(
+        "insert into events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         values ('Portfolio', $1, 3, 'CashDeposited', '1', $2, '{}')",
+    )
+    .bind(bystander.to_string())
+    .bind(serde_json::to_value(&event).unwrap())
+    .execute(&mut *writer)
+    .await
+    .unwrap();
+
+    let command = {
+        let commands = commands.clone();
+        tokio::spawn(async move { commands.execute_portfolio(&ctx(), &starved.to_string(), deposit("1")).await })
+    };
+    let waiting = eventually(|| async {
+        sqlx::query_scalar::<_, bool>(
+            "select exists (select 1 from pg_locks
+                             where relation = 'events'::regclass and mode = 'ShareRowExclusiveLock' and not granted)",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    })
+    .await;
+    assert!(waiting, "the starved command should wait for the log's table lock");
+    assert!(!command.is_finished(), "nothing is written while another writer holds the log");
+    writer.commit().await.unwrap();
+
+    let outcome = command.await.unwrap().unwrap();
+    assert_eq!(outcome.events[0].sequence, 4, "decided on the other process's deposit");
+    let metrics = commands.metrics();
+    assert_eq!(metrics.conflicts.load(Ordering::Relaxed), 1);
+    assert_eq!(metrics.exclusive_attempts.load(Ordering::Relaxed), 1);
+    assert_eq!(cash(&commands, starved).await, dec("16"));
+    assert_eq!(cash(&commands, bystander).await, dec("110"));
+    db.drop().await;
+}
