@@ -16,6 +16,12 @@ mod serve;
 
 use clap::Parser;
 
+/// mimalloc instead of the system allocator: the profile of a replay (and of the command path) spent about a
+/// third of its time in glibc's `malloc`/`free` (arena locks, `malloc_consolidate` after a batch of JSON trees is
+/// dropped on another thread); see docs/benchmarks.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     // The configuration file is applied to the environment before any thread exists (see `config_file`).
     let raw: Vec<String> = std::env::args().collect();
