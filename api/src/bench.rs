@@ -445,6 +445,8 @@ pub struct ReplayResult {
     pub events: u64,
     pub seconds: f64,
     pub events_per_second: f64,
+    /// The benchmark process's peak resident set so far (`VmHWM`; it includes writing the synthetic log).
+    pub peak_rss_mb: Option<f64>,
 }
 
 /// Rebuilds the positions read model from a synthetic log of `events` events (a scratch database).
@@ -468,10 +470,16 @@ pub async fn replay(database_url: &str, events: usize, runs: usize) -> anyhow::R
             events: report.events,
             seconds: report.seconds,
             events_per_second: report.events as f64 / report.seconds,
+            peak_rss_mb: crate::bench_export::high_water_mark_kb(std::path::Path::new("/proc/self/status"))
+                .map(|kb| kb as f64 / 1024.0),
         };
         println!(
-            "replay  {}  {} events in {:.1} s  {:.0} events/s",
-            result.projection, result.events, result.seconds, result.events_per_second
+            "replay  {}  {} events in {:.1} s  {:.0} events/s  peak RSS {}",
+            result.projection,
+            result.events,
+            result.seconds,
+            result.events_per_second,
+            result.peak_rss_mb.map_or("unknown".to_string(), |mb| format!("{mb:.0} MB"))
         );
         results.push(result);
     }

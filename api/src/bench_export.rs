@@ -164,7 +164,7 @@ async fn run_child(database_url: &str, args: &[&str]) -> anyhow::Result<(f64, f6
 }
 
 /// `VmHWM` of a process (KiB), from its `/proc/<pid>/status`.
-fn high_water_mark_kb(status: &Path) -> Option<u64> {
+pub(crate) fn high_water_mark_kb(status: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(status).ok()?;
     let line = text.lines().find(|line| line.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()

@@ -17,7 +17,7 @@ mod cursor;
 mod reader;
 
 pub use cursor::{load_cursor, reset_cursor, save_cursor};
-pub use reader::{decode_event, event_by_id, LogReader, ReadOrder};
+pub use reader::{decode_event, event_by_id, LogReader, ReadOrder, BATCH_SIZE_MAX};
 
 use std::fmt;
 use std::str::FromStr;
@@ -125,6 +125,20 @@ impl RecordedEvent {
     pub fn metadata_str(&self, key: &str) -> Option<&str> {
         self.metadata.get(key).and_then(|v| v.as_str())
     }
+}
+
+/// An event as a replay reads it ([`LogReader::read_raw_batch`]): its place in the log and its payload as the
+/// JSON text PostgreSQL sent, for a fold to decode straight into its typed event — no `serde_json::Value` tree
+/// built and dropped per event, no metadata. The text is not parsed on reading: decoding it is the check.
+#[derive(Debug, Clone)]
+pub struct RawEvent {
+    pub position: LogPosition,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_version: String,
+    pub payload: Box<[u8]>,
+    pub recorded_at: DateTime<Utc>,
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
-use super::{LogPosition, RecordedEvent};
+use super::{LogPosition, RawEvent, RecordedEvent};
 
 /// Events per batch unless configured otherwise.
 pub const BATCH_SIZE_DEFAULT: usize = 1_000;
@@ -21,6 +21,10 @@ pub const LISTEN_CHANNEL: &str = "ledger_events";
 // output column named `transaction_id` and sort as text ("100" < "99"), breaking commit order.
 const SELECT_COLUMNS: &str = "events.transaction_id::text as transaction_id_text, global_position, event_id,
     aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, recorded_at";
+
+/// The columns of a [`RawEvent`].
+const RAW_COLUMNS: &str = "events.transaction_id::text as transaction_id_text, global_position, aggregate_type,
+    aggregate_id, sequence, event_version, payload, recorded_at";
 
 /// How the reader orders and bounds the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -83,11 +87,31 @@ impl LogReader {
 
     /// The next batch after the cursor, possibly empty; does not wait. Advances the cursor past the batch.
     pub async fn read_batch(&mut self) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+        let rows = self.fetch(SELECT_COLUMNS).await?;
+        let events = rows.iter().map(decode_event).collect::<Result<Vec<_>, _>>()?;
+        if let Some(last) = events.last() {
+            self.after = last.position;
+        }
+        Ok(events)
+    }
+
+    /// As [`Self::read_batch`], each event as a [`RawEvent`] (payload undecoded, no metadata): for a replay.
+    pub async fn read_raw_batch(&mut self) -> Result<Vec<RawEvent>, sqlx::Error> {
+        let rows = self.fetch(RAW_COLUMNS).await?;
+        let events = rows.iter().map(decode_raw_event).collect::<Result<Vec<_>, _>>()?;
+        if let Some(last) = events.last() {
+            self.after = last.position;
+        }
+        Ok(events)
+    }
+
+    /// The rows of the next batch after the cursor, with `columns`.
+    async fn fetch(&self, columns: &str) -> Result<Vec<PgRow>, sqlx::Error> {
         let limit = self.batch_size as i64;
         let rows = match self.order {
             ReadOrder::CommitSafe => {
                 sqlx::query(&format!(
-                    "select {SELECT_COLUMNS} from events
+                    "select {columns} from events
                       where (transaction_id, global_position) > ($1::text::xid8, $2)
                         and transaction_id < pg_snapshot_xmin(pg_current_snapshot())
                       order by events.transaction_id, events.global_position
@@ -101,7 +125,7 @@ impl LogReader {
             }
             ReadOrder::GlobalPositionOnly => {
                 sqlx::query(&format!(
-                    "select {SELECT_COLUMNS} from events where global_position > $1 order by global_position limit $2"
+                    "select {columns} from events where global_position > $1 order by global_position limit $2"
                 ))
                 .bind(self.after.global_position)
                 .bind(limit)
@@ -109,11 +133,7 @@ impl LogReader {
                 .await?
             }
         };
-        let events = rows.iter().map(decode_event).collect::<Result<Vec<_>, _>>()?;
-        if let Some(last) = events.last() {
-            self.after = last.position;
-        }
-        Ok(events)
+        Ok(rows)
     }
 
     /// The next non-empty batch, waiting for one (notification or poll). `None` when `cancel` fires first.
@@ -232,5 +252,28 @@ pub fn decode_event(row: &PgRow) -> Result<RecordedEvent, sqlx::Error> {
         payload: row.try_get("payload")?,
         metadata: row.try_get("metadata")?,
         recorded_at: row.try_get("recorded_at")?,
+    })
+}
+
+/// Decodes a row selected with the raw columns (by index, in the order of [`RAW_COLUMNS`]); the payload is kept as
+/// the JSON text PostgreSQL sent, unparsed.
+fn decode_raw_event(row: &PgRow) -> Result<RawEvent, sqlx::Error> {
+    let payload = row.try_get_raw(6)?;
+    let bytes = match payload.format() {
+        // jsonb in binary: a version byte (1), then the text.
+        sqlx::postgres::PgValueFormat::Binary => match payload.as_bytes().map_err(sqlx::Error::Decode)? {
+            [1, text @ ..] => text,
+            _ => return Err(sqlx::Error::Decode("unknown jsonb version".into())),
+        },
+        sqlx::postgres::PgValueFormat::Text => payload.as_bytes().map_err(sqlx::Error::Decode)?,
+    };
+    Ok(RawEvent {
+        position: LogPosition::from_columns(row.try_get(0)?, row.try_get(1)?)?,
+        aggregate_type: row.try_get(2)?,
+        aggregate_id: row.try_get(3)?,
+        sequence: row.try_get(4)?,
+        event_version: row.try_get(5)?,
+        payload: bytes.into(),
+        recorded_at: row.try_get(7)?,
     })
 }

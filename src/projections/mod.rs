@@ -36,7 +36,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use sqlx::PgConnection;
 
-use crate::log::RecordedEvent;
+use crate::log::{RawEvent, RecordedEvent};
 use crate::market::Tick;
 
 /// Why one event or tick could not be applied.
@@ -103,6 +103,29 @@ pub trait Projection: Send + Sync + 'static {
     async fn apply_tick(&self, _conn: &mut PgConnection, _tick: &Tick) -> Result<(), ApplyError> {
         Ok(())
     }
+    /// A fold for the bulk phase of a rebuild, if the projection has one (see [`ReplayFold`]); without one a
+    /// rebuild applies the log batch by batch through [`Projection::apply_events`].
+    fn replay_fold(&self) -> Option<Box<dyn ReplayFold>> {
+        None
+    }
+}
+
+/// A projection's state held in memory across the batches of a rebuild: the log is folded into it at the speed
+/// of reading, and the net rows are written once (or whenever the state outgrows its memory bound) instead of
+/// a read-modify-write of the rows per batch. Folding the same events must give the same rows as
+/// [`Projection::apply_events`] does; the rebuild's verify mode compares the two. The memory bound is the
+/// fold's own estimate ([`ReplayFold::held_bytes`]); the rebuild flushes when it passes the limit.
+#[async_trait]
+pub trait ReplayFold: Send {
+    /// Folds events of the projection's aggregate type (new ones only, in log order). Rows written by an
+    /// earlier [`ReplayFold::flush`] are read back through `conn` when an event needs them. An event that
+    /// cannot be decoded is skipped (the live worker dead-letters it): its index and the reason are returned.
+    async fn fold(&mut self, conn: &mut PgConnection, events: &[&RawEvent])
+        -> Result<Vec<(usize, String)>, ApplyError>;
+    /// Roughly the bytes of state held in memory.
+    fn held_bytes(&self) -> usize;
+    /// Writes the state held to the projection's tables (set-based statements) and forgets it.
+    async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ApplyError>;
 }
 
 /// The name of a projection's event progress table.

@@ -2,19 +2,21 @@
 //! executions. Copies the facts the Order events carry.
 //!
 //! Set-based like the positions projection: a batch loads the orders it touches, folds its events in memory
-//! and writes back one upsert of orders and one insert of executions.
+//! and writes back one upsert of orders and one insert of executions. A rebuild keeps the orders in memory
+//! across all its batches ([`OrdersFold`]) and writes the net rows with the same statements.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use serde::Deserialize;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::{ApplyError, Projection};
+use super::{ApplyError, Projection, ReplayFold};
 use crate::domain::{OrderEvent, OrderType};
-use crate::log::RecordedEvent;
+use crate::log::{RawEvent, RecordedEvent};
 
 pub struct OrdersProjection;
 
@@ -58,10 +60,9 @@ fn apply(
     orders: &mut BTreeMap<Uuid, OrderRow>,
     executions: &mut Vec<ExecutionRow>,
     id: Uuid,
-    event: &RecordedEvent,
+    position: i64,
     order_event: OrderEvent,
 ) {
-    let position = event.position.global_position;
     let terminal = |orders: &mut BTreeMap<Uuid, OrderRow>, status: &str, at: DateTime<Utc>| {
         if let Some(row) = orders.get_mut(&id) {
             row.status = status.to_string();
@@ -165,6 +166,20 @@ fn apply(
         OrderEvent::OrderCanceled { canceled_at, .. } => terminal(orders, "Canceled", canceled_at),
         OrderEvent::OrderExpired { expired_at, .. } => terminal(orders, "Expired", expired_at),
     }
+}
+
+/// The order and its event, decoded from the log's record.
+fn decode(event: &RecordedEvent) -> Result<(Uuid, OrderEvent), ApplyError> {
+    Ok((order_id(&event.aggregate_id)?, OrderEvent::deserialize(&event.payload)?))
+}
+
+/// The order and its event, decoded straight from the payload's JSON text.
+fn decode_raw(event: &RawEvent) -> Result<(Uuid, OrderEvent), ApplyError> {
+    Ok((order_id(&event.aggregate_id)?, serde_json::from_slice(&event.payload)?))
+}
+
+fn order_id(aggregate_id: &str) -> Result<Uuid, ApplyError> {
+    Uuid::parse_str(aggregate_id).map_err(|e| ApplyError::Poison(e.to_string()))
 }
 
 async fn load(conn: &mut PgConnection, ids: &[Uuid]) -> Result<BTreeMap<Uuid, OrderRow>, sqlx::Error> {
@@ -299,8 +314,7 @@ impl Projection for OrdersProjection {
         let mut decoded = Vec::with_capacity(events.len());
         let mut ids = BTreeSet::new();
         for event in events {
-            let id = Uuid::parse_str(&event.aggregate_id).map_err(|e| ApplyError::Poison(e.to_string()))?;
-            let order_event: OrderEvent = serde_json::from_value(event.payload.clone())?;
+            let (id, order_event) = decode(event)?;
             ids.insert(id);
             decoded.push((id, *event, order_event));
         }
@@ -308,8 +322,74 @@ impl Projection for OrdersProjection {
         let mut orders = load(conn, &ids).await?;
         let mut executions = Vec::new();
         for (id, event, order_event) in decoded {
-            apply(&mut orders, &mut executions, id, event, order_event);
+            apply(&mut orders, &mut executions, id, event.position.global_position, order_event);
         }
+        write(conn, orders, executions).await?;
+        Ok(())
+    }
+
+    fn replay_fold(&self) -> Option<Box<dyn ReplayFold>> {
+        Some(Box::<OrdersFold>::default())
+    }
+}
+
+/// Rough bytes of one row held in memory (key, values, strings, map overhead), for the fold's memory bound.
+const ORDER_ROW_BYTES: usize = 448;
+const EXECUTION_ROW_BYTES: usize = 256;
+
+/// The order blotter held in memory during a rebuild (see [`ReplayFold`]): the same rows and the same fold as
+/// a live batch, kept across batches; a flush writes them with the live statements.
+#[derive(Default)]
+pub struct OrdersFold {
+    orders: BTreeMap<Uuid, OrderRow>,
+    executions: Vec<ExecutionRow>,
+    /// Orders with a row written by a flush: read back before their next event is folded.
+    flushed: HashSet<Uuid>,
+}
+
+#[async_trait]
+impl ReplayFold for OrdersFold {
+    async fn fold(
+        &mut self,
+        conn: &mut PgConnection,
+        events: &[&RawEvent],
+    ) -> Result<Vec<(usize, String)>, ApplyError> {
+        let mut skipped = Vec::new();
+        let mut decoded = Vec::with_capacity(events.len());
+        let mut reload = BTreeSet::new();
+        for (index, event) in events.iter().enumerate() {
+            match decode_raw(event) {
+                Ok((id, order_event)) => {
+                    if !self.orders.contains_key(&id) && self.flushed.contains(&id) {
+                        reload.insert(id);
+                    }
+                    decoded.push((id, *event, order_event));
+                }
+                Err(error) => skipped.push((index, error.to_string())),
+            }
+        }
+        if !reload.is_empty() {
+            let ids: Vec<Uuid> = reload.into_iter().collect();
+            for (id, row) in load(conn, &ids).await? {
+                self.orders.entry(id).or_insert(row);
+            }
+        }
+        for (id, event, order_event) in decoded {
+            apply(&mut self.orders, &mut self.executions, id, event.position.global_position, order_event);
+        }
+        Ok(skipped)
+    }
+
+    fn held_bytes(&self) -> usize {
+        self.orders.len() * ORDER_ROW_BYTES
+            + self.executions.len() * EXECUTION_ROW_BYTES
+            + self.flushed.len() * std::mem::size_of::<Uuid>() * 2
+    }
+
+    async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ApplyError> {
+        let orders = std::mem::take(&mut self.orders);
+        let executions = std::mem::take(&mut self.executions);
+        self.flushed.extend(orders.keys().copied());
         write(conn, orders, executions).await?;
         Ok(())
     }

@@ -4,19 +4,21 @@
 //!
 //! Set-based: a batch loads the rows it touches, folds its events in memory and writes them back with one
 //! statement per table — a few round trips per batch instead of several per event. A single event is a batch
-//! of one, so there is one implementation.
+//! of one, so there is one implementation. A rebuild keeps the same rows in memory across all its batches
+//! ([`PositionsFold`]) and writes the net state with the same statements.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use serde::Deserialize;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::{ApplyError, Projection};
+use super::{ApplyError, Projection, ReplayFold};
 use crate::domain::PortfolioEvent;
-use crate::log::RecordedEvent;
+use crate::log::{RawEvent, RecordedEvent};
 
 pub struct PositionsProjection;
 
@@ -83,6 +85,19 @@ impl Rows {
         Some(row)
     }
 
+    /// Adds the rows of `loaded` this set does not hold yet (untouched).
+    fn merge_absent(&mut self, loaded: Rows) {
+        for (id, row) in loaded.portfolios {
+            self.portfolios.entry(id).or_insert(row);
+        }
+        for (key, row) in loaded.positions {
+            self.positions.entry(key).or_insert(row);
+        }
+        for (key, lot) in loaded.lots {
+            self.lots.entry(key).or_insert(lot);
+        }
+    }
+
     /// The position row, created empty (as of `at`) if absent.
     fn position(&mut self, id: Uuid, symbol: &str, at: DateTime<Utc>) -> &mut PositionRow {
         let key = (id, symbol.to_string());
@@ -90,8 +105,8 @@ impl Rows {
         self.positions.entry(key).or_insert_with(|| PositionRow::empty(at))
     }
 
-    fn apply(&mut self, id: Uuid, event: &RecordedEvent, portfolio_event: PortfolioEvent) {
-        let position = event.position.global_position;
+    /// Folds one event: `position` is its global position, `recorded_at` its commit time.
+    fn apply(&mut self, id: Uuid, position: i64, recorded_at: DateTime<Utc>, portfolio_event: PortfolioEvent) {
         match portfolio_event {
             PortfolioEvent::PortfolioOpened { owner, base_currency, cost_basis_method, opened_at, .. } => {
                 self.portfolios.entry(id).or_insert_with(|| PortfolioRow {
@@ -188,10 +203,24 @@ impl Rows {
             | PortfolioEvent::AlertCreated { .. }
             | PortfolioEvent::AlertCanceled { .. }
             | PortfolioEvent::AlertRearmed { .. } => {
-                self.touch(id, event.recorded_at, position);
+                self.touch(id, recorded_at, position);
             }
         }
     }
+}
+
+/// The portfolio and its event, decoded from the log's record.
+fn decode(event: &RecordedEvent) -> Result<(Uuid, PortfolioEvent), ApplyError> {
+    Ok((portfolio_id(&event.aggregate_id)?, PortfolioEvent::deserialize(&event.payload)?))
+}
+
+/// The portfolio and its event, decoded straight from the payload's JSON text.
+fn decode_raw(event: &RawEvent) -> Result<(Uuid, PortfolioEvent), ApplyError> {
+    Ok((portfolio_id(&event.aggregate_id)?, serde_json::from_slice(&event.payload)?))
+}
+
+fn portfolio_id(aggregate_id: &str) -> Result<Uuid, ApplyError> {
+    Uuid::parse_str(aggregate_id).map_err(|e| ApplyError::Poison(e.to_string()))
 }
 
 /// Lots a batch touches: the ones it opens or consumes.
@@ -432,8 +461,7 @@ impl Projection for PositionsProjection {
         let mut ids = BTreeSet::new();
         let mut lots = BTreeSet::new();
         for event in events {
-            let id = Uuid::parse_str(&event.aggregate_id).map_err(|e| ApplyError::Poison(e.to_string()))?;
-            let portfolio_event: PortfolioEvent = serde_json::from_value(event.payload.clone())?;
+            let (id, portfolio_event) = decode(event)?;
             ids.insert(id);
             lot_keys(id, &portfolio_event, &mut lots);
             decoded.push((id, *event, portfolio_event));
@@ -441,8 +469,86 @@ impl Projection for PositionsProjection {
         let ids: Vec<Uuid> = ids.into_iter().collect();
         let mut rows = load(conn, &ids, &lots).await?;
         for (id, event, portfolio_event) in decoded {
-            rows.apply(id, event, portfolio_event);
+            rows.apply(id, event.position.global_position, event.recorded_at, portfolio_event);
         }
+        write(conn, rows).await?;
+        Ok(())
+    }
+
+    fn replay_fold(&self) -> Option<Box<dyn ReplayFold>> {
+        Some(Box::<PositionsFold>::default())
+    }
+}
+
+/// Rough bytes of one row held in memory (key, values, map overhead), for the fold's memory bound.
+const PORTFOLIO_ROW_BYTES: usize = 256;
+const POSITION_ROW_BYTES: usize = 192;
+const LOT_ROW_BYTES: usize = 192;
+
+/// The positions read model held in memory during a rebuild (see [`ReplayFold`]): the same [`Rows`] and the
+/// same fold as a live batch, kept across batches; a flush writes them with the live statements.
+#[derive(Default)]
+pub struct PositionsFold {
+    rows: Rows,
+    /// Portfolios with rows written by a flush: read back before their next event is folded.
+    flushed: HashSet<Uuid>,
+    /// Flushed portfolios read back since the last flush.
+    reloaded: HashSet<Uuid>,
+}
+
+#[async_trait]
+impl ReplayFold for PositionsFold {
+    async fn fold(
+        &mut self,
+        conn: &mut PgConnection,
+        events: &[&RawEvent],
+    ) -> Result<Vec<(usize, String)>, ApplyError> {
+        let mut skipped = Vec::new();
+        let mut decoded = Vec::with_capacity(events.len());
+        let (mut reload, mut reload_lots) = (BTreeSet::new(), BTreeSet::new());
+        for (index, event) in events.iter().enumerate() {
+            let (id, portfolio_event) = match decode_raw(event) {
+                Ok(decoded) => decoded,
+                Err(error) => {
+                    skipped.push((index, error.to_string()));
+                    continue;
+                }
+            };
+            if self.flushed.contains(&id) {
+                if !self.reloaded.contains(&id) {
+                    reload.insert(id);
+                }
+                let mut keys = BTreeSet::new();
+                lot_keys(id, &portfolio_event, &mut keys);
+                reload_lots.extend(keys.into_iter().filter(|key| !self.rows.lots.contains_key(key)));
+            }
+            decoded.push((id, *event, portfolio_event));
+        }
+        if !reload.is_empty() || !reload_lots.is_empty() {
+            let ids: Vec<Uuid> = reload.iter().copied().collect();
+            self.rows.merge_absent(load(conn, &ids, &reload_lots).await?);
+            self.reloaded.extend(reload);
+        }
+        for (id, event, portfolio_event) in decoded {
+            self.rows.apply(id, event.position.global_position, event.recorded_at, portfolio_event);
+        }
+        Ok(skipped)
+    }
+
+    fn held_bytes(&self) -> usize {
+        self.rows.portfolios.len() * PORTFOLIO_ROW_BYTES
+            + self.rows.positions.len() * POSITION_ROW_BYTES
+            + self.rows.lots.len() * LOT_ROW_BYTES
+            + (self.flushed.len() + self.reloaded.len()) * std::mem::size_of::<Uuid>() * 2
+    }
+
+    async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ApplyError> {
+        let rows = std::mem::take(&mut self.rows);
+        // Every portfolio with a row of any kind: positions and lots can exist without the portfolio's row.
+        self.flushed.extend(rows.portfolios.keys().copied());
+        self.flushed.extend(rows.positions.keys().map(|(id, _)| *id));
+        self.flushed.extend(rows.lots.keys().map(|(id, _)| *id));
+        self.reloaded.clear();
         write(conn, rows).await?;
         Ok(())
     }

@@ -2,6 +2,9 @@
 //!
 //! 1. Create empty copies of the projection's tables (and progress tables) in the `shadow` schema.
 //! 2. Replay the log (and the archive) into them with `search_path = shadow`, while the live worker goes on —
+//!    through the projection's [`ReplayFold`] when it has one (the log read in chunks of
+//!    [`REPLAY_READ_BATCH`] and folded in memory, the net rows written once, or whenever the state held passes
+//!    [`REPLAY_HELD_BYTES_MAX`]), otherwise batch by batch as the live worker applies them —
 //!    at least up to the last event committed when the rebuild started: if a transaction elsewhere in the
 //!    cluster holds the log's horizon below it, the rebuild waits for it (at most
 //!    [`REBUILD_HORIZON_WAIT_MAX_SECS`]), so an offline `ledger replay` never leaves out what was committed.
@@ -24,12 +27,13 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use async_trait::async_trait;
 use sqlx::{PgConnection, PgPool};
 
 use super::applier::{apply_events, apply_ticks};
 use super::catch_up::{archive_symbols, enter, projection_lock, read_archive, Target};
-use super::{progress_table, rebuilt_tables, tick_progress_table, ApplyError, Projection};
-use crate::log::{reset_cursor, LogPosition, LogReader, RecordedEvent};
+use super::{progress_table, rebuilt_tables, tick_progress_table, ApplyError, Projection, ReplayFold};
+use crate::log::{reset_cursor, LogPosition, LogReader, RawEvent, RecordedEvent};
 use crate::market::Tick;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +67,101 @@ pub type ProgressFn<'a> = &'a mut (dyn FnMut(u64, u64) + Send);
 
 /// Events per transaction during a rebuild.
 pub const REBUILD_BATCH_SIZE: usize = 2_000;
+/// Events per read of the log when the projection folds the replay in memory.
+pub const REPLAY_READ_BATCH: usize = crate::log::BATCH_SIZE_MAX;
+/// The state a replay fold may hold before it is written to the shadow tables (and forgotten).
+pub const REPLAY_HELD_BYTES_MAX: usize = 256 << 20;
+
+/// Bounds of a rebuild's replay fold; the defaults are [`REPLAY_READ_BATCH`] and [`REPLAY_HELD_BYTES_MAX`].
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayLimits {
+    /// Events per read of the log (clamped to the reader's maximum).
+    pub read_batch: usize,
+    /// State held in memory before a flush to the shadow tables (0: flush after every read).
+    pub held_bytes_max: usize,
+}
+
+impl Default for ReplayLimits {
+    fn default() -> Self {
+        Self { read_batch: REPLAY_READ_BATCH, held_bytes_max: REPLAY_HELD_BYTES_MAX }
+    }
+}
+/// Rough bytes of one aggregate's progress entry held by a fold.
+const PROGRESS_ENTRY_BYTES: usize = 96;
+
+/// The bulk of a rebuild through the projection's [`ReplayFold`], with the progress per aggregate beside it.
+struct Folding {
+    fold: Box<dyn ReplayFold>,
+    held_bytes_max: usize,
+    /// Last sequence folded per aggregate since the last flush.
+    last: HashMap<String, i64>,
+}
+
+#[async_trait]
+impl BulkSink<RawEvent> for Folding {
+    /// Folds the events of `batch` of the projection's aggregate type; flushes when the state held is too big.
+    async fn take(
+        &mut self,
+        pool: &PgPool,
+        projection: &dyn Projection,
+        batch: Vec<RawEvent>,
+    ) -> Result<(), ApplyError> {
+        let Some(aggregate_type) = projection.aggregate_type() else { return Ok(()) };
+        let mut new = Vec::with_capacity(batch.len());
+        for event in batch.iter().filter(|e| e.aggregate_type == aggregate_type) {
+            let fresh = match self.last.get_mut(&event.aggregate_id) {
+                Some(last) if event.sequence <= *last => false,
+                Some(last) => {
+                    *last = event.sequence;
+                    true
+                }
+                None => {
+                    self.last.insert(event.aggregate_id.clone(), event.sequence);
+                    true
+                }
+            };
+            if fresh {
+                new.push(event);
+            }
+        }
+        // A transaction on the shadow tables: the fold reads back rows it flushed earlier.
+        let mut tx = pool.begin().await.map_err(ApplyError::Database)?;
+        enter(&mut tx, projection, Target::Shadow).await.map_err(ApplyError::Database)?;
+        let skipped = self.fold.fold(&mut tx, &new).await?;
+        tx.commit().await.map_err(ApplyError::Database)?;
+        for (index, reason) in skipped {
+            let event = new[index];
+            tracing::warn!(projection = projection.name(), position = %event.position, %reason,
+                "rebuild: skipped an event that cannot be applied (the live worker dead-letters it)");
+        }
+        if self.fold.held_bytes() + self.last.len() * PROGRESS_ENTRY_BYTES > self.held_bytes_max {
+            self.flush(pool, projection).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Folding {
+    /// Writes the state held and the progress of every aggregate folded since the last flush, in one
+    /// transaction.
+    async fn flush(&mut self, pool: &PgPool, projection: &dyn Projection) -> Result<(), ApplyError> {
+        let mut tx = pool.begin().await.map_err(ApplyError::Database)?;
+        enter(&mut tx, projection, Target::Shadow).await.map_err(ApplyError::Database)?;
+        self.fold.flush(&mut tx).await?;
+        let (ids, sequences): (Vec<String>, Vec<i64>) = std::mem::take(&mut self.last).into_iter().unzip();
+        sqlx::query(&format!(
+            "insert into {} (aggregate_id, last_sequence) select * from unnest($1::text[], $2::bigint[])
+             on conflict (aggregate_id) do update set last_sequence = excluded.last_sequence",
+            progress_table(projection)
+        ))
+        .bind(&ids)
+        .bind(&sequences)
+        .execute(&mut *tx)
+        .await
+        .map_err(ApplyError::Database)?;
+        tx.commit().await.map_err(ApplyError::Database)
+    }
+}
 
 async fn prepare_shadow(pool: &PgPool, projection: &dyn Projection) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
@@ -111,6 +210,17 @@ pub async fn rebuild(
     mode: RebuildMode,
     progress: ProgressFn<'_>,
 ) -> Result<RebuildReport, ApplyError> {
+    rebuild_with(pool, projection, mode, ReplayLimits::default(), progress).await
+}
+
+/// [`rebuild`] with the replay fold's bounds given.
+pub async fn rebuild_with(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    mode: RebuildMode,
+    limits: ReplayLimits,
+    progress: ProgressFn<'_>,
+) -> Result<RebuildReport, ApplyError> {
     let started = Instant::now();
     prepare_shadow(pool, projection).await.map_err(ApplyError::Database)?;
     let total = total_inputs(pool, projection).await.map_err(ApplyError::Database)?;
@@ -124,29 +234,16 @@ pub async fn rebuild(
     if projection.aggregate_type().is_some() {
         let committed =
             crate::log::newest_position(pool, crate::log::Newest::Committed).await.map_err(ApplyError::Database)?;
-        let waiting_since = Instant::now();
-        let mut reader = LogReader::new(pool.clone(), position).with_batch_size(REBUILD_BATCH_SIZE);
-        loop {
-            let batch = reader.read_batch().await.map_err(ApplyError::Database)?;
-            if batch.is_empty() {
-                if reader.position() >= committed {
-                    break;
-                }
-                if waiting_since.elapsed() > std::time::Duration::from_secs(REBUILD_HORIZON_WAIT_MAX_SECS) {
-                    return Err(ApplyError::Database(sqlx::Error::Protocol(format!(
-                        "the log's horizon stayed below {committed} (committed before the rebuild started) for \
-                         {REBUILD_HORIZON_WAIT_MAX_SECS} s: a transaction is held open (see pg_stat_activity)"
-                    ))));
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(REBUILD_HORIZON_POLL_MS)).await;
-                continue;
+        let mut bulk = Bulk { pool, projection, verify, committed, events: &mut events, total, progress };
+        position = match projection.replay_fold() {
+            Some(fold) => {
+                let mut folding = Folding { fold, held_bytes_max: limits.held_bytes_max, last: HashMap::new() };
+                let position = bulk.replay::<RawEvent>(limits.read_batch, &mut folding).await?;
+                folding.flush(pool, projection).await?;
+                position
             }
-            events += batch.len() as u64;
-            let batch = if verify { within_live_progress(pool, projection, batch).await? } else { batch };
-            apply_to_shadow(pool, projection, ShadowInput::Events(&batch)).await?;
-            position = reader.position();
-            progress(events, total);
-        }
+            None => bulk.replay::<RecordedEvent>(REBUILD_BATCH_SIZE, &mut ShadowBatches).await?,
+        };
     }
     if projection.rebuilds_from_ticks() {
         let symbols = {
@@ -247,6 +344,140 @@ pub async fn rebuild(
     })
 }
 
+/// What the bulk phase of a rebuild reads from the log: whole events (applied batch by batch) or raw ones
+/// (folded in memory).
+trait Readable: Send + Sized + 'static {
+    fn read(reader: &mut LogReader) -> impl std::future::Future<Output = Result<Vec<Self>, sqlx::Error>> + Send;
+    fn aggregate_id(&self) -> &str;
+    fn sequence(&self) -> i64;
+}
+
+impl Readable for RecordedEvent {
+    fn read(reader: &mut LogReader) -> impl std::future::Future<Output = Result<Vec<Self>, sqlx::Error>> + Send {
+        reader.read_batch()
+    }
+    fn aggregate_id(&self) -> &str {
+        &self.aggregate_id
+    }
+    fn sequence(&self) -> i64 {
+        self.sequence
+    }
+}
+
+impl Readable for RawEvent {
+    fn read(reader: &mut LogReader) -> impl std::future::Future<Output = Result<Vec<Self>, sqlx::Error>> + Send {
+        reader.read_raw_batch()
+    }
+    fn aggregate_id(&self) -> &str {
+        &self.aggregate_id
+    }
+    fn sequence(&self) -> i64 {
+        self.sequence
+    }
+}
+
+/// Where the bulk phase puts what it read.
+#[async_trait]
+trait BulkSink<E>: Send {
+    async fn take(&mut self, pool: &PgPool, projection: &dyn Projection, batch: Vec<E>) -> Result<(), ApplyError>;
+}
+
+/// Batch by batch into the shadow tables, each in its own transaction, as the live worker applies them.
+struct ShadowBatches;
+
+#[async_trait]
+impl BulkSink<RecordedEvent> for ShadowBatches {
+    async fn take(
+        &mut self,
+        pool: &PgPool,
+        projection: &dyn Projection,
+        batch: Vec<RecordedEvent>,
+    ) -> Result<(), ApplyError> {
+        apply_to_shadow(pool, projection, ShadowInput::Events(&batch)).await
+    }
+}
+
+/// The bulk phase of a rebuild: the log from the start to (at least) `committed`, read one batch ahead.
+struct Bulk<'a, 'p> {
+    pool: &'a PgPool,
+    projection: &'a dyn Projection,
+    verify: bool,
+    committed: LogPosition,
+    events: &'a mut u64,
+    total: u64,
+    progress: ProgressFn<'p>,
+}
+
+impl Bulk<'_, '_> {
+    /// Reads the log in batches of `batch_size` into `sink`; returns the position after the last event read.
+    async fn replay<E: Readable>(
+        &mut self,
+        batch_size: usize,
+        sink: &mut dyn BulkSink<E>,
+    ) -> Result<LogPosition, ApplyError> {
+        let mut position = LogPosition::START;
+        let mut batches = read_ahead::<E>(self.pool.clone(), position, batch_size, self.committed);
+        while let Some(read) = batches.recv().await {
+            let (batch, after) = read?;
+            *self.events += batch.len() as u64;
+            let batch =
+                if self.verify { within_live_progress(self.pool, self.projection, batch).await? } else { batch };
+            sink.take(self.pool, self.projection, batch).await?;
+            position = after;
+            (self.progress)(*self.events, self.total);
+        }
+        if position < self.committed {
+            // The reading task ended without an error: it panicked.
+            return Err(ApplyError::Database(sqlx::Error::Protocol(format!(
+                "the log reader stopped at {position}, before {}",
+                self.committed
+            ))));
+        }
+        Ok(position)
+    }
+}
+
+/// Batches of the log read after `after` on a task of its own, one batch ahead of the rebuild (reading and
+/// decoding overlap with applying), each with the position after it; the channel closes once the log has been
+/// read up to `committed` at least. Waits for a horizon held below `committed` (at most
+/// [`REBUILD_HORIZON_WAIT_MAX_SECS`], then an error). Stops when the receiver is dropped.
+fn read_ahead<E: Readable>(
+    pool: PgPool,
+    after: LogPosition,
+    batch_size: usize,
+    committed: LogPosition,
+) -> tokio::sync::mpsc::Receiver<Result<(Vec<E>, LogPosition), ApplyError>> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let waiting_since = Instant::now();
+        let mut reader = LogReader::new(pool, after).with_batch_size(batch_size);
+        loop {
+            let read = match E::read(&mut reader).await {
+                Ok(batch) if batch.is_empty() => {
+                    if reader.position() >= committed {
+                        return;
+                    }
+                    if waiting_since.elapsed() <= std::time::Duration::from_secs(REBUILD_HORIZON_WAIT_MAX_SECS) {
+                        tokio::time::sleep(std::time::Duration::from_millis(REBUILD_HORIZON_POLL_MS)).await;
+                        continue;
+                    }
+                    Err(ApplyError::Database(sqlx::Error::Protocol(format!(
+                        "the log's horizon stayed below {committed} (committed before the rebuild started) for \
+                         {REBUILD_HORIZON_WAIT_MAX_SECS} s: a transaction is held open (see pg_stat_activity)"
+                    ))))
+                }
+                Ok(batch) => Ok((batch, reader.position())),
+                Err(error) => Err(ApplyError::Database(error)),
+            };
+            let failed = read.is_err();
+            if sender.send(read).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    receiver
+}
+
 enum ShadowInput<'a> {
     Events(&'a [RecordedEvent]),
     Ticks(&'a [Tick]),
@@ -272,12 +503,12 @@ async fn apply_to_shadow(pool: &PgPool, projection: &dyn Projection, input: Shad
 }
 
 /// The events of `batch` the live projection has already applied (sequence ≤ its progress).
-async fn within_live_progress(
+async fn within_live_progress<E: Readable>(
     pool: &PgPool,
     projection: &dyn Projection,
-    batch: Vec<RecordedEvent>,
-) -> Result<Vec<RecordedEvent>, ApplyError> {
-    let ids: Vec<&str> = batch.iter().map(|e| e.aggregate_id.as_str()).collect();
+    batch: Vec<E>,
+) -> Result<Vec<E>, ApplyError> {
+    let ids: Vec<&str> = batch.iter().map(|e| e.aggregate_id()).collect();
     let live: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(&format!(
         "select aggregate_id, last_sequence from public.{} where aggregate_id = any($1)",
         progress_table(projection)
@@ -288,7 +519,7 @@ async fn within_live_progress(
     .map_err(ApplyError::Database)?
     .into_iter()
     .collect();
-    Ok(batch.into_iter().filter(|e| live.get(&e.aggregate_id).is_some_and(|&last| e.sequence <= last)).collect())
+    Ok(batch.into_iter().filter(|e| live.get(e.aggregate_id()).is_some_and(|&last| e.sequence() <= last)).collect())
 }
 
 /// The ticks of `batch` the live projection has already applied (`(ts, seq)` ≤ its progress).
