@@ -181,7 +181,9 @@ impl Rows {
                 row.updated_at = executed_at;
                 if let Some(lot) = lot_opened {
                     let slot = self.lots.entry((id, lot.lot_id.clone())).or_insert(None);
-                    if slot.is_none() {
+                    // A lot consumed to nothing is deleted when written: opening its id again starts it afresh,
+                    // whether or not the write happened in between.
+                    if slot.as_ref().is_none_or(|l| l.quantity.is_zero()) {
                         *slot = Some(LotRow {
                             symbol: symbol.to_string(),
                             quantity: lot.quantity,

@@ -86,6 +86,8 @@ impl Default for ReplayLimits {
         Self { read_batch: REPLAY_READ_BATCH, held_bytes_max: REPLAY_HELD_BYTES_MAX }
     }
 }
+/// How long the statements of a fold's flush may take (the whole state is written in one statement per table).
+pub const REPLAY_FLUSH_TIMEOUT_SECS: u64 = 600;
 /// Rough bytes of one aggregate's progress entry held by a fold.
 const PROGRESS_ENTRY_BYTES: usize = 96;
 
@@ -109,20 +111,21 @@ impl BulkSink<RawEvent> for Folding {
         let Some(aggregate_type) = projection.aggregate_type() else { return Ok(()) };
         let mut new = Vec::with_capacity(batch.len());
         for event in batch.iter().filter(|e| e.aggregate_type == aggregate_type) {
-            let fresh = match self.last.get_mut(&event.aggregate_id) {
-                Some(last) if event.sequence <= *last => false,
-                Some(last) => {
-                    *last = event.sequence;
-                    true
+            match self.last.get_mut(&event.aggregate_id) {
+                // The log holds an aggregate's events in sequence order (a command is written only after the
+                // previous one of its aggregate committed); anything else is a log the fold must not guess about.
+                Some(last) if event.sequence != *last + 1 => {
+                    return Err(ApplyError::Database(sqlx::Error::Protocol(format!(
+                        "rebuild: event {} of {} {} follows event {} in the log (at {})",
+                        event.sequence, event.aggregate_type, event.aggregate_id, last, event.position
+                    ))));
                 }
+                Some(last) => *last = event.sequence,
                 None => {
                     self.last.insert(event.aggregate_id.clone(), event.sequence);
-                    true
                 }
-            };
-            if fresh {
-                new.push(event);
             }
+            new.push(event);
         }
         // A transaction on the shadow tables: the fold reads back rows it flushed earlier.
         let mut tx = pool.begin().await.map_err(ApplyError::Database)?;
@@ -147,6 +150,11 @@ impl Folding {
     async fn flush(&mut self, pool: &PgPool, projection: &dyn Projection) -> Result<(), ApplyError> {
         let mut tx = pool.begin().await.map_err(ApplyError::Database)?;
         enter(&mut tx, projection, Target::Shadow).await.map_err(ApplyError::Database)?;
+        // One statement per table for everything held: more than the pool's statement timeout allows.
+        sqlx::query(&format!("set local statement_timeout = '{REPLAY_FLUSH_TIMEOUT_SECS}s'"))
+            .execute(&mut *tx)
+            .await
+            .map_err(ApplyError::Database)?;
         self.fold.flush(&mut tx).await?;
         let (ids, sequences): (Vec<String>, Vec<i64>) = std::mem::take(&mut self.last).into_iter().unzip();
         sqlx::query(&format!(
@@ -234,7 +242,8 @@ pub async fn rebuild_with(
     if projection.aggregate_type().is_some() {
         let committed =
             crate::log::newest_position(pool, crate::log::Newest::Committed).await.map_err(ApplyError::Database)?;
-        let mut bulk = Bulk { pool, projection, verify, committed, events: &mut events, total, progress };
+        let mut bulk =
+            Bulk { pool, projection, verify, live: HashMap::new(), committed, events: &mut events, total, progress };
         position = match projection.replay_fold() {
             Some(fold) => {
                 let mut folding = Folding { fold, held_bytes_max: limits.held_bytes_max, last: HashMap::new() };
@@ -402,6 +411,8 @@ struct Bulk<'a, 'p> {
     pool: &'a PgPool,
     projection: &'a dyn Projection,
     verify: bool,
+    /// Verify mode: the live progress of each aggregate as first seen (see [`within_live_progress`]).
+    live: HashMap<String, i64>,
     committed: LogPosition,
     events: &'a mut u64,
     total: u64,
@@ -420,8 +431,10 @@ impl Bulk<'_, '_> {
         while let Some(read) = batches.recv().await {
             let (batch, after) = read?;
             *self.events += batch.len() as u64;
-            let batch =
-                if self.verify { within_live_progress(self.pool, self.projection, batch).await? } else { batch };
+            let batch = match self.verify {
+                true => within_live_progress(self.pool, self.projection, &mut self.live, batch).await?,
+                false => batch,
+            };
             sink.take(self.pool, self.projection, batch).await?;
             position = after;
             (self.progress)(*self.events, self.total);
@@ -440,7 +453,7 @@ impl Bulk<'_, '_> {
 /// Batches of the log read after `after` on a task of its own, one batch ahead of the rebuild (reading and
 /// decoding overlap with applying), each with the position after it; the channel closes once the log has been
 /// read up to `committed` at least. Waits for a horizon held below `committed` (at most
-/// [`REBUILD_HORIZON_WAIT_MAX_SECS`], then an error). Stops when the receiver is dropped.
+/// [`REBUILD_HORIZON_WAIT_MAX_SECS`], then an error). Stops as soon as the receiver is dropped.
 fn read_ahead<E: Readable>(
     pool: PgPool,
     after: LogPosition,
@@ -452,13 +465,20 @@ fn read_ahead<E: Readable>(
         let waiting_since = Instant::now();
         let mut reader = LogReader::new(pool, after).with_batch_size(batch_size);
         loop {
-            let read = match E::read(&mut reader).await {
+            let read = tokio::select! {
+                _ = sender.closed() => return,
+                read = E::read(&mut reader) => read,
+            };
+            let read = match read {
                 Ok(batch) if batch.is_empty() => {
                     if reader.position() >= committed {
                         return;
                     }
                     if waiting_since.elapsed() <= std::time::Duration::from_secs(REBUILD_HORIZON_WAIT_MAX_SECS) {
-                        tokio::time::sleep(std::time::Duration::from_millis(REBUILD_HORIZON_POLL_MS)).await;
+                        tokio::select! {
+                            _ = sender.closed() => return,
+                            _ = tokio::time::sleep(std::time::Duration::from_millis(REBUILD_HORIZON_POLL_MS)) => {}
+                        }
                         continue;
                     }
                     Err(ApplyError::Database(sqlx::Error::Protocol(format!(
@@ -502,23 +522,34 @@ async fn apply_to_shadow(pool: &PgPool, projection: &dyn Projection, input: Shad
     }
 }
 
-/// The events of `batch` the live projection has already applied (sequence ≤ its progress).
+/// The events of `batch` the live projection has already applied: sequence ≤ its progress as it was when the
+/// aggregate was first seen (kept in `live`). Not its progress now: a worker that moved on between two batches
+/// would let a later event through after an earlier one was held back. So each aggregate's events form a prefix;
+/// the rest, up to the live progress at the end, is applied under the lock (phase 2).
 async fn within_live_progress<E: Readable>(
     pool: &PgPool,
     projection: &dyn Projection,
+    live: &mut HashMap<String, i64>,
     batch: Vec<E>,
 ) -> Result<Vec<E>, ApplyError> {
-    let ids: Vec<&str> = batch.iter().map(|e| e.aggregate_id()).collect();
-    let live: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(&format!(
-        "select aggregate_id, last_sequence from public.{} where aggregate_id = any($1)",
-        progress_table(projection)
-    ))
-    .bind(&ids)
-    .fetch_all(pool)
-    .await
-    .map_err(ApplyError::Database)?
-    .into_iter()
-    .collect();
+    let mut unseen: Vec<&str> = batch.iter().map(|e| e.aggregate_id()).filter(|id| !live.contains_key(*id)).collect();
+    unseen.sort_unstable();
+    unseen.dedup();
+    if !unseen.is_empty() {
+        let found: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(&format!(
+            "select aggregate_id, last_sequence from public.{} where aggregate_id = any($1)",
+            progress_table(projection)
+        ))
+        .bind(&unseen)
+        .fetch_all(pool)
+        .await
+        .map_err(ApplyError::Database)?
+        .into_iter()
+        .collect();
+        for id in unseen {
+            live.insert(id.to_string(), found.get(id).copied().unwrap_or(0));
+        }
+    }
     Ok(batch.into_iter().filter(|e| live.get(e.aggregate_id()).is_some_and(|&last| e.sequence() <= last)).collect())
 }
 
