@@ -53,7 +53,8 @@ pub struct WorkerConfig {
     pub group_prefix: String,
     /// Messages applied per transaction, at most.
     pub batch_size_max: usize,
-    /// How long to wait for more messages once a batch has started.
+    /// How long after a batch's first message the worker waits for more (what is already waiting is always
+    /// taken, up to `batch_size_max`).
     pub batch_wait_ms: u64,
     /// Events per transaction when catching up from PostgreSQL.
     pub catch_up_batch_size: usize,
@@ -380,7 +381,10 @@ impl ProjectionWorker {
         }
     }
 
-    /// Waits for one message, then takes what arrives within `batch_wait_ms`, up to `batch_size_max`.
+    /// Waits for one message, then takes what is already waiting and what arrives until `batch_wait_ms` after
+    /// that first message, up to `batch_size_max`. The wait is bounded from the first message, not from the
+    /// latest one: a steady stream (one message a millisecond at 1,000 commands/s) would otherwise keep a batch
+    /// open until it is full, and its first message waiting for all the others.
     async fn collect(
         &self,
         consumer: &WorkerConsumer,
@@ -391,9 +395,10 @@ impl ProjectionWorker {
             message = consumer.recv() => message?.detach(),
         };
         let mut batch = vec![first];
-        let wait = Duration::from_millis(self.config.batch_wait_ms);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.batch_wait_ms);
         while batch.len() < self.config.batch_size_max {
-            match tokio::time::timeout(wait, consumer.recv()).await {
+            // Past the deadline this still takes a message that is already waiting (the receive is polled first).
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
                 Ok(Ok(message)) => batch.push(message.detach()),
                 Ok(Err(error)) => return Err(error),
                 Err(_) => break,
