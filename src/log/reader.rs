@@ -87,22 +87,26 @@ impl LogReader {
 
     /// The next batch after the cursor, possibly empty; does not wait. Advances the cursor past the batch.
     pub async fn read_batch(&mut self) -> Result<Vec<RecordedEvent>, sqlx::Error> {
-        let rows = self.fetch(SELECT_COLUMNS).await?;
-        let events = rows.iter().map(decode_event).collect::<Result<Vec<_>, _>>()?;
-        if let Some(last) = events.last() {
-            self.after = last.position;
-        }
-        Ok(events)
+        self.read_decoded(SELECT_COLUMNS, decode_event).await
     }
 
     /// As [`Self::read_batch`], each event as a [`RawEvent`] (payload undecoded, no metadata): for a replay.
     pub async fn read_raw_batch(&mut self) -> Result<Vec<RawEvent>, sqlx::Error> {
-        let rows = self.fetch(RAW_COLUMNS).await?;
-        let events = rows.iter().map(decode_raw_event).collect::<Result<Vec<_>, _>>()?;
-        if let Some(last) = events.last() {
-            self.after = last.position;
+        self.read_decoded(RAW_COLUMNS, decode_raw_event).await
+    }
+
+    /// The next batch with `columns`, decoded; the cursor moves past it only once all of it decoded.
+    async fn read_decoded<T>(
+        &mut self,
+        columns: &str,
+        decode: fn(&PgRow) -> Result<T, sqlx::Error>,
+    ) -> Result<Vec<T>, sqlx::Error> {
+        let rows = self.fetch(columns).await?;
+        let decoded = rows.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+        if let Some(last) = rows.last() {
+            self.after = position(last)?;
         }
-        Ok(events)
+        Ok(decoded)
     }
 
     /// The rows of the next batch after the cursor, with `columns`.

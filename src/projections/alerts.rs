@@ -15,7 +15,7 @@ use rust_decimal::Decimal;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::{ApplyError, Projection};
+use super::{aggregate_uuid, ApplyError, Projection};
 use crate::domain::portfolio::AlertCondition;
 use crate::domain::PortfolioEvent;
 use crate::log::RecordedEvent;
@@ -104,7 +104,7 @@ impl Projection for AlertsProjection {
             return Ok(());
         }
         let portfolio_event: PortfolioEvent = serde_json::from_value(event.payload.clone())?;
-        let portfolio = Uuid::parse_str(&event.aggregate_id).map_err(|e| ApplyError::Poison(e.to_string()))?;
+        let portfolio = aggregate_uuid(&event.aggregate_id)?;
         match portfolio_event {
             // The owner's notice that a fill left the portfolio in deficit: a firing of its own kind, pushed like
             // any other (`alertFired`), once per event (its id derives from the event's).

@@ -70,6 +70,11 @@ impl From<serde_json::Error> for ApplyError {
     }
 }
 
+/// An event's aggregate id as the UUID the read models key on; anything else is poison.
+pub(crate) fn aggregate_uuid(aggregate_id: &str) -> Result<uuid::Uuid, ApplyError> {
+    uuid::Uuid::parse_str(aggregate_id).map_err(|e| ApplyError::Poison(e.to_string()))
+}
+
 /// How one projection turns inputs into rows. Implementations write unqualified table names: a rebuild runs
 /// them with `search_path = shadow` to fill the shadow copies.
 #[async_trait]

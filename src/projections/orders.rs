@@ -14,7 +14,7 @@ use serde::Deserialize;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::{ApplyError, Projection, ReplayFold};
+use super::{aggregate_uuid, ApplyError, Projection, ReplayFold};
 use crate::domain::{OrderEvent, OrderType};
 use crate::log::{RawEvent, RecordedEvent};
 
@@ -170,16 +170,12 @@ fn apply(
 
 /// The order and its event, decoded from the log's record.
 fn decode(event: &RecordedEvent) -> Result<(Uuid, OrderEvent), ApplyError> {
-    Ok((order_id(&event.aggregate_id)?, OrderEvent::deserialize(&event.payload)?))
+    Ok((aggregate_uuid(&event.aggregate_id)?, OrderEvent::deserialize(&event.payload)?))
 }
 
 /// The order and its event, decoded straight from the payload's JSON text.
 fn decode_raw(event: &RawEvent) -> Result<(Uuid, OrderEvent), ApplyError> {
-    Ok((order_id(&event.aggregate_id)?, serde_json::from_slice(&event.payload)?))
-}
-
-fn order_id(aggregate_id: &str) -> Result<Uuid, ApplyError> {
-    Uuid::parse_str(aggregate_id).map_err(|e| ApplyError::Poison(e.to_string()))
+    Ok((aggregate_uuid(&event.aggregate_id)?, serde_json::from_slice(&event.payload)?))
 }
 
 async fn load(conn: &mut PgConnection, ids: &[Uuid]) -> Result<BTreeMap<Uuid, OrderRow>, sqlx::Error> {

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::{ApplyError, Projection, ReplayFold};
+use super::{aggregate_uuid, ApplyError, Projection, ReplayFold};
 use crate::domain::PortfolioEvent;
 use crate::log::{RawEvent, RecordedEvent};
 
@@ -213,16 +213,12 @@ impl Rows {
 
 /// The portfolio and its event, decoded from the log's record.
 fn decode(event: &RecordedEvent) -> Result<(Uuid, PortfolioEvent), ApplyError> {
-    Ok((portfolio_id(&event.aggregate_id)?, PortfolioEvent::deserialize(&event.payload)?))
+    Ok((aggregate_uuid(&event.aggregate_id)?, PortfolioEvent::deserialize(&event.payload)?))
 }
 
 /// The portfolio and its event, decoded straight from the payload's JSON text.
 fn decode_raw(event: &RawEvent) -> Result<(Uuid, PortfolioEvent), ApplyError> {
-    Ok((portfolio_id(&event.aggregate_id)?, serde_json::from_slice(&event.payload)?))
-}
-
-fn portfolio_id(aggregate_id: &str) -> Result<Uuid, ApplyError> {
-    Uuid::parse_str(aggregate_id).map_err(|e| ApplyError::Poison(e.to_string()))
+    Ok((aggregate_uuid(&event.aggregate_id)?, serde_json::from_slice(&event.payload)?))
 }
 
 /// Lots a batch touches: the ones it opens or consumes.

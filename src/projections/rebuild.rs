@@ -71,6 +71,10 @@ pub const REBUILD_BATCH_SIZE: usize = 2_000;
 pub const REPLAY_READ_BATCH: usize = crate::log::BATCH_SIZE_MAX;
 /// The state a replay fold may hold before it is written to the shadow tables (and forgotten).
 pub const REPLAY_HELD_BYTES_MAX: usize = 256 << 20;
+/// How long the statements of a fold's flush may take (the whole state is written in one statement per table).
+pub const REPLAY_FLUSH_TIMEOUT_SECS: u64 = 600;
+/// Rough bytes of one aggregate's progress entry held by a fold.
+const PROGRESS_ENTRY_BYTES: usize = 96;
 
 /// Bounds of a rebuild's replay fold; the defaults are [`REPLAY_READ_BATCH`] and [`REPLAY_HELD_BYTES_MAX`].
 #[derive(Debug, Clone, Copy)]
@@ -86,10 +90,6 @@ impl Default for ReplayLimits {
         Self { read_batch: REPLAY_READ_BATCH, held_bytes_max: REPLAY_HELD_BYTES_MAX }
     }
 }
-/// How long the statements of a fold's flush may take (the whole state is written in one statement per table).
-pub const REPLAY_FLUSH_TIMEOUT_SECS: u64 = 600;
-/// Rough bytes of one aggregate's progress entry held by a fold.
-const PROGRESS_ENTRY_BYTES: usize = 96;
 
 /// The bulk of a rebuild through the projection's [`ReplayFold`], with the progress per aggregate beside it.
 struct Folding {

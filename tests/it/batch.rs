@@ -234,21 +234,7 @@ async fn a_conflicting_writer_sends_the_batch_down_the_one_by_one_path() {
     let other = open_portfolio(&commands, "0", CostBasisMethod::Fifo).await;
     // The other writer: a deposit of 100 at sequence 3, held uncommitted.
     let mut writer = db.pool.begin().await.unwrap();
-    let event = ledger::domain::PortfolioEvent::CashDeposited {
-        amount: amount("100"),
-        reference: None,
-        cash_after: dec("110"),
-        at: at(),
-    };
-    sqlx::query(
-        "insert into events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-         values ('Portfolio', $1, 3, 'CashDeposited', '1.0', $2, '{}')",
-    )
-    .bind(a.to_string())
-    .bind(serde_json::to_value(&event).unwrap())
-    .execute(&mut *writer)
-    .await
-    .unwrap();
+    insert_foreign_deposit(&mut writer, a, 3, "100", "110", at()).await;
     let batch = {
         let commands = commands.clone();
         tokio::spawn(async move {

@@ -50,22 +50,8 @@ async fn a_group_with_a_conflict_and_a_refusal_commits_the_rest_and_retries_the_
 
     // Another writer's transaction holds each blocker's next sequence: the committer's statements for them wait.
     let mut foreign = db.pool.begin().await.unwrap();
-    let event = ledger::domain::PortfolioEvent::CashDeposited {
-        amount: amount("5"),
-        reference: None,
-        cash_after: dec("15"),
-        at: chrono::Utc::now(),
-    };
     for blocker in &blockers {
-        sqlx::query(
-            "insert into events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-             values ('Portfolio', $1, 3, 'CashDeposited', '1', $2, '{}')",
-        )
-        .bind(blocker.to_string())
-        .bind(serde_json::to_value(&event).unwrap())
-        .execute(&mut *foreign)
-        .await
-        .unwrap();
+        insert_foreign_deposit(&mut foreign, *blocker, 3, "5", "15", chrono::Utc::now()).await;
     }
     let spawn = |id: ledger::domain::values::PortfolioId, command: PortfolioCommand| {
         let commands = commands.clone();
@@ -218,21 +204,7 @@ async fn a_starved_command_takes_the_log_exclusively_and_cannot_lose_again() {
     elsewhere.execute_portfolio(&ctx(), &starved.to_string(), deposit("5")).await.unwrap(); // sequence 3
 
     let mut writer = db.pool.begin().await.unwrap();
-    let event = ledger::domain::PortfolioEvent::CashDeposited {
-        amount: amount("100"),
-        reference: None,
-        cash_after: dec("110"),
-        at: chrono::Utc::now(),
-    };
-    sqlx::query(
-        "insert into events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-         values ('Portfolio', $1, 3, 'CashDeposited', '1', $2, '{}')",
-    )
-    .bind(bystander.to_string())
-    .bind(serde_json::to_value(&event).unwrap())
-    .execute(&mut *writer)
-    .await
-    .unwrap();
+    insert_foreign_deposit(&mut writer, bystander, 3, "100", "110", chrono::Utc::now()).await;
 
     let command = {
         let commands = commands.clone();

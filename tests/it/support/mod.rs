@@ -136,6 +136,35 @@ pub async fn open_portfolio(commands: &CommandService, cash: &str, method: CostB
     id
 }
 
+/// Writes a `CashDeposited` of `amount` (leaving `cash_after`) as event `sequence` of `portfolio` straight into
+/// the log on `conn`, as another process's writer would; left uncommitted, the transaction holds that row.
+pub async fn insert_foreign_deposit(
+    conn: &mut sqlx::PgConnection,
+    portfolio: PortfolioId,
+    sequence: i64,
+    deposited: &str,
+    cash_after: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) {
+    let event = ledger::domain::PortfolioEvent::CashDeposited {
+        amount: amount(deposited),
+        reference: None,
+        cash_after: dec(cash_after),
+        at,
+    };
+    sqlx::query(
+        "insert into events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         values ('Portfolio', $1, $2, 'CashDeposited', $3, $4, '{}')",
+    )
+    .bind(portfolio.to_string())
+    .bind(sequence)
+    .bind(ledger::domain::portfolio::PORTFOLIO_EVENT_VERSION)
+    .bind(serde_json::to_value(&event).unwrap())
+    .execute(conn)
+    .await
+    .unwrap();
+}
+
 pub fn place(
     portfolio: PortfolioId,
     symbol: &str,
