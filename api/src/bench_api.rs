@@ -69,6 +69,7 @@ pub async fn commands(
     pool.close().await;
     let pool = ledger::db::connect(database_url, (clients as u32 + 8).min(128)).await?;
     let keys = TokenKeys::new("bench-secret-of-at-least-thirty-two-bytes").map_err(|e| anyhow::anyhow!(e))?;
+    let token = keys.issue("bench", Role::Trader, chrono::Duration::hours(1), Utc::now());
     let mut config = AppConfig::new(keys.clone(), options.system.clone());
     config.rate_limit_per_second = 1_000_000;
     config.rate_limit_burst = 1_000_000;
@@ -87,7 +88,6 @@ pub async fn commands(
             .context("the relay, process manager and projections never reached the log's head")?;
     }
     let url = format!("http://{}/graphql", running.address);
-    let token = keys.issue("bench", Role::Trader, chrono::Duration::hours(1), Utc::now());
     let portfolios = if options.hot {
         let one = crate::bench::open_portfolios(&running.commands, 1).await?[0];
         vec![one; clients]
@@ -267,6 +267,38 @@ pub fn print_fanout(result: &FanoutResult) {
     );
 }
 
+/// Connections (and requests) per second the fan-out server allows the bench's one address.
+const FANOUT_ADDRESS_RATE: u32 = 100_000;
+
+/// Read buffer of each fan-out client socket (see `ws::WS_READ_BUFFER_BYTES` for why it is small).
+const FANOUT_CLIENT_READ_BUFFER_BYTES: usize = 4 * 1024;
+
+/// What the fan-out client reads of a server message.
+#[derive(serde::Deserialize)]
+struct FanoutFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(borrow)]
+    payload: Option<FanoutPayload<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct FanoutPayload<'a> {
+    #[serde(borrow)]
+    data: Option<FanoutData<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct FanoutData<'a> {
+    #[serde(rename = "priceTicks", borrow)]
+    price_ticks: FanoutTick<'a>,
+}
+
+#[derive(serde::Deserialize)]
+struct FanoutTick<'a> {
+    ts: &'a str,
+}
+
 /// `subscribers` graphql-transport-ws subscriptions to `priceTicks` on one API instance; `ticks` ticks
 /// published to Kafka at `rate` per second; the delay from each tick's timestamp to its arrival at each
 /// subscriber.
@@ -279,6 +311,7 @@ pub async fn fanout(
 ) -> anyhow::Result<FanoutResult> {
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
     use tokio_tungstenite::tungstenite::Message;
 
     anyhow::ensure!((1..=20_000).contains(&subscribers), "subscribers must be 1 to 20000");
@@ -301,6 +334,10 @@ pub async fn fanout(
         .env("KAFKA_BROKERS", &kafka.brokers)
         .env("LEDGER_PRICES_TOPIC", &kafka.prices_topic)
         .env("LEDGER_JWT_SECRET", secret)
+        // Every subscriber connects from this one address: the per-address limit (meant for many clients
+        // behind their own addresses) would refuse all but the first few thousand.
+        .env("LEDGER_RATE_LIMIT_PER_ADDRESS_PER_SECOND", FANOUT_ADDRESS_RATE.to_string())
+        .env("LEDGER_RATE_LIMIT_PER_ADDRESS_BURST", FANOUT_ADDRESS_RATE.to_string())
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()
@@ -314,14 +351,19 @@ pub async fn fanout(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let url = format!("ws://127.0.0.1:{port}/graphql/ws");
-    let token = keys.issue("bench", Role::Trader, chrono::Duration::hours(1), Utc::now());
     let (sender, mut delays) = tokio::sync::mpsc::unbounded_channel::<f64>();
     let mut tasks = Vec::with_capacity(subscribers);
     let (ready_tx, mut ready) = tokio::sync::mpsc::unbounded_channel::<()>();
-    for _ in 0..subscribers {
+    for subscriber in 0..subscribers {
+        // A subject of its own per subscriber, as real clients have (a subject's sockets are capped).
+        let token = keys.issue(&format!("bench-{subscriber}"), Role::Trader, chrono::Duration::hours(1), Utc::now());
         let mut request = url.as_str().into_client_request()?;
         request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse()?);
-        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.context("opening a subscription")?;
+        // A small read buffer, as the server's: the library zeroes the buffer's free space on every read.
+        let config = WebSocketConfig::default().read_buffer_size(FANOUT_CLIENT_READ_BUFFER_BYTES);
+        let (mut socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
+            .await
+            .context("opening a subscription")?;
         let init = json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {token}") } });
         socket.send(Message::text(init.to_string())).await?;
         let subscribe = json!({ "id": "1", "type": "subscribe",
@@ -332,14 +374,16 @@ pub async fn fanout(
             let mut acked = false;
             while let Some(Ok(message)) = socket.next().await {
                 let Message::Text(text) = message else { continue };
-                let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
-                match value["type"].as_str() {
-                    Some("connection_ack") if !acked => {
+                // Typed and borrowed: the client shares the machine with the server, so it decodes no more
+                // than it needs.
+                let Ok(frame) = serde_json::from_str::<FanoutFrame>(&text) else { continue };
+                match frame.kind {
+                    "connection_ack" if !acked => {
                         acked = true;
                         let _ = ready_tx.send(());
                     }
-                    Some("next") => {
-                        let ts = value["payload"]["data"]["priceTicks"]["ts"].as_str().unwrap_or_default();
+                    "next" => {
+                        let ts = frame.payload.and_then(|p| p.data).map(|d| d.price_ticks.ts).unwrap_or_default();
                         if let Ok(ts) = chrono::DateTime::parse_from_rfc3339(ts) {
                             let delay = (Utc::now() - ts.with_timezone(&Utc)).num_microseconds().unwrap_or(0);
                             if sender.send(delay as f64 / 1_000.0).is_err() {
@@ -347,7 +391,7 @@ pub async fn fanout(
                             }
                         }
                     }
-                    Some("ping") => {
+                    "ping" => {
                         let _ = socket.send(Message::text(json!({ "type": "pong" }).to_string())).await;
                     }
                     _ => {}

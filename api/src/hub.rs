@@ -242,23 +242,20 @@ impl Hub {
     }
 
     /// A stream over a broadcast feed: ends with `Resync` when lagging.
+    ///
+    /// The stream receives from the feed itself when polled (no task or channel of its own between the feed
+    /// and the socket): with thousands of subscribers, a task hop per delivery is a good part of the cost.
     pub fn broadcast_stream<T: Clone + Send + 'static>(
         self: &Arc<Self>,
-        mut receiver: broadcast::Receiver<T>,
+        receiver: broadcast::Receiver<T>,
     ) -> impl Stream<Item = Result<T, FeedError>> + Send + 'static {
         let guard = SubscriptionGuard::new(self.clone());
-        spawn_stream(move |sender| async move {
-            let _guard = guard;
-            loop {
-                let item = match receiver.recv().await {
-                    Ok(item) => Ok(item),
-                    Err(broadcast::error::RecvError::Lagged(_)) => Err(FeedError::Resync),
-                    Err(broadcast::error::RecvError::Closed) => Err(FeedError::Closed),
-                };
-                let end = item.is_err();
-                if sender.send(item).await.is_err() || end {
-                    return;
-                }
+        futures::stream::unfold(Some((receiver, guard)), |state| async move {
+            let (mut receiver, guard) = state?;
+            match receiver.recv().await {
+                Ok(item) => Some((Ok(item), Some((receiver, guard)))),
+                Err(broadcast::error::RecvError::Lagged(_)) => Some((Err(FeedError::Resync), None)),
+                Err(broadcast::error::RecvError::Closed) => Some((Err(FeedError::Closed), None)),
             }
         })
     }

@@ -335,6 +335,7 @@ async fn subscriptions(
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .max_message_size(crate::ws::WS_MESSAGE_MAX_BYTES)
         .max_frame_size(crate::ws::WS_MESSAGE_MAX_BYTES)
+        .read_buffer_size(crate::ws::WS_READ_BUFFER_BYTES)
         .on_upgrade(move |socket| {
             crate::ws::serve(socket, executor, protocol, keep_alive, move |payload| async move {
                 let init: ConnectionInit = serde_json::from_value(payload).unwrap_or_default();

@@ -35,6 +35,12 @@ use crate::ratelimit::RateLimiter;
 
 /// Largest WebSocket message (or frame) accepted: the HTTP body limit.
 pub const WS_MESSAGE_MAX_BYTES: usize = crate::server::REQUEST_BODY_MAX_BYTES;
+/// Read buffer of a socket. The WebSocket library zeroes its read buffer's free space before every read
+/// attempt, and the protocol polls the socket's input each time it sends: at the library's default (128 KiB)
+/// that was a 128 KiB `memset` per delivered message and 128 KiB of memory per socket. Clients send little
+/// (subscribe, complete, pong); a larger message still arrives whole (the buffer grows to the frame's length,
+/// within [`WS_MESSAGE_MAX_BYTES`]).
+pub const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
 /// Live subscriptions one socket may hold.
 pub const SUBSCRIPTIONS_PER_CONNECTION_MAX: usize = 32;
 /// Live subscriptions one token subject may hold over all its sockets (on one API instance).
@@ -272,14 +278,12 @@ pub async fn serve<F, Fut>(
     let mut pings = tokio::time::interval(keep_alive.ping_interval);
     pings.tick().await;
     let mut expiry_open = true;
+    // One timer for the token's expiry, armed when `connection_init` sets it (not one per message sent: a
+    // timer registered and dropped for every delivery costs more than the delivery at thousands of sockets).
+    let mut expires = false;
+    let until_expiry = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(until_expiry);
     loop {
-        let expires_at = *expiry_rx.borrow();
-        let until_expiry = async {
-            match expires_at {
-                Some(at) => tokio::time::sleep((at - Utc::now()).to_std().unwrap_or_default()).await,
-                None => std::future::pending().await,
-            }
-        };
         let outgoing = tokio::select! {
             message = protocol_stream.next() => match message {
                 Some(WsMessage::Text(text)) => Message::Text(text.into()),
@@ -299,7 +303,7 @@ pub async fn serve<F, Fut>(
                 let ping = if graphql_ws { r#"{"type":"ping"}"# } else { r#"{"type":"ka"}"# };
                 Message::Text(ping.into())
             }
-            _ = until_expiry => {
+            _ = &mut until_expiry, if expires => {
                 let close = CloseFrame { code: CLOSE_TOKEN_EXPIRED, reason: "token expired".into() };
                 let _ = sink.send(Message::Close(Some(close))).await;
                 return;
@@ -308,6 +312,11 @@ pub async fn serve<F, Fut>(
                 // The init callback gone (answered or dropped), nothing will change any more: serve with what
                 // was set. (Polling a closed channel again would answer at once, for ever: a busy loop.)
                 expiry_open = changed.is_ok();
+                if let Some(at) = *expiry_rx.borrow() {
+                    let left = (at - Utc::now()).to_std().unwrap_or_default();
+                    until_expiry.as_mut().reset(tokio::time::Instant::now() + left);
+                    expires = true;
+                }
                 continue;
             }
         };
