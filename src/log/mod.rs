@@ -141,6 +141,40 @@ pub struct RawEvent {
     pub recorded_at: DateTime<Utc>,
 }
 
+/// An event as the relay reads it ([`LogReader::next_wire_batch`]): every field of a [`RecordedEvent`], with the
+/// payload and metadata kept as the JSON text PostgreSQL sent (jsonb's output, so valid JSON) to be written
+/// into the Kafka envelope as they are — no `serde_json::Value` tree built, serialised and dropped per event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WireEvent {
+    pub position: LogPosition,
+    pub event_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: Box<str>,
+    pub metadata: Box<str>,
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl From<&RecordedEvent> for WireEvent {
+    fn from(event: &RecordedEvent) -> Self {
+        WireEvent {
+            position: event.position,
+            event_id: event.event_id,
+            aggregate_type: event.aggregate_type.clone(),
+            aggregate_id: event.aggregate_id.clone(),
+            sequence: event.sequence,
+            event_type: event.event_type.clone(),
+            event_version: event.event_version.clone(),
+            payload: event.payload.to_string().into(),
+            metadata: event.metadata.to_string().into(),
+            recorded_at: event.recorded_at,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

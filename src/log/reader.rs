@@ -6,7 +6,7 @@ use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
-use super::{LogPosition, RawEvent, RecordedEvent};
+use super::{LogPosition, RawEvent, RecordedEvent, WireEvent};
 
 /// Events per batch unless configured otherwise.
 pub const BATCH_SIZE_DEFAULT: usize = 1_000;
@@ -95,6 +95,11 @@ impl LogReader {
         self.read_decoded(RAW_COLUMNS, decode_raw_event).await
     }
 
+    /// As [`Self::read_batch`], each event as a [`WireEvent`] (payload and metadata as JSON text): for the relay.
+    pub async fn read_wire_batch(&mut self) -> Result<Vec<WireEvent>, sqlx::Error> {
+        self.read_decoded(SELECT_COLUMNS, decode_wire_event).await
+    }
+
     /// The next batch with `columns`, decoded; the cursor moves past it only once all of it decoded.
     async fn read_decoded<T>(
         &mut self,
@@ -142,10 +147,24 @@ impl LogReader {
 
     /// The next non-empty batch, waiting for one (notification or poll). `None` when `cancel` fires first.
     pub async fn next_batch(&mut self, cancel: &CancellationToken) -> Result<Option<Vec<RecordedEvent>>, sqlx::Error> {
+        self.next_decoded(decode_event, cancel).await
+    }
+
+    /// As [`Self::next_batch`], each event as a [`WireEvent`]: for the relay.
+    pub async fn next_wire_batch(&mut self, cancel: &CancellationToken) -> Result<Option<Vec<WireEvent>>, sqlx::Error> {
+        self.next_decoded(decode_wire_event, cancel).await
+    }
+
+    /// The next non-empty batch of every column ([`SELECT_COLUMNS`]) decoded with `decode`, waiting for one.
+    async fn next_decoded<T>(
+        &mut self,
+        decode: fn(&PgRow) -> Result<T, sqlx::Error>,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Vec<T>>, sqlx::Error> {
         loop {
             // Listen before reading, so that a commit between the read and the wait still wakes us.
             self.ensure_listening().await;
-            let batch = self.read_batch().await?;
+            let batch = self.read_decoded(SELECT_COLUMNS, decode).await?;
             if !batch.is_empty() {
                 return Ok(Some(batch));
             }
@@ -262,15 +281,7 @@ pub fn decode_event(row: &PgRow) -> Result<RecordedEvent, sqlx::Error> {
 /// Decodes a row selected with the raw columns (by index, in the order of [`RAW_COLUMNS`]); the payload is kept as
 /// the JSON text PostgreSQL sent, unparsed.
 fn decode_raw_event(row: &PgRow) -> Result<RawEvent, sqlx::Error> {
-    let payload = row.try_get_raw(6)?;
-    let bytes = match payload.format() {
-        // jsonb in binary: a version byte (1), then the text.
-        sqlx::postgres::PgValueFormat::Binary => match payload.as_bytes().map_err(sqlx::Error::Decode)? {
-            [1, text @ ..] => text,
-            _ => return Err(sqlx::Error::Decode("unknown jsonb version".into())),
-        },
-        sqlx::postgres::PgValueFormat::Text => payload.as_bytes().map_err(sqlx::Error::Decode)?,
-    };
+    let bytes = jsonb_text(row, 6)?;
     Ok(RawEvent {
         position: LogPosition::from_columns(row.try_get(0)?, row.try_get(1)?)?,
         aggregate_type: row.try_get(2)?,
@@ -279,5 +290,38 @@ fn decode_raw_event(row: &PgRow) -> Result<RawEvent, sqlx::Error> {
         event_version: row.try_get(5)?,
         payload: bytes.into(),
         recorded_at: row.try_get(7)?,
+    })
+}
+
+/// The JSON text of the jsonb column `index`, as PostgreSQL sent it.
+fn jsonb_text(row: &PgRow, index: usize) -> Result<&[u8], sqlx::Error> {
+    let value = row.try_get_raw(index)?;
+    match value.format() {
+        // jsonb in binary: a version byte (1), then the text.
+        sqlx::postgres::PgValueFormat::Binary => match value.as_bytes().map_err(sqlx::Error::Decode)? {
+            [1, text @ ..] => Ok(text),
+            _ => Err(sqlx::Error::Decode("unknown jsonb version".into())),
+        },
+        sqlx::postgres::PgValueFormat::Text => value.as_bytes().map_err(sqlx::Error::Decode),
+    }
+}
+
+/// Decodes a row selected with the reader's columns ([`SELECT_COLUMNS`], by index) into a [`WireEvent`].
+fn decode_wire_event(row: &PgRow) -> Result<WireEvent, sqlx::Error> {
+    let text = |index| -> Result<Box<str>, sqlx::Error> {
+        let bytes = jsonb_text(row, index)?;
+        Ok(std::str::from_utf8(bytes).map_err(|e| sqlx::Error::Decode(e.into()))?.into())
+    };
+    Ok(WireEvent {
+        position: LogPosition::from_columns(row.try_get(0)?, row.try_get(1)?)?,
+        event_id: row.try_get(2)?,
+        aggregate_type: row.try_get(3)?,
+        aggregate_id: row.try_get(4)?,
+        sequence: row.try_get(5)?,
+        event_type: row.try_get(6)?,
+        event_version: row.try_get(7)?,
+        payload: text(8)?,
+        metadata: text(9)?,
+        recorded_at: row.try_get(10)?,
     })
 }

@@ -14,8 +14,10 @@
 //! state change once, and resumes by itself when the broker is back. Only a fatal producer error (which stops
 //! the producer before any gap) makes the relay recreate its producer and re-produce from its cursor.
 //!
-//! Batches are pipelined: up to `batches_in_flight_max` batches are produced before the oldest is awaited;
-//! cursors are stored in order as batches complete.
+//! Batches are pipelined: a task of its own reads the next batch while one is produced ([`READ_AHEAD_BATCHES`]),
+//! up to `batches_in_flight_max` batches are produced before the oldest is awaited, and cursors are stored in
+//! order as batches complete. Events are read as [`WireEvent`]s: payload and metadata go into the envelope as
+//! the text PostgreSQL sent, never parsed.
 //!
 //! # One cursor per target cluster
 //! The cursor (and the lock that makes one relay active) is named `relay:{cluster id}:{topic}`. A cursor per
@@ -41,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::kafka::KafkaConfig;
 use crate::leadership::{lock_key, Leadership};
-use crate::log::{load_cursor, save_cursor, LogPosition, LogReader, RecordedEvent};
+use crate::log::{load_cursor, save_cursor, LogPosition, LogReader, WireEvent};
 
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -72,7 +74,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             batch_size: 1_000,
-            batches_in_flight_max: 4,
+            batches_in_flight_max: 8,
             poll_interval_ms: 20,
             standby_poll_ms: 500,
             linger_ms: 5,
@@ -121,7 +123,12 @@ pub enum RelayError {
     Database(#[from] sqlx::Error),
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    #[error("the relay's log reader stopped unexpectedly")]
+    ReaderStopped,
 }
+
+/// Batches the relay's reader reads ahead of the one being produced.
+pub const READ_AHEAD_BATCHES: usize = 1;
 
 enum ActiveExit {
     Cancelled,
@@ -241,9 +248,7 @@ impl Relay {
         let mut saved = load_cursor(&self.pool, name).await?;
         self.publish_cursor(saved, None);
         tracing::info!(topic = %self.kafka.events_topic, cursor = %saved, "relay active");
-        let mut reader = LogReader::new(self.pool.clone(), saved)
-            .with_batch_size(self.config.batch_size)
-            .with_poll_interval(Duration::from_millis(self.config.poll_interval_ms));
+        let mut batches = self.read_ahead(saved, cancel);
         let mut producer = self.create_producer()?;
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut backoff = Duration::from_millis(50);
@@ -255,13 +260,22 @@ impl Relay {
                 return Ok(ActiveExit::Cancelled);
             }
             if in_flight.len() < self.config.batches_in_flight_max.max(1) {
+                // Nothing in flight: wait for the next batch. Otherwise take one only if it is already read.
                 let batch = if in_flight.is_empty() {
-                    match reader.next_batch(cancel).await? {
-                        Some(batch) => batch,
-                        None => continue,
+                    match batches.recv().await {
+                        Some(batch) => batch?,
+                        None if cancel.is_cancelled() => continue,
+                        None => return Err(RelayError::ReaderStopped),
                     }
                 } else {
-                    reader.read_batch().await?
+                    match batches.try_recv() {
+                        Ok(batch) => batch?,
+                        Err(tokio::sync::mpsc::error::TryRecvError::Empty) => Vec::new(),
+                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) if cancel.is_cancelled() => continue,
+                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                            return Err(RelayError::ReaderStopped)
+                        }
+                    }
                 };
                 if !batch.is_empty() {
                     if !leadership.still_held().await {
@@ -300,7 +314,7 @@ impl Relay {
                         tracing::warn!(?code, %reason, "producer hit a fatal error; creating a new one");
                         producer = self.create_producer()?;
                     }
-                    reader.seek(saved);
+                    batches = self.read_ahead(saved, cancel);
                     if sleep_or_cancel(backoff, cancel).await {
                         continue;
                     }
@@ -311,8 +325,41 @@ impl Relay {
         }
     }
 
+    /// Batches of the log after `after`, read on a task of its own up to [`READ_AHEAD_BATCHES`] ahead of the
+    /// producing (reading a batch — mostly PostgreSQL rendering the payloads — then took as long as producing
+    /// it, one after the other). Each batch is non-empty; the task waits for new events (notification or
+    /// poll), ends after sending an error, and stops when the receiver is dropped or `cancel` fires.
+    fn read_ahead(
+        &self,
+        after: LogPosition,
+        cancel: &CancellationToken,
+    ) -> tokio::sync::mpsc::Receiver<Result<Vec<WireEvent>, sqlx::Error>> {
+        let (sender, receiver) = tokio::sync::mpsc::channel(READ_AHEAD_BATCHES);
+        let mut reader = LogReader::new(self.pool.clone(), after)
+            .with_batch_size(self.config.batch_size)
+            .with_poll_interval(Duration::from_millis(self.config.poll_interval_ms));
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                let read = tokio::select! {
+                    _ = sender.closed() => return,
+                    read = reader.next_wire_batch(&cancel) => read,
+                };
+                let (batch, failed) = match read {
+                    Ok(Some(batch)) => (Ok(batch), false),
+                    Ok(None) => return,
+                    Err(error) => (Err(error), true),
+                };
+                if sender.send(batch).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        receiver
+    }
+
     /// Enqueues every event of `batch` (waiting while the producer's queue is full).
-    async fn produce(&self, producer: &FutureProducer, batch: &[RecordedEvent]) -> Result<InFlight, RelayError> {
+    async fn produce(&self, producer: &FutureProducer, batch: &[WireEvent]) -> Result<InFlight, RelayError> {
         let mut deliveries = Vec::with_capacity(batch.len());
         for event in batch {
             let payload = Envelope::encode(event);
