@@ -325,10 +325,11 @@ impl Relay {
         }
     }
 
-    /// Batches of the log after `after`, read on a task of its own up to [`READ_AHEAD_BATCHES`] ahead of the
-    /// producing (reading a batch — mostly PostgreSQL rendering the payloads — then took as long as producing
-    /// it, one after the other). Each batch is non-empty; the task waits for new events (notification or
-    /// poll), ends after sending an error, and stops when the receiver is dropped or `cancel` fires.
+    /// Batches of the log after `after`, read on a task of its own, while there is a backlog up to
+    /// [`READ_AHEAD_BATCHES`] ahead of the producing (reading a batch — mostly PostgreSQL rendering the
+    /// payloads — took as long as producing it, one after the other). Each batch is non-empty; the task waits
+    /// for new events (notification or poll), ends after sending an error, and stops when the receiver is
+    /// dropped or `cancel` fires.
     fn read_ahead(
         &self,
         after: LogPosition,
@@ -339,18 +340,39 @@ impl Relay {
             .with_batch_size(self.config.batch_size)
             .with_poll_interval(Duration::from_millis(self.config.poll_interval_ms));
         let cancel = cancel.clone();
+        let batch_size = self.config.batch_size;
         tokio::spawn(async move {
+            let mut backlog = false;
             loop {
+                // Ahead of the relay only while there is a backlog (the last batch was full). A steady trickle
+                // is read once the relay has taken the previous batch, as before: reading it eagerly made a
+                // query, a produce and a cursor write per event or two, slowing everything beside the relay.
+                let permit = if backlog {
+                    None
+                } else {
+                    match sender.reserve().await {
+                        Ok(permit) => Some(permit),
+                        Err(_) => return,
+                    }
+                };
                 let read = tokio::select! {
                     _ = sender.closed() => return,
                     read = reader.next_wire_batch(&cancel) => read,
                 };
                 let (batch, failed) = match read {
-                    Ok(Some(batch)) => (Ok(batch), false),
+                    Ok(Some(batch)) => {
+                        backlog = batch.len() >= batch_size;
+                        (Ok(batch), false)
+                    }
                     Ok(None) => return,
                     Err(error) => (Err(error), true),
                 };
-                if sender.send(batch).await.is_err() || failed {
+                match permit {
+                    Some(permit) => permit.send(batch),
+                    None if sender.send(batch).await.is_err() => return,
+                    None => {}
+                }
+                if failed {
                     return;
                 }
             }
