@@ -53,6 +53,8 @@ pub const SERVER_PING_INTERVAL_MS: u64 = 15_000;
 pub const KEEPALIVE_TIMEOUT_MS: u64 = 45_000;
 /// Close code when the token that opened the socket expires (graphql-ws: 4401 Unauthorized).
 pub const CLOSE_TOKEN_EXPIRED: u16 = 4401;
+/// Stands for an expiry too far away to represent as an instant (never reached by a live socket).
+const EXPIRY_FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3_600);
 /// Close code after a message beyond [`WS_MESSAGE_MAX_BYTES`] (or a broken frame) (RFC 6455: 1009).
 pub const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
 
@@ -314,7 +316,8 @@ pub async fn serve<F, Fut>(
                 expiry_open = changed.is_ok();
                 if let Some(at) = *expiry_rx.borrow() {
                     let left = (at - Utc::now()).to_std().unwrap_or_default();
-                    until_expiry.as_mut().reset(tokio::time::Instant::now() + left);
+                    let now = tokio::time::Instant::now();
+                    until_expiry.as_mut().reset(now.checked_add(left).unwrap_or(now + EXPIRY_FAR_FUTURE));
                     expires = true;
                 }
                 continue;

@@ -127,7 +127,13 @@ pub fn headers_for(event: &WireEvent) -> OwnedHeaders {
         .insert(Header { key: headers::EVENT_VERSION, value: Some(&event.event_version) })
         .insert(Header { key: headers::ENVELOPE_VERSION, value: Some(&version) });
     // A correlation id that is not a string (or metadata that is not an object) gets no header, as before.
-    let metadata = serde_json::from_str::<CorrelationOnly>(&event.metadata).ok();
+    // (The derived decoder would also take an array as the struct's fields in order: objects only.)
+    let metadata = event
+        .metadata
+        .trim_start()
+        .starts_with('{')
+        .then(|| serde_json::from_str::<CorrelationOnly>(&event.metadata).ok())
+        .flatten();
     if let Some(correlation) = metadata.as_ref().and_then(|m| m.correlation_id.as_deref()) {
         headers = headers.insert(Header { key: headers::CORRELATION_ID, value: Some(correlation) });
     }
@@ -202,10 +208,9 @@ mod tests {
 
     #[test]
     fn no_correlation_header_unless_the_metadata_has_a_string_one() {
+        use serde_json::json;
         let mut event = event();
-        for metadata in
-            [serde_json::json!({"actor": "pm"}), serde_json::json!({"correlation_id": 7}), serde_json::json!([])]
-        {
+        for metadata in [json!({"actor": "pm"}), json!({"correlation_id": 7}), json!([]), json!(["c-9"])] {
             event.metadata = metadata;
             assert_eq!(headers_for(&WireEvent::from(&event)).count(), 8);
         }

@@ -14,9 +14,11 @@
 //! state change once, and resumes by itself when the broker is back. Only a fatal producer error (which stops
 //! the producer before any gap) makes the relay recreate its producer and re-produce from its cursor.
 //!
-//! Batches are pipelined: a task of its own reads the next batch while one is produced ([`READ_AHEAD_BATCHES`]),
-//! up to `batches_in_flight_max` batches are produced before the oldest is awaited, and cursors are stored in
-//! order as batches complete. Events are read as [`WireEvent`]s: payload and metadata go into the envelope as
+//! Batches are pipelined: a task of its own reads the log (ahead of the producing while there is a backlog,
+//! [`READ_AHEAD_BATCHES`]); each batch read is produced at once while earlier ones wait for their
+//! acknowledgements, up to `batches_in_flight_max` in flight; cursors are stored in order as batches complete.
+//! A wait for acknowledgements is resumable: at shutdown the batch being waited for stays first in line, so the
+//! drain never stores a cursor past a batch that was not acknowledged. Events are read as [`WireEvent`]s: payload and metadata go into the envelope as
 //! the text PostgreSQL sent, never parsed.
 //!
 //! # One cursor per target cluster
@@ -30,11 +32,12 @@ mod envelope;
 pub use envelope::{headers, headers_for, Envelope, ENVELOPE_VERSION};
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures::future::{join_all, JoinAll};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
@@ -127,7 +130,8 @@ pub enum RelayError {
     ReaderStopped,
 }
 
-/// Batches the relay's reader reads ahead of the one being produced.
+/// Batches the relay's reader holds ready while there is a backlog (plus the one it has read and waits to
+/// hand over: at most two batches read ahead of the one being produced).
 pub const READ_AHEAD_BATCHES: usize = 1;
 
 enum ActiveExit {
@@ -142,7 +146,14 @@ struct InFlight {
     last_recorded_at_ms: i64,
     /// `recorded_at` of each event, in Unix microseconds (for the commit → ack histogram).
     recorded_at_us: Vec<i64>,
-    deliveries: Vec<DeliveryFuture>,
+    /// Every message's acknowledgement; polled across waits (see [`Relay::await_acknowledgements`]).
+    acknowledgements: Pin<Box<JoinAll<DeliveryFuture>>>,
+}
+
+/// What the relay's loop woke up for.
+enum Next {
+    Read(Option<Result<Vec<WireEvent>, sqlx::Error>>),
+    Acknowledged(Option<Result<u64, KafkaError>>),
 }
 
 pub struct Relay {
@@ -259,36 +270,36 @@ impl Relay {
                 leadership.release().await;
                 return Ok(ActiveExit::Cancelled);
             }
-            if in_flight.len() < self.config.batches_in_flight_max.max(1) {
-                // Nothing in flight: wait for the next batch. Otherwise take one only if it is already read.
-                let batch = if in_flight.is_empty() {
-                    match batches.recv().await {
-                        Some(batch) => batch?,
-                        None if cancel.is_cancelled() => continue,
-                        None => return Err(RelayError::ReaderStopped),
-                    }
-                } else {
-                    match batches.try_recv() {
-                        Ok(batch) => batch?,
-                        Err(tokio::sync::mpsc::error::TryRecvError::Empty) => Vec::new(),
-                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) if cancel.is_cancelled() => continue,
-                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
-                            return Err(RelayError::ReaderStopped)
-                        }
-                    }
-                };
-                if !batch.is_empty() {
+            // Produce each batch as soon as it is read (room permitting) while waiting for the oldest batch's
+            // acknowledgements; the wait is resumable, so a batch is never dropped unacknowledged.
+            let room = in_flight.len() < self.config.batches_in_flight_max.max(1);
+            let next = match in_flight.front_mut() {
+                None => Next::Read(batches.recv().await),
+                Some(oldest) => tokio::select! {
+                    biased;
+                    acknowledged = self.await_acknowledgements(oldest, cancel) => Next::Acknowledged(acknowledged),
+                    read = batches.recv(), if room => Next::Read(read),
+                },
+            };
+            let acknowledged = match next {
+                Next::Read(Some(batch)) => {
+                    let batch = batch?;
                     if !leadership.still_held().await {
                         return Ok(ActiveExit::LostLeadership);
                     }
                     in_flight.push_back(self.produce(&producer, &batch).await?);
                     continue;
                 }
-            }
+                Next::Read(None) if cancel.is_cancelled() => continue,
+                Next::Read(None) => return Err(RelayError::ReaderStopped),
+                // Cancelled while waiting: the batch stays first in line for the drain at the top of the loop.
+                Next::Acknowledged(None) => continue,
+                Next::Acknowledged(Some(acknowledged)) => acknowledged,
+            };
             let Some(batch) = in_flight.pop_front() else { continue };
             let produced_at = batch.produced_at;
-            match self.await_acknowledgements(batch.deliveries, cancel).await {
-                Some(Ok(count)) => {
+            match acknowledged {
+                Ok(count) => {
                     tracing::debug!(
                         events = count,
                         ack_ms = produced_at.elapsed().as_millis() as u64,
@@ -306,7 +317,7 @@ impl Relay {
                     self.publish_cursor(saved, Some(batch.last_recorded_at_ms));
                     backoff = Duration::from_millis(50);
                 }
-                Some(Err(error)) => {
+                Err(error) => {
                     self.status.failed_batches.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%error, cursor = %saved, "a batch was not acknowledged; re-producing from the cursor");
                     in_flight.clear();
@@ -320,7 +331,6 @@ impl Relay {
                     }
                     backoff = (backoff * 2).min(Duration::from_millis(self.config.retry_backoff_max_ms));
                 }
-                None => {} // cancelled while waiting: handled at the top of the loop
             }
         }
     }
@@ -340,13 +350,14 @@ impl Relay {
             .with_batch_size(self.config.batch_size)
             .with_poll_interval(Duration::from_millis(self.config.poll_interval_ms));
         let cancel = cancel.clone();
-        let batch_size = self.config.batch_size;
+        // The reader's own bound on a batch (it clamps what is configured).
+        let batch_size = self.config.batch_size.clamp(1, crate::log::BATCH_SIZE_MAX);
         tokio::spawn(async move {
             let mut backlog = false;
             loop {
                 // Ahead of the relay only while there is a backlog (the last batch was full). A steady trickle
-                // is read once the relay has taken the previous batch, as before: reading it eagerly made a
-                // query, a produce and a cursor write per event or two, slowing everything beside the relay.
+                // is read once the relay has taken the previous batch: reading it eagerly made a query, a
+                // produce and a cursor write per event or two, slowing everything beside the relay.
                 let permit = if backlog {
                     None
                 } else {
@@ -406,22 +417,29 @@ impl Relay {
         let last = batch.last().map_or(LogPosition::START, |e| e.position);
         let last_recorded_at_ms = batch.last().map_or(0, |e| e.recorded_at.timestamp_millis());
         let recorded_at_us = batch.iter().map(|e| e.recorded_at.timestamp_micros()).collect();
-        Ok(InFlight { produced_at: std::time::Instant::now(), last, last_recorded_at_ms, recorded_at_us, deliveries })
+        Ok(InFlight {
+            produced_at: std::time::Instant::now(),
+            last,
+            last_recorded_at_ms,
+            recorded_at_us,
+            acknowledgements: Box::pin(join_all(deliveries)),
+        })
     }
 
     /// Waits for every acknowledgement of a batch. `None` if cancelled first. Reports an unreachable broker
     /// once when acknowledgements stall, and its recovery once.
+    ///
+    /// The wait can be given up and resumed: the acknowledgements stay in `batch`, so a batch whose wait was
+    /// cancelled is still awaited by the shutdown's drain (whose cursor must not pass it). Not to be called
+    /// again once it has answered `Some`.
     async fn await_acknowledgements(
         &self,
-        deliveries: Vec<DeliveryFuture>,
+        batch: &mut InFlight,
         cancel: &CancellationToken,
     ) -> Option<Result<u64, KafkaError>> {
-        let count = deliveries.len() as u64;
-        let all = join_all(deliveries);
-        tokio::pin!(all);
         let results = loop {
             tokio::select! {
-                results = &mut all => break results,
+                results = batch.acknowledgements.as_mut() => break results,
                 _ = tokio::time::sleep(Duration::from_millis(self.config.slow_delivery_ms)) => {
                     if !self.status.broker_unreachable.swap(true, Ordering::SeqCst) {
                         tracing::warn!(brokers = %self.kafka.brokers,
@@ -434,14 +452,14 @@ impl Relay {
         if self.status.broker_unreachable.swap(false, Ordering::SeqCst) {
             tracing::info!(brokers = %self.kafka.brokers, "broker acknowledging again");
         }
-        for result in results {
+        for result in &results {
             match result {
                 Ok(Ok(_)) => {}
-                Ok(Err((error, _))) => return Some(Err(error)),
+                Ok(Err((error, _))) => return Some(Err(error.clone())),
                 Err(_) => return Some(Err(KafkaError::Canceled)),
             }
         }
-        Some(Ok(count))
+        Some(Ok(results.len() as u64))
     }
 
     /// On shutdown: give batches already produced a bounded time to be acknowledged, storing cursors in order.
@@ -455,8 +473,8 @@ impl Relay {
                 grace.cancel();
             })
         };
-        while let Some(batch) = in_flight.pop_front() {
-            match self.await_acknowledgements(batch.deliveries, &grace).await {
+        while let Some(mut batch) = in_flight.pop_front() {
+            match self.await_acknowledgements(&mut batch, &grace).await {
                 Some(Ok(count)) => {
                     if save_cursor(&self.pool, name, batch.last).await.is_err() {
                         break;

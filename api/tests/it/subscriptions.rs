@@ -246,6 +246,67 @@ async fn a_slow_subscriber_is_told_to_resync() {
     stack.stop().await;
 }
 
+/// Ticks published per round of `a_tick_subscriber_that_stops_reading_is_cut_off_while_another_gets_every_tick`:
+/// well under the feed's buffer, so the subscriber that reads never falls behind whatever the machine's speed.
+const TICK_ROUND: i64 = 500;
+/// Ticks in all: their frames (~150 bytes each) are several times what the loopback sockets and the feed buffer
+/// of the subscriber that does not read can hold.
+const TICK_FLOOD: i64 = 80_000;
+
+/// One broadcast feed, two subscribers: the one that stops reading falls more than the feed's buffer behind
+/// and is cut off with `RESYNC_REQUIRED`; the other, on the same feed, receives every tick in order meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tick_subscriber_that_stops_reading_is_cut_off_while_another_gets_every_tick() {
+    // No keep-alive cut-off during the flood: the client that does not read answers no pings either.
+    let stack = Stack::start_with(1, |config| {
+        config.keep_alive =
+            ledger_api::ws::KeepAlive { ping_interval: Duration::from_secs(3_600), timeout: Duration::from_secs(3_600) }
+    })
+    .await;
+    let query = "subscription { priceTicks(symbols: [\"FLOOD\"]) { symbol price ts seq volume } }";
+    let url = stack.ws_url(0);
+    let mut slow =
+        WsSubscription::open(&url, Some(&stack.token("slow", Role::Trader)), query, json!({})).await.unwrap();
+    let mut reader =
+        WsSubscription::open(&url, Some(&stack.token("reader", Role::Trader)), query, json!({})).await.unwrap();
+    stack.wait_subscriptions(0, 2).await;
+    let hub = &stack.instances[0].hub;
+    assert!(eventually(|| async { hub.ticks_live() }).await, "the tick feed never became live");
+    let publisher = ledger::market::TickPublisher::new(&stack.kafka).unwrap();
+    let mut next_seq = 1;
+    while next_seq <= TICK_FLOOD {
+        let round: Vec<_> = (next_seq..next_seq + TICK_ROUND)
+            .map(|seq| ledger::market::Tick {
+                version: ledger::market::TICK_VERSION,
+                symbol: ledger::domain::values::Symbol::new("FLOOD").unwrap(),
+                price: ledger::domain::values::Price::new(rust_decimal::Decimal::ONE_HUNDRED).unwrap(),
+                ts: chrono::Utc::now(),
+                seq,
+                volume: None,
+                source: "test".into(),
+            })
+            .collect();
+        publisher.publish_all(&round).await.unwrap();
+        // The reader gets the whole round, in order, before the next one is published.
+        for seq in next_seq..next_seq + TICK_ROUND {
+            let message = reader.next(CONDITION_WAIT_MAX).await.unwrap_or_else(|| panic!("tick {seq} never came"));
+            assert_eq!(message["data"]["priceTicks"]["seq"], seq, "{message}");
+        }
+        next_seq += TICK_ROUND;
+    }
+    // Every tick was offered to both; the one that read nothing is told to resync once it reads.
+    let mut last = None;
+    let mut received = 0;
+    while let Some(message) = slow.next(CONDITION_WAIT_MAX).await {
+        received += 1;
+        last = Some(message);
+    }
+    let last = last.expect("some messages");
+    assert_eq!(error_code(&last).as_deref(), Some("RESYNC_REQUIRED"), "last message: {last}");
+    assert!(received < TICK_FLOOD, "the subscription delivered everything instead of being cut off");
+    stack.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn subscriptions_are_authenticated_and_authorized() {
     let stack = Stack::start(1).await;
