@@ -129,6 +129,14 @@ pub async fn serve(
     router: Router,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // No Nagle delay: a subscription's frame (or a response) written while the previous one is not yet
+    // acknowledged would otherwise wait for that acknowledgement — up to a delayed ACK's 40 ms.
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
