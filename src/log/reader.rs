@@ -95,11 +95,6 @@ impl LogReader {
         self.read_decoded(RAW_COLUMNS, decode_raw_event).await
     }
 
-    /// As [`Self::read_batch`], each event as a [`WireEvent`] (payload and metadata as JSON text): for the relay.
-    pub async fn read_wire_batch(&mut self) -> Result<Vec<WireEvent>, sqlx::Error> {
-        self.read_decoded(SELECT_COLUMNS, decode_wire_event).await
-    }
-
     /// The next batch with `columns`, decoded; the cursor moves past it only once all of it decoded.
     async fn read_decoded<T>(
         &mut self,

@@ -198,6 +198,17 @@ async fn log_events_resume_after_a_reconnect_without_gaps_or_repeats() {
 }
 
 /// A subscriber that does not read is told to resync instead of making the server buffer without bound.
+/// Reads a subscription until it ends: how many messages it delivered, and the last one.
+async fn read_to_the_end(subscription: &mut WsSubscription) -> (i64, Value) {
+    let mut last = None;
+    let mut received = 0;
+    while let Some(message) = subscription.next(CONDITION_WAIT_MAX).await {
+        received += 1;
+        last = Some(message);
+    }
+    (received, last.expect("some messages"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_subscriber_is_told_to_resync() {
     let stack = Stack::start(1).await;
@@ -234,13 +245,7 @@ async fn a_slow_subscriber_is_told_to_resync() {
     let head = ledger::log::LogPosition { transaction_id: head.0.parse().unwrap(), global_position: head.1 };
     let hub = &stack.instances[0].hub;
     assert!(eventually(|| async { hub.log_position() >= head }).await, "the log feed never reached the head");
-    let mut last = None;
-    let mut received = 0;
-    while let Some(message) = slow.next(CONDITION_WAIT_MAX).await {
-        received += 1;
-        last = Some(message);
-    }
-    let last = last.expect("some messages");
+    let (received, last) = read_to_the_end(&mut slow).await;
     assert_eq!(error_code(&last).as_deref(), Some("RESYNC_REQUIRED"), "last message: {last}");
     assert!(received < 30_000, "the subscription ended early rather than delivering everything");
     stack.stop().await;
@@ -295,13 +300,7 @@ async fn a_tick_subscriber_that_stops_reading_is_cut_off_while_another_gets_ever
         next_seq += TICK_ROUND;
     }
     // Every tick was offered to both; the one that read nothing is told to resync once it reads.
-    let mut last = None;
-    let mut received = 0;
-    while let Some(message) = slow.next(CONDITION_WAIT_MAX).await {
-        received += 1;
-        last = Some(message);
-    }
-    let last = last.expect("some messages");
+    let (received, last) = read_to_the_end(&mut slow).await;
     assert_eq!(error_code(&last).as_deref(), Some("RESYNC_REQUIRED"), "last message: {last}");
     assert!(received < TICK_FLOOD, "the subscription delivered everything instead of being cut off");
     stack.stop().await;
