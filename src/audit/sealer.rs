@@ -27,7 +27,7 @@ use super::canonical::{canonical_event, ChainHash};
 use super::sealed::{chain_head, parse_xid8, ChainHead};
 use super::AuditError;
 use crate::leadership::{lock_key, Leadership};
-use crate::log::{load_cursor, save_cursor, LogPosition, LogReader, RecordedEvent};
+use crate::log::{load_cursor, newest_position, save_cursor, LogReader, Newest, RecordedEvent};
 
 /// The sealer's cursor in `log_cursors`, and the name its advisory lock is derived from.
 pub const SEALER_NAME: &str = "audit-sealer";
@@ -228,20 +228,7 @@ async fn seal_available(pool: &PgPool, config: &SealerConfig) -> Result<ChainHea
 
 /// Waits until the active sealer's cursor has passed the last event of the transactions below `horizon`.
 async fn wait_for_active_sealer(pool: &PgPool, horizon: &str, deadline: Instant) -> Result<ChainHead, AuditError> {
-    let target: Option<(String, i64)> = sqlx::query_as(
-        "select transaction_id::text, global_position from events
-          where transaction_id < $1::text::xid8
-          order by transaction_id desc, global_position desc limit 1",
-    )
-    .bind(horizon)
-    .fetch_optional(pool)
-    .await?;
-    let target = match target {
-        Some((transaction_id, global_position)) => {
-            LogPosition { transaction_id: parse_xid8(&transaction_id)?, global_position }
-        }
-        None => LogPosition::START,
-    };
+    let target = newest_position(pool, Newest::Before(parse_xid8(horizon)?)).await?;
     loop {
         if load_cursor(pool, SEALER_NAME).await? >= target {
             return chain_head(pool).await;

@@ -52,22 +52,31 @@ pub enum Newest {
     Committed,
     /// The newest below the horizon: what a commit-safe reader can read now.
     BelowHorizon,
+    /// The newest written by a transaction older than this transaction id.
+    Before(u64),
 }
 
 /// The position of the log's newest event in commit order ([`LogPosition::START`] when there is none).
+///
+/// The rendered id has an alias of its own and the sort names the table's column: `select transaction_id::text
+/// … order by transaction_id` would sort the text output column ("99" after "100"), and so find an older event
+/// as the newest whenever the log spans a power of ten in transaction ids.
 pub async fn newest_position(pool: &sqlx::PgPool, newest: Newest) -> Result<LogPosition, sqlx::Error> {
-    let sql = match newest {
-        Newest::Committed => {
-            "select transaction_id::text, global_position from events
-              order by transaction_id desc, global_position desc limit 1"
-        }
-        Newest::BelowHorizon => {
-            "select transaction_id::text, global_position from events
-              where transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-              order by transaction_id desc, global_position desc limit 1"
-        }
+    let below = match newest {
+        Newest::Committed => "true",
+        Newest::BelowHorizon => "events.transaction_id < pg_snapshot_xmin(pg_current_snapshot())",
+        Newest::Before(_) => "events.transaction_id < $1::text::xid8",
     };
-    let row: Option<(String, i64)> = sqlx::query_as(sql).fetch_optional(pool).await?;
+    let sql = format!(
+        "select events.transaction_id::text as transaction_id_text, events.global_position from events
+          where {below}
+          order by events.transaction_id desc, events.global_position desc limit 1"
+    );
+    let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
+    if let Newest::Before(transaction_id) = newest {
+        query = query.bind(transaction_id.to_string());
+    }
+    let row = query.fetch_optional(pool).await?;
     row.map_or(Ok(LogPosition::START), |(transaction_id, global_position)| {
         LogPosition::from_columns(&transaction_id, global_position)
     })

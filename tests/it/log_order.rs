@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use ledger::log::{LogPosition, LogReader, ReadOrder, RecordedEvent};
+use ledger::log::{newest_position, LogPosition, LogReader, Newest, ReadOrder, RecordedEvent};
 use sqlx::Acquire;
 use tokio_util::sync::CancellationToken;
 
@@ -18,7 +18,7 @@ const TRANSACTIONS_PER_WRITER: usize = 120;
 /// The last committed event in `order`'s sense (the reader's cursor reaches it once it delivered everything).
 async fn log_head(pool: &sqlx::PgPool, order: ReadOrder) -> LogPosition {
     match order {
-        ReadOrder::CommitSafe => ledger::log::newest_position(pool, ledger::log::Newest::Committed).await.unwrap(),
+        ReadOrder::CommitSafe => newest_position(pool, Newest::Committed).await.unwrap(),
         ReadOrder::GlobalPositionOnly => {
             let (transaction_id, global_position): (String, i64) = sqlx::query_as(
                 "select transaction_id::text, global_position from events order by global_position desc limit 1",
@@ -164,7 +164,8 @@ async fn a_late_commit_is_skipped_by_position_but_not_by_commit_order() {
     db.drop().await;
 }
 
-/// Commit order is numeric in the transaction id: 99 before 100 (a text sort would put "100" first).
+/// Commit order is numeric in the transaction id: 99 before 100 (a text sort would put "100" first), for the
+/// reader and for the newest event.
 #[tokio::test]
 async fn batches_follow_numeric_transaction_order_across_digit_boundaries() {
     let db = TestDb::new().await;
@@ -185,8 +186,16 @@ async fn batches_follow_numeric_transaction_order_across_digit_boundaries() {
     let mut reader = LogReader::new(db.pool.clone(), LogPosition::START);
     let order: Vec<_> = reader.read_batch().await.unwrap().into_iter().map(|e| e.position.transaction_id).collect();
     assert_eq!(order, [99, 100, 1000]);
-    assert_eq!(reader.position(), LogPosition { transaction_id: 1000, global_position: 3 });
+    let last = LogPosition { transaction_id: 1000, global_position: 3 };
+    assert_eq!(reader.position(), last);
     assert!(reader.read_batch().await.unwrap().is_empty(), "nothing is read twice");
+    // The newest event is found in the same order (a sort of the rendered id would find 99).
+    for newest in [Newest::Committed, Newest::BelowHorizon, Newest::Before(1001)] {
+        assert_eq!(newest_position(&db.pool, newest).await.unwrap(), last, "{newest:?}");
+    }
+    let before_the_last = LogPosition { transaction_id: 100, global_position: 1 };
+    assert_eq!(newest_position(&db.pool, Newest::Before(1000)).await.unwrap(), before_the_last);
+    assert_eq!(newest_position(&db.pool, Newest::Before(99)).await.unwrap(), LogPosition::START);
     db.drop().await;
 }
 

@@ -235,14 +235,7 @@ async fn a_slow_subscriber_is_told_to_resync() {
         .unwrap();
     }
     // The feed has offered all of them to the subscriber, which read none: it is far behind.
-    let head: (String, i64) = sqlx::query_as(
-        "select transaction_id::text, global_position from events
-          order by transaction_id desc, global_position desc limit 1",
-    )
-    .fetch_one(&stack.pool)
-    .await
-    .unwrap();
-    let head = ledger::log::LogPosition { transaction_id: head.0.parse().unwrap(), global_position: head.1 };
+    let head = ledger::log::newest_position(&stack.pool, ledger::log::Newest::Committed).await.unwrap();
     let hub = &stack.instances[0].hub;
     assert!(eventually(|| async { hub.log_position() >= head }).await, "the log feed never reached the head");
     let (received, last) = read_to_the_end(&mut slow).await;
