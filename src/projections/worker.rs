@@ -54,7 +54,8 @@ pub struct WorkerConfig {
     /// Messages applied per transaction, at most.
     pub batch_size_max: usize,
     /// How long after a batch's first message the worker waits for more (what is already waiting is always
-    /// taken, up to `batch_size_max`).
+    /// taken, up to `batch_size_max`). 0 by default: natural batching, no added delay when the stream is light;
+    /// under load, what arrived while the previous batch was being applied makes the next batch.
     pub batch_wait_ms: u64,
     /// Events per transaction when catching up from PostgreSQL.
     pub catch_up_batch_size: usize,
@@ -71,7 +72,7 @@ impl Default for WorkerConfig {
         Self {
             group_prefix: "ledger".to_string(),
             batch_size_max: 500,
-            batch_wait_ms: 10,
+            batch_wait_ms: 0,
             catch_up_batch_size: 1_000,
             retry_backoff_max_ms: 5_000,
             fetch_wait_max_ms: 10,
@@ -382,9 +383,10 @@ impl ProjectionWorker {
     }
 
     /// Waits for one message, then takes what is already waiting and what arrives until `batch_wait_ms` after
-    /// that first message, up to `batch_size_max`. The wait is bounded from the first message, not from the
-    /// latest one: a steady stream (one message a millisecond at 1,000 commands/s) would otherwise keep a batch
-    /// open until it is full, and its first message waiting for all the others.
+    /// that first message (by default none: only what is already waiting), up to `batch_size_max`. The wait is
+    /// bounded from the first message, not from the latest one: a steady stream (one message a millisecond at
+    /// 1,000 commands/s) would otherwise keep a batch open until it is full, and its first message waiting for
+    /// all the others.
     async fn collect(
         &self,
         consumer: &WorkerConsumer,

@@ -58,6 +58,8 @@ pub struct RelayConfig {
     pub poll_interval_ms: u64,
     /// How often a standby relay tries to take over.
     pub standby_poll_ms: u64,
+    /// librdkafka `linger.ms`. 0 by default: a light stream is sent at once, and under load the producer still
+    /// batches what queues while its requests are in flight (throughput measured the same at 0 and 5 ms).
     pub linger_ms: u32,
     /// Bound of the producer's queue, in messages.
     pub queue_messages_max: u32,
@@ -80,7 +82,7 @@ impl Default for RelayConfig {
             batches_in_flight_max: 8,
             poll_interval_ms: 20,
             standby_poll_ms: 500,
-            linger_ms: 5,
+            linger_ms: 0,
             queue_messages_max: 100_000,
             compression: "lz4".to_string(),
             slow_delivery_ms: 5_000,
