@@ -383,10 +383,10 @@ impl ProjectionWorker {
     }
 
     /// Waits for one message, then takes what is already waiting and what arrives until `batch_wait_ms` after
-    /// that first message (by default none: only what is already waiting), up to `batch_size_max`. The wait is
-    /// bounded from the first message, not from the latest one: a steady stream (one message a millisecond at
-    /// 1,000 commands/s) would otherwise keep a batch open until it is full, and its first message waiting for
-    /// all the others.
+    /// that first message (by default none: what is already waiting, give or take the timer's millisecond), up to
+    /// `batch_size_max`. The wait is bounded from the first message, not from the latest one: a steady stream
+    /// (one message a millisecond at 1,000 commands/s) would otherwise keep a batch open until it is full, and
+    /// its first message waiting for all the others.
     async fn collect(
         &self,
         consumer: &WorkerConsumer,

@@ -164,12 +164,13 @@ async fn a_late_commit_is_skipped_by_position_but_not_by_commit_order() {
     db.drop().await;
 }
 
-/// Commit order is numeric in the transaction id: 99 before 100 (a text sort would put "100" first), for the
-/// reader and for the newest event.
+/// Commit order is numeric in the transaction id: 9 before 10 before 100 (a text sort would put "10" first and
+/// "9" last), for the reader and for the newest event. The ids are made up and small, so that they are below the
+/// horizon even on a brand-new cluster.
 #[tokio::test]
 async fn batches_follow_numeric_transaction_order_across_digit_boundaries() {
     let db = TestDb::new().await;
-    for (aggregate, transaction, position) in [("late", 100i64, 1i64), ("early", 99, 2), ("later", 1000, 3)] {
+    for (aggregate, transaction, position) in [("late", 10i64, 1i64), ("early", 9, 2), ("later", 100, 3)] {
         sqlx::query(
             "insert into events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
                                  metadata, transaction_id, global_position)
@@ -185,17 +186,17 @@ async fn batches_follow_numeric_transaction_order_across_digit_boundaries() {
     }
     let mut reader = LogReader::new(db.pool.clone(), LogPosition::START);
     let order: Vec<_> = reader.read_batch().await.unwrap().into_iter().map(|e| e.position.transaction_id).collect();
-    assert_eq!(order, [99, 100, 1000]);
-    let last = LogPosition { transaction_id: 1000, global_position: 3 };
+    assert_eq!(order, [9, 10, 100]);
+    let last = LogPosition { transaction_id: 100, global_position: 3 };
     assert_eq!(reader.position(), last);
     assert!(reader.read_batch().await.unwrap().is_empty(), "nothing is read twice");
-    // The newest event is found in the same order (a sort of the rendered id would find 99).
-    for newest in [Newest::Committed, Newest::BelowHorizon, Newest::Before(1001)] {
+    // The newest event is found in the same order (a sort of the rendered id would find 9).
+    for newest in [Newest::Committed, Newest::BelowHorizon, Newest::Before(101)] {
         assert_eq!(newest_position(&db.pool, newest).await.unwrap(), last, "{newest:?}");
     }
-    let before_the_last = LogPosition { transaction_id: 100, global_position: 1 };
-    assert_eq!(newest_position(&db.pool, Newest::Before(1000)).await.unwrap(), before_the_last);
-    assert_eq!(newest_position(&db.pool, Newest::Before(99)).await.unwrap(), LogPosition::START);
+    let before_the_last = LogPosition { transaction_id: 10, global_position: 1 };
+    assert_eq!(newest_position(&db.pool, Newest::Before(100)).await.unwrap(), before_the_last);
+    assert_eq!(newest_position(&db.pool, Newest::Before(9)).await.unwrap(), LogPosition::START);
     db.drop().await;
 }
 
@@ -206,7 +207,7 @@ async fn the_head_is_known_without_reading_the_log() {
     let db = TestDb::new().await;
     let mut reader = LogReader::new(db.pool.clone(), LogPosition::START).with_batch_size(2);
     assert_eq!(reader.head().await.unwrap(), None, "an empty log has no head");
-    for (aggregate, transaction, position) in [("late", 100i64, 1i64), ("early", 99, 2), ("later", 1000, 3)] {
+    for (aggregate, transaction, position) in [("late", 10i64, 1i64), ("early", 9, 2), ("later", 100, 3)] {
         sqlx::query(
             "insert into events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
                                  metadata, transaction_id, global_position)
@@ -220,11 +221,11 @@ async fn the_head_is_known_without_reading_the_log() {
         .await
         .unwrap();
     }
-    let head = LogPosition { transaction_id: 1000, global_position: 3 };
+    let head = LogPosition { transaction_id: 100, global_position: 3 };
     assert_eq!(reader.head().await.unwrap(), Some(head), "past any one batch");
     assert_eq!(reader.position(), LogPosition::START, "the cursor did not move");
     let first: Vec<_> = reader.read_batch().await.unwrap().into_iter().map(|e| e.position.transaction_id).collect();
-    assert_eq!(first, [99, 100], "reading still starts where the cursor was");
+    assert_eq!(first, [9, 10], "reading still starts where the cursor was");
     assert_eq!(reader.head().await.unwrap(), Some(head));
     reader.seek(head);
     assert_eq!(reader.head().await.unwrap(), None, "nothing after the head");
