@@ -48,6 +48,18 @@ pub struct Cli {
 }
 
 /// Kafka settings shared by every subcommand that talks to the broker.
+/// Simulated symbols with their starting prices, as `--symbols AAPL:190,MSFT:420` gives them.
+#[derive(Debug, Clone)]
+pub struct SymbolList(pub Vec<ledger::market::SymbolSpec>);
+
+impl std::str::FromStr for SymbolList {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        ledger::market::SymbolSpec::parse_list(text).map(SymbolList)
+    }
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers (host:port,…). `demo` starts an in-process broker when this is not set.
@@ -185,6 +197,9 @@ pub enum Command {
         /// Milliseconds between ticks of each symbol.
         #[arg(long, default_value_t = 500)]
         interval_ms: u64,
+        /// Symbols and their starting prices, e.g. `AAPL:190,MSFT:420` (at most 100; default: the demo's five).
+        #[arg(long, env = "LEDGER_SYMBOLS")]
+        symbols: Option<SymbolList>,
     },
     /// Run the paper-trading executor: fill accepted orders against the prices topic until interrupted.
     Executor {
@@ -605,9 +620,10 @@ pub async fn run(args: Cli) -> anyhow::Result<()> {
             let pool = connect_and_migrate(&args.database_url).await?;
             crate::run::replay(&pool, projections, verify).await
         }
-        Command::Simulate { seed, interval_ms } => {
+        Command::Simulate { seed, interval_ms, symbols } => {
             let kafka = args.kafka.required()?;
-            crate::run::simulate(&kafka, seed, interval_ms, shutdown_on_signal()).await
+            let symbols = symbols.map(|list| list.0);
+            crate::run::simulate(&kafka, seed, interval_ms, symbols, shutdown_on_signal()).await
         }
         Command::Executor { slippage_bps, fee_bps, fee_min, participation, day_end_utc } => {
             let day_end_utc = chrono::NaiveTime::parse_from_str(&day_end_utc, "%H:%M")

@@ -22,6 +22,7 @@ use ledger::domain::values::{
 };
 use ledger::domain::{CostBasisMethod, OrderCommand, OrderType, Portfolio, PortfolioCommand, Side, TimeInForce};
 use ledger::execution::{spawn_tick_consumer, PaperConfig, PaperExecutor};
+use ledger::market::{SimulatorConfig, SymbolSpec};
 use ledger_api::app::{start, AppConfig};
 use ledger_api::auth::{Role, TokenKeys};
 use rand::rngs::StdRng;
@@ -55,6 +56,10 @@ pub struct DemoArgs {
     /// Signing secret of the tokens (a random one per run when unset).
     #[arg(long, env = "LEDGER_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// The simulated market: symbols and starting prices, e.g. `AAPL:190,MSFT:420` (at most 100; default:
+    /// ACME, GLOBEX, INITECH, UMBRELLA, HOOLI). The demo trader's alerts and first trade are on the first one.
+    #[arg(long, env = "LEDGER_SYMBOLS")]
+    pub symbols: Option<crate::cli::SymbolList>,
 }
 
 pub async fn run(
@@ -66,6 +71,11 @@ pub async fn run(
     anyhow::ensure!(args.bots <= BOTS_MAX, "--bots must be 0 to {BOTS_MAX}");
     anyhow::ensure!((10..=60_000).contains(&args.tick_ms), "--tick-ms must be 10 to 60000");
     anyhow::ensure!((1..=3_600).contains(&args.bot_pace_secs), "--bot-pace-secs must be 1 to 3600");
+    let market = match &args.symbols {
+        Some(list) => list.0.clone(),
+        None => SimulatorConfig::demo(args.seed).symbols,
+    };
+    let lead = market.first().cloned().context("the market needs at least one symbol")?;
     let settings = projection_args.settings()?;
     let pool = crate::cli::connect_and_migrate(database_url).await?;
     println!("ledger demo — PostgreSQL at {}", crate::cli::redact(database_url));
@@ -115,7 +125,8 @@ pub async fn run(
     // Market data and paper execution.
     {
         let (kafka, cancel, seed, tick_ms) = (kafka.clone(), cancel.clone(), args.seed, args.tick_ms);
-        tasks.push(tokio::spawn(async move { crate::run::simulate(&kafka, seed, tick_ms, cancel).await }));
+        let symbols = Some(market.clone());
+        tasks.push(tokio::spawn(async move { crate::run::simulate(&kafka, seed, tick_ms, symbols, cancel).await }));
     }
     let executor = PaperExecutor::new(commands.clone(), PaperConfig::default()).map_err(|e| anyhow::anyhow!(e))?;
     {
@@ -132,10 +143,11 @@ pub async fn run(
     // The demo trader's portfolio (the dashboard's), and the bots.
     let mut seeds = StdRng::seed_from_u64(args.seed);
     let trader = seed_portfolio(&commands, &mut seeds, args.seed, DEMO_TRADER, "100000").await?;
-    seed_alerts(&commands, trader, args.seed).await?;
+    seed_alerts(&commands, trader, args.seed, &lead).await?;
     {
         let (commands, pool, cancel, seed) = (commands.clone(), pool.clone(), cancel.clone(), args.seed);
-        tasks.push(tokio::spawn(async move { first_trade(&commands, &pool, trader, seed, cancel).await }));
+        let symbol = lead.symbol.clone();
+        tasks.push(tokio::spawn(async move { first_trade(&commands, &pool, trader, seed, &symbol, cancel).await }));
     }
     for n in 1..=args.bots {
         let owner = format!("bot-{n}");
@@ -215,46 +227,54 @@ async fn seed_portfolio(
     Ok(id)
 }
 
-/// Two alerts on the demo trader's portfolio, so that the alerts feed has something to show.
-async fn seed_alerts(commands: &CommandService, portfolio: PortfolioId, seed: u64) -> anyhow::Result<()> {
-    let acme = Symbol::new("ACME")?;
-    let conditions = [
-        (
-            "up",
-            AlertCondition::PercentChange {
-                symbol: acme.clone(),
-                reference: Price::new("101.25".parse()?)?,
-                percent: Decimal::ONE,
-            },
-        ),
-        (
-            "down",
-            AlertCondition::PercentChange {
-                symbol: acme,
-                reference: Price::new("101.25".parse()?)?,
-                percent: -Decimal::ONE,
-            },
-        ),
-    ];
+/// The idempotency key of a seeded command: the default market keeps the keys it always had (a demo database
+/// from before `--symbols` is not seeded twice); another lead symbol gets keys of its own, so that a restart with
+/// other symbols seeds for them instead of being refused as the same key with another request.
+fn seed_key(seed: u64, lead: &Symbol, name: &str) -> String {
+    if lead.as_str() == DEFAULT_LEAD_SYMBOL {
+        format!("demo:{seed}:{name}")
+    } else {
+        format!("demo:{seed}:{lead}:{name}")
+    }
+}
+
+/// The first symbol of the default market (the demo's alerts and first trade were always on it).
+const DEFAULT_LEAD_SYMBOL: &str = "ACME";
+
+/// Two alerts on the demo trader's portfolio (±1 % from the lead symbol's starting price), so that the alerts
+/// feed has something to show.
+async fn seed_alerts(
+    commands: &CommandService,
+    portfolio: PortfolioId,
+    seed: u64,
+    lead: &SymbolSpec,
+) -> anyhow::Result<()> {
+    let conditions = [("up", Decimal::ONE), ("down", -Decimal::ONE)].map(|(name, percent)| {
+        let condition =
+            AlertCondition::PercentChange { symbol: lead.symbol.clone(), reference: lead.initial_price, percent };
+        (name, condition)
+    });
     for (name, condition) in conditions {
         let command = PortfolioCommand::CreateAlert { alert_id: AlertId::generate(), condition, at: Utc::now() };
-        let context = keyed(format!("demo:{seed}:alert:{name}"))?;
+        let context = keyed(seed_key(seed, &lead.symbol, &format!("alert:{name}")))?;
         commands.execute_portfolio(&context, &portfolio.to_string(), command).await?;
     }
     Ok(())
 }
 
-/// Once per seed: a market buy of 10 ACME for the demo trader as soon as ACME has a price, so that the
-/// dashboard shows a position from the start.
+/// Once per seed: a market buy of 10 of the lead symbol for the demo trader as soon as it has a price, so that
+/// the dashboard shows a position from the start.
 async fn first_trade(
     commands: &CommandService,
     pool: &sqlx::PgPool,
     portfolio: PortfolioId,
     seed: u64,
+    symbol: &Symbol,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     loop {
-        let priced: bool = sqlx::query_scalar("select exists (select 1 from latest_prices where symbol = 'ACME')")
+        let priced: bool = sqlx::query_scalar("select exists (select 1 from latest_prices where symbol = $1)")
+            .bind(symbol.as_str())
             .fetch_one(pool)
             .await?;
         if priced {
@@ -265,20 +285,30 @@ async fn first_trade(
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
-    let mut ids = StdRng::seed_from_u64(seed ^ 0x5eed);
+    // The default market keeps the order id and client id it always had; another lead symbol gets its own.
+    let (salt, client_order_id) = if symbol.as_str() == DEFAULT_LEAD_SYMBOL {
+        (0, format!("demo-first-{seed}"))
+    } else {
+        let fnv = symbol
+            .as_str()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        (fnv, format!("demo-first-{seed}-{symbol}"))
+    };
+    let mut ids = StdRng::seed_from_u64(seed ^ 0x5eed ^ salt);
     let order_id = OrderId(seeded_uuid(&mut ids));
     let command = OrderCommand::PlaceOrder(PlaceOrder {
         order_id,
         portfolio_id: portfolio,
-        client_order_id: ClientOrderId::new(format!("demo-first-{seed}"))?,
-        symbol: Symbol::new("ACME")?,
+        client_order_id: ClientOrderId::new(client_order_id)?,
+        symbol: symbol.clone(),
         side: Side::Buy,
         order_type: OrderType::Market,
         quantity: Quantity::new(Decimal::TEN)?,
         time_in_force: TimeInForce::Day,
         placed_at: Utc::now(),
     });
-    commands.execute_order(&keyed(format!("demo:{seed}:first-trade"))?, &order_id.to_string(), command).await?;
+    commands.execute_order(&keyed(seed_key(seed, symbol, "first-trade"))?, &order_id.to_string(), command).await?;
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use ledger::kafka::KafkaConfig;
-use ledger::market::{read_csv, Simulator, SimulatorConfig, TickPublisher};
+use ledger::market::{read_csv, Simulator, SimulatorConfig, SymbolSpec, TickPublisher};
 use ledger::projections::rebuild::{rebuild, RebuildMode};
 use ledger::projections::worker::WorkerConfig;
 use ledger::projections::{all, by_name, Projection, ProjectionSettings, NAMES};
@@ -82,15 +82,19 @@ pub async fn replay(pool: &PgPool, projections: Vec<Arc<dyn Projection>>, verify
     Ok(())
 }
 
-/// `ledger simulate`: publishes seeded GBM ticks until `cancel` fires.
+/// `ledger simulate`: publishes seeded GBM ticks of `symbols` (the demo's five when `None`) until `cancel` fires.
 pub async fn simulate(
     kafka: &KafkaConfig,
     seed: u64,
     interval_ms: u64,
+    symbols: Option<Vec<SymbolSpec>>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let publisher = TickPublisher::new(kafka)?;
     let mut config = SimulatorConfig::demo(seed);
+    if let Some(symbols) = symbols {
+        config = config.with_symbols(symbols);
+    }
     config.interval_ms = interval_ms.max(1);
     let mut simulator = Simulator::new(config);
     let symbols: Vec<String> = simulator.config().symbols.iter().map(|s| s.symbol.to_string()).collect();

@@ -27,6 +27,44 @@ pub struct SymbolSpec {
     pub tick_size: TickSize,
 }
 
+/// Most symbols one simulator publishes (each one is a tick per step).
+pub const SIMULATED_SYMBOLS_MAX: usize = 100;
+/// Annual drift of a symbol given only by name and price.
+pub const DRIFT_DEFAULT: f64 = 0.05;
+/// Annual volatility of a symbol given only by name and price.
+pub const VOLATILITY_DEFAULT: f64 = 0.30;
+
+impl SymbolSpec {
+    /// A symbol with a starting price, the default drift and volatility, and a tick of one cent.
+    pub fn new(symbol: Symbol, initial_price: Price) -> Self {
+        Self { symbol, initial_price, drift: DRIFT_DEFAULT, volatility: VOLATILITY_DEFAULT, tick_size: TickSize::CENT }
+    }
+
+    /// Parses `SYMBOL:PRICE[,SYMBOL:PRICE…]` (e.g. `AAPL:190,MSFT:420`): at least one, at most
+    /// [`SIMULATED_SYMBOLS_MAX`], each symbol once, each price positive. The error names the bad entry.
+    pub fn parse_list(text: &str) -> Result<Vec<SymbolSpec>, String> {
+        let mut specs: Vec<SymbolSpec> = Vec::new();
+        for entry in text.split(',').map(str::trim) {
+            if specs.len() == SIMULATED_SYMBOLS_MAX {
+                return Err(format!("at most {SIMULATED_SYMBOLS_MAX} symbols"));
+            }
+            let (symbol, price) =
+                entry.split_once(':').ok_or_else(|| format!("{entry:?}: expected SYMBOL:PRICE, e.g. AAPL:190"))?;
+            let symbol = Symbol::new(symbol.trim()).map_err(|e| format!("{entry:?}: {e}"))?;
+            let price = price
+                .trim()
+                .parse::<Decimal>()
+                .map_err(|e| format!("{entry:?}: price: {e}"))
+                .and_then(|price| Price::new(price).map_err(|e| format!("{entry:?}: {e}")))?;
+            if specs.iter().any(|spec| spec.symbol == symbol) {
+                return Err(format!("{entry:?}: {symbol} is listed twice"));
+            }
+            specs.push(SymbolSpec::new(symbol, price));
+        }
+        Ok(specs)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SimulatorConfig {
     pub symbols: Vec<SymbolSpec>,
@@ -62,6 +100,12 @@ impl SimulatorConfig {
             time_scale: 3_600.0,
             volume_mean: 500,
         }
+    }
+
+    /// The demo's settings with these symbols instead of its five.
+    pub fn with_symbols(mut self, symbols: Vec<SymbolSpec>) -> Self {
+        self.symbols = symbols;
+        self
     }
 }
 
@@ -125,6 +169,39 @@ impl Simulator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_symbol_list_gives_symbols_and_starting_prices() {
+        let specs = SymbolSpec::parse_list("AAPL:190, MSFT:420.5").unwrap();
+        let named: Vec<(String, String)> =
+            specs.iter().map(|s| (s.symbol.to_string(), s.initial_price.value().to_string())).collect();
+        assert_eq!(named, [("AAPL".into(), "190".into()), ("MSFT".into(), "420.5".into())]);
+        let mut simulator = Simulator::new(SimulatorConfig::demo(7).with_symbols(specs));
+        let ticks = simulator.step(Utc::now());
+        let symbols: Vec<&str> = ticks.iter().map(|t| t.symbol.as_str()).collect();
+        assert_eq!(symbols, ["AAPL", "MSFT"], "one tick per configured symbol, no demo symbol");
+    }
+
+    #[test]
+    fn a_bad_symbol_list_is_refused_naming_the_entry() {
+        for (text, expected) in [
+            ("", "expected SYMBOL:PRICE"),
+            ("AAPL", "\"AAPL\": expected SYMBOL:PRICE"),
+            ("AAPL:abc", "\"AAPL:abc\": price"),
+            ("AAPL:0", "\"AAPL:0\""),
+            ("AAPL:-5", "\"AAPL:-5\""),
+            ("AAPL:1,AAPL:2", "listed twice"),
+            ("AAPL:1,,MSFT:2", "expected SYMBOL:PRICE"),
+            ("A B:1", "\"A B:1\""),
+        ] {
+            let error = SymbolSpec::parse_list(text).err().unwrap_or_else(|| panic!("{text:?} accepted"));
+            assert!(error.contains(expected), "{text:?}: {error}");
+        }
+        let too_many: Vec<String> = (0..=SIMULATED_SYMBOLS_MAX).map(|i| format!("S{i}:1")).collect();
+        assert!(SymbolSpec::parse_list(&too_many.join(",")).unwrap_err().contains("at most"));
+        let most: Vec<String> = (0..SIMULATED_SYMBOLS_MAX).map(|i| format!("S{i}:1")).collect();
+        assert_eq!(SymbolSpec::parse_list(&most.join(",")).unwrap().len(), SIMULATED_SYMBOLS_MAX);
+    }
 
     #[test]
     fn the_same_seed_gives_the_same_prices() {

@@ -24,12 +24,18 @@ struct Demo {
 impl Demo {
     /// Starts `ledger demo` on a fresh database, with KAFKA_BROKERS unset, and reads its URLs and tokens.
     async fn start() -> Demo {
+        Self::start_with(&[]).await
+    }
+
+    /// As [`Demo::start`], with more arguments.
+    async fn start_with(extra: &[&str]) -> Demo {
         let admin = admin_url();
         let database = format!("ledger_test_{}", uuid::Uuid::new_v4().simple());
         let url = format!("{}/{database}", admin.rsplit_once('/').unwrap().0);
         let started = Instant::now();
         let mut child = Command::new(env!("CARGO_BIN_EXE_ledger"))
             .args(["demo", "--listen", "127.0.0.1:0", "--tick-ms", "200", "--bot-pace-secs", "1", "--seed", "7"])
+            .args(extra)
             .env("DATABASE_URL", &url)
             .env_remove("KAFKA_BROKERS")
             .env_remove("LEDGER_JWT_SECRET")
@@ -120,6 +126,59 @@ async fn with_nothing_configured_the_demo_serves_positions_with_pnl_and_stops_on
     assert!(owners.contains(&"demo-trader") && owners.contains(&"bot-1"), "{owners:?}");
     let status = demo.interrupt().await;
     assert!(status.success(), "Ctrl-C should stop the demo cleanly: {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_market_is_the_one_given_with_symbols() {
+    let demo = Demo::start_with(&["--symbols", "AAPL:190,MSFT:420", "--bots", "1"]).await;
+    let query = "{ prices { symbol price } myPortfolios { owner positions { symbol quantity } } }";
+    let mut last = Value::Null;
+    let deadline = demo.started + CONDITION_WAIT_MAX;
+    let mut ready = false;
+    while Instant::now() < deadline && !ready {
+        last = demo.query(query).await;
+        let priced = last["data"]["prices"].as_array().is_some_and(|prices| prices.len() >= 2);
+        let holds_the_lead = last["data"]["myPortfolios"].as_array().is_some_and(|portfolios| {
+            portfolios.iter().any(|p| {
+                p["owner"] == "demo-trader"
+                    && p["positions"].as_array().is_some_and(|positions| {
+                        positions.iter().any(|x| x["symbol"] == "AAPL" && x["quantity"] != "0")
+                    })
+            })
+        });
+        ready = priced && holds_the_lead;
+        if !ready {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    assert!(ready, "the demo trader never held the first given symbol: {last:#}");
+    let mut symbols: Vec<&str> =
+        last["data"]["prices"].as_array().unwrap().iter().filter_map(|p| p["symbol"].as_str()).collect();
+    symbols.sort();
+    assert_eq!(symbols, ["AAPL", "MSFT"], "only the given symbols are priced");
+    for price in last["data"]["prices"].as_array().unwrap() {
+        let value: f64 = price["price"].as_str().unwrap().parse().unwrap();
+        let start = if price["symbol"] == "AAPL" { 190.0 } else { 420.0 };
+        assert!((start / 2.0..start * 2.0).contains(&value), "{price} starts near {start}");
+    }
+    let held = last["data"]["myPortfolios"].as_array().unwrap().iter().flat_map(|p| p["positions"].as_array().unwrap());
+    assert!(held.clone().all(|x| x["symbol"] == "AAPL" || x["symbol"] == "MSFT"), "{last:#}");
+    assert!(demo.interrupt().await.success());
+}
+
+#[tokio::test]
+async fn a_bad_symbol_list_is_refused_before_anything_starts() {
+    for args in [&["demo", "--symbols", "AAPL:abc"][..], &["simulate", "--symbols", "AAPL:1,AAPL:2"][..]] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_ledger"))
+            .args(args)
+            .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/never-reached")
+            .env_remove("KAFKA_BROKERS")
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}: a usage error");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("--symbols") && stderr.contains("AAPL"), "{args:?}: {stderr}");
+    }
 }
 
 #[tokio::test]
