@@ -97,6 +97,8 @@ impl Cluster {
             .open(self.logs.join(format!("{}.log", component.name)))?;
         let mut command = Command::new(&self.exe);
         command.args(&component.args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).kill_on_drop(true);
+        // The load trades the demo's symbols: a market configured for this shell must not reach the simulator.
+        command.env_remove("LEDGER_SYMBOLS");
         for (name, value) in &self.env {
             command.env(name, value);
         }

@@ -47,7 +47,6 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Kafka settings shared by every subcommand that talks to the broker.
 /// Simulated symbols with their starting prices, as `--symbols AAPL:190,MSFT:420` gives them.
 #[derive(Debug, Clone)]
 pub struct SymbolList(pub Vec<ledger::market::SymbolSpec>);
@@ -60,6 +59,7 @@ impl std::str::FromStr for SymbolList {
     }
 }
 
+/// Kafka settings shared by every subcommand that talks to the broker.
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers (host:port,…). `demo` starts an in-process broker when this is not set.

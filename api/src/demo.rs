@@ -146,8 +146,8 @@ pub async fn run(
     seed_alerts(&commands, trader, args.seed, &lead).await?;
     {
         let (commands, pool, cancel, seed) = (commands.clone(), pool.clone(), cancel.clone(), args.seed);
-        let symbol = lead.symbol.clone();
-        tasks.push(tokio::spawn(async move { first_trade(&commands, &pool, trader, seed, &symbol, cancel).await }));
+        let lead = lead.clone();
+        tasks.push(tokio::spawn(async move { first_trade(&commands, &pool, trader, seed, &lead, cancel).await }));
     }
     for n in 1..=args.bots {
         let owner = format!("bot-{n}");
@@ -158,6 +158,7 @@ pub async fn run(
             portfolio,
             owner,
             pace: Duration::from_secs(args.bot_pace_secs),
+            market: market.iter().map(|spec| spec.symbol.to_string()).collect(),
         };
         let (cancel, rng) = (cancel.clone(), StdRng::seed_from_u64(args.seed.wrapping_add(n as u64)));
         tasks.push(tokio::spawn(async move { bot.run(rng, cancel).await }));
@@ -228,8 +229,8 @@ async fn seed_portfolio(
 }
 
 /// The idempotency key of a seeded command: the default market keeps the keys it always had (a demo database
-/// from before `--symbols` is not seeded twice); another lead symbol gets keys of its own, so that a restart with
-/// other symbols seeds for them instead of being refused as the same key with another request.
+/// from before `--symbols` is not seeded twice); another lead symbol gets keys of its own (a reused key would
+/// answer with the earlier result, and the alerts and first trade for the new symbol would never be made).
 fn seed_key(seed: u64, lead: &Symbol, name: &str) -> String {
     if lead.as_str() == DEFAULT_LEAD_SYMBOL {
         format!("demo:{seed}:{name}")
@@ -237,6 +238,9 @@ fn seed_key(seed: u64, lead: &Symbol, name: &str) -> String {
         format!("demo:{seed}:{lead}:{name}")
     }
 }
+
+/// What the demo trader's first trade may spend (a tenth of its cash).
+const FIRST_TRADE_BUDGET: Decimal = Decimal::from_parts(10_000, 0, 0, false, 0);
 
 /// The first symbol of the default market (the demo's alerts and first trade were always on it).
 const DEFAULT_LEAD_SYMBOL: &str = "ACME";
@@ -262,16 +266,19 @@ async fn seed_alerts(
     Ok(())
 }
 
-/// Once per seed: a market buy of 10 of the lead symbol for the demo trader as soon as it has a price, so that
+/// Once per seed: a market buy of the lead symbol (10, fewer when it is dear) for the demo trader as soon as it has a price, so that
 /// the dashboard shows a position from the start.
 async fn first_trade(
     commands: &CommandService,
     pool: &sqlx::PgPool,
     portfolio: PortfolioId,
     seed: u64,
-    symbol: &Symbol,
+    lead: &SymbolSpec,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    let symbol = &lead.symbol;
+    // Ten, or what a tenth of the trader's cash buys at the starting price (at least one).
+    let quantity = (FIRST_TRADE_BUDGET / lead.initial_price.value()).floor().clamp(Decimal::ONE, Decimal::TEN);
     loop {
         let priced: bool = sqlx::query_scalar("select exists (select 1 from latest_prices where symbol = $1)")
             .bind(symbol.as_str())
@@ -304,7 +311,7 @@ async fn first_trade(
         symbol: symbol.clone(),
         side: Side::Buy,
         order_type: OrderType::Market,
-        quantity: Quantity::new(Decimal::TEN)?,
+        quantity: Quantity::new(quantity)?,
         time_in_force: TimeInForce::Day,
         placed_at: Utc::now(),
     });
@@ -319,6 +326,8 @@ struct Bot {
     portfolio: PortfolioId,
     owner: String,
     pace: Duration,
+    /// The simulated symbols (a database from an earlier run may hold prices of others, no longer moving).
+    market: Vec<String>,
 }
 
 impl Bot {
@@ -337,7 +346,10 @@ impl Bot {
 
     async fn trade(&self, rng: &mut StdRng) -> anyhow::Result<()> {
         let prices: Vec<(String, Decimal)> =
-            sqlx::query_as("select symbol, price from latest_prices order by symbol").fetch_all(&self.pool).await?;
+            sqlx::query_as("select symbol, price from latest_prices where symbol = any($1) order by symbol")
+                .bind(&self.market)
+                .fetch_all(&self.pool)
+                .await?;
         if prices.is_empty() {
             return Ok(());
         }

@@ -12,7 +12,7 @@ use rust_decimal::prelude::{FromPrimitive, ToPrimitive};
 use rust_decimal::Decimal;
 
 use super::tick::{Tick, TICK_VERSION};
-use crate::domain::values::{Price, Symbol, TickSize};
+use crate::domain::values::{echo, Price, Symbol, TickSize, PRICE_MAX};
 
 const SECONDS_PER_YEAR: f64 = 365.25 * 24.0 * 3600.0;
 
@@ -29,6 +29,9 @@ pub struct SymbolSpec {
 
 /// Most symbols one simulator publishes (each one is a tick per step).
 pub const SIMULATED_SYMBOLS_MAX: usize = 100;
+/// Highest starting price accepted for a simulated symbol: a thousandth of the largest price the ledger takes,
+/// so that a simulated path has room to move (the simulator also keeps every step within valid prices).
+pub const STARTING_PRICE_MAX: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
 /// Annual drift of a symbol given only by name and price.
 pub const DRIFT_DEFAULT: f64 = 0.05;
 /// Annual volatility of a symbol given only by name and price.
@@ -41,23 +44,26 @@ impl SymbolSpec {
     }
 
     /// Parses `SYMBOL:PRICE[,SYMBOL:PRICE…]` (e.g. `AAPL:190,MSFT:420`): at least one, at most
-    /// [`SIMULATED_SYMBOLS_MAX`], each symbol once, each price positive. The error names the bad entry.
+    /// [`SIMULATED_SYMBOLS_MAX`], each symbol once, each price on the cent grid, from one cent to
+    /// [`STARTING_PRICE_MAX`]. The error names the bad entry.
     pub fn parse_list(text: &str) -> Result<Vec<SymbolSpec>, String> {
         let mut specs: Vec<SymbolSpec> = Vec::new();
-        for entry in text.split(',').map(str::trim) {
-            if specs.len() == SIMULATED_SYMBOLS_MAX {
+        for (index, entry) in text.split(',').map(str::trim).enumerate() {
+            let shown = format!("{:?}", echo(entry));
+            if index == SIMULATED_SYMBOLS_MAX {
                 return Err(format!("at most {SIMULATED_SYMBOLS_MAX} symbols"));
             }
             let (symbol, price) =
-                entry.split_once(':').ok_or_else(|| format!("{entry:?}: expected SYMBOL:PRICE, e.g. AAPL:190"))?;
-            let symbol = Symbol::new(symbol.trim()).map_err(|e| format!("{entry:?}: {e}"))?;
-            let price = price
-                .trim()
-                .parse::<Decimal>()
-                .map_err(|e| format!("{entry:?}: price: {e}"))
-                .and_then(|price| Price::new(price).map_err(|e| format!("{entry:?}: {e}")))?;
+                entry.split_once(':').ok_or_else(|| format!("{shown}: expected SYMBOL:PRICE, e.g. AAPL:190"))?;
+            let symbol = Symbol::new(symbol.trim()).map_err(|e| format!("{shown}: {e}"))?;
+            let price = Decimal::from_str_exact(price.trim())
+                .map_err(|e| format!("{shown}: price: {e}"))
+                .and_then(|price| Price::new(price).map_err(|e| format!("{shown}: {e}")))?;
+            if !price.is_on_tick(TickSize::CENT) || price.value() > STARTING_PRICE_MAX {
+                return Err(format!("{shown}: price must be whole cents from 0.01 to {STARTING_PRICE_MAX}"));
+            }
             if specs.iter().any(|spec| spec.symbol == symbol) {
-                return Err(format!("{entry:?}: {symbol} is listed twice"));
+                return Err(format!("{shown}: {symbol} is listed twice"));
             }
             specs.push(SymbolSpec::new(symbol, price));
         }
@@ -143,8 +149,12 @@ impl Simulator {
             let spec = &self.config.symbols[index];
             let (mu, sigma) = (spec.drift, spec.volatility);
             let next = self.prices[index] * ((mu - sigma * sigma / 2.0) * dt + sigma * dt.sqrt() * z).exp();
-            self.prices[index] = next;
+            // Within the prices the ledger accepts: a path is held at one tick or at the maximum rather than
+            // published as something else (a rounding failure used to publish one tick for any price).
             let tick_size = spec.tick_size;
+            let lowest = tick_size.value().to_f64().unwrap_or(0.01);
+            let next = next.clamp(lowest, PRICE_MAX.to_f64().unwrap_or(f64::MAX));
+            self.prices[index] = next;
             let symbol = spec.symbol.clone();
             let price = Decimal::from_f64(next)
                 .and_then(|d| Price::round_to_tick(d, tick_size).ok())
@@ -183,6 +193,25 @@ mod tests {
     }
 
     #[test]
+    fn a_path_stays_within_valid_prices() {
+        let symbols = SymbolSpec::parse_list("HIGH:1000000,LOW:0.01").unwrap();
+        let mut config = SimulatorConfig::demo(1).with_symbols(symbols);
+        // Paths that leave any range within a few dozen steps: one straight up, one straight down.
+        config.symbols[0].drift = 10_000.0;
+        config.symbols[1].drift = -10_000.0;
+        let mut simulator = Simulator::new(config);
+        let (mut highest, mut lowest) = (Decimal::ZERO, PRICE_MAX);
+        for _ in 0..2_000 {
+            for tick in simulator.step(Utc::now()) {
+                highest = highest.max(tick.price.value());
+                lowest = lowest.min(tick.price.value());
+            }
+        }
+        assert_eq!(highest, PRICE_MAX, "held at the maximum, never published as one tick instead");
+        assert_eq!(lowest, TickSize::CENT.value());
+    }
+
+    #[test]
     fn a_bad_symbol_list_is_refused_naming_the_entry() {
         for (text, expected) in [
             ("", "expected SYMBOL:PRICE"),
@@ -190,6 +219,9 @@ mod tests {
             ("AAPL:abc", "\"AAPL:abc\": price"),
             ("AAPL:0", "\"AAPL:0\""),
             ("AAPL:-5", "\"AAPL:-5\""),
+            ("AAPL:0.001", "whole cents"),
+            ("AAPL:190.123", "whole cents"),
+            ("AAPL:1000000.01", "whole cents from 0.01 to 1000000"),
             ("AAPL:1,AAPL:2", "listed twice"),
             ("AAPL:1,,MSFT:2", "expected SYMBOL:PRICE"),
             ("A B:1", "\"A B:1\""),
@@ -199,6 +231,7 @@ mod tests {
         }
         let too_many: Vec<String> = (0..=SIMULATED_SYMBOLS_MAX).map(|i| format!("S{i}:1")).collect();
         assert!(SymbolSpec::parse_list(&too_many.join(",")).unwrap_err().contains("at most"));
+        assert_eq!(SymbolSpec::parse_list("AAPL:1000000,B:0.01").unwrap().len(), 2, "the bounds themselves");
         let most: Vec<String> = (0..SIMULATED_SYMBOLS_MAX).map(|i| format!("S{i}:1")).collect();
         assert_eq!(SymbolSpec::parse_list(&most.join(",")).unwrap().len(), SIMULATED_SYMBOLS_MAX);
     }

@@ -39,6 +39,8 @@ impl Demo {
             .env("DATABASE_URL", &url)
             .env_remove("KAFKA_BROKERS")
             .env_remove("LEDGER_JWT_SECRET")
+            .env_remove("LEDGER_SYMBOLS")
+            .env_remove("LEDGER_CONFIG")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -168,7 +170,10 @@ async fn the_demo_market_is_the_one_given_with_symbols() {
 
 #[tokio::test]
 async fn a_bad_symbol_list_is_refused_before_anything_starts() {
-    for args in [&["demo", "--symbols", "AAPL:abc"][..], &["simulate", "--symbols", "AAPL:1,AAPL:2"][..]] {
+    for (args, says) in [
+        (&["demo", "--symbols", "AAPL:abc"][..], "price"),
+        (&["simulate", "--symbols", "AAPL:1,AAPL:2"][..], "listed twice"),
+    ] {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_ledger"))
             .args(args)
             .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/never-reached")
@@ -177,7 +182,7 @@ async fn a_bad_symbol_list_is_refused_before_anything_starts() {
             .unwrap();
         assert_eq!(output.status.code(), Some(2), "{args:?}: a usage error");
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains("--symbols") && stderr.contains("AAPL"), "{args:?}: {stderr}");
+        assert!(stderr.contains("--symbols") && stderr.contains(says), "{args:?}: {stderr}");
     }
 }
 
