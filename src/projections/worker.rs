@@ -122,6 +122,11 @@ pub struct WorkerContext {
     projection: &'static str,
     /// `(topic, partition)` → the offset to start from when the partition is assigned (taken once).
     start_at: Mutex<HashMap<(String, i32), i64>>,
+    /// Set before the consumer is closed: an assignment that completes during the close commits nothing.
+    /// librdkafka aborts the process (`rd_kafka_cgrp_terminated: assert: !rd_kafka_assignment_in_progress`)
+    /// when a commit is started after its group has begun terminating — seen when a worker stopped right after
+    /// it started, before its first assignment arrived.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl WorkerContext {
@@ -158,7 +163,7 @@ impl ConsumerContext for WorkerContext {
                 let started = self.take_start_offsets(tpl);
                 let assigned =
                     if cooperative { base_consumer.incremental_assign(tpl) } else { base_consumer.assign(tpl) };
-                if assigned.is_ok() && started.count() > 0 {
+                if assigned.is_ok() && started.count() > 0 && !self.closing.load(Ordering::SeqCst) {
                     tracing::info!(
                         projection = self.projection,
                         partitions = started.count(),
@@ -333,6 +338,7 @@ impl ProjectionWorker {
             status: self.status.clone(),
             projection: self.projection.name(),
             start_at: Mutex::default(),
+            closing: Default::default(),
         };
         let consumer: WorkerConsumer = self
             .kafka
@@ -352,6 +358,7 @@ impl ProjectionWorker {
     async fn run_once(&self, cancel: &CancellationToken) -> Result<(), WorkerError> {
         let consumer = self.consumer()?;
         let result = self.follow(&consumer, cancel).await;
+        consumer.context().closing.store(true, Ordering::SeqCst);
         crate::kafka::close_off_runtime(consumer, "projection-worker").await;
         result
     }
