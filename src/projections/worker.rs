@@ -124,8 +124,8 @@ pub struct WorkerContext {
     start_at: Mutex<HashMap<(String, i32), i64>>,
     /// Set before the consumer is closed: an assignment that completes during the close commits nothing.
     /// librdkafka aborts the process (`rd_kafka_cgrp_terminated: assert: !rd_kafka_assignment_in_progress`)
-    /// when a commit is started after its group has begun terminating — seen when a worker stopped right after
-    /// it started, before its first assignment arrived.
+    /// when a commit is started after its group has begun terminating (seen once in a test binary whose
+    /// workers stop right after they start; this commit is the likely one, the abort was not reproduced).
     closing: std::sync::atomic::AtomicBool,
 }
 
