@@ -266,8 +266,8 @@ async fn seed_alerts(
     Ok(())
 }
 
-/// Once per seed: a market buy of the lead symbol (10, fewer when it is dear) for the demo trader as soon as it has a price, so that
-/// the dashboard shows a position from the start.
+/// Once per seed: a market buy of the lead symbol (10, fewer when it is dear) for the demo trader as soon as it
+/// has a price, so that the dashboard shows a position from the start.
 async fn first_trade(
     commands: &CommandService,
     pool: &sqlx::PgPool,
@@ -293,17 +293,13 @@ async fn first_trade(
         }
     }
     // The default market keeps the order id and client id it always had; another lead symbol gets its own.
-    let (salt, client_order_id) = if symbol.as_str() == DEFAULT_LEAD_SYMBOL {
-        (0, format!("demo-first-{seed}"))
+    let (order_id, client_order_id) = if symbol.as_str() == DEFAULT_LEAD_SYMBOL {
+        (seeded_uuid(&mut StdRng::seed_from_u64(seed ^ 0x5eed)), format!("demo-first-{seed}"))
     } else {
-        let fnv = symbol
-            .as_str()
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-        (fnv, format!("demo-first-{seed}-{symbol}"))
+        let client_order_id = format!("demo-first-{seed}-{symbol}");
+        (uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, client_order_id.as_bytes()), client_order_id)
     };
-    let mut ids = StdRng::seed_from_u64(seed ^ 0x5eed ^ salt);
-    let order_id = OrderId(seeded_uuid(&mut ids));
+    let order_id = OrderId(order_id);
     let command = OrderCommand::PlaceOrder(PlaceOrder {
         order_id,
         portfolio_id: portfolio,

@@ -114,9 +114,10 @@ pub fn parse_transaction_id(text: &str) -> Result<u64, Box<dyn std::error::Error
     text.parse::<u64>().map_err(|error| format!("transaction id {text:?}: {error}").into())
 }
 
-/// One committed event as stored in the log.
+/// One committed event as stored in the log, its payload and metadata held as `Body`: parsed JSON
+/// ([`RecordedEvent`]) or the JSON text PostgreSQL sent ([`WireEvent`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RecordedEvent {
+pub struct LoggedEvent<Body> {
     pub position: LogPosition,
     pub event_id: Uuid,
     pub aggregate_type: String,
@@ -124,10 +125,18 @@ pub struct RecordedEvent {
     pub sequence: i64,
     pub event_type: String,
     pub event_version: String,
-    pub payload: serde_json::Value,
-    pub metadata: serde_json::Value,
+    pub payload: Body,
+    pub metadata: Body,
     pub recorded_at: DateTime<Utc>,
 }
+
+/// One committed event as stored in the log, payload and metadata parsed.
+pub type RecordedEvent = LoggedEvent<serde_json::Value>;
+
+/// An event as the relay reads it ([`LogReader::next_wire_batch`]): every field of a [`RecordedEvent`], with the
+/// payload and metadata kept as the JSON text PostgreSQL sent (jsonb's output, so valid JSON) to be written
+/// into the Kafka envelope as they are — no `serde_json::Value` tree built, serialised and dropped per event.
+pub type WireEvent = LoggedEvent<Box<str>>;
 
 impl RecordedEvent {
     /// A metadata field (all metadata values are strings).
@@ -147,23 +156,6 @@ pub struct RawEvent {
     pub sequence: i64,
     pub event_version: String,
     pub payload: Box<[u8]>,
-    pub recorded_at: DateTime<Utc>,
-}
-
-/// An event as the relay reads it ([`LogReader::next_wire_batch`]): every field of a [`RecordedEvent`], with the
-/// payload and metadata kept as the JSON text PostgreSQL sent (jsonb's output, so valid JSON) to be written
-/// into the Kafka envelope as they are — no `serde_json::Value` tree built, serialised and dropped per event.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WireEvent {
-    pub position: LogPosition,
-    pub event_id: Uuid,
-    pub aggregate_type: String,
-    pub aggregate_id: String,
-    pub sequence: i64,
-    pub event_type: String,
-    pub event_version: String,
-    pub payload: Box<str>,
-    pub metadata: Box<str>,
     pub recorded_at: DateTime<Utc>,
 }
 
