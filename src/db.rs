@@ -66,6 +66,37 @@ pub async fn ensure_database(url: &str) -> Result<bool, sqlx::Error> {
     Ok(!exists)
 }
 
+/// Connects to `url` (creating the database if needed) with a pool of at most `connections`, and applies every
+/// pending migration; the error says what to do when the server cannot be reached.
+pub async fn connect_and_migrate(url: &str, connections: u32) -> anyhow::Result<PgPool> {
+    use anyhow::Context;
+    let unreachable = || {
+        format!(
+            "cannot reach PostgreSQL at {} — start it (e.g. `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` \
+             or `docker compose up -d postgres`) or set DATABASE_URL",
+            redact(url)
+        )
+    };
+    ensure_database(url).await.with_context(unreachable)?;
+    let pool = connect(url, connections).await.with_context(unreachable)?;
+    migrate(&pool).await.context("applying migrations")?;
+    Ok(pool)
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
 /// Runs `work` (typically one whole transaction) on a task of its own and waits for it.
 ///
 /// A future dropped in the middle of a transaction — an aborted task, a worker killed mid-batch, an HTTP request
@@ -77,4 +108,15 @@ pub async fn detached<T: Send + 'static>(
     work: impl std::future::Future<Output = T> + Send + 'static,
 ) -> Result<T, sqlx::Error> {
     tokio::spawn(work).await.map_err(|error| sqlx::Error::Protocol(format!("transaction task failed: {error}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact("postgres://postgres@127.0.0.1/db"), "postgres://postgres@127.0.0.1/db");
+    }
 }

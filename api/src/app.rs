@@ -16,9 +16,9 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::TokenKeys;
+use crate::graphql::feeds::Hub;
 use crate::graphql::AppState;
-use crate::hub::Hub;
-use crate::server::{router, serve, ServerConfig};
+use crate::http::server::{router, serve, ServerConfig};
 
 #[derive(Clone)]
 pub struct AppConfig {
@@ -31,7 +31,7 @@ pub struct AppConfig {
     /// Serve `/metrics` without a token on this address too (an internal network's scraper).
     pub metrics_listen: Option<String>,
     /// WebSocket server pings and the silence after which a socket is closed.
-    pub keep_alive: crate::ws::KeepAlive,
+    pub keep_alive: crate::http::ws::KeepAlive,
     pub valuation_stale_after: chrono::Duration,
     pub kafka: Option<KafkaConfig>,
     pub settings: ProjectionSettings,
@@ -52,7 +52,7 @@ impl AppConfig {
             rate_limit_per_address_per_second: 1_000,
             rate_limit_per_address_burst: 2_000,
             metrics_listen: None,
-            keep_alive: crate::ws::KeepAlive::default(),
+            keep_alive: crate::http::ws::KeepAlive::default(),
             valuation_stale_after: chrono::Duration::milliseconds(
                 ledger::projections::valuation::VALUATION_STALE_AFTER_MS_DEFAULT as i64,
             ),
@@ -125,7 +125,7 @@ pub async fn start(pool: PgPool, config: AppConfig, listener: tokio::net::TcpLis
             .await
             .with_context(|| format!("listening for metrics on {listen}"))?;
         metrics_address = Some(metrics_listener.local_addr()?);
-        let (router, cancel) = (crate::server::metrics_router(server_state), cancel.clone());
+        let (router, cancel) = (crate::http::server::metrics_router(server_state), cancel.clone());
         tasks
             .push(tokio::spawn(async move { serve(metrics_listener, router, cancel).await.context("metrics server") }));
     }

@@ -1,12 +1,15 @@
-//! The ledger's API: GraphQL (queries, mutations, subscriptions) on axum, bearer-token auth, the subscription
-//! feeds, limits and metrics. The `ledger` binary (`src/main.rs`) runs it with `ledger serve` and `ledger demo`.
+//! The ledger's API: GraphQL (queries, mutations, subscriptions and the feeds behind them) served over HTTP
+//! by axum, with bearer-token auth, limits and metrics. The `ledger` binary (`src/bin/ledger`) runs it with
+//! `ledger serve` and `ledger demo`; the lab (`lab/`, `ledger-lab`) measures and tortures it.
+//!
+//! | module | what |
+//! |--------|------|
+//! | [`app`] | one API instance: its state, feeds, server and shutdown |
+//! | [`auth`] | bearer tokens and roles |
+//! | [`graphql`] | the schema: queries, mutations, subscriptions and their feeds |
+//! | [`http`] | the server, its routes, the WebSocket protocol, rate limits, `/metrics`, the dashboard |
 
 pub mod app;
 pub mod auth;
-pub mod dashboard;
 pub mod graphql;
-pub mod hub;
-pub mod metrics;
-pub mod ratelimit;
-pub mod server;
-pub mod ws;
+pub mod http;

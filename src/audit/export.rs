@@ -10,20 +10,17 @@
 //! the record before`). The data file is written first and the manifest last; a failed export removes its
 //! partial file and leaves no manifest.
 
-use std::fmt;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use bytes::Bytes;
 use futures::Stream;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
 use super::canonical::{event_fields, format_recorded_at, write_canonical, write_object, ChainHash, Field};
 use super::filter::ExportFilter;
-use super::manifest::{FileEntry, Manifest, MANIFEST_FILE, MANIFEST_VERSION};
+use super::manifest::{ExportFormat, FileEntry, Manifest, MANIFEST_FILE, MANIFEST_VERSION};
 use super::parquet_file::ParquetSink;
 use super::sealed::{SealedEvent, SealedReader};
 use super::{AuditError, ProgressFn};
@@ -49,50 +46,6 @@ pub const CSV_COLUMNS: [&str; 13] = [
     "previous_hash",
     "chain_hash",
 ];
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ExportFormat {
-    Jsonl,
-    Csv,
-    Parquet,
-}
-
-impl ExportFormat {
-    pub const ALL: [ExportFormat; 3] = [ExportFormat::Jsonl, ExportFormat::Csv, ExportFormat::Parquet];
-
-    /// The data file's name in the export directory.
-    pub fn file_name(self) -> &'static str {
-        match self {
-            ExportFormat::Jsonl => "events.jsonl",
-            ExportFormat::Csv => "events.csv",
-            ExportFormat::Parquet => "events.parquet",
-        }
-    }
-}
-
-impl fmt::Display for ExportFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ExportFormat::Jsonl => "jsonl",
-            ExportFormat::Csv => "csv",
-            ExportFormat::Parquet => "parquet",
-        })
-    }
-}
-
-impl FromStr for ExportFormat {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "jsonl" => Ok(ExportFormat::Jsonl),
-            "csv" => Ok(ExportFormat::Csv),
-            "parquet" => Ok(ExportFormat::Parquet),
-            _ => Err(format!("{s:?} is not an export format (jsonl, csv or parquet)")),
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct ExportOptions {

@@ -5,16 +5,90 @@
 //! is what ties an export to the database (`audit_chain`) or to a checkpoint published elsewhere; an auditor
 //! compares it there to rule out an export rewritten together with its manifest.
 
+use std::fmt;
 use std::path::Path;
+use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::canonical::ChainHash;
-use super::export::ExportFormat;
 use super::filter::ExportFilter;
-use super::verify::Failure;
 use super::AuditError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportFormat {
+    Jsonl,
+    Csv,
+    Parquet,
+}
+
+impl ExportFormat {
+    pub const ALL: [ExportFormat; 3] = [ExportFormat::Jsonl, ExportFormat::Csv, ExportFormat::Parquet];
+
+    /// The data file's name in the export directory.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            ExportFormat::Jsonl => "events.jsonl",
+            ExportFormat::Csv => "events.csv",
+            ExportFormat::Parquet => "events.parquet",
+        }
+    }
+}
+
+impl fmt::Display for ExportFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ExportFormat::Jsonl => "jsonl",
+            ExportFormat::Csv => "csv",
+            ExportFormat::Parquet => "parquet",
+        })
+    }
+}
+
+impl FromStr for ExportFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "jsonl" => Ok(ExportFormat::Jsonl),
+            "csv" => Ok(ExportFormat::Csv),
+            "parquet" => Ok(ExportFormat::Parquet),
+            _ => Err(format!("{s:?} is not an export format (jsonl, csv or parquet)")),
+        }
+    }
+}
+
+/// The first thing that does not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct Failure {
+    /// The global position of the failing record, when it could be read.
+    pub position: Option<i64>,
+    /// The position of the last record that verified before it.
+    pub after_position: Option<i64>,
+    /// Where: `events.jsonl line 7`, `manifest.json`, `audit_chain index 7`…
+    pub location: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.position, self.after_position) {
+            (Some(position), _) => write!(f, "verification failed at position {position}")?,
+            (None, Some(after)) => write!(f, "verification failed after position {after}")?,
+            (None, None) => write!(f, "verification failed")?,
+        }
+        write!(f, " ({}): {}", self.location, self.reason)
+    }
+}
+
+impl Failure {
+    /// A failure of the manifest itself (no record position).
+    pub(crate) fn manifest(reason: impl Into<String>) -> Failure {
+        Failure { position: None, after_position: None, location: MANIFEST_FILE.into(), reason: reason.into() }
+    }
+}
 
 /// The manifest's file name inside an export directory.
 pub const MANIFEST_FILE: &str = "manifest.json";

@@ -32,12 +32,12 @@ pub mod sealer;
 pub mod verify;
 
 pub use canonical::{canonical_event, ChainHash, CHAIN_VERSION, GENESIS_HASH};
-pub use export::{export, jsonl_stream, ExportFormat, ExportOptions};
+pub use export::{export, jsonl_stream, ExportOptions};
 pub use filter::ExportFilter;
-pub use manifest::Manifest;
+pub use manifest::{ExportFormat, Failure, Manifest};
 pub use sealed::{chain_head, ChainHead, SealedEvent, SealedReader};
 pub use sealer::{seal_until_head, Sealer, SealerConfig, SealerStatus};
-pub use verify::{verify_db, verify_dir, DbReport, DirReport, Failure};
+pub use verify::{verify_db, verify_dir, DbReport, DirReport};
 
 use std::path::PathBuf;
 

@@ -13,7 +13,6 @@
 //! hash, the event still in the log and still hashing to the sealed value — then that no event was slipped
 //! into the sealed part of the log, and that the checkpoints agree with the chain.
 
-use std::fmt;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
@@ -22,8 +21,8 @@ use sha2::{Digest, Sha256};
 use sqlx::{PgPool, Row};
 
 use super::canonical::{canonical_event, canonical_json, ChainHash, EVENT_FIELDS, GENESIS_HASH};
-use super::export::{ExportFormat, CSV_COLUMNS};
-use super::manifest::{Manifest, MANIFEST_FILE};
+use super::export::CSV_COLUMNS;
+use super::manifest::{ExportFormat, Failure, Manifest, MANIFEST_FILE};
 use super::parquet_file::{derived, ParquetRows, DECIMAL_COLUMNS};
 use super::sealed::{hash_column, parse_xid8};
 use super::sealer::SEALER_NAME;
@@ -36,35 +35,6 @@ pub const RECORD_BYTES_MAX: usize = 16 << 20;
 pub const VERIFY_BATCH_SIZE: i64 = 5_000;
 /// How often (in records) progress is reported.
 const PROGRESS_EVERY_RECORDS: u64 = 5_000;
-
-/// The first thing that does not verify.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct Failure {
-    /// The global position of the failing record, when it could be read.
-    pub position: Option<i64>,
-    /// The position of the last record that verified before it.
-    pub after_position: Option<i64>,
-    /// Where: `events.jsonl line 7`, `manifest.json`, `audit_chain index 7`…
-    pub location: String,
-    pub reason: String,
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.position, self.after_position) {
-            (Some(position), _) => write!(f, "verification failed at position {position}")?,
-            (None, Some(after)) => write!(f, "verification failed after position {after}")?,
-            (None, None) => write!(f, "verification failed")?,
-        }
-        write!(f, " ({}): {}", self.location, self.reason)
-    }
-}
-
-impl Failure {
-    pub(crate) fn manifest(reason: impl Into<String>) -> Failure {
-        Failure { position: None, after_position: None, location: MANIFEST_FILE.into(), reason: reason.into() }
-    }
-}
 
 /// An intact export directory.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -169,7 +169,7 @@ impl CommandService {
         if missing.is_empty() {
             return Ok(());
         }
-        for (id, loaded) in super::loader::load::<A>(&self.pool, &missing).await? {
+        for (id, loaded) in super::loader::load::<A>(&self.pool, &missing, A::SNAPSHOTTED).await? {
             self.cache.insert_loaded((A::TYPE, id), loaded.state, loaded.sequence, loaded.snapshot_number);
         }
         Ok(())

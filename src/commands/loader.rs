@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use super::service::LedgerAggregate;
+use cqrs_es::Aggregate;
+
 use super::CommandError;
 
 /// An aggregate as the log has it.
@@ -17,10 +18,11 @@ pub(super) struct Loaded<A> {
     pub snapshot_number: i64,
 }
 
-/// The aggregates `ids` (distinct) of type `A`, by id.
-pub(super) async fn load<'e, A: LedgerAggregate>(
+/// The aggregates `ids` (distinct) of type `A`, by id; from their snapshots when `snapshotted`.
+pub(super) async fn load<'e, A: Aggregate>(
     executor: impl sqlx::PgExecutor<'e>,
     ids: &[String],
+    snapshotted: bool,
 ) -> Result<BTreeMap<String, Loaded<A>>, CommandError> {
     let rows: Vec<(i32, String, i64, i64, Value)> = sqlx::query_as(
         "select 0, aggregate_id, last_sequence, current_snapshot, payload
@@ -34,7 +36,7 @@ pub(super) async fn load<'e, A: LedgerAggregate>(
     )
     .bind(A::TYPE)
     .bind(ids)
-    .bind(A::SNAPSHOTTED)
+    .bind(snapshotted)
     .fetch_all(executor)
     .await
     .map_err(CommandError::store)?;

@@ -33,13 +33,15 @@ mod cache;
 mod context;
 mod loader;
 mod locks;
+mod metrics;
 mod service;
 mod writer;
 
 pub use batch::{BatchItem, BATCH_COMMANDS_MAX};
 pub use cache::{Cacheable, AGGREGATE_CACHE_BYTES_MAX, AGGREGATE_CACHE_ENTRIES_MAX};
 pub use context::{CommandContext, Idempotency, IDEMPOTENCY_KEY_LEN_MAX};
-pub use service::{CommandConfig, CommandMetrics, CommandService, LedgerAggregate};
+pub use metrics::CommandMetrics;
+pub use service::{CommandConfig, CommandService, LedgerAggregate};
 pub use writer::{GROUP_COMMANDS_MAX, GROUP_EVENTS_MAX, WRITER_QUEUE_MAX};
 
 use serde::{Deserialize, Serialize};

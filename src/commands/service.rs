@@ -2,7 +2,7 @@
 //! committer, retry on conflict; idempotency folded into the commit.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use uuid::Uuid;
 use super::cache::{AggregateCache, AggregateKey, Cacheable};
 use super::context::CommandContext;
 use super::locks::{AggregateLocks, DatabaseLock};
+use super::metrics::CommandMetrics;
 use super::writer::{
     head_and_key, lookup, stored_outcome, CommandRecord, CommitError, CommitRequest, NewEvent, Writer,
 };
@@ -55,65 +56,6 @@ impl Default for CommandConfig {
             retry_exclusive_after: 8,
             portfolio_snapshot_every: 50,
             serialize_in_process: true,
-        }
-    }
-}
-
-/// Counters of what the service did (exported to Prometheus by the API).
-#[derive(Debug, Default)]
-pub struct CommandMetrics {
-    pub committed: AtomicU64,
-    pub rejected: AtomicU64,
-    pub conflicts: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub failed: AtomicU64,
-    /// Time to execute a command, from the first look at the aggregate to the answer.
-    pub latency: crate::metrics::Histogram,
-    /// Batches run by `execute_batch` (their commands count in the counters above).
-    pub batches: AtomicU64,
-    /// Time to execute a batch.
-    pub batch_latency: crate::metrics::Histogram,
-    /// Group commits (statements) and the commands they wrote: their ratio is the mean group size.
-    pub group_commits: AtomicU64,
-    pub group_commands: AtomicU64,
-    /// Groups written again one command at a time (a key conflict inside).
-    pub group_fallbacks: AtomicU64,
-    /// Commands that lost so many races that they were written holding back every other writer
-    /// ([`CommandService::attempt_exclusive`]).
-    pub exclusive_attempts: AtomicU64,
-    /// Time to write a group.
-    pub group_latency: crate::metrics::Histogram,
-    /// Commands decided on a cached aggregate (no read before deciding), and on a fresh load.
-    pub cache_hits: AtomicU64,
-    pub cache_misses: AtomicU64,
-    rejections: std::sync::Mutex<BTreeMap<&'static str, u64>>,
-}
-
-impl CommandMetrics {
-    /// Refusals so far, by error code.
-    pub fn rejections_by_code(&self) -> Vec<(&'static str, u64)> {
-        let rejections = self.rejections.lock().unwrap_or_else(|p| p.into_inner());
-        rejections.iter().map(|(code, n)| (*code, *n)).collect()
-    }
-
-    pub(super) fn count_rejection(&self, code: &'static str) {
-        let mut rejections = self.rejections.lock().unwrap_or_else(|p| p.into_inner());
-        *rejections.entry(code).or_default() += 1;
-    }
-
-    /// Counts a command's result.
-    pub(super) fn count(&self, result: &Result<CommandOutcome, CommandError>) {
-        let counter = match result {
-            Ok(outcome) if outcome.duplicate => &self.duplicates,
-            Ok(_) => &self.committed,
-            Err(e) if e.is_business() => &self.rejected,
-            Err(_) => &self.failed,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        if let Err(error) = result {
-            if error.is_business() {
-                self.count_rejection(error.code());
-            }
         }
     }
 }
@@ -295,7 +237,8 @@ impl CommandService {
         match self.cache.get::<A>(&key) {
             Some((state, sequence, ..)) if sequence > 0 => Ok(state),
             _ => {
-                let mut loaded = super::loader::load::<A>(&self.pool, std::slice::from_ref(&key.1)).await?;
+                let mut loaded =
+                    super::loader::load::<A>(&self.pool, std::slice::from_ref(&key.1), A::SNAPSHOTTED).await?;
                 let loaded = loaded.remove(&key.1).ok_or_else(|| CommandError::Store("the loader lost it".into()))?;
                 if loaded.sequence > 0 && self.cache.get::<A>(&key).is_none() {
                     self.cache.insert_loaded(key, loaded.state.clone(), loaded.sequence, loaded.snapshot_number);
@@ -315,7 +258,7 @@ impl CommandService {
             return Ok(cached);
         }
         self.metrics.cache_misses.fetch_add(1, Ordering::Relaxed);
-        let mut loaded = super::loader::load::<A>(&self.pool, std::slice::from_ref(&key.1)).await?;
+        let mut loaded = super::loader::load::<A>(&self.pool, std::slice::from_ref(&key.1), A::SNAPSHOTTED).await?;
         let super::loader::Loaded { state, sequence, snapshot_number } =
             loaded.remove(&key.1).ok_or_else(|| CommandError::Store("the loader lost an aggregate".into()))?;
         let generation = self.cache.insert_loaded(key.clone(), state.clone(), sequence, snapshot_number);
@@ -467,7 +410,7 @@ impl CommandService {
                 .execute(&mut *tx)
                 .await
                 .map_err(CommandError::store)?;
-            let mut loaded = super::loader::load::<A>(&mut *tx, std::slice::from_ref(&key.1)).await?;
+            let mut loaded = super::loader::load::<A>(&mut *tx, std::slice::from_ref(&key.1), A::SNAPSHOTTED).await?;
             let super::loader::Loaded { state, sequence, snapshot_number } =
                 loaded.remove(&key.1).ok_or_else(|| CommandError::Store("the loader lost an aggregate".into()))?;
             let (events, next) = match self.decide(state, command).await {

@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::cache::{AggregateCache, AggregateKey};
-use super::service::CommandMetrics;
+use super::metrics::CommandMetrics;
 use super::{CommandOutcome, CommittedEvent};
 use crate::log::LogPosition;
 
@@ -146,7 +146,7 @@ impl Writer {
 ///
 /// Its statement always has the same shape, but with array parameters PostgreSQL's plan cache kept choosing a
 /// custom plan, so every group was planned again — a sixth of the server's CPU at one command per group. A
-/// generic plan is made once per connection; `ledger bench commands` went from 4,728 to 5,938 commands/s at 32
+/// generic plan is made once per connection; `ledger-lab bench commands` went from 4,728 to 5,938 commands/s at 32
 /// clients (docs/benchmarks.md). The generic plan assumes small arrays, so only groups of at most
 /// [`GENERIC_PLAN_GROUP_MAX`] commands use it. Other statements keep the server's default.
 fn committer_pool(pool: &PgPool) -> PgPool {

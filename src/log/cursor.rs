@@ -1,9 +1,9 @@
-//! Durable cursors of log followers, stored in `log_cursors`.
+//! Durable cursors of log followers, stored in `log_cursors`, and the notification that a follower moved.
 //!
 //! Saving is monotonic: a cursor never moves backwards through [`save_cursor`] (a delayed write from a
 //! superseded instance cannot rewind it); rewinding is an explicit [`reset_cursor`], used by replays.
 
-use sqlx::PgExecutor;
+use sqlx::{PgExecutor, PgPool};
 
 use super::LogPosition;
 
@@ -62,4 +62,15 @@ pub async fn reset_cursor<'e>(
     .execute(executor)
     .await?;
     Ok(())
+}
+
+/// The channel notified (with the notifier's name) when a projection applied a batch or the process manager
+/// moved its cursor.
+pub const PROGRESS_CHANNEL: &str = "ledger_progress";
+
+/// Tells waiters that `who` moved (best effort: a waiter also polls, so a lost notification only delays it).
+pub async fn notify_progress(pool: &PgPool, who: &str) {
+    if let Err(error) = sqlx::query("select pg_notify($1, $2)").bind(PROGRESS_CHANNEL).bind(who).execute(pool).await {
+        tracing::debug!(%error, "progress notification failed");
+    }
 }

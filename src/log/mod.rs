@@ -14,10 +14,14 @@
 //! transaction that held the horizon back may not have written events (and so never notifies).
 
 mod cursor;
+mod history;
 mod reader;
+mod snapshot;
 
-pub use cursor::{load_cursor, reset_cursor, save_cursor};
+pub use cursor::{load_cursor, notify_progress, reset_cursor, save_cursor, PROGRESS_CHANNEL};
+pub use history::{aggregate_events, replay_as_of, AsOf};
 pub use reader::{decode_event, event_by_id, LogReader, ReadOrder, BATCH_SIZE_MAX};
+pub use snapshot::Snapshot;
 
 use std::fmt;
 use std::str::FromStr;

@@ -19,7 +19,7 @@ pub const LISTEN_CHANNEL: &str = "ledger_events";
 
 // The text rendering of the xid8 gets its own alias: `ORDER BY transaction_id` would otherwise bind to an
 // output column named `transaction_id` and sort as text ("100" < "99"), breaking commit order.
-const SELECT_COLUMNS: &str = "events.transaction_id::text as transaction_id_text, global_position, event_id,
+pub(super) const SELECT_COLUMNS: &str = "events.transaction_id::text as transaction_id_text, global_position, event_id,
     aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, recorded_at";
 
 /// The columns of a [`RawEvent`].

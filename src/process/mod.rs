@@ -501,7 +501,7 @@ impl ProcessManager {
         loop {
             match save_cursor(self.pool(), PROCESS_MANAGER, position).await {
                 Ok(()) => {
-                    crate::projections::visibility::notify_progress(self.pool(), PROCESS_MANAGER).await;
+                    crate::log::notify_progress(self.pool(), PROCESS_MANAGER).await;
                     return Ok(());
                 }
                 Err(error) if !cancel.is_cancelled() => {

@@ -163,7 +163,7 @@ pub async fn apply_events(
     .map_err(ApplyError::Database)?;
     // Delivered at commit: readers waiting for their writes (`visibility`) look again.
     sqlx::query("select pg_notify($1, $2)")
-        .bind(crate::projections::visibility::PROGRESS_CHANNEL)
+        .bind(crate::log::PROGRESS_CHANNEL)
         .bind(projection.name())
         .execute(&mut *conn)
         .await

@@ -9,7 +9,7 @@
 //!
 //! The target of step 2 is fixed once step 1 holds, so a busy aggregate cannot keep a waiter chasing its head.
 //! A waiter looks again when woken — the projection workers and the process manager notify
-//! [`PROGRESS_CHANNEL`] when they move (the API's feed hub relays it) — or at the latest every
+//! [`PROGRESS_CHANNEL`](crate::log::PROGRESS_CHANNEL) when they move (the API's feed hub relays it) — or at the latest every
 //! [`FALLBACK_POLL_MS`], and gives up at the caller's deadline.
 
 use std::time::Duration;
@@ -19,18 +19,8 @@ use sqlx::PgPool;
 use crate::log::LogPosition;
 use crate::process::PROCESS_MANAGER;
 
-/// The channel notified (with the notifier's name) when a projection applied a batch or the process manager
-/// moved its cursor.
-pub const PROGRESS_CHANNEL: &str = "ledger_progress";
 /// Longest a waiter goes without looking again, in case a notification was missed.
 pub const FALLBACK_POLL_MS: u64 = 1_000;
-
-/// Tells waiters that `who` moved (best effort: a waiter also polls, so a lost notification only delays it).
-pub async fn notify_progress(pool: &PgPool, who: &str) {
-    if let Err(error) = sqlx::query("select pg_notify($1, $2)").bind(PROGRESS_CHANNEL).bind(who).execute(pool).await {
-        tracing::debug!(%error, "progress notification failed");
-    }
-}
 
 /// A read model that can be waited for, with the aggregate type whose events it applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,4 +1,16 @@
-//! Reads of the read models for the API and the operations commands. The GraphQL layer maps these rows to its
-//! types; what a read model holds and how it is queried stays here, next to the projections that write it.
+//! Reads of the read models for the API and the operations commands: every query of a read-model table the
+//! API makes is here, next to the projections that write the tables, and returns plain rows. The GraphQL
+//! layer maps these rows to its types and holds no SQL. Reads of the event log itself (an aggregate's events
+//! and its state as of a point) are the log's (`crate::log`).
+//!
+//! | module | tables |
+//! |--------|--------|
+//! | [`portfolios`] | `rm_portfolios`, `rm_positions`, `rm_lots`, `rm_alert_rules`, `alert_firings` |
+//! | [`orders`] | `rm_orders`, `rm_executions` |
+//! | [`market`] | `latest_prices`, `price_ticks`, `price_bars_1m`, `rm_indicators`, `rm_daily_stats`, `market_ticks` |
+//! | [`operations`] | `dead_letters` |
 
+pub mod market;
+pub mod operations;
+pub mod orders;
 pub mod portfolios;

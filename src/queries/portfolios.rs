@@ -1,4 +1,5 @@
-//! Portfolio reads beyond the one-row lookups: portfolios in deficit (for operators) and open lots.
+//! Portfolio reads: the `positions` read model (portfolios, positions, open lots), portfolios in deficit (for
+//! operators), and the `alerts` read model (rules and firings).
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -62,6 +63,117 @@ pub async fn open_lots(pool: &PgPool, portfolio_ids: &[Uuid]) -> Result<Vec<LotR
           order by portfolio_id, symbol, acquired_at, lot_id",
     )
     .bind(portfolio_ids)
+    .fetch_all(pool)
+    .await
+}
+
+/// One row of `rm_portfolios`.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct PortfolioRow {
+    pub portfolio_id: Uuid,
+    pub owner: String,
+    pub base_currency: String,
+    pub cost_basis_method: String,
+    pub cash: Decimal,
+    pub reserved_cash: Decimal,
+    pub realized_pnl: Decimal,
+    pub opened_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_position: i64,
+}
+
+const PORTFOLIO_COLUMNS: &str = "portfolio_id, owner, base_currency, cost_basis_method, cash, reserved_cash,
+    realized_pnl, opened_at, updated_at, last_position";
+
+/// One portfolio's row.
+pub async fn portfolio(pool: &PgPool, portfolio_id: Uuid) -> Result<Option<PortfolioRow>, sqlx::Error> {
+    sqlx::query_as(&format!("select {PORTFOLIO_COLUMNS} from rm_portfolios where portfolio_id = $1"))
+        .bind(portfolio_id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Up to `limit` portfolios, oldest first: those of `owner`, or every one when `None`.
+pub async fn portfolios(pool: &PgPool, owner: Option<&str>, limit: i64) -> Result<Vec<PortfolioRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "select {PORTFOLIO_COLUMNS} from rm_portfolios
+          where $1::text is null or owner = $1 order by opened_at, portfolio_id limit $2"
+    ))
+    .bind(owner)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// One position of a portfolio.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct PositionRow {
+    pub portfolio_id: Uuid,
+    pub symbol: String,
+    pub quantity: Decimal,
+    pub reserved_quantity: Decimal,
+    pub cost_basis: Decimal,
+    pub fifo_cost_basis: Decimal,
+    pub realized_pnl: Decimal,
+}
+
+/// The positions of these portfolios, per portfolio by symbol.
+pub async fn positions(pool: &PgPool, portfolio_ids: &[Uuid]) -> Result<Vec<PositionRow>, sqlx::Error> {
+    sqlx::query_as(
+        "select portfolio_id, symbol, quantity, reserved_quantity, cost_basis, fifo_cost_basis, realized_pnl
+           from rm_positions where portfolio_id = any($1) order by portfolio_id, symbol",
+    )
+    .bind(portfolio_ids)
+    .fetch_all(pool)
+    .await
+}
+
+/// One alert rule of a portfolio.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct AlertRuleRow {
+    pub alert_id: Uuid,
+    pub portfolio_id: Uuid,
+    pub kind: String,
+    pub symbol: String,
+    pub condition: serde_json::Value,
+    pub arming: i32,
+    pub status: String,
+}
+
+/// A portfolio's alert rules, oldest first.
+pub async fn alert_rules(pool: &PgPool, portfolio_id: Uuid) -> Result<Vec<AlertRuleRow>, sqlx::Error> {
+    sqlx::query_as(
+        "select alert_id, portfolio_id, kind, symbol, condition, arming, status from rm_alert_rules
+          where portfolio_id = $1 order by created_at, alert_id",
+    )
+    .bind(portfolio_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// One firing of an alert rule.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct AlertFiringRow {
+    pub firing_id: Uuid,
+    pub alert_id: Uuid,
+    pub portfolio_id: Uuid,
+    pub arming: i32,
+    pub kind: String,
+    pub symbol: String,
+    pub price: Decimal,
+    /// The price, % change or P&L that met the condition.
+    pub observed_value: Decimal,
+    pub fired_at: DateTime<Utc>,
+}
+
+/// Up to `limit` firings of a portfolio's alerts, newest first.
+pub async fn alert_firings(pool: &PgPool, portfolio_id: Uuid, limit: i64) -> Result<Vec<AlertFiringRow>, sqlx::Error> {
+    sqlx::query_as(
+        "select firing_id, alert_id, portfolio_id, arming, kind, symbol, price, observed_value, fired_at
+           from alert_firings where portfolio_id = $1 order by fired_at desc limit $2",
+    )
+    .bind(portfolio_id)
+    .bind(limit)
     .fetch_all(pool)
     .await
 }

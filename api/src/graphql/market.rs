@@ -4,6 +4,8 @@ use async_graphql::{Context, Enum, Object, Result, SimpleObject};
 use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 
+use ledger::queries::market::{self as queries, HistoryInterval, IndicatorRow, MoverRow, PricePointRow, PriceRow};
+
 use super::errors::{database, invalid};
 use super::{principal, state};
 
@@ -12,7 +14,7 @@ pub const SYMBOLS_PER_QUERY_MAX: usize = 100;
 /// Points one `priceHistory` query may return.
 pub const HISTORY_POINTS_MAX: usize = 1_000;
 
-#[derive(SimpleObject, Clone, Debug, sqlx::FromRow)]
+#[derive(SimpleObject, Clone, Debug)]
 pub struct Price {
     pub symbol: String,
     pub price: Decimal,
@@ -30,7 +32,7 @@ pub enum Interval {
 }
 
 /// One point of a price history: a tick (open = high = low = close) or a bar.
-#[derive(SimpleObject, Clone, Debug, sqlx::FromRow)]
+#[derive(SimpleObject, Clone, Debug)]
 pub struct PricePoint {
     pub time: DateTime<Utc>,
     pub open: Decimal,
@@ -41,7 +43,7 @@ pub struct PricePoint {
     pub ticks: i32,
 }
 
-#[derive(SimpleObject, Clone, Debug, sqlx::FromRow)]
+#[derive(SimpleObject, Clone, Debug)]
 pub struct Indicator {
     pub symbol: String,
     /// `SMA` or `EMA`.
@@ -54,7 +56,7 @@ pub struct Indicator {
     pub as_of: DateTime<Utc>,
 }
 
-#[derive(SimpleObject, Clone, Debug, sqlx::FromRow)]
+#[derive(SimpleObject, Clone, Debug)]
 pub struct Mover {
     pub symbol: String,
     pub open_price: Decimal,
@@ -72,6 +74,47 @@ pub struct Movers {
     pub losers: Vec<Mover>,
 }
 
+impl From<PriceRow> for Price {
+    fn from(row: PriceRow) -> Self {
+        Price { symbol: row.symbol, price: row.price, as_of: row.as_of, seq: row.seq }
+    }
+}
+
+impl From<Interval> for HistoryInterval {
+    fn from(interval: Interval) -> Self {
+        match interval {
+            Interval::Tick => HistoryInterval::Tick,
+            Interval::Minute => HistoryInterval::Minute,
+        }
+    }
+}
+
+impl From<PricePointRow> for PricePoint {
+    fn from(row: PricePointRow) -> Self {
+        let PricePointRow { time, open, high, low, close, volume, ticks } = row;
+        PricePoint { time, open, high, low, close, volume, ticks }
+    }
+}
+
+impl From<IndicatorRow> for Indicator {
+    fn from(row: IndicatorRow) -> Self {
+        let IndicatorRow { symbol, indicator, window_size, value, samples, as_of } = row;
+        Indicator { symbol, indicator, window_size, value, samples, as_of }
+    }
+}
+
+impl From<MoverRow> for Mover {
+    fn from(row: MoverRow) -> Self {
+        let MoverRow { symbol, open_price, last_price, high, low, change_pct } = row;
+        Mover { symbol, open_price, last_price, high, low, change_pct }
+    }
+}
+
+/// Rows as the GraphQL type they map to.
+fn mapped<R, T: From<R>>(rows: Vec<R>) -> Vec<T> {
+    rows.into_iter().map(T::from).collect()
+}
+
 #[derive(Default)]
 pub struct MarketQuery;
 
@@ -83,14 +126,8 @@ impl MarketQuery {
         if symbols.as_ref().is_some_and(|s| s.len() > SYMBOLS_PER_QUERY_MAX) {
             return Err(invalid(format!("at most {SYMBOLS_PER_QUERY_MAX} symbols per query")));
         }
-        sqlx::query_as(
-            "select symbol, price, as_of, seq from latest_prices
-              where $1::text[] is null or symbol = any($1) order by symbol limit 1000",
-        )
-        .bind(symbols)
-        .fetch_all(&state(ctx).pool)
-        .await
-        .map_err(database)
+        let rows = queries::latest_prices(&state(ctx).pool, symbols.as_deref()).await.map_err(database)?;
+        Ok(mapped(rows))
     }
 
     /// The newest `limit` points of a symbol's history, oldest first.
@@ -103,33 +140,14 @@ impl MarketQuery {
     ) -> Result<Vec<PricePoint>> {
         principal(ctx)?;
         let limit = limit.unwrap_or(100).clamp(1, HISTORY_POINTS_MAX as i32) as i64;
-        let query = match interval {
-            Interval::Tick => {
-                "select * from (select ts as time, price as open, price as high, price as low, price as close,
-                                       coalesce(volume, 0) as volume, 1 as ticks
-                                  from price_ticks where symbol = $1 order by ts desc, seq desc limit $2) newest
-                  order by time"
-            }
-            Interval::Minute => {
-                "select * from (select minute as time, open, high, low, close, volume, ticks
-                                  from price_bars_1m where symbol = $1 order by minute desc limit $2) newest
-                  order by time"
-            }
-        };
-        sqlx::query_as(query).bind(symbol).bind(limit).fetch_all(&state(ctx).pool).await.map_err(database)
+        let rows = queries::price_history(&state(ctx).pool, &symbol, interval.into(), limit).await.map_err(database)?;
+        Ok(mapped(rows))
     }
 
     /// SMA and EMA values of a symbol, per window.
     async fn indicators(&self, ctx: &Context<'_>, symbol: String) -> Result<Vec<Indicator>> {
         principal(ctx)?;
-        sqlx::query_as(
-            "select symbol, indicator, window_size, value, samples, as_of from rm_indicators
-              where symbol = $1 order by indicator, window_size",
-        )
-        .bind(symbol)
-        .fetch_all(&state(ctx).pool)
-        .await
-        .map_err(database)
+        Ok(mapped(queries::indicators(&state(ctx).pool, &symbol).await.map_err(database)?))
     }
 
     /// Top gainers and losers since the open of `tradingDay` (UTC; default: the latest day with data).
@@ -140,24 +158,8 @@ impl MarketQuery {
         limit: Option<i32>,
     ) -> Result<Option<Movers>> {
         principal(ctx)?;
-        let pool = &state(ctx).pool;
         let limit = limit.unwrap_or(5).clamp(1, 50) as i64;
-        let day: Option<NaiveDate> = match trading_day {
-            Some(day) => Some(day),
-            None => sqlx::query_scalar("select max(trading_day) from rm_daily_stats")
-                .fetch_one(pool)
-                .await
-                .map_err(database)?,
-        };
-        let Some(day) = day else { return Ok(None) };
-        let select = |order: &'static str| {
-            format!(
-                "select symbol, open_price, last_price, high, low, change_pct from rm_daily_stats
-                  where trading_day = $1 order by change_pct {order}, symbol limit $2"
-            )
-        };
-        let gainers = sqlx::query_as(&select("desc")).bind(day).bind(limit).fetch_all(pool).await.map_err(database)?;
-        let losers = sqlx::query_as(&select("asc")).bind(day).bind(limit).fetch_all(pool).await.map_err(database)?;
-        Ok(Some(Movers { trading_day: day, gainers, losers }))
+        let movers = queries::movers(&state(ctx).pool, trading_day, limit).await.map_err(database)?;
+        Ok(movers.map(|m| Movers { trading_day: m.trading_day, gainers: mapped(m.gainers), losers: mapped(m.losers) }))
     }
 }

@@ -9,9 +9,11 @@
 //! | operations | `processFailures`, `portfoliosInDeficit` | retry or dismiss a process failure | — |
 //!
 //! Limits (named constants below): query depth, complexity, aliases, page size; request size and per-token
-//! rate limits live in the HTTP layer (`server`).
+//! rate limits live in the HTTP layer (`crate::http`).
 
+pub mod as_of;
 pub mod errors;
+pub mod feeds;
 pub mod market;
 pub mod mutation;
 pub mod operations;
@@ -30,8 +32,8 @@ use ledger::commands::CommandService;
 use sqlx::PgPool;
 
 use crate::auth::Principal;
-use crate::hub::Hub;
 use errors::unauthenticated;
+use feeds::Hub;
 
 /// Deepest query accepted: enough for the standard introspection query (15 levels: GraphiQL and code
 /// generators send it), and the complexity limit bounds the work whatever the depth.

@@ -153,7 +153,7 @@ impl PortfolioMutation {
     /// Deposits and withdrawals in bulk (at most 1 000): committed in one transaction, in order, each with the
     /// guarantees of `deposit`/`withdraw` — its own idempotency key, a refusal (`INSUFFICIENT_FUNDS`,
     /// `FORBIDDEN`, `PORTFOLIO_NOT_FOUND`…) leaves no trace and does not stop the others. One answer per
-    /// movement, in order. The fast path for imports and high-rate intake (see `ledger bench intake`).
+    /// movement, in order. The fast path for imports and high-rate intake (see `ledger-lab bench intake`).
     async fn cash_batch(&self, ctx: &Context<'_>, movements: Vec<CashMovementInput>) -> Result<Vec<BatchItemResult>> {
         use ledger::commands::{BatchItem, CommandError, BATCH_COMMANDS_MAX};
         let principal = principal(ctx)?;
@@ -510,12 +510,9 @@ impl AlertMutation {
             .map_err(super::errors::command)?;
         // The alert's id is in the event (the same for a repeated request, whose answer is the first one's).
         let event_id = outcome.events.first().map(|e| e.event_id).ok_or_else(|| not_found("alert event"))?;
-        let payload: serde_json::Value = sqlx::query_scalar("select payload from events where event_id = $1")
-            .bind(event_id)
-            .fetch_one(&state.pool)
-            .await
-            .map_err(super::errors::database)?;
-        let alert_id = payload["AlertCreated"]["alert_id"]
+        let event = ledger::log::event_by_id(&state.pool, event_id).await.map_err(super::errors::database)?;
+        let event = event.ok_or_else(|| not_found("alert event"))?;
+        let alert_id = event.payload["AlertCreated"]["alert_id"]
             .as_str()
             .and_then(|s| Uuid::parse_str(s).ok())
             .ok_or_else(|| not_found("alert id"))?;

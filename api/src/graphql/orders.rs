@@ -1,60 +1,31 @@
-//! Orders: the blotter row (live) or the Order aggregate replayed up to a point (time travel).
+//! Orders: the blotter row (live) or the Order aggregate replayed up to a point (time travel); both are
+//! `ledger::queries::orders::OrderRow`s, which this module maps to GraphQL.
 
 use async_graphql::connection::Connection;
 use async_graphql::dataloader::DataLoader;
 use async_graphql::{Context, Object, Result};
 use chrono::{DateTime, Utc};
-use cqrs_es::Aggregate;
-use ledger::domain::{Order as OrderAggregate, OrderEvent, OrderType};
+use ledger::domain::Order as OrderAggregate;
+use ledger::log::AsOf;
+use ledger::queries::orders::OrderRow;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::errors::{database, forbidden, internal};
-use super::portfolio::{aggregate_history, resolve_as_of, AsOf};
+use super::as_of::{aggregate_history, resolve_as_of};
+use super::errors::{database, forbidden};
 use super::scalars::LogPosition;
 use super::types::{Event, Execution, ExecutionsOf, Loaders, OrderStatusGql, OrderTypeGql, SideGql};
 use super::{principal, state};
 
-/// One row of `rm_orders`.
-#[derive(sqlx::FromRow, Clone, Debug)]
-pub struct OrderRecord {
-    pub order_id: Uuid,
-    pub portfolio_id: Uuid,
-    pub client_order_id: String,
-    pub symbol: String,
-    pub side: String,
-    pub order_type: String,
-    pub limit_price: Option<Decimal>,
-    pub protection_price: Option<Decimal>,
-    pub quantity: Decimal,
-    pub time_in_force: String,
-    pub status: String,
-    pub cum_quantity: Decimal,
-    pub leaves_quantity: Decimal,
-    pub average_price: Option<Decimal>,
-    pub fees: Decimal,
-    pub reject_code: Option<String>,
-    pub reject_reason: Option<String>,
-    pub placed_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub last_position: i64,
-}
-
-impl OrderRecord {
-    pub const COLUMNS: &'static str = "order_id, portfolio_id, client_order_id, symbol, side, order_type, limit_price,
-        protection_price, quantity, time_in_force, status, cum_quantity, leaves_quantity, average_price, fees,
-        reject_code, reject_reason, placed_at, updated_at, last_position";
-}
-
 pub struct Order {
-    pub record: OrderRecord,
+    pub record: OrderRow,
     /// Time travel: the point the state is as of.
     pub as_of: Option<AsOf>,
 }
 
-impl From<OrderRecord> for Order {
-    fn from(record: OrderRecord) -> Self {
+impl From<OrderRow> for Order {
+    fn from(record: OrderRow) -> Self {
         Order { record, as_of: None }
     }
 }
@@ -71,74 +42,19 @@ pub async fn load_live(
         let order = ledger::projections::visibility::ReadModel::Order;
         super::wait_visible(state, order, &id.to_string(), position).await?;
     }
-    let record: Option<OrderRecord> =
-        sqlx::query_as(&format!("select {} from rm_orders where order_id = $1", OrderRecord::COLUMNS))
-            .bind(id)
-            .fetch_optional(&state.pool)
-            .await
-            .map_err(database)?;
+    let record = ledger::queries::orders::order(&state.pool, id).await.map_err(database)?;
     if let Some(record) = record {
         return Ok(Some(Order::from(record)));
     }
     let (order, _) = state.commands.load::<OrderAggregate>(&id.to_string()).await.map_err(super::errors::command)?;
-    Ok(from_aggregate(id, &order, 0).map(Order::from))
+    Ok(OrderRow::of_aggregate(id, &order, 0).map(Order::from))
 }
 
 /// The order replayed from its events up to `as_of` (`None` if not placed yet).
 pub async fn load_as_of(pool: &PgPool, id: Uuid, as_of: AsOf) -> Result<Option<Order>> {
-    let rows: Vec<(serde_json::Value, i64)> = sqlx::query_as(
-        "select payload, global_position from events
-          where aggregate_type = 'Order' and aggregate_id = $1
-            and ($2::text is null or (transaction_id, global_position) <= ($2::text::xid8, $3))
-            and ($4::timestamptz is null or recorded_at <= $4)
-          order by sequence",
-    )
-    .bind(id.to_string())
-    .bind(as_of.position.map(|p| p.transaction_id.to_string()))
-    .bind(as_of.position.map_or(0, |p| p.global_position))
-    .bind(as_of.position.is_none().then_some(as_of.time))
-    .fetch_all(pool)
-    .await
-    .map_err(database)?;
-    let mut aggregate = OrderAggregate::default();
-    let mut last_position = 0;
-    for (payload, position) in rows {
-        let event: OrderEvent = serde_json::from_value(payload).map_err(internal)?;
-        aggregate.apply(event);
-        last_position = position;
-    }
-    Ok(from_aggregate(id, &aggregate, last_position).map(|record| Order { record, as_of: Some(as_of) }))
-}
-
-/// The blotter row of an aggregate's state.
-pub fn from_aggregate(id: Uuid, order: &OrderAggregate, last_position: i64) -> Option<OrderRecord> {
-    let terms = order.terms.as_ref()?;
-    let (order_type, limit_price) = match terms.order_type {
-        OrderType::Market => ("Market", None),
-        OrderType::Limit { limit_price } => ("Limit", Some(limit_price.value())),
-    };
-    Some(OrderRecord {
-        order_id: id,
-        portfolio_id: terms.portfolio_id.0,
-        client_order_id: terms.client_order_id.to_string(),
-        symbol: terms.symbol.to_string(),
-        side: format!("{:?}", terms.side),
-        order_type: order_type.into(),
-        limit_price,
-        protection_price: order.protection_price.map(|p| p.value()),
-        quantity: terms.quantity,
-        time_in_force: format!("{:?}", terms.time_in_force),
-        status: order.status.as_str().into(),
-        cum_quantity: order.cum_quantity,
-        leaves_quantity: order.leaves_quantity,
-        average_price: order.average_price(),
-        fees: order.fees,
-        reject_code: order.reject_reason.as_ref().map(|r| r.code.as_str().to_string()),
-        reject_reason: order.reject_reason.as_ref().map(|r| r.detail.clone()),
-        placed_at: terms.placed_at,
-        updated_at: order.updated_at.unwrap_or(terms.placed_at),
-        last_position,
-    })
+    let (aggregate, last_position) =
+        ledger::log::replay_as_of::<OrderAggregate>(pool, &id.to_string(), &as_of).await.map_err(database)?;
+    Ok(OrderRow::of_aggregate(id, &aggregate, last_position).map(|record| Order { record, as_of: Some(as_of) }))
 }
 
 /// The owner of a portfolio, from its aggregate (authoritative, unlike a read model that may lag). An owner

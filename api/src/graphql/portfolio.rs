@@ -1,22 +1,24 @@
 //! Portfolios: the live view from the read models, or — with `asOf` / `atPosition` — the state as it was then,
 //! replayed from the aggregate's own events (time travel).
 
-use std::collections::BTreeMap;
-
 use async_graphql::connection::{Connection, Edge};
 use async_graphql::dataloader::DataLoader;
 use async_graphql::{Context, Object, Result};
 use chrono::{DateTime, Utc};
-use cqrs_es::Aggregate;
-use ledger::domain::{Portfolio as PortfolioAggregate, PortfolioEvent};
+use ledger::domain::Portfolio as PortfolioAggregate;
+use ledger::log::AsOf;
+use ledger::queries::market::prices_as_of;
+use ledger::queries::orders::{portfolio_executions, portfolio_orders, OrderFilter};
+use ledger::queries::portfolios::{alert_firings, alert_rules, portfolios, PortfolioRow};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use ledger::projections::visibility::ReadModel;
 
+use super::as_of::{aggregate_history, resolve_as_of};
 use super::errors::{database, forbidden, invalid, not_found};
-use super::orders::{Order, OrderRecord};
+use super::orders::Order;
 use super::scalars::LogPosition;
 use super::types::{
     AlertFiring, AlertRule, CostBasisMethodGql, Event, Execution, Loaders, Position, PositionsOf, Valuation,
@@ -25,13 +27,6 @@ use super::{page_size, principal, state};
 
 /// Longest a query waits for a read model to reach `waitFor`.
 pub const READ_WAIT_MS_MAX: u64 = 5_000;
-
-/// The point of a time-travel query.
-#[derive(Debug, Clone)]
-pub struct AsOf {
-    pub time: DateTime<Utc>,
-    pub position: Option<ledger::log::LogPosition>,
-}
 
 pub struct Portfolio {
     pub id: Uuid,
@@ -46,20 +41,6 @@ pub struct Portfolio {
     pub last_position: i64,
     /// Time travel: the point asked for, and the positions as they were.
     pub as_of: Option<(AsOf, Vec<Position>)>,
-}
-
-#[derive(sqlx::FromRow)]
-struct PortfolioRow {
-    portfolio_id: Uuid,
-    owner: String,
-    base_currency: String,
-    cost_basis_method: String,
-    cash: Decimal,
-    reserved_cash: Decimal,
-    realized_pnl: Decimal,
-    opened_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    last_position: i64,
 }
 
 impl From<PortfolioRow> for Portfolio {
@@ -80,10 +61,6 @@ impl From<PortfolioRow> for Portfolio {
     }
 }
 
-const PORTFOLIO_COLUMNS: &str =
-    "portfolio_id, owner, base_currency, cost_basis_method, cash, reserved_cash, realized_pnl,
-    opened_at, updated_at, last_position";
-
 /// The live read-model row. With `wait_for`, first waits (at most [`READ_WAIT_MS_MAX`]) until the read model
 /// shows that position and the process manager's reactions to it (`ledger::projections::visibility`), and
 /// answers `NOT_YET_VISIBLE` if it does not in time. A portfolio the read model has not seen yet (opened a
@@ -97,41 +74,17 @@ pub async fn load_live(
         super::wait_visible(state, ReadModel::Portfolio, &id.to_string(), position).await?;
     }
     let (pool, now) = (&state.pool, state.clock.now());
-    let row: Option<PortfolioRow> =
-        sqlx::query_as(&format!("select {PORTFOLIO_COLUMNS} from rm_portfolios where portfolio_id = $1"))
-            .bind(id)
-            .fetch_optional(pool)
-            .await
-            .map_err(database)?;
+    let row = ledger::queries::portfolios::portfolio(pool, id).await.map_err(database)?;
     match row {
         Some(row) => Ok(Some(Portfolio::from(row))),
-        None => load_as_of(pool, id, AsOf { time: now, position: None }).await,
+        None => load_as_of(pool, id, AsOf::time(now)).await,
     }
 }
 
 /// Replays the portfolio's events up to `as_of`; `None` if it did not exist yet.
 pub async fn load_as_of(pool: &PgPool, id: Uuid, as_of: AsOf) -> Result<Option<Portfolio>> {
-    let rows: Vec<(serde_json::Value, i64)> = sqlx::query_as(
-        "select payload, global_position from events
-          where aggregate_type = 'Portfolio' and aggregate_id = $1
-            and ($2::text is null or (transaction_id, global_position) <= ($2::text::xid8, $3))
-            and ($4::timestamptz is null or recorded_at <= $4)
-          order by sequence",
-    )
-    .bind(id.to_string())
-    .bind(as_of.position.map(|p| p.transaction_id.to_string()))
-    .bind(as_of.position.map_or(0, |p| p.global_position))
-    .bind(as_of.position.is_none().then_some(as_of.time))
-    .fetch_all(pool)
-    .await
-    .map_err(database)?;
-    let mut aggregate = PortfolioAggregate::default();
-    let mut last_position = 0;
-    for (payload, position) in rows {
-        let event: PortfolioEvent = serde_json::from_value(payload).map_err(super::errors::internal)?;
-        aggregate.apply(event);
-        last_position = position;
-    }
+    let (aggregate, last_position) =
+        ledger::log::replay_as_of::<PortfolioAggregate>(pool, &id.to_string(), &as_of).await.map_err(database)?;
     let Some(terms) = aggregate.terms.clone() else { return Ok(None) };
     let positions = aggregate.positions.iter().map(|(symbol, p)| Position::of(symbol, p)).collect();
     Ok(Some(Portfolio {
@@ -150,49 +103,6 @@ pub async fn load_as_of(pool: &PgPool, id: Uuid, as_of: AsOf) -> Result<Option<P
         last_position,
         as_of: Some((as_of, positions)),
     }))
-}
-
-/// Resolves `asOf` / `atPosition` to a point in time (the time of the event at that position).
-pub async fn resolve_as_of(
-    pool: &PgPool,
-    as_of: Option<DateTime<Utc>>,
-    at_position: Option<LogPosition>,
-) -> Result<Option<AsOf>> {
-    match (as_of, at_position) {
-        (Some(_), Some(_)) => Err(invalid("give asOf or atPosition, not both")),
-        (Some(time), None) => Ok(Some(AsOf { time, position: None })),
-        (None, Some(LogPosition(position))) => {
-            let time: Option<DateTime<Utc>> = sqlx::query_scalar(
-                "select recorded_at from events where transaction_id = $1::text::xid8 and global_position = $2",
-            )
-            .bind(position.transaction_id.to_string())
-            .bind(position.global_position)
-            .fetch_optional(pool)
-            .await
-            .map_err(database)?;
-            let time = time.ok_or_else(|| not_found("log position"))?;
-            Ok(Some(AsOf { time, position: Some(position) }))
-        }
-        (None, None) => Ok(None),
-    }
-}
-
-/// Prices as of `time`, from the tick archive (the last tick at or before it, per symbol).
-async fn prices_as_of(
-    pool: &PgPool,
-    symbols: &[String],
-    time: DateTime<Utc>,
-) -> Result<BTreeMap<String, (Decimal, DateTime<Utc>)>> {
-    let rows: Vec<(String, Decimal, DateTime<Utc>)> = sqlx::query_as(
-        "select distinct on (symbol) symbol, price, ts from market_ticks
-          where symbol = any($1) and ts <= $2 order by symbol, ts desc, seq desc",
-    )
-    .bind(symbols)
-    .bind(time)
-    .fetch_all(pool)
-    .await
-    .map_err(database)?;
-    Ok(rows.into_iter().map(|(symbol, price, ts)| (symbol, (price, ts))).collect())
 }
 
 #[Object]
@@ -277,7 +187,7 @@ impl Portfolio {
         if let Some((as_of, positions)) = &self.as_of {
             let symbols: Vec<String> =
                 positions.iter().filter(|p| !p.quantity.is_zero()).map(|p| p.symbol.clone()).collect();
-            let prices = prices_as_of(&state.pool, &symbols, as_of.time).await?;
+            let prices = prices_as_of(&state.pool, &symbols, as_of.time).await.map_err(database)?;
             let valuation = ledger::projections::valuation::PortfolioValuation::compose(
                 self.id,
                 self.cash,
@@ -321,30 +231,17 @@ impl Portfolio {
         let state = state(ctx);
         let limit = page_size(first);
         let cursor = after.as_deref().map(decode_order_cursor).transpose()?;
-        let statuses: Option<Vec<&str>> = status.as_ref().map(|s| s.iter().map(|s| s.as_str()).collect());
-        let rows: Vec<OrderRecord> = sqlx::query_as(&format!(
-            "select {} from rm_orders
-              where portfolio_id = $1
-                and ($2::timestamptz is null or (placed_at, order_id) < ($2, $3))
-                and ($4::text[] is null or status = any($4))
-                and ($5::timestamptz is null or placed_at <= $5)
-              order by placed_at desc, order_id desc limit $6",
-            OrderRecord::COLUMNS
-        ))
-        .bind(self.id)
-        .bind(cursor.map(|c| c.0))
-        .bind(cursor.map(|c| c.1))
-        .bind(statuses)
-        .bind(self.as_of.as_ref().map(|(a, _)| a.time))
-        .bind(limit as i64 + 1)
-        .fetch_all(&state.pool)
-        .await
-        .map_err(database)?;
+        let filter = OrderFilter {
+            before: cursor,
+            statuses: status.map(|s| s.iter().map(|s| s.as_str().to_string()).collect()),
+            placed_by: self.as_of.as_ref().map(|(a, _)| a.time),
+        };
+        let rows = portfolio_orders(&state.pool, self.id, &filter, limit as i64 + 1).await.map_err(database)?;
         let mut connection = Connection::new(after.is_some(), rows.len() > limit);
         for row in rows.into_iter().take(limit) {
             let cursor = encode_order_cursor(row.placed_at, row.order_id);
             let order = match &self.as_of {
-                Some((as_of, _)) => super::orders::load_as_of(&state.pool, row.order_id, as_of.clone()).await?,
+                Some((as_of, _)) => super::orders::load_as_of(&state.pool, row.order_id, *as_of).await?,
                 None => Some(Order::from(row)),
             };
             if let Some(order) = order {
@@ -366,53 +263,29 @@ impl Portfolio {
         let limit = page_size(first);
         let before: Option<i64> =
             after.as_deref().map(|a| a.parse::<i64>().map_err(|_| invalid("bad cursor"))).transpose()?;
-        let rows: Vec<Execution> = sqlx::query_as(
-            "select order_id, exec_id, portfolio_id, symbol, side, quantity, price, fee, executed_at, global_position
-               from rm_executions
-              where portfolio_id = $1 and ($2::bigint is null or global_position < $2)
-                and ($3::timestamptz is null or executed_at <= $3)
-              order by global_position desc limit $4",
-        )
-        .bind(self.id)
-        .bind(before)
-        .bind(self.as_of.as_ref().map(|(a, _)| a.time))
-        .bind(limit as i64 + 1)
-        .fetch_all(&state.pool)
-        .await
-        .map_err(database)?;
+        let executed_by = self.as_of.as_ref().map(|(a, _)| a.time);
+        let rows = portfolio_executions(&state.pool, self.id, before, executed_by, limit as i64 + 1)
+            .await
+            .map_err(database)?;
         let mut connection = Connection::new(after.is_some(), rows.len() > limit);
         connection
             .edges
-            .extend(rows.into_iter().take(limit).map(|row| Edge::new(row.global_position.to_string(), row)));
+            .extend(rows.into_iter().take(limit).map(|row| Edge::new(row.global_position.to_string(), row.into())));
         Ok(connection)
     }
 
     /// The portfolio's alert rules (at most 100 live ones).
     #[graphql(complexity = "ledger::domain::portfolio::ALERTS_PER_PORTFOLIO_MAX * child_complexity")]
     async fn alert_rules(&self, ctx: &Context<'_>) -> Result<Vec<AlertRule>> {
-        let rows: Vec<super::types::AlertRuleRow> = sqlx::query_as(
-            "select alert_id, portfolio_id, kind, symbol, condition, arming, status from rm_alert_rules
-              where portfolio_id = $1 order by created_at, alert_id",
-        )
-        .bind(self.id)
-        .fetch_all(&state(ctx).pool)
-        .await
-        .map_err(database)?;
+        let rows = alert_rules(&state(ctx).pool, self.id).await.map_err(database)?;
         Ok(rows.into_iter().map(AlertRule::from).collect())
     }
 
     /// Firings, newest first (at most one per arming of each rule).
     #[graphql(complexity = "super::page_size(first) * child_complexity")]
     async fn alert_firings(&self, ctx: &Context<'_>, first: Option<i32>) -> Result<Vec<AlertFiring>> {
-        sqlx::query_as(
-            "select firing_id, alert_id, portfolio_id, arming, kind, symbol, price, observed_value, fired_at
-               from alert_firings where portfolio_id = $1 order by fired_at desc limit $2",
-        )
-        .bind(self.id)
-        .bind(page_size(first) as i64)
-        .fetch_all(&state(ctx).pool)
-        .await
-        .map_err(database)
+        let rows = alert_firings(&state(ctx).pool, self.id, page_size(first) as i64).await.map_err(database)?;
+        Ok(rows.into_iter().map(AlertFiring::from).collect())
     }
 
     /// The portfolio's own events, oldest first; the cursor is the sequence number. In time travel, only the
@@ -427,47 +300,6 @@ impl Portfolio {
         let until = self.as_of.as_ref().map(|(as_of, _)| as_of);
         aggregate_history(&state(ctx).pool, "Portfolio", &self.id.to_string(), until, first, after).await
     }
-}
-
-/// An aggregate's events by sequence (shared by portfolios and orders), up to `until` when given (the same
-/// bound as the time-travel replay: a log position, or a time).
-pub async fn aggregate_history(
-    pool: &PgPool,
-    aggregate_type: &str,
-    id: &str,
-    until: Option<&AsOf>,
-    first: Option<i32>,
-    after: Option<String>,
-) -> Result<Connection<String, Event>> {
-    let limit = page_size(first);
-    let after_sequence: i64 =
-        after.as_deref().map(|a| a.parse().map_err(|_| invalid("bad cursor"))).transpose()?.unwrap_or(0);
-    let position = until.and_then(|u| u.position);
-    let rows = sqlx::query(
-        "select transaction_id::text as transaction_id_text, global_position, event_id, aggregate_type, aggregate_id,
-                sequence, event_type, event_version, payload, metadata, recorded_at
-           from events
-          where aggregate_type = $1 and aggregate_id = $2 and sequence > $3
-            and ($5::text is null or (transaction_id, global_position) <= ($5::text::xid8, $6))
-            and ($7::timestamptz is null or recorded_at <= $7)
-          order by sequence limit $4",
-    )
-    .bind(aggregate_type)
-    .bind(id)
-    .bind(after_sequence)
-    .bind(limit as i64 + 1)
-    .bind(position.map(|p| p.transaction_id.to_string()))
-    .bind(position.map_or(0, |p| p.global_position))
-    .bind(until.filter(|u| u.position.is_none()).map(|u| u.time))
-    .fetch_all(pool)
-    .await
-    .map_err(database)?;
-    let mut connection = Connection::new(after.is_some(), rows.len() > limit);
-    for row in rows.iter().take(limit) {
-        let event = ledger::log::decode_event(row).map_err(database)?;
-        connection.edges.push(Edge::new(event.sequence.to_string(), Event::from(&event)));
-    }
-    Ok(connection)
 }
 
 fn encode_order_cursor(placed_at: DateTime<Utc>, id: Uuid) -> String {
@@ -493,27 +325,12 @@ impl PortfolioQuery {
         let limit = super::my_portfolios_limit(first) as i64;
         let principal = principal(ctx)?;
         let state = state(ctx);
-        let rows: Vec<PortfolioRow> = match principal.role {
-            crate::auth::Role::Trader => {
-                sqlx::query_as(&format!(
-                    "select {PORTFOLIO_COLUMNS} from rm_portfolios where owner = $1 order by opened_at, portfolio_id limit $2"
-                ))
-                .bind(&principal.subject)
-                .bind(limit)
-                .fetch_all(&state.pool)
-                .await
-            }
-            crate::auth::Role::Auditor | crate::auth::Role::Admin => {
-                sqlx::query_as(&format!(
-                    "select {PORTFOLIO_COLUMNS} from rm_portfolios order by opened_at, portfolio_id limit $1"
-                ))
-                .bind(limit)
-                .fetch_all(&state.pool)
-                .await
-            }
-            crate::auth::Role::Broker => Ok(Vec::new()),
-        }
-        .map_err(database)?;
+        let owner = match principal.role {
+            crate::auth::Role::Trader => Some(principal.subject.as_str()),
+            crate::auth::Role::Auditor | crate::auth::Role::Admin => None,
+            crate::auth::Role::Broker => return Ok(Vec::new()),
+        };
+        let rows = portfolios(&state.pool, owner, limit).await.map_err(database)?;
         Ok(rows.into_iter().map(Portfolio::from).collect())
     }
 

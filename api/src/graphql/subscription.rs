@@ -21,7 +21,7 @@ use super::orders::portfolio_owner;
 use super::scalars::LogPosition;
 use super::types::{Event, OrderStatusGql, Position, Valuation};
 use super::{principal, state, AppState};
-use crate::hub::FeedError;
+use crate::graphql::feeds::FeedError;
 
 /// Minimum interval between price-driven valuation updates of one portfolio subscription.
 pub const VALUATION_UPDATE_INTERVAL_MS: u64 = 1_000;
@@ -133,16 +133,13 @@ async fn portfolio_snapshot(
     let positions: Vec<Position> = portfolio.positions.iter().map(|(symbol, p)| Position::of(symbol, p)).collect();
     let held: BTreeSet<String> = positions.iter().filter(|p| !p.quantity.is_zero()).map(|p| p.symbol.clone()).collect();
     let symbols: Vec<String> = held.iter().cloned().collect();
-    let prices: HashMap<String, (Decimal, DateTime<Utc>)> = sqlx::query_as::<_, (String, Decimal, DateTime<Utc>)>(
-        "select symbol, price, as_of from latest_prices where symbol = any($1)",
-    )
-    .bind(&symbols)
-    .fetch_all(&state.pool)
-    .await
-    .map_err(super::errors::database)?
-    .into_iter()
-    .map(|(s, p, at)| (s, (p, at)))
-    .collect();
+    let prices: HashMap<String, (Decimal, DateTime<Utc>)> =
+        ledger::queries::market::latest_prices(&state.pool, Some(&symbols))
+            .await
+            .map_err(super::errors::database)?
+            .into_iter()
+            .map(|row| (row.symbol, (row.price, row.as_of)))
+            .collect();
     let now = state.clock.now();
     let valued = positions
         .iter()
@@ -208,7 +205,7 @@ impl SubscriptionRoot {
         authorize_read(&state, ctx, portfolio_id).await?;
         let events = state.hub.log_events(after.map(|a| a.0), |e| e.aggregate_type == "Order").await;
         let mut events = Box::pin(events.map_err(feed_error)?);
-        Ok(crate::hub::spawn_stream(move |sender| async move {
+        Ok(crate::graphql::feeds::spawn_stream(move |sender| async move {
             let mut known: HashMap<String, Uuid> = HashMap::new();
             while let Some(item) = events.next().await {
                 let message = match item {
@@ -246,7 +243,7 @@ impl SubscriptionRoot {
         let mut events = Box::pin(events.map_err(feed_error)?);
         let mut ticks = Box::pin(state.hub.broadcast_stream(state.hub.subscribe_ticks()));
         let (_, mut held) = portfolio_snapshot(&state, id, String::new(), None).await?;
-        Ok(crate::hub::spawn_stream(move |sender| async move {
+        Ok(crate::graphql::feeds::spawn_stream(move |sender| async move {
             let mut last_position: Option<LogPosition> = after;
             let mut last_price_update = tokio::time::Instant::now() - Duration::from_secs(60);
             loop {

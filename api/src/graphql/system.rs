@@ -12,11 +12,13 @@ use ledger::log::LogReader;
 use lru::LruCache;
 
 use super::errors::{database, forbidden, invalid};
+use ledger::queries::operations::{dead_letters, DeadLetterRow};
+
 use super::scalars::LogPosition;
 use super::types::Event;
 use super::{page_size, principal, state};
 
-#[derive(SimpleObject, Clone, Debug, sqlx::FromRow)]
+#[derive(SimpleObject, Clone, Debug)]
 pub struct DeadLetter {
     pub id: i64,
     pub projection: String,
@@ -28,6 +30,33 @@ pub struct DeadLetter {
     pub payload: Option<String>,
     pub error: String,
     pub recorded_at: DateTime<Utc>,
+}
+
+impl From<DeadLetterRow> for DeadLetter {
+    fn from(row: DeadLetterRow) -> Self {
+        let DeadLetterRow {
+            id,
+            projection,
+            source_topic,
+            source_partition,
+            source_offset,
+            message_key,
+            payload,
+            error,
+            recorded_at,
+        } = row;
+        DeadLetter {
+            id,
+            projection,
+            source_topic,
+            source_partition,
+            source_offset,
+            message_key,
+            payload,
+            error,
+            recorded_at,
+        }
+    }
 }
 
 /// The global log's connection type is `LogConnection` (`EventConnection` is an aggregate's history, whose
@@ -88,18 +117,9 @@ impl LogQuery {
         }
         let limit = page_size(first);
         let before: Option<i64> = after.as_deref().map(|a| a.parse().map_err(|_| invalid("bad cursor"))).transpose()?;
-        let rows: Vec<DeadLetter> = sqlx::query_as(
-            "select id, projection, source_topic, source_partition, source_offset, message_key,
-                    encode(payload, 'escape') as payload, error, recorded_at
-               from dead_letters where $1::bigint is null or id < $1 order by id desc limit $2",
-        )
-        .bind(before)
-        .bind(limit as i64 + 1)
-        .fetch_all(&state(ctx).pool)
-        .await
-        .map_err(database)?;
+        let rows = dead_letters(&state(ctx).pool, before, limit as i64 + 1).await.map_err(database)?;
         let mut connection = Connection::new(after.is_some(), rows.len() > limit);
-        connection.edges.extend(rows.into_iter().take(limit).map(|row| Edge::new(row.id.to_string(), row)));
+        connection.edges.extend(rows.into_iter().take(limit).map(|row| Edge::new(row.id.to_string(), row.into())));
         Ok(connection)
     }
 }

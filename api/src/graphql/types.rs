@@ -7,8 +7,10 @@ use async_graphql::dataloader::Loader;
 use async_graphql::{Enum, Json, SimpleObject};
 use chrono::{DateTime, Utc};
 use ledger::domain;
+use ledger::queries::orders::ExecutionRow;
+use ledger::queries::portfolios::{AlertFiringRow, AlertRuleRow};
 use rust_decimal::Decimal;
-use sqlx::{FromRow, PgPool};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::scalars::LogPosition;
@@ -276,7 +278,7 @@ impl From<ledger::projections::valuation::PortfolioValuation> for Valuation {
     }
 }
 
-#[derive(SimpleObject, Clone, Debug, FromRow)]
+#[derive(SimpleObject, Clone, Debug)]
 pub struct Execution {
     pub order_id: Uuid,
     pub exec_id: String,
@@ -305,18 +307,6 @@ pub struct AlertRule {
     pub status: String,
 }
 
-/// A row of `rm_alert_rules`.
-#[derive(FromRow)]
-pub struct AlertRuleRow {
-    pub alert_id: Uuid,
-    pub portfolio_id: Uuid,
-    pub kind: String,
-    pub symbol: String,
-    pub condition: serde_json::Value,
-    pub arming: i32,
-    pub status: String,
-}
-
 impl From<AlertRuleRow> for AlertRule {
     fn from(row: AlertRuleRow) -> Self {
         AlertRule {
@@ -331,7 +321,7 @@ impl From<AlertRuleRow> for AlertRule {
     }
 }
 
-#[derive(SimpleObject, Clone, Debug, FromRow)]
+#[derive(SimpleObject, Clone, Debug)]
 pub struct AlertFiring {
     #[graphql(name = "id")]
     pub firing_id: Uuid,
@@ -344,6 +334,32 @@ pub struct AlertFiring {
     /// The price, % change or P&L that met the condition.
     pub observed_value: Decimal,
     pub fired_at: DateTime<Utc>,
+}
+
+impl From<AlertFiringRow> for AlertFiring {
+    fn from(row: AlertFiringRow) -> Self {
+        let AlertFiringRow { firing_id, alert_id, portfolio_id, arming, kind, symbol, price, observed_value, fired_at } =
+            row;
+        AlertFiring { firing_id, alert_id, portfolio_id, arming, kind, symbol, price, observed_value, fired_at }
+    }
+}
+
+impl From<ExecutionRow> for Execution {
+    fn from(row: ExecutionRow) -> Self {
+        let ExecutionRow {
+            order_id,
+            exec_id,
+            portfolio_id,
+            symbol,
+            side,
+            quantity,
+            price,
+            fee,
+            executed_at,
+            global_position,
+        } = row;
+        Execution { order_id, exec_id, portfolio_id, symbol, side, quantity, price, fee, executed_at, global_position }
+    }
 }
 
 /// One event of the log.
@@ -433,14 +449,7 @@ impl Loader<PositionsOf> for Loaders {
 
     async fn load(&self, keys: &[PositionsOf]) -> Result<HashMap<PositionsOf, Vec<Position>>, Self::Error> {
         let ids: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
-        let rows: Vec<(Uuid, String, Decimal, Decimal, Decimal, Decimal, Decimal)> = sqlx::query_as(
-            "select portfolio_id, symbol, quantity, reserved_quantity, cost_basis, fifo_cost_basis, realized_pnl
-               from rm_positions where portfolio_id = any($1) order by portfolio_id, symbol",
-        )
-        .bind(&ids)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Arc::new)?;
+        let rows = ledger::queries::portfolios::positions(&self.pool, &ids).await.map_err(Arc::new)?;
         let mut lots: HashMap<(Uuid, String), Vec<Lot>> = HashMap::new();
         for lot in ledger::queries::portfolios::open_lots(&self.pool, &ids).await.map_err(Arc::new)? {
             lots.entry((lot.portfolio_id, lot.symbol)).or_default().push(Lot::new(
@@ -451,11 +460,17 @@ impl Loader<PositionsOf> for Loaders {
             ));
         }
         let mut out: HashMap<PositionsOf, Vec<Position>> = keys.iter().map(|k| (*k, Vec::new())).collect();
-        for (id, symbol, quantity, reserved, cost, fifo, realized) in rows {
-            let open = lots.remove(&(id, symbol.clone())).unwrap_or_default();
-            out.entry(PositionsOf(id))
-                .or_default()
-                .push(Position::new(symbol, quantity, reserved, cost, fifo, realized, open));
+        for row in rows {
+            let open = lots.remove(&(row.portfolio_id, row.symbol.clone())).unwrap_or_default();
+            out.entry(PositionsOf(row.portfolio_id)).or_default().push(Position::new(
+                row.symbol,
+                row.quantity,
+                row.reserved_quantity,
+                row.cost_basis,
+                row.fifo_cost_basis,
+                row.realized_pnl,
+                open,
+            ));
         }
         Ok(out)
     }
@@ -467,17 +482,10 @@ impl Loader<ExecutionsOf> for Loaders {
 
     async fn load(&self, keys: &[ExecutionsOf]) -> Result<HashMap<ExecutionsOf, Vec<Execution>>, Self::Error> {
         let ids: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
-        let rows: Vec<Execution> = sqlx::query_as(
-            "select order_id, exec_id, portfolio_id, symbol, side, quantity, price, fee, executed_at, global_position
-               from rm_executions where order_id = any($1) order by global_position",
-        )
-        .bind(&ids)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Arc::new)?;
+        let rows = ledger::queries::orders::order_executions(&self.pool, &ids).await.map_err(Arc::new)?;
         let mut out: HashMap<ExecutionsOf, Vec<Execution>> = keys.iter().map(|k| (*k, Vec::new())).collect();
         for row in rows {
-            out.entry(ExecutionsOf(row.order_id)).or_default().push(row);
+            out.entry(ExecutionsOf(row.order_id)).or_default().push(row.into());
         }
         Ok(out)
     }

@@ -5,32 +5,8 @@ use std::process::{Command, Output};
 use ledger::commands::{CommandConfig, CommandContext, CommandService};
 use ledger::domain::values::{Amount, Currency, Owner, PortfolioId};
 use ledger::domain::{CostBasisMethod, PortfolioCommand};
-use sqlx::{Connection, PgConnection};
 
-fn admin_url() -> String {
-    std::env::var("LEDGER_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-struct TestDb {
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    async fn new() -> TestDb {
-        let admin = admin_url();
-        let name = format!("ledger_test_{}", uuid::Uuid::new_v4().simple());
-        let mut conn = PgConnection::connect(&admin).await.unwrap();
-        sqlx::query(&format!("create database {name}")).execute(&mut conn).await.unwrap();
-        let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
-        TestDb { name, url }
-    }
-
-    async fn drop(self) {
-        let mut conn = PgConnection::connect(&admin_url()).await.unwrap();
-        sqlx::query(&format!("drop database if exists {} with (force)", self.name)).execute(&mut conn).await.unwrap();
-    }
-}
+use crate::support::{text, TestDb};
 
 fn ledger(database_url: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ledger"))
@@ -40,10 +16,6 @@ fn ledger(database_url: &str, args: &[&str]) -> Output {
         .env("RUST_LOG", "error")
         .output()
         .expect("run the ledger binary")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 #[tokio::test]
@@ -254,7 +226,7 @@ async fn serve_exports_spans_in_the_callers_trace_and_logs_json_with_ids() {
         .env_remove("KAFKA_BROKERS")
         .env("LEDGER_JWT_SECRET", secret)
         .env("LEDGER_LOG_FORMAT", "json")
-        .env("RUST_LOG", "warn,ledger=info,ledger_api=info,ledger_api::server=debug")
+        .env("RUST_LOG", "warn,ledger=info,ledger_api=info,ledger_api::http::server=debug")
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector_address}"))
         .env("OTEL_SERVICE_NAME", "ledger-test")
         .stderr(std::process::Stdio::piped())
@@ -341,60 +313,5 @@ async fn serve_exports_spans_in_the_callers_trace_and_logs_json_with_ids() {
         .unwrap_or_else(|| panic!("no JSON log line of the refused request in:\n{logs}"));
     assert_eq!(line["span"]["trace_id"], trace, "{line}");
     assert_eq!(line["span"]["correlation_id"], correlation.as_str(), "{line}");
-    db.drop().await;
-}
-
-/// The batched-intake and end-to-end suites run with one command each against the real PostgreSQL and broker
-/// and write their JSON: events committed through `cashBatch`, and every event of the e2e run delivered to the
-/// read model and to the `logEvents` subscriber.
-#[tokio::test]
-async fn the_intake_and_e2e_suites_run_and_report() {
-    let db = TestDb::new().await;
-    let dir = std::env::temp_dir().join(format!("ledger-bench-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_ledger"))
-            .args(args)
-            .env("DATABASE_URL", &db.url)
-            .env("KAFKA_BROKERS", std::env::var("KAFKA_BROKERS").expect("the test broker (scripts/test)"))
-            .env("RUST_LOG", "error")
-            .output()
-            .unwrap()
-    };
-    let intake_json = dir.join("intake.json");
-    let intake = run(&[
-        "bench",
-        "intake",
-        "--clients",
-        "1",
-        "--batch-size",
-        "20",
-        "--seconds",
-        "1",
-        "--runs",
-        "1",
-        "--json",
-        intake_json.to_str().unwrap(),
-    ]);
-    assert!(intake.status.success(), "{}", text(&intake.stderr));
-    let intake: serde_json::Value = serde_json::from_slice(&std::fs::read(&intake_json).unwrap()).unwrap();
-    assert!(intake[0]["events"].as_u64().unwrap() >= 20, "{intake}");
-    assert_eq!(intake[0]["events"].as_u64().unwrap() % 20, 0, "whole batches: {intake}");
-    let deposits: i64 = sqlx::query_scalar("select count(*) from events where event_type = 'CashDeposited'")
-        .fetch_one(&mut PgConnection::connect(&db.url).await.unwrap())
-        .await
-        .unwrap();
-    assert_eq!(deposits as u64, intake[0]["events"].as_u64().unwrap(), "every reported event is in the log");
-
-    let e2e_json = dir.join("e2e.json");
-    let e2e = run(&["bench", "e2e", "--rate", "50", "--seconds", "2", "--json", e2e_json.to_str().unwrap()]);
-    assert!(e2e.status.success(), "{}", text(&e2e.stderr));
-    let e2e: serde_json::Value = serde_json::from_slice(&std::fs::read(&e2e_json).unwrap()).unwrap();
-    assert_eq!(e2e["commands"], 100, "{e2e}");
-    assert_eq!(e2e["subscriber_events"], 100, "{e2e}");
-    assert!(e2e["subscriber_p99_ms"].as_f64().unwrap() > 0.0, "{e2e}");
-    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
-    sqlx::query(&format!("drop database if exists {}_bench with (force)", db.name)).execute(&mut admin).await.unwrap();
-    std::fs::remove_dir_all(dir).ok();
     db.drop().await;
 }

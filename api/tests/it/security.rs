@@ -72,7 +72,9 @@ async fn h1_the_websocket_serves_only_subscriptions_rate_limited_and_size_capped
 /// H2: subscriptions are capped per socket and per subject, and sockets per subject.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn h2_subscriptions_and_sockets_are_capped_per_connection_and_per_subject() {
-    use ledger_api::ws::{SOCKETS_PER_SUBJECT_MAX, SUBSCRIPTIONS_PER_CONNECTION_MAX, SUBSCRIPTIONS_PER_SUBJECT_MAX};
+    use ledger_api::http::ws::{
+        SOCKETS_PER_SUBJECT_MAX, SUBSCRIPTIONS_PER_CONNECTION_MAX, SUBSCRIPTIONS_PER_SUBJECT_MAX,
+    };
     let stack = Stack::start_with(1, |config| config.rate_limit_burst = 10_000).await;
     let carol = stack.token("carol", Role::Auditor);
     // Sockets full to their cap, until the subject's cap is reached.
@@ -132,8 +134,10 @@ async fn m1_a_socket_is_closed_when_its_token_expires() {
 /// M2: the server pings; a client that answers stays connected however quiet, one that does not is closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn m2_server_pings_keep_quiet_clients_and_close_dead_ones() {
-    let keep_alive =
-        ledger_api::ws::KeepAlive { ping_interval: Duration::from_millis(200), timeout: Duration::from_millis(1_000) };
+    let keep_alive = ledger_api::http::ws::KeepAlive {
+        ping_interval: Duration::from_millis(200),
+        timeout: Duration::from_millis(1_000),
+    };
     let stack = Stack::start_with(1, |config| config.keep_alive = keep_alive).await;
     let alice = stack.token("alice", Role::Trader);
     let mut healthy = WsClient::connect(&stack.ws_url(0), &alice).await.unwrap();

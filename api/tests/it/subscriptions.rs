@@ -257,8 +257,10 @@ const TICK_FLOOD: i64 = 80_000;
 async fn a_tick_subscriber_that_stops_reading_is_cut_off_while_another_gets_every_tick() {
     // No keep-alive cut-off during the flood: the client that does not read answers no pings either.
     let stack = Stack::start_with(1, |config| {
-        config.keep_alive =
-            ledger_api::ws::KeepAlive { ping_interval: Duration::from_secs(3_600), timeout: Duration::from_secs(3_600) }
+        config.keep_alive = ledger_api::http::ws::KeepAlive {
+            ping_interval: Duration::from_secs(3_600),
+            timeout: Duration::from_secs(3_600),
+        }
     })
     .await;
     let query = "subscription { priceTicks(symbols: [\"FLOOD\"]) { symbol price ts seq volume } }";

@@ -20,6 +20,33 @@ pub fn admin_url() -> String {
     std::env::var("LEDGER_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// A database of its own for a test that runs the binary (no API instance, no topics).
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let admin = admin_url();
+        let name = format!("ledger_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = PgConnection::connect(&admin).await.unwrap();
+        sqlx::query(&format!("create database {name}")).execute(&mut conn).await.unwrap();
+        let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+        TestDb { name, url }
+    }
+
+    pub async fn drop(self) {
+        let mut conn = PgConnection::connect(&admin_url()).await.unwrap();
+        sqlx::query(&format!("drop database if exists {} with (force)", self.name)).execute(&mut conn).await.unwrap();
+    }
+}
+
+/// A child process's output as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
 pub struct Stack {
     pub name: String,
     pub pool: PgPool,
@@ -191,7 +218,7 @@ pub fn error_code(response: &Value) -> Option<String> {
 
 /// How long a test waits for a condition before it declares the system stuck. A condition normally holds
 /// within milliseconds; this bound only turns a hang into a failure, so it is generous enough for a slow machine
-/// busy with other work (tests assert what happens, never how fast: speed is for `ledger bench`).
+/// busy with other work (tests assert what happens, never how fast: speed is for `ledger-lab bench`).
 pub const CONDITION_WAIT_MAX: Duration = Duration::from_secs(180);
 
 /// Polls `check` every 25 ms until it returns true (→ true) or [`CONDITION_WAIT_MAX`] passes (→ false).

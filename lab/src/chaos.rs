@@ -1,4 +1,4 @@
-//! `ledger chaos`: steady load through the API while processes die, then proof that nothing was lost.
+//! `ledger-lab chaos`: steady load through the API while processes die, then proof that nothing was lost.
 //!
 //! It runs the ledger as separate processes (this binary's own subcommands): two API instances, the relay, the
 //! process manager, the projection workers, the sealer, the simulator and the paper executor, against a fresh
@@ -40,6 +40,8 @@ use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
+
+use crate::support::settle;
 
 /// How long the system may take to settle after the load stops, at least (longer runs get as long as they ran:
 /// workers killed every few seconds may end the run with that much backlog).
@@ -231,7 +233,7 @@ pub async fn run(database_url: &str, args: ChaosArgs) -> anyhow::Result<()> {
             sqlx::query(&format!("create database {name}")).execute(&mut admin).await?;
         }
     }
-    let pool = crate::cli::connect_and_migrate(&url).await?;
+    let pool = crate::support::connect_and_migrate(&url).await?;
     let port = free_port()?;
     let mut broker = Broker {
         bin: args.nisshi.clone(),
@@ -246,7 +248,7 @@ pub async fn run(database_url: &str, args: ChaosArgs) -> anyhow::Result<()> {
     kafka.partitions = 4;
     kafka.ensure_topics().await.context("creating the topics")?;
     let api_ports = [free_port()?, free_port()?];
-    let exe = std::env::current_exe()?;
+    let exe = crate::support::ledger_binary()?;
     let component = |name: &'static str, args: &[&str]| Component {
         name,
         args: args.iter().map(|a| a.to_string()).collect(),
@@ -548,50 +550,6 @@ async fn request(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Waits until the relay, the process manager and the event-driven projections have reached the log's head.
-pub(crate) async fn settle(pool: &PgPool, kafka: &KafkaConfig, timeout: Duration) -> anyhow::Result<()> {
-    let cursor = ledger::relay::cursor_name(kafka).await?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match settled(pool, &cursor).await {
-            Ok((0, 0, 0)) => return Ok(()),
-            Ok((relay, process, behind)) if Instant::now() > deadline => bail!(
-                "after {} s: relay {relay} events behind, process manager {process}, projections {behind} aggregates",
-                timeout.as_secs()
-            ),
-            Err(error) if Instant::now() > deadline => return Err(error),
-            // Behind, or the database busy: look again.
-            _ => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
-}
-
-/// Events the relay and the process manager have yet to pass, and aggregates the projections have yet to apply.
-async fn settled(pool: &PgPool, cursor: &str) -> anyhow::Result<(i64, i64, i64)> {
-    let relay = ledger::relay::relay_lag(pool, cursor).await?.events;
-    let process: i64 = sqlx::query_scalar(
-        "select count(*) from events e where (e.transaction_id, e.global_position) >
-           coalesce((select (transaction_id, global_position) from log_cursors where name = 'process-manager'),
-                    ('0'::xid8, 0::bigint))",
-    )
-    .fetch_one(pool)
-    .await?;
-    let mut behind = 0i64;
-    for (table, types) in
-        [("orders_progress", "{Order}"), ("positions_progress", "{Portfolio}"), ("alerts_progress", "{Portfolio}")]
-    {
-        behind += sqlx::query_scalar::<_, i64>(&format!(
-            "select count(*) from (select aggregate_id, max(sequence) s from events
-               where aggregate_type = any($1::text[]) group by aggregate_id) e
-             left join {table} p using (aggregate_id) where p.last_sequence is distinct from e.s"
-        ))
-        .bind(types)
-        .fetch_one(pool)
-        .await?;
-    }
-    Ok((relay, process, behind))
 }
 
 type Check = (&'static str, anyhow::Result<String>);

@@ -59,13 +59,13 @@ pub struct DemoArgs {
     /// The simulated market: symbols and starting prices, e.g. `AAPL:190,MSFT:420` (at most 100; default:
     /// ACME, GLOBEX, INITECH, UMBRELLA, HOOLI). The demo trader's alerts and first trade are on the first one.
     #[arg(long, env = "LEDGER_SYMBOLS")]
-    pub symbols: Option<crate::cli::SymbolList>,
+    pub symbols: Option<crate::shared::SymbolList>,
 }
 
 pub async fn run(
     database_url: &str,
-    kafka_args: &crate::cli::KafkaArgs,
-    projection_args: &crate::cli::ProjectionArgs,
+    kafka_args: &crate::shared::KafkaArgs,
+    projection_args: &crate::shared::ProjectionArgs,
     args: DemoArgs,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(args.bots <= BOTS_MAX, "--bots must be 0 to {BOTS_MAX}");
@@ -77,8 +77,8 @@ pub async fn run(
     };
     let lead = market.first().cloned().context("the market needs at least one symbol")?;
     let settings = projection_args.settings()?;
-    let pool = crate::cli::connect_and_migrate(database_url).await?;
-    println!("ledger demo — PostgreSQL at {}", crate::cli::redact(database_url));
+    let pool = crate::shared::connect_and_migrate(database_url).await?;
+    println!("ledger demo — PostgreSQL at {}", ledger::db::redact(database_url));
     let (embedded, brokers) = match &kafka_args.brokers {
         Some(brokers) => {
             println!("Kafka: brokers {brokers} (KAFKA_BROKERS)");
@@ -126,7 +126,9 @@ pub async fn run(
     {
         let (kafka, cancel, seed, tick_ms) = (kafka.clone(), cancel.clone(), args.seed, args.tick_ms);
         let symbols = Some(market.clone());
-        tasks.push(tokio::spawn(async move { crate::run::simulate(&kafka, seed, tick_ms, symbols, cancel).await }));
+        tasks.push(tokio::spawn(async move {
+            crate::roles::publish_simulated(&kafka, seed, tick_ms, symbols, cancel).await
+        }));
     }
     let executor = PaperExecutor::new(commands.clone(), PaperConfig::default()).map_err(|e| anyhow::anyhow!(e))?;
     {
@@ -181,7 +183,7 @@ pub async fn run(
         args.bots, args.tick_ms, args.seed
     );
 
-    crate::cli::shutdown_on_signal().cancelled().await;
+    crate::shared::shutdown_on_signal().cancelled().await;
     println!("stopping…");
     cancel.cancel();
     for task in tasks {

@@ -1,4 +1,4 @@
-//! `ledger bench`: throughput and latency measurements anyone can repeat.
+//! The suites that drive the library directly, without HTTP:
 //!
 //! - `deposits`: each of N tasks loops `DepositCash` on its own portfolio through the command service
 //!   (idempotency lookup, load, handle, one commit transaction) for a fixed duration.
@@ -15,10 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use chrono::Utc;
 use ledger::commands::{CommandConfig, CommandContext, CommandService, Idempotency};
-use ledger::domain::values::{Amount, Currency, Owner, PortfolioId};
-use ledger::domain::{CostBasisMethod, PortfolioCommand};
+use ledger::domain::values::Amount;
+use ledger::domain::PortfolioCommand;
 use rust_decimal::Decimal;
 use serde::Serialize;
+
+use crate::support::{fill_domain_log, gather_latencies, open_portfolios, percentile, scratch_database};
 
 #[derive(Debug, Serialize)]
 pub struct BenchResult {
@@ -32,44 +34,6 @@ pub struct BenchResult {
     pub p999_ms: f64,
 }
 
-/// Opens `count` portfolios owned by `bench` (FIFO, USD) through `commands`; their ids.
-pub(crate) async fn open_portfolios(commands: &CommandService, count: usize) -> anyhow::Result<Vec<PortfolioId>> {
-    let mut portfolios = Vec::with_capacity(count);
-    for _ in 0..count {
-        let id = PortfolioId::generate();
-        let open = PortfolioCommand::OpenPortfolio {
-            portfolio_id: id,
-            owner: Owner::new("bench")?,
-            base_currency: Currency::new("USD")?,
-            cost_basis_method: CostBasisMethod::Fifo,
-            opened_at: Utc::now(),
-        };
-        commands.execute_portfolio(&CommandContext::new("bench"), &id.to_string(), open).await?;
-        portfolios.push(id);
-    }
-    Ok(portfolios)
-}
-
-/// Waits for every client task; their latencies, sorted.
-pub(crate) async fn gather_latencies(
-    handles: Vec<tokio::task::JoinHandle<anyhow::Result<Vec<Duration>>>>,
-) -> anyhow::Result<Vec<Duration>> {
-    let mut latencies = Vec::new();
-    for handle in handles {
-        latencies.extend(handle.await??);
-    }
-    latencies.sort();
-    Ok(latencies)
-}
-
-pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let index = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[index].as_secs_f64() * 1_000.0
-}
-
 /// Runs deposits from `tasks` concurrent tasks for `duration`; with `keyed`, each carries an idempotency key.
 pub async fn deposits(
     database_url: &str,
@@ -77,7 +41,7 @@ pub async fn deposits(
     duration: Duration,
     keyed: bool,
 ) -> anyhow::Result<BenchResult> {
-    let pool = crate::cli::connect_and_migrate(database_url).await?;
+    let pool = crate::support::connect_and_migrate(database_url).await?;
     let connections = (tasks as u32 + 4).min(ledger::db::POOL_CONNECTIONS_MAX * 4);
     let pool = {
         pool.close().await;
@@ -138,34 +102,6 @@ pub fn print(result: &BenchResult) {
         result.p99_ms,
         result.p999_ms
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::percentile;
-    use std::time::Duration;
-
-    #[test]
-    fn percentiles_pick_the_nearest_rank() {
-        let values: Vec<_> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile(&values, 0.5), 50.0);
-        assert_eq!(percentile(&values, 0.99), 99.0);
-        assert_eq!(percentile(&values, 1.0), 100.0);
-        assert_eq!(percentile(&[], 0.5), 0.0);
-    }
-}
-
-/// A scratch database next to the configured one (`<name>_bench`), dropped and created afresh.
-pub(crate) async fn scratch_database(database_url: &str) -> anyhow::Result<(String, sqlx::PgPool)> {
-    let (server, name) = database_url.rsplit_once('/').context("DATABASE_URL has no database name")?;
-    let name = name.split('?').next().unwrap_or(name);
-    let scratch = format!("{server}/{name}_bench");
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{server}/postgres")).await?;
-    sqlx::query(&format!("drop database if exists \"{name}_bench\" with (force)")).execute(&mut admin).await?;
-    sqlx::query(&format!("create database \"{name}_bench\"")).execute(&mut admin).await?;
-    let pool = ledger::db::connect(&scratch, 8).await?;
-    ledger::db::migrate(&pool).await?;
-    Ok((scratch, pool))
 }
 
 /// Inserts `count` events spread over 1,000 aggregates, in transactions of 50,000, with payloads of about
@@ -312,132 +248,6 @@ pub async fn relay_latency(
     Ok(result)
 }
 
-/// Writes a synthetic but valid history straight into the log: `portfolios` portfolios, each opened, funded,
-/// then buying in turns (FundsReserved, ExecutionApplied) until `events` events exist. Inserted with multi-row
-/// statements, so a million events take seconds.
-pub(crate) async fn fill_domain_log(pool: &sqlx::PgPool, portfolios: usize, events: usize) -> anyhow::Result<()> {
-    use ledger::domain::portfolio::Lot;
-    use ledger::domain::values::{
-        Amount, Currency, ExecId, Money, OrderId, Owner, PortfolioId, Price, Quantity, Symbol,
-    };
-    use ledger::domain::{CostBasisMethod, PortfolioEvent, Side};
-    use rust_decimal::Decimal;
-
-    const CHUNK: usize = 10_000;
-    let now = chrono::Utc::now();
-    let ids: Vec<PortfolioId> = (0..portfolios).map(|_| PortfolioId::generate()).collect();
-    let mut sequence = vec![0i64; portfolios];
-    let mut cash = vec![Decimal::ZERO; portfolios];
-    let mut held = vec![Decimal::ZERO; portfolios];
-    let mut cost = vec![Decimal::ZERO; portfolios];
-    let symbol = Symbol::new("ACME")?;
-    let mut rows: Vec<(String, i64, String, serde_json::Value)> = Vec::with_capacity(CHUNK);
-    let mut written = 0;
-    let mut n = 0usize;
-    while written + rows.len() < events {
-        let p = n % portfolios;
-        let id = ids[p];
-        let event = match sequence[p] {
-            0 => PortfolioEvent::PortfolioOpened {
-                portfolio_id: id,
-                owner: Owner::new(format!("bench-{p}"))?,
-                base_currency: Currency::new("USD")?,
-                cost_basis_method: CostBasisMethod::Fifo,
-                opened_at: now,
-            },
-            1 => {
-                cash[p] = Decimal::from(1_000_000_000);
-                PortfolioEvent::CashDeposited {
-                    amount: Amount::new(cash[p])?,
-                    reference: None,
-                    cash_after: cash[p],
-                    at: now,
-                }
-            }
-            s if s % 2 == 0 => {
-                let order_id = OrderId(uuid::Uuid::from_u128(((p as u128) << 64) | s as u128));
-                PortfolioEvent::FundsReserved {
-                    order_id,
-                    symbol: symbol.clone(),
-                    quantity: Quantity::new(Decimal::ONE)?,
-                    price: Price::new(Decimal::from(100))?,
-                    amount: Money::new(Decimal::from(101))?,
-                    reserved_cash_after: Decimal::from(101),
-                    at: now,
-                }
-            }
-            s => {
-                let order_id = OrderId(uuid::Uuid::from_u128(((p as u128) << 64) | (s - 1) as u128));
-                let lot_cost = Decimal::from(100);
-                cash[p] -= lot_cost;
-                held[p] += Decimal::ONE;
-                cost[p] += lot_cost;
-                PortfolioEvent::ExecutionApplied {
-                    order_id,
-                    exec_id: ExecId::new("1")?,
-                    symbol: symbol.clone(),
-                    side: Side::Buy,
-                    quantity: Quantity::new(Decimal::ONE)?,
-                    price: Price::new(Decimal::from(100))?,
-                    fee: Money::ZERO,
-                    gross: lot_cost,
-                    cash_delta: -lot_cost,
-                    cash_after: cash[p],
-                    reserved_cash_released: Decimal::from(101),
-                    reserved_quantity_released: Decimal::ZERO,
-                    lot_opened: Some(Lot {
-                        lot_id: format!("{order_id}/1"),
-                        quantity: Decimal::ONE,
-                        cost: lot_cost,
-                        acquired_at: now,
-                    }),
-                    lots_consumed: Vec::new(),
-                    cost_basis_removed: Decimal::ZERO,
-                    realized_pnl: Decimal::ZERO,
-                    position_quantity_after: held[p],
-                    position_cost_basis_after: cost[p],
-                    executed_at: now,
-                }
-            }
-        };
-        sequence[p] += 1;
-        rows.push((id.to_string(), sequence[p], event.name().to_string(), serde_json::to_value(&event)?));
-        n += 1;
-        if rows.len() == CHUNK {
-            written += insert_rows(pool, &mut rows).await?;
-        }
-    }
-    insert_rows(pool, &mut rows).await?;
-    Ok(())
-}
-
-async fn insert_rows(
-    pool: &sqlx::PgPool,
-    rows: &mut Vec<(String, i64, String, serde_json::Value)>,
-) -> anyhow::Result<usize> {
-    let count = rows.len();
-    let (ids, sequences, types, payloads): (Vec<_>, Vec<_>, Vec<_>, Vec<_>) =
-        rows.drain(..).fold((vec![], vec![], vec![], vec![]), |mut acc, (a, b, c, d)| {
-            acc.0.push(a);
-            acc.1.push(b);
-            acc.2.push(c);
-            acc.3.push(d);
-            acc
-        });
-    sqlx::query(
-        "insert into events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-         select 'Portfolio', u.id, u.seq, u.kind, '1', u.payload, '{\"actor\": \"bench\"}'
-           from unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[]) as u(id, seq, kind, payload)",
-    )
-    .bind(&ids)
-    .bind(&sequences)
-    .bind(&types)
-    .bind(&payloads)
-    .execute(pool)
-    .await?;
-    Ok(count)
-}
-
 #[derive(Debug, Serialize)]
 pub struct ReplayResult {
     pub suite: &'static str,
@@ -470,7 +280,7 @@ pub async fn replay(database_url: &str, events: usize, runs: usize) -> anyhow::R
             events: report.events,
             seconds: report.seconds,
             events_per_second: report.events as f64 / report.seconds,
-            peak_rss_mb: crate::bench_export::high_water_mark_kb(std::path::Path::new("/proc/self/status"))
+            peak_rss_mb: crate::support::high_water_mark_kb(std::path::Path::new("/proc/self/status"))
                 .map(|kb| kb as f64 / 1024.0),
         };
         println!(

@@ -1,4 +1,4 @@
-//! `ledger bench intake`: the batched path. C clients send `cashBatch` mutations of B deposits each over HTTP to
+//! `ledger-lab bench intake`: the batched path. C clients send `cashBatch` mutations of B deposits each over HTTP to
 //! an API server started in this process (each client on its own set of portfolios, as partitioned intake
 //! would be); every batch commits in one transaction. Reports events/s committed and the latency of a batch,
 //! with pgbench's single-row insert at the same concurrency for reference.
@@ -13,8 +13,8 @@ use ledger_api::auth::{Role, TokenKeys};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::bench::percentile;
-use crate::bench_api::Pgbench;
+use crate::pgbench::Pgbench;
+use crate::support::percentile;
 
 #[derive(Debug, Serialize)]
 pub struct IntakeResult {
@@ -62,7 +62,7 @@ pub async fn intake(
         "batch size must be 1 to {}",
         ledger::commands::BATCH_COMMANDS_MAX
     );
-    let pool = crate::cli::connect_and_migrate(database_url).await?;
+    let pool = crate::support::connect_and_migrate(database_url).await?;
     pool.close().await;
     let pool = ledger::db::connect(database_url, (clients as u32 + 8).min(64)).await?;
     let keys = TokenKeys::new("bench-secret-of-at-least-thirty-two-bytes").map_err(|e| anyhow::anyhow!(e))?;
@@ -75,7 +75,7 @@ pub async fn intake(
     let token = keys.issue("bench", Role::Trader, chrono::Duration::hours(1), Utc::now());
     let mut owned: Vec<Vec<PortfolioId>> = Vec::with_capacity(clients);
     for _ in 0..clients {
-        owned.push(crate::bench::open_portfolios(&running.commands, PORTFOLIOS_PER_CLIENT).await?);
+        owned.push(crate::support::open_portfolios(&running.commands, PORTFOLIOS_PER_CLIENT).await?);
     }
     let http = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
     let started = Instant::now();
@@ -122,7 +122,7 @@ pub async fn intake(
             })
         })
         .collect();
-    let latencies = crate::bench::gather_latencies(handles).await?;
+    let latencies = crate::support::gather_latencies(handles).await?;
     let elapsed = started.elapsed().as_secs_f64();
     running.stop().await?;
     pool.close().await;

@@ -1,5 +1,5 @@
-//! `ledger process-failures …` and `ledger check`: what an operator does about steps the process manager could
-//! not apply, and the check that orders and portfolios agree. The work is in `ledger::process`; this module
+//! Operators' one-shot subcommands: `migrate`, `token`, `schema`, `check`, and `process-failures …` (what an
+//! operator does about steps the process manager could not apply). The work is in the library; this module
 //! parses options and prints one line per item.
 
 use std::sync::Arc;
@@ -10,7 +10,51 @@ use ledger::process::failures::{self, RetryOutcome};
 use ledger::process::{ProcessConfig, ProcessManager};
 use uuid::Uuid;
 
-use crate::cli::connect_and_migrate;
+use crate::shared::connect_and_migrate;
+
+/// Longest validity of a token `ledger token` issues, in hours (a year).
+const TOKEN_TTL_HOURS_MAX: i64 = 24 * 366;
+
+#[derive(Debug, clap::Args)]
+pub struct TokenArgs {
+    /// Who the token is for (a trader's portfolios are those whose owner is this subject).
+    #[arg(long)]
+    subject: String,
+    /// trader, broker, auditor or admin.
+    #[arg(long, default_value = "trader")]
+    role: String,
+    /// Validity in hours.
+    #[arg(long, default_value_t = 24)]
+    ttl_hours: i64,
+    #[arg(long, env = "LEDGER_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: String,
+}
+
+/// `ledger migrate`: creates the database if missing and applies every migration.
+pub async fn migrate(database_url: &str) -> anyhow::Result<()> {
+    connect_and_migrate(database_url).await?;
+    println!("database {} is migrated", ledger::db::redact(database_url));
+    Ok(())
+}
+
+/// `ledger token`: prints a signed bearer token.
+pub fn token(args: TokenArgs) -> anyhow::Result<()> {
+    let role: ledger_api::auth::Role = args.role.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    anyhow::ensure!(
+        (1..=TOKEN_TTL_HOURS_MAX).contains(&args.ttl_hours),
+        "ttl-hours must be 1 to {TOKEN_TTL_HOURS_MAX}"
+    );
+    ledger::domain::values::Owner::new(args.subject.clone())?;
+    let keys = ledger_api::auth::TokenKeys::new(args.jwt_secret.into_bytes()).map_err(|e| anyhow::anyhow!(e))?;
+    let ttl = chrono::Duration::hours(args.ttl_hours);
+    println!("{}", keys.issue(&args.subject, role, ttl, chrono::Utc::now()));
+    Ok(())
+}
+
+/// `ledger schema`: the GraphQL SDL, as committed in `api/schema.graphql`.
+pub fn schema() {
+    print!("{}", ledger_api::graphql::sdl());
+}
 
 /// Who an operator's actions are recorded as (the OS user running the command).
 fn operator() -> String {

@@ -31,10 +31,10 @@ use futures::{SinkExt, StreamExt};
 
 use crate::auth::Principal;
 use crate::graphql::LedgerSchema;
-use crate::ratelimit::RateLimiter;
+use crate::http::ratelimit::RateLimiter;
 
 /// Largest WebSocket message (or frame) accepted: the HTTP body limit.
-pub const WS_MESSAGE_MAX_BYTES: usize = crate::server::REQUEST_BODY_MAX_BYTES;
+pub const WS_MESSAGE_MAX_BYTES: usize = super::REQUEST_BODY_MAX_BYTES;
 /// Read buffer of a socket. The WebSocket library zeroes its read buffer's free space before every read
 /// attempt, and the protocol polls the socket's input each time it sends: at the library's default (128 KiB)
 /// that was a 128 KiB `memset` per delivered message and 128 KiB of memory per socket. Clients send little

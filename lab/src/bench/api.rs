@@ -1,4 +1,4 @@
-//! `ledger bench commands`: GraphQL `deposit` mutations over HTTP from C concurrent clients against an API
+//! `ledger-lab bench commands`: GraphQL `deposit` mutations over HTTP from C concurrent clients against an API
 //! server started in this process, with `pgbench` running a single-row insert at the same concurrency on the
 //! same server for reference (so that figures compare across machines as a ratio).
 
@@ -11,7 +11,8 @@ use ledger_api::auth::{Role, TokenKeys};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::bench::percentile;
+use crate::pgbench::pgbench_insert;
+use crate::support::percentile;
 
 #[derive(Debug, Serialize)]
 pub struct ApiBenchResult {
@@ -43,7 +44,7 @@ pub fn print(result: &ApiBenchResult) {
     );
 }
 
-/// What runs beside the commands of `ledger bench commands`.
+/// What runs beside the commands of `ledger-lab bench commands`.
 #[derive(Debug, Clone, Default)]
 pub struct CommandsOptions {
     /// Every client deposits into the same portfolio (one hot aggregate) instead of one portfolio each.
@@ -65,7 +66,7 @@ pub async fn commands(
     options: &CommandsOptions,
 ) -> anyhow::Result<ApiBenchResult> {
     anyhow::ensure!((1..=512).contains(&clients), "clients must be 1 to 512");
-    let pool = crate::cli::connect_and_migrate(database_url).await?;
+    let pool = crate::support::connect_and_migrate(database_url).await?;
     pool.close().await;
     let pool = ledger::db::connect(database_url, (clients as u32 + 8).min(128)).await?;
     let keys = TokenKeys::new("bench-secret-of-at-least-thirty-two-bytes").map_err(|e| anyhow::anyhow!(e))?;
@@ -83,16 +84,16 @@ pub async fn commands(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let running = start(pool.clone(), config, listener).await?;
     if let Some(kafka) = &options.system {
-        crate::chaos::settle(&pool, kafka, Duration::from_secs(SYSTEM_SETTLE_SECS))
+        crate::support::settle(&pool, kafka, Duration::from_secs(SYSTEM_SETTLE_SECS))
             .await
             .context("the relay, process manager and projections never reached the log's head")?;
     }
     let url = format!("http://{}/graphql", running.address);
     let portfolios = if options.hot {
-        let one = crate::bench::open_portfolios(&running.commands, 1).await?[0];
+        let one = crate::support::open_portfolios(&running.commands, 1).await?[0];
         vec![one; clients]
     } else {
-        crate::bench::open_portfolios(&running.commands, clients).await?
+        crate::support::open_portfolios(&running.commands, clients).await?
     };
     let http = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
     let started = Instant::now();
@@ -122,7 +123,7 @@ pub async fn commands(
             })
         })
         .collect();
-    let latencies = crate::bench::gather_latencies(handles).await?;
+    let latencies = crate::support::gather_latencies(handles).await?;
     let elapsed = started.elapsed().as_secs_f64();
     // With the system running: how far the relay was behind the log when the clients stopped.
     let relay_behind = match &options.system {
@@ -160,91 +161,6 @@ pub async fn commands(
         pgbench_tps,
         ratio: pgbench_tps.map(|tps| commands_per_second / tps),
     })
-}
-
-/// `pgbench` with a one-row insert into a scratch table, `clients` connections, for `duration`; its tps.
-pub async fn pgbench_insert(database_url: &str, clients: usize, duration: Duration) -> anyhow::Result<f64> {
-    Ok(pgbench(database_url, clients, duration, None).await?.tps)
-}
-
-/// What `pgbench` measured: the reference every suite divides by, so that figures compare across machines.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Pgbench {
-    pub clients: usize,
-    /// Transactions (single-row inserts) per second.
-    pub tps: f64,
-    /// Average latency of one insert, in milliseconds.
-    pub latency_ms: f64,
-    /// The rate pgbench was held to (`-R`), if any.
-    pub rate: Option<u64>,
-}
-
-/// `pgbench` with a one-row insert into a scratch table, `clients` connections, for `duration`, at most
-/// `rate` transactions per second when given.
-pub async fn pgbench(
-    database_url: &str,
-    clients: usize,
-    duration: Duration,
-    rate: Option<u64>,
-) -> anyhow::Result<Pgbench> {
-    let pool = crate::cli::connect_and_migrate(database_url).await?;
-    sqlx::query(
-        "create table if not exists bench_pgbench (id bigint generated always as identity primary key, payload jsonb)",
-    )
-    .execute(&pool)
-    .await?;
-    pool.close().await;
-    let dir = std::env::temp_dir().join(format!("ledger-pgbench-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir)?;
-    let script = dir.join("insert.sql");
-    std::fs::write(&script, "insert into bench_pgbench (payload) values ('{\"a\": 1}');\n")?;
-    let mut command = tokio::process::Command::new("pgbench");
-    command.args(["-n", "-c", &clients.to_string(), "-j", "2", "-T", &duration.as_secs().max(1).to_string()]);
-    if let Some(rate) = rate {
-        command.args(["-R", &rate.to_string()]);
-    }
-    let output = command
-        .arg("-f")
-        .arg(&script)
-        .arg(database_url)
-        .output()
-        .await
-        .context("running pgbench (Debian package postgresql-contrib or postgresql-client)")?;
-    let _ = std::fs::remove_dir_all(&dir);
-    let text = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!("pgbench failed: {}", String::from_utf8_lossy(&output.stderr).trim());
-    }
-    let number = |prefix: &str| {
-        text.lines()
-            .find_map(|line| line.strip_prefix(prefix).and_then(|rest| rest.split_whitespace().next()?.parse().ok()))
-    };
-    Ok(Pgbench {
-        clients,
-        tps: number("tps = ").with_context(|| format!("no tps in pgbench's output: {text}"))?,
-        latency_ms: number("latency average = ").with_context(|| format!("no latency in pgbench's output: {text}"))?,
-        rate,
-    })
-}
-
-/// The reference for a suite, or `None` (with the reason on stderr) where pgbench cannot run.
-pub async fn reference(database_url: &str, clients: usize, seconds: u64, rate: Option<u64>) -> Option<Pgbench> {
-    match pgbench(database_url, clients, Duration::from_secs(seconds.max(1)), rate).await {
-        Ok(result) => {
-            println!(
-                "pgbench single-row insert, {} client(s){}: {:.0} tps, latency {:.2} ms",
-                result.clients,
-                rate.map(|r| format!(" at {r}/s")).unwrap_or_default(),
-                result.tps,
-                result.latency_ms
-            );
-            Some(result)
-        }
-        Err(error) => {
-            eprintln!("pgbench reference skipped: {error:#}");
-            None
-        }
-    }
 }
 
 #[derive(Debug, Serialize)]
@@ -316,7 +232,7 @@ pub async fn fanout(
 
     anyhow::ensure!((1..=20_000).contains(&subscribers), "subscribers must be 1 to 20000");
     anyhow::ensure!((1..=10_000).contains(&ticks), "ticks must be 1 to 10000");
-    let pool = crate::cli::connect_and_migrate(database_url).await?;
+    let pool = crate::support::connect_and_migrate(database_url).await?;
     let mut kafka = kafka;
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     kafka.prices_topic = format!("bench.prices.{suffix}");
@@ -328,7 +244,7 @@ pub async fn fanout(
     // The API in a process of its own (`ledger serve`), as in production; each side then holds one socket per
     // subscriber, within the usual per-process file limit.
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut server = tokio::process::Command::new(std::env::current_exe()?)
+    let mut server = tokio::process::Command::new(crate::support::ledger_binary()?)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .env("DATABASE_URL", database_url)
         .env("KAFKA_BROKERS", &kafka.brokers)

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 /// Messages a subscriber may fall behind before it is told to resync.
 pub const FEED_BUFFER: usize = 1_024;
 /// Events read per batch when a subscriber catches up from the log: all a catching-up subscriber holds, so it
-/// bounds its memory whatever the log's size (with the caps on subscriptions, see `ws`).
+/// bounds its memory whatever the log's size (with the caps on subscriptions, see `crate::http::ws`).
 pub const CATCH_UP_BATCH: usize = 100;
 /// How often the log follower moves to the log's head while nobody subscribes (it reads nothing else then).
 pub const LOG_IDLE_POLL_MS: u64 = 100;
@@ -119,7 +119,7 @@ impl Hub {
                 Err(error) => tracing::warn!(%error, "undecodable alert_fired notification"),
             }
         }));
-        let channel = ledger::projections::visibility::PROGRESS_CHANNEL;
+        let channel = ledger::log::PROGRESS_CHANNEL;
         tokio::spawn(follow_notifications(pool, channel, hub.clone(), cancel.clone(), |hub, _| {
             let _ = hub.progress.send(());
         }));
@@ -178,12 +178,13 @@ impl Hub {
     {
         let hub = self.clone();
         let mut live = self.log.subscribe();
-        self.log_subscribed.notify_one(); // wakes an idle follower
-                                          // "From now": events of transactions that had committed when the subscription started (visible in the
-                                          // snapshot taken now) are skipped, whatever this instance's follower had delivered by then.
+        // Wakes an idle follower.
+        self.log_subscribed.notify_one();
+        // "From now": events of transactions that had committed when the subscription started (visible in the
+        // snapshot taken now) are skipped, whatever this instance's follower had delivered by then.
         let before_now = match after {
             Some(_) => None,
-            None => Some(Snapshot::now(&self.pool).await.map_err(|error| {
+            None => Some(ledger::log::Snapshot::now(&self.pool).await.map_err(|error| {
                 tracing::warn!(%error, "subscription start failed");
                 FeedError::Database
             })?),
@@ -519,51 +520,5 @@ impl Drop for TickConsumer {
         }
         let parked = TickConsumer { brokers: std::mem::take(&mut self.brokers), consumer: Some(consumer) };
         IDLE_TICK_CONSUMERS.lock().unwrap_or_else(|p| p.into_inner()).push(parked);
-    }
-}
-
-/// A PostgreSQL snapshot (`pg_current_snapshot()`): which transactions had committed when it was taken.
-#[derive(Debug, Clone, PartialEq)]
-struct Snapshot {
-    xmin: u64,
-    xmax: u64,
-    in_progress: Vec<u64>,
-}
-
-impl Snapshot {
-    async fn now(pool: &sqlx::PgPool) -> Result<Snapshot, sqlx::Error> {
-        let text: String = sqlx::query_scalar("select pg_current_snapshot()::text").fetch_one(pool).await?;
-        Snapshot::parse(&text).ok_or_else(|| sqlx::Error::Protocol(format!("unexpected snapshot {text:?}")))
-    }
-
-    /// `xmin:xmax:xip,xip,…`
-    fn parse(text: &str) -> Option<Snapshot> {
-        let mut parts = text.split(':');
-        let xmin = parts.next()?.parse().ok()?;
-        let xmax = parts.next()?.parse().ok()?;
-        let in_progress = match parts.next()? {
-            "" => Vec::new(),
-            list => list.split(',').map(|x| x.parse().ok()).collect::<Option<Vec<u64>>>()?,
-        };
-        Some(Snapshot { xmin, xmax, in_progress })
-    }
-
-    /// Whether the transaction's effects were visible (it had committed) when the snapshot was taken.
-    fn sees(&self, transaction: u64) -> bool {
-        transaction < self.xmin || (transaction < self.xmax && !self.in_progress.contains(&transaction))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Snapshot;
-
-    #[test]
-    fn a_snapshot_sees_what_had_committed() {
-        let snapshot = Snapshot::parse("100:110:102,105").unwrap();
-        assert!(snapshot.sees(99) && snapshot.sees(101) && snapshot.sees(109));
-        assert!(!snapshot.sees(102) && !snapshot.sees(105) && !snapshot.sees(110) && !snapshot.sees(200));
-        assert_eq!(Snapshot::parse("5:5:").unwrap(), Snapshot { xmin: 5, xmax: 5, in_progress: vec![] });
-        assert!(Snapshot::parse("garbage").is_none());
     }
 }

@@ -47,13 +47,13 @@ pub struct ServeArgs {
 
 pub async fn run(
     database_url: &str,
-    kafka_args: &crate::cli::KafkaArgs,
-    projection_args: &crate::cli::ProjectionArgs,
+    kafka_args: &crate::shared::KafkaArgs,
+    projection_args: &crate::shared::ProjectionArgs,
     args: ServeArgs,
 ) -> anyhow::Result<()> {
     // The secret first: a weak one stops the command before it touches anything.
     let keys = TokenKeys::new(args.jwt_secret.clone().into_bytes()).map_err(|e| anyhow::anyhow!(e))?;
-    let pool = crate::cli::connect_and_migrate(database_url).await?;
+    let pool = crate::shared::connect_and_migrate(database_url).await?;
     let kafka = kafka_args.brokers.as_deref().map(|brokers| kafka_args.config(brokers));
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
@@ -72,6 +72,6 @@ pub async fn run(
     let running = start(pool, config, listener).await?;
     tracing::info!(address = %running.address, metrics = ?running.metrics_address,
         "GraphQL API listening (POST /graphql, /graphql/ws, /metrics)");
-    crate::cli::shutdown_on_signal().cancelled().await;
+    crate::shared::shutdown_on_signal().cancelled().await;
     running.stop().await
 }

@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ledger::audit::{ExportFilter, ExportFormat, ExportOptions, Sealer, SealerConfig};
 use uuid::Uuid;
 
-use crate::cli::{connect_and_migrate, shutdown_on_signal};
+use crate::shared::{connect_and_migrate, shutdown_on_signal};
 
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {

@@ -1,18 +1,25 @@
-//! The `ledger` command-line binary: one subcommand per role.
+//! The `ledger` command-line binary: one subcommand per role or operation (`cli`).
+//!
+//! | module | what |
+//! |--------|------|
+//! | `cli` | global options, the subcommands and their dispatch |
+//! | `shared` | Kafka and read-model options, the database connection, the shutdown signal |
+//! | `config_file` | `--config FILE`: settings applied to the environment before parsing |
+//! | `telemetry` | log format and level, OpenTelemetry trace export |
+//! | `roles` | relay, process manager, workers, replay, executor, simulator, CSV feed |
+//! | `operations` | migrate, token, schema, check, process failures |
+//! | `audit` | seal, export, verify |
+//! | `serve`, `demo` | the API server; the whole system in one process |
 
 mod audit;
-mod bench;
-mod bench_api;
-mod bench_export;
-mod bench_intake;
-mod chaos;
 mod cli;
 mod config_file;
 mod demo;
 mod operations;
-mod otel;
-mod run;
+mod roles;
 mod serve;
+mod shared;
+mod telemetry;
 
 use clap::Parser;
 
@@ -32,7 +39,7 @@ fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
     // The demo prints its URLs and tokens to stdout; keep routine logging out of their way.
     let otlp = args.otlp_endpoint.as_deref().map(|endpoint| (endpoint, args.otel_service_name.as_str()));
-    if let Err(error) = cli::init_logging(&args.log_format, matches!(args.command, cli::Command::Demo(_)), otlp) {
+    if let Err(error) = telemetry::init_logging(&args.log_format, matches!(args.command, cli::Command::Demo(_)), otlp) {
         eprintln!("error: {error:#}");
         return std::process::ExitCode::FAILURE;
     }

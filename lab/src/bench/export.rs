@@ -1,7 +1,7 @@
-//! `ledger bench export`: audit-trail throughput and the memory an export needs.
+//! `ledger-lab bench export`: audit-trail throughput and the memory an export needs.
 //!
 //! A scratch database (`<name>_bench`) is filled with a synthetic but valid history (`fill_domain_log`),
-//! sealed in-process, then each export — and its verification — runs as a child process of this binary
+//! sealed in-process, then each export — and its verification — runs as a child process of the `ledger` binary
 //! (`ledger export`, `ledger verify`), exactly as users run them. Peak resident memory is the child's
 //! `VmHWM` (the kernel's high-water mark of its resident set) read from `/proc/<pid>/status` every
 //! [`RSS_POLL_MS`] ms while it runs: the kernel keeps the maximum, so only growth in the last poll interval
@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use ledger::audit::ExportFormat;
 use serde::Serialize;
+
+use crate::support::high_water_mark_kb;
 
 /// How often a child's memory high-water mark is read.
 pub const RSS_POLL_MS: u64 = 10;
@@ -45,9 +47,9 @@ fn print(result: &AuditBenchResult) {
 
 /// Runs the suite over a log of `events` events for each of `formats`.
 pub async fn run(database_url: &str, events: usize, formats: &[ExportFormat]) -> anyhow::Result<Vec<AuditBenchResult>> {
-    let (scratch_url, pool) = crate::bench::scratch_database(database_url).await?;
+    let (scratch_url, pool) = crate::support::scratch_database(database_url).await?;
     println!("writing {events} events to the scratch database…");
-    crate::bench::fill_domain_log(&pool, 10_000, events).await?;
+    crate::support::fill_domain_log(&pool, 10_000, events).await?;
     sqlx::query("vacuum analyze events").execute(&pool).await?;
     let mut results = Vec::new();
 
@@ -131,9 +133,9 @@ async fn export_and_verify(
     Ok(())
 }
 
-/// Runs this binary with `args` against `database_url`; returns `(seconds, peak RSS in MB)`.
+/// Runs the `ledger` binary with `args` against `database_url`; returns `(seconds, peak RSS in MB)`.
 async fn run_child(database_url: &str, args: &[&str]) -> anyhow::Result<(f64, f64)> {
-    let exe: PathBuf = std::env::current_exe().context("locating the ledger binary")?;
+    let exe: PathBuf = crate::support::ledger_binary()?;
     let started = Instant::now();
     let mut child = Command::new(&exe)
         .args(args)
@@ -161,13 +163,6 @@ async fn run_child(database_url: &str, args: &[&str]) -> anyhow::Result<(f64, f6
         bail!("`ledger {}` failed ({status})", args.join(" "));
     }
     Ok((seconds, peak_kb as f64 / 1024.0))
-}
-
-/// `VmHWM` of a process (KiB), from its `/proc/<pid>/status`.
-pub(crate) fn high_water_mark_kb(status: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(status).ok()?;
-    let line = text.lines().find(|line| line.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[cfg(test)]

@@ -1,4 +1,7 @@
-//! Optional OpenTelemetry trace export: spans sent as OTLP/HTTP JSON to `<endpoint>/v1/traces` (an
+//! Logging and traces: the log format (text or JSON lines) and level (`RUST_LOG`), and the optional
+//! OpenTelemetry trace export.
+//!
+//! Traces are sent as OTLP/HTTP JSON to `<endpoint>/v1/traces` (an
 //! OpenTelemetry Collector, Jaeger, Tempo… all accept it), enabled by setting `OTEL_EXPORTER_OTLP_ENDPOINT`.
 //!
 //! A [`tracing_subscriber::Layer`]: every closed span becomes an OTLP span with its fields as attributes. Its
@@ -21,6 +24,37 @@ use tracing::Subscriber;
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
+
+/// Log output: human-readable text or JSON lines.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Installs the global subscriber: `RUST_LOG` filters both the log lines (to stderr) and the exported spans.
+pub fn init_logging(format: &LogFormat, quiet: bool, otlp: Option<(&str, &str)>) -> anyhow::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // librdkafka reports every failed connection attempt as an error; the relay and the workers report broker
+    // outages themselves, once per state change.
+    let default = if quiet { "warn,rdkafka=off,librdkafka=off" } else { "info,sqlx=warn,rdkafka=off,librdkafka=off" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    // One filter (RUST_LOG) for both: the spans exported are those it enables (`info` by default).
+    let otlp = match otlp {
+        Some((endpoint, service)) => Some(OtlpLayer::start(endpoint, service)?),
+        None => None,
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).with(otlp).try_init()?;
+    Ok(())
+}
 
 /// Spans waiting for export, at most.
 pub const SPAN_QUEUE_MAX: usize = 10_000;

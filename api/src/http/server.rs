@@ -11,7 +11,7 @@
 //! | `GET /metrics` | Prometheus text (auditor or admin token; or without a token on `LEDGER_METRICS_LISTEN`) |
 //! | `GET /audit/export` | the sealed audit trail as JSON Lines (auditor or admin; filters as query parameters) |
 //!
-//! Limits: request bodies of at most [`REQUEST_BODY_MAX_BYTES`]; a token bucket per client address, checked
+//! Limits: request bodies of at most [`REQUEST_BODY_MAX_BYTES`](super::REQUEST_BODY_MAX_BYTES); a token bucket per client address, checked
 //! before any token is looked at, and a strict one for failed authentications per address; a token bucket per
 //! token subject (HTTP requests and WebSocket operations alike); query depth, complexity and aliases (see
 //! `graphql`). Every refusal is a JSON GraphQL error with a stable `extensions.code`.
@@ -34,12 +34,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, TokenKeys};
 use crate::graphql::{build_schema, AppState, LedgerSchema, RequestIds, SchemaOptions};
-use crate::metrics::HttpMetrics;
-use crate::ratelimit::RateLimiter;
+use crate::http::metrics::HttpMetrics;
+use crate::http::ratelimit::RateLimiter;
 use tracing::Instrument;
 
-/// Largest request body accepted.
-pub const REQUEST_BODY_MAX_BYTES: usize = 256 * 1024;
+use super::REQUEST_BODY_MAX_BYTES;
+
 /// How long readiness checks may take.
 const READY_CHECK_TIMEOUT_MS: u64 = 2_000;
 /// Failed authentications one client address may make per second, and in a burst: beyond it, requests carrying
@@ -58,7 +58,7 @@ pub struct ServerConfig {
     pub rate_limit_burst: u32,
     pub rate_limit_per_address_per_second: u32,
     pub rate_limit_per_address_burst: u32,
-    pub keep_alive: crate::ws::KeepAlive,
+    pub keep_alive: crate::http::ws::KeepAlive,
     /// The broker checked by `/readyz`, if any.
     pub kafka: Option<KafkaConfig>,
 }
@@ -73,11 +73,11 @@ pub struct ServerState {
     pub address_limiter: RateLimiter,
     /// Failed authentications per client address.
     pub auth_failures: RateLimiter,
-    pub subjects: Arc<crate::ws::SubjectCounts>,
+    pub subjects: Arc<crate::http::ws::SubjectCounts>,
     pub http: HttpMetrics,
     pub kafka: Option<KafkaConfig>,
     pub graphiql: bool,
-    pub keep_alive: crate::ws::KeepAlive,
+    pub keep_alive: crate::http::ws::KeepAlive,
     /// The database-derived part of `/metrics` and when it was rendered.
     metrics_cache: tokio::sync::Mutex<Option<(Instant, String)>>,
 }
@@ -102,8 +102,8 @@ pub fn router(app: AppState, config: ServerConfig) -> (Router, Arc<ServerState>)
         metrics_cache: tokio::sync::Mutex::new(None),
     });
     let router = Router::new()
-        .route("/", get(crate::dashboard::index))
-        .route("/static/{*path}", get(crate::dashboard::asset))
+        .route("/", get(crate::http::dashboard::index))
+        .route("/static/{*path}", get(crate::http::dashboard::asset))
         .route("/graphql", get(graphiql).post(graphql))
         .route("/graphql/ws", get(subscriptions))
         .route("/healthz", get(|| async { "ok" }))
@@ -200,7 +200,7 @@ async fn graphiql(State(state): State<Arc<ServerState>>) -> Response {
     if !state.graphiql {
         return error_response(StatusCode::NOT_FOUND, "NOT_FOUND", "GraphiQL is off (LEDGER_INTROSPECTION=false)");
     }
-    crate::dashboard::graphiql()
+    crate::http::dashboard::graphiql()
 }
 
 async fn graphql(
@@ -337,15 +337,16 @@ async fn subscriptions(
             "a WebSocket subprotocol is required: graphql-transport-ws (or graphql-ws)",
         );
     };
-    let executor = crate::ws::SubscriptionExecutor { schema: state.schema.clone(), limiter: state.limiter.clone() };
+    let executor =
+        crate::http::ws::SubscriptionExecutor { schema: state.schema.clone(), limiter: state.limiter.clone() };
     let keep_alive = state.keep_alive;
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
-        .max_message_size(crate::ws::WS_MESSAGE_MAX_BYTES)
-        .max_frame_size(crate::ws::WS_MESSAGE_MAX_BYTES)
-        .read_buffer_size(crate::ws::WS_READ_BUFFER_BYTES)
+        .max_message_size(crate::http::ws::WS_MESSAGE_MAX_BYTES)
+        .max_frame_size(crate::http::ws::WS_MESSAGE_MAX_BYTES)
+        .read_buffer_size(crate::http::ws::WS_READ_BUFFER_BYTES)
         .on_upgrade(move |socket| {
-            crate::ws::serve(socket, executor, protocol, keep_alive, move |payload| async move {
+            crate::http::ws::serve(socket, executor, protocol, keep_alive, move |payload| async move {
                 let init: ConnectionInit = serde_json::from_value(payload).unwrap_or_default();
                 let header =
                     init.authorization.or(init.authorization_capital).or(init.token.map(|t| format!("Bearer {t}")));
@@ -359,13 +360,13 @@ async fn subscriptions(
                         async_graphql::Error::new(format!("unauthenticated: {e}"))
                     })?;
                 let socket =
-                    crate::ws::SocketPermit::acquire(&state.subjects, &principal.subject).ok_or_else(|| {
+                    crate::http::ws::SocketPermit::acquire(&state.subjects, &principal.subject).ok_or_else(|| {
                         async_graphql::Error::new(format!(
                             "too many sockets for this token (at most {})",
-                            crate::ws::SOCKETS_PER_SUBJECT_MAX
+                            crate::http::ws::SOCKETS_PER_SUBJECT_MAX
                         ))
                     })?;
-                Ok(Arc::new(crate::ws::Connection { principal, expires_at, socket: Arc::new(socket) }))
+                Ok(Arc::new(crate::http::ws::Connection { principal, expires_at, socket: Arc::new(socket) }))
             })
         })
 }
@@ -428,13 +429,13 @@ async fn open_metrics(State(state): State<Arc<ServerState>>) -> Response {
         match cache.as_ref() {
             Some((at, text)) if at.elapsed() < Duration::from_millis(METRICS_CACHE_MS) => text.clone(),
             _ => {
-                let text = crate::metrics::render_database(&state.app.pool).await;
+                let text = crate::http::metrics::render_database(&state.app.pool).await;
                 *cache = Some((Instant::now(), text.clone()));
                 text
             }
         }
     };
-    let body = crate::metrics::render(&state.app, &state.http) + &database_part;
+    let body = crate::http::metrics::render(&state.app, &state.http) + &database_part;
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

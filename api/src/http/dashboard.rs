@@ -15,46 +15,46 @@ struct Asset {
 }
 
 const ASSETS: &[Asset] = &[
-    Asset { path: "app.js", content_type: "text/javascript; charset=utf-8", body: include_str!("../static/app.js") },
-    Asset { path: "style.css", content_type: "text/css; charset=utf-8", body: include_str!("../static/style.css") },
+    Asset { path: "app.js", content_type: "text/javascript; charset=utf-8", body: include_str!("../../static/app.js") },
+    Asset { path: "style.css", content_type: "text/css; charset=utf-8", body: include_str!("../../static/style.css") },
     Asset {
         path: "vendor/chart.umd.min.js",
         content_type: "text/javascript; charset=utf-8",
-        body: include_str!("../static/vendor/chart.umd.min.js"),
+        body: include_str!("../../static/vendor/chart.umd.min.js"),
     },
     Asset {
         path: "vendor/graphql-ws.min.js",
         content_type: "text/javascript; charset=utf-8",
-        body: include_str!("../static/vendor/graphql-ws.min.js"),
+        body: include_str!("../../static/vendor/graphql-ws.min.js"),
     },
-    Asset { path: "graphiql.js", content_type: JS, body: include_str!("../static/graphiql.js") },
+    Asset { path: "graphiql.js", content_type: JS, body: include_str!("../../static/graphiql.js") },
     Asset {
         path: "vendor/graphiql/react.production.min.js",
         content_type: JS,
-        body: include_str!("../static/vendor/graphiql/react.production.min.js"),
+        body: include_str!("../../static/vendor/graphiql/react.production.min.js"),
     },
     Asset {
         path: "vendor/graphiql/react-dom.production.min.js",
         content_type: JS,
-        body: include_str!("../static/vendor/graphiql/react-dom.production.min.js"),
+        body: include_str!("../../static/vendor/graphiql/react-dom.production.min.js"),
     },
     Asset {
         path: "vendor/graphiql/graphiql.min.js",
         content_type: JS,
-        body: include_str!("../static/vendor/graphiql/graphiql.min.js"),
+        body: include_str!("../../static/vendor/graphiql/graphiql.min.js"),
     },
     Asset {
         path: "vendor/graphiql/graphiql.min.css",
         content_type: "text/css; charset=utf-8",
-        body: include_str!("../static/vendor/graphiql/graphiql.min.css"),
+        body: include_str!("../../static/vendor/graphiql/graphiql.min.css"),
     },
 ];
 
 const JS: &str = "text/javascript; charset=utf-8";
-const INDEX: &str = include_str!("../static/index.html");
+const INDEX: &str = include_str!("../../static/index.html");
 /// GraphiQL, entirely from files compiled into the binary: it works offline (an air-gapped desk) and no
 /// third-party script runs in the page where users paste bearer tokens.
-const GRAPHIQL: &str = include_str!("../static/graphiql.html");
+const GRAPHIQL: &str = include_str!("../../static/graphiql.html");
 /// Scripts and styles from this server only (fonts and icons inlined as data: URLs); never framed.
 const GRAPHIQL_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; font-src 'self' data:; \
     img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";

@@ -1,0 +1,130 @@
+//! What every subcommand family shares: the Kafka and read-model options, the database connection (with the
+//! pool size of `--db-connections`) and the shutdown signal.
+
+use anyhow::Context;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// Simulated symbols with their starting prices, as `--symbols AAPL:190,MSFT:420` gives them.
+#[derive(Debug, Clone)]
+pub struct SymbolList(pub Vec<ledger::market::SymbolSpec>);
+
+impl std::str::FromStr for SymbolList {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        ledger::market::SymbolSpec::parse_list(text).map(SymbolList)
+    }
+}
+
+/// Kafka settings shared by every subcommand that talks to the broker.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers (host:port,…). `demo` starts an in-process broker when this is not set.
+    #[arg(long = "kafka-brokers", env = "KAFKA_BROKERS", global = true)]
+    pub brokers: Option<String>,
+    /// Topic the relay mirrors the event log to.
+    #[arg(long, env = "LEDGER_EVENTS_TOPIC", default_value = ledger::kafka::EVENTS_TOPIC_DEFAULT, global = true)]
+    pub events_topic: String,
+    /// Topic of market-data ticks.
+    #[arg(long, env = "LEDGER_PRICES_TOPIC", default_value = ledger::kafka::PRICES_TOPIC_DEFAULT, global = true)]
+    pub prices_topic: String,
+    /// Dead-letter topic for messages consumers cannot process.
+    #[arg(long, env = "LEDGER_DEAD_LETTER_TOPIC", default_value = ledger::kafka::DEAD_LETTER_TOPIC_DEFAULT, global = true)]
+    pub dead_letter_topic: String,
+    /// Partitions of the topics the ledger creates.
+    #[arg(long, env = "LEDGER_KAFKA_PARTITIONS", default_value_t = ledger::kafka::PARTITIONS_DEFAULT, global = true)]
+    pub kafka_partitions: i32,
+    /// Replication factor of the topics the ledger creates.
+    #[arg(long, env = "LEDGER_KAFKA_REPLICATION", default_value_t = 1, global = true)]
+    pub kafka_replication: i32,
+}
+
+impl KafkaArgs {
+    /// The Kafka configuration for `brokers`.
+    pub fn config(&self, brokers: &str) -> ledger::kafka::KafkaConfig {
+        let mut config = ledger::kafka::KafkaConfig::new(brokers);
+        config.events_topic = self.events_topic.clone();
+        config.prices_topic = self.prices_topic.clone();
+        config.dead_letter_topic = self.dead_letter_topic.clone();
+        config.partitions = self.kafka_partitions;
+        config.replication_factor = self.kafka_replication;
+        config
+    }
+
+    /// The configured brokers, or an error saying how to set them.
+    pub fn required(&self) -> anyhow::Result<ledger::kafka::KafkaConfig> {
+        let brokers =
+            self.brokers.as_deref().context("set KAFKA_BROKERS (or --kafka-brokers) to the Kafka bootstrap servers")?;
+        Ok(self.config(brokers))
+    }
+}
+
+/// Settings of the read models.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProjectionArgs {
+    /// Windows (in ticks) of the SMA and EMA indicators.
+    #[arg(long, env = "LEDGER_INDICATOR_WINDOWS", value_delimiter = ',', default_value = "5,20", global = true)]
+    pub indicator_windows: Vec<u32>,
+    /// Ticks kept per symbol in the price history.
+    #[arg(long, env = "LEDGER_PRICE_HISTORY_TICKS", default_value_t = 500, global = true)]
+    pub price_history_ticks: usize,
+    /// A price older than this makes a valuation stale.
+    #[arg(long, env = "LEDGER_VALUATION_STALE_AFTER_MS", default_value_t = ledger::projections::valuation::VALUATION_STALE_AFTER_MS_DEFAULT, global = true)]
+    pub valuation_stale_after_ms: u64,
+}
+
+impl ProjectionArgs {
+    pub fn settings(&self) -> anyhow::Result<ledger::projections::ProjectionSettings> {
+        anyhow::ensure!(
+            !self.indicator_windows.is_empty() && self.indicator_windows.iter().all(|w| (1..=1_000).contains(w)),
+            "indicator windows must be 1 to 1000 ticks"
+        );
+        anyhow::ensure!((1..=100_000).contains(&self.price_history_ticks), "price history must be 1 to 100000 ticks");
+        Ok(ledger::projections::ProjectionSettings {
+            price_history_ticks: self.price_history_ticks,
+            indicator_windows: self.indicator_windows.clone(),
+        })
+    }
+}
+
+/// The pool size every command's `connect_and_migrate` uses (set once from `--db-connections`).
+static DB_CONNECTIONS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Sets the pool size of every later `connect_and_migrate` (the first call wins).
+pub fn set_db_connections(connections: u32) {
+    let _ = DB_CONNECTIONS.set(connections);
+}
+
+/// Connects (creating the database if needed) and migrates, with an error that says what to do.
+pub async fn connect_and_migrate(url: &str) -> anyhow::Result<PgPool> {
+    let connections = DB_CONNECTIONS.get().copied().unwrap_or(ledger::db::POOL_CONNECTIONS_MAX);
+    ledger::db::connect_and_migrate(url, connections).await
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let token = cancel.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let terminate = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = terminate => {}
+        }
+        tracing::info!("shutdown requested");
+        token.cancel();
+    });
+    cancel
+}
