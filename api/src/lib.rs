@@ -8,8 +8,10 @@
 //! | [`auth`] | bearer tokens and roles |
 //! | [`graphql`] | the schema: queries, mutations, subscriptions and their feeds |
 //! | [`http`] | the server, its routes, the WebSocket protocol, rate limits, `/metrics`, the dashboard |
+//! | [`options`] | command-line options both binaries take (Kafka) |
 
 pub mod app;
 pub mod auth;
 pub mod graphql;
 pub mod http;
+pub mod options;

@@ -1,6 +1,6 @@
 //! `ledger-lab chaos`: steady load through the API while processes die, then proof that nothing was lost.
 //!
-//! It runs the ledger as separate processes (this binary's own subcommands): two API instances, the relay, the
+//! It runs the ledger as separate processes (the `ledger` binary's subcommands): two API instances, the relay, the
 //! process manager, the projection workers, the sealer, the simulator and the paper executor, against a fresh
 //! database and a broker it owns (nisshi with PostgreSQL storage, so that a restarted broker keeps its topics).
 //! Clients drive deposits, withdrawals and market orders through both API instances with idempotency keys,

@@ -29,9 +29,10 @@ struct Cli {
     /// PostgreSQL URL (suites make scratch databases beside it; the chaos test makes its own).
     #[arg(long, env = "DATABASE_URL", default_value = ledger::db::DATABASE_URL_DEFAULT, global = true)]
     database_url: String,
-    /// Kafka bootstrap servers, for the suites that need a broker.
-    #[arg(long = "kafka-brokers", env = "KAFKA_BROKERS", global = true)]
-    kafka_brokers: Option<String>,
+    /// The broker and topic settings, as the `ledger` binary takes them (the suites that need a broker; most
+    /// make fresh topics of their own, `bench commands --with-system` uses these).
+    #[command(flatten)]
+    kafka: ledger_api::options::KafkaArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,7 +61,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let kafka = args.kafka_brokers.as_deref().map(ledger::kafka::KafkaConfig::new);
+    let kafka = args.kafka.brokers.as_deref().map(|brokers| args.kafka.config(brokers));
     let outcome = runtime.block_on(async {
         match args.command {
             Command::Bench { suite } => bench::run(&args.database_url, kafka, suite).await,

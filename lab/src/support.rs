@@ -14,7 +14,8 @@ use rust_decimal::Decimal;
 use sqlx::PgPool;
 
 /// The `ledger` binary the lab runs as child processes (servers, roles, exports): `LEDGER_BIN` when set, else
-/// the `ledger` beside this binary (cargo builds both into the same directory).
+/// the `ledger` beside this binary (cargo builds both into the same directory: build them together, so that
+/// the lab never runs an older `ledger`).
 pub fn ledger_binary() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("LEDGER_BIN") {
         return Ok(PathBuf::from(path));
@@ -23,7 +24,7 @@ pub fn ledger_binary() -> anyhow::Result<PathBuf> {
     let beside = lab.with_file_name(format!("ledger{}", std::env::consts::EXE_SUFFIX));
     anyhow::ensure!(
         beside.exists(),
-        "no ledger binary at {} — build it (`cargo build --release -p ledger-api --bin ledger`) or set LEDGER_BIN",
+        "no ledger binary at {} — build it with the same profile as ledger-lab (`cargo build [--release] -p ledger-api -p ledger-lab`) or set LEDGER_BIN",
         beside.display()
     );
     Ok(beside)

@@ -19,11 +19,12 @@ pub struct PriceRow {
     pub seq: i64,
 }
 
-/// The latest prices of `symbols` (of every symbol when `None`), by symbol.
+/// The latest prices of `symbols` (of every symbol when `None`, at most [`LATEST_PRICES_MAX`]), by symbol.
 pub async fn latest_prices(pool: &PgPool, symbols: Option<&[String]>) -> Result<Vec<PriceRow>, sqlx::Error> {
     sqlx::query_as(
         "select symbol, price, as_of, seq from latest_prices
-          where $1::text[] is null or symbol = any($1) order by symbol limit $2",
+          where $1::text[] is null or symbol = any($1) order by symbol
+          limit case when $1::text[] is null then $2 end",
     )
     .bind(symbols)
     .bind(LATEST_PRICES_MAX)

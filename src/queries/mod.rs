@@ -1,7 +1,8 @@
 //! Reads of the read models for the API and the operations commands: every query of a read-model table the
-//! API makes is here, next to the projections that write the tables, and returns plain rows. The GraphQL
-//! layer maps these rows to its types and holds no SQL. Reads of the event log itself (an aggregate's events
-//! and its state as of a point) are the log's (`crate::log`).
+//! GraphQL API makes is here, next to the projections that write the tables, and returns plain rows; the
+//! GraphQL layer maps them to its types and holds no SQL (the `/metrics` route still counts a few things of its
+//! own). Reads of the event log itself (an aggregate's events and its state as of a point) are the log's
+//! (`crate::log`).
 //!
 //! | module | tables |
 //! |--------|--------|

@@ -13,7 +13,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::as_of::{aggregate_history, resolve_as_of};
-use super::errors::{database, forbidden};
+use super::errors::{database, forbidden, internal};
 use super::scalars::LogPosition;
 use super::types::{Event, Execution, ExecutionsOf, Loaders, OrderStatusGql, OrderTypeGql, SideGql};
 use super::{principal, state};
@@ -86,17 +86,13 @@ impl Order {
         &self.record.symbol
     }
 
-    async fn side(&self) -> SideGql {
-        SideGql::parse(&self.record.side)
+    async fn side(&self) -> Result<SideGql> {
+        SideGql::parse(&self.record.side).map_err(internal)
     }
 
     #[graphql(name = "type")]
-    async fn order_type(&self) -> OrderTypeGql {
-        if self.record.order_type == "Limit" {
-            OrderTypeGql::Limit
-        } else {
-            OrderTypeGql::Market
-        }
+    async fn order_type(&self) -> Result<OrderTypeGql> {
+        OrderTypeGql::parse(&self.record.order_type).map_err(internal)
     }
 
     async fn limit_price(&self) -> Option<Decimal> {
@@ -117,8 +113,8 @@ impl Order {
         &self.record.time_in_force
     }
 
-    async fn status(&self) -> OrderStatusGql {
-        OrderStatusGql::parse(&self.record.status)
+    async fn status(&self) -> Result<OrderStatusGql> {
+        OrderStatusGql::parse(&self.record.status).map_err(internal)
     }
 
     async fn cum_quantity(&self) -> Decimal {

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use ledger::projections::visibility::ReadModel;
 
 use super::as_of::{aggregate_history, resolve_as_of};
-use super::errors::{database, forbidden, invalid, not_found};
+use super::errors::{database, forbidden, internal, invalid, not_found};
 use super::orders::Order;
 use super::scalars::LogPosition;
 use super::types::{
@@ -43,13 +43,15 @@ pub struct Portfolio {
     pub as_of: Option<(AsOf, Vec<Position>)>,
 }
 
-impl From<PortfolioRow> for Portfolio {
-    fn from(row: PortfolioRow) -> Self {
-        Portfolio {
+impl TryFrom<PortfolioRow> for Portfolio {
+    type Error = async_graphql::Error;
+
+    fn try_from(row: PortfolioRow) -> Result<Self> {
+        Ok(Portfolio {
             id: row.portfolio_id,
             owner: row.owner,
             base_currency: row.base_currency,
-            cost_basis_method: CostBasisMethodGql::parse(&row.cost_basis_method),
+            cost_basis_method: CostBasisMethodGql::parse(&row.cost_basis_method).map_err(internal)?,
             cash: row.cash,
             reserved_cash: row.reserved_cash,
             realized_pnl: row.realized_pnl,
@@ -57,7 +59,7 @@ impl From<PortfolioRow> for Portfolio {
             updated_at: row.updated_at,
             last_position: row.last_position,
             as_of: None,
-        }
+        })
     }
 }
 
@@ -76,7 +78,7 @@ pub async fn load_live(
     let (pool, now) = (&state.pool, state.clock.now());
     let row = ledger::queries::portfolios::portfolio(pool, id).await.map_err(database)?;
     match row {
-        Some(row) => Ok(Some(Portfolio::from(row))),
+        Some(row) => Ok(Some(Portfolio::try_from(row)?)),
         None => load_as_of(pool, id, AsOf::time(now)).await,
     }
 }
@@ -331,7 +333,7 @@ impl PortfolioQuery {
             crate::auth::Role::Broker => return Ok(Vec::new()),
         };
         let rows = portfolios(&state.pool, owner, limit).await.map_err(database)?;
-        Ok(rows.into_iter().map(Portfolio::from).collect())
+        rows.into_iter().map(Portfolio::try_from).collect()
     }
 
     /// One portfolio: live, or as it was at `asOf` / `atPosition` (replayed from its events). `waitFor` (a

@@ -31,12 +31,18 @@ impl From<SideGql> for domain::Side {
     }
 }
 
+/// A stored name a read model holds that no GraphQL value matches: a corrupt or newer row, answered as an
+/// internal error rather than read as some default.
+fn unknown(what: &str, text: &str) -> String {
+    format!("unknown {what} {text:?} in a read model")
+}
+
 impl SideGql {
-    pub fn parse(text: &str) -> Self {
-        if text == "Sell" {
-            SideGql::Sell
-        } else {
-            SideGql::Buy
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "Buy" => Ok(SideGql::Buy),
+            "Sell" => Ok(SideGql::Sell),
+            _ => Err(unknown("side", text)),
         }
     }
 }
@@ -95,15 +101,16 @@ impl From<domain::OrderStatus> for OrderStatusGql {
 }
 
 impl OrderStatusGql {
-    pub fn parse(text: &str) -> Self {
+    pub fn parse(text: &str) -> Result<Self, String> {
         match text {
-            "New" => Self::New,
-            "PartiallyFilled" => Self::PartiallyFilled,
-            "Filled" => Self::Filled,
-            "Canceled" => Self::Canceled,
-            "Rejected" => Self::Rejected,
-            "Expired" => Self::Expired,
-            _ => Self::PendingNew,
+            "PendingNew" => Ok(Self::PendingNew),
+            "New" => Ok(Self::New),
+            "PartiallyFilled" => Ok(Self::PartiallyFilled),
+            "Filled" => Ok(Self::Filled),
+            "Canceled" => Ok(Self::Canceled),
+            "Rejected" => Ok(Self::Rejected),
+            "Expired" => Ok(Self::Expired),
+            _ => Err(unknown("order status", text)),
         }
     }
 
@@ -138,11 +145,21 @@ impl From<CostBasisMethodGql> for domain::CostBasisMethod {
 }
 
 impl CostBasisMethodGql {
-    pub fn parse(text: &str) -> Self {
-        if text == "AverageCost" {
-            Self::AverageCost
-        } else {
-            Self::Fifo
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "Fifo" => Ok(Self::Fifo),
+            "AverageCost" => Ok(Self::AverageCost),
+            _ => Err(unknown("cost basis method", text)),
+        }
+    }
+}
+
+impl OrderTypeGql {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "Market" => Ok(Self::Market),
+            "Limit" => Ok(Self::Limit),
+            _ => Err(unknown("order type", text)),
         }
     }
 }
@@ -488,5 +505,35 @@ impl Loader<ExecutionsOf> for Loaders {
             out.entry(ExecutionsOf(row.order_id)).or_default().push(row.into());
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every name the projections store parses to the matching GraphQL value; anything else is an error, never
+    /// a default.
+    #[test]
+    fn stored_names_parse_and_unknown_ones_are_errors() {
+        use domain::OrderStatus::*;
+        for status in [PendingNew, New, PartiallyFilled, Filled, Canceled, Rejected, Expired] {
+            assert_eq!(OrderStatusGql::parse(status.as_str()), Ok(OrderStatusGql::from(status)));
+        }
+        for side in [domain::Side::Buy, domain::Side::Sell] {
+            assert_eq!(domain::Side::from(SideGql::parse(&format!("{side:?}")).unwrap()), side);
+        }
+        for method in [domain::CostBasisMethod::Fifo, domain::CostBasisMethod::AverageCost] {
+            assert_eq!(
+                domain::CostBasisMethod::from(CostBasisMethodGql::parse(&format!("{method:?}")).unwrap()),
+                method
+            );
+        }
+        assert_eq!(OrderTypeGql::parse("Limit"), Ok(OrderTypeGql::Limit));
+        assert_eq!(OrderTypeGql::parse("Market"), Ok(OrderTypeGql::Market));
+        assert!(SideGql::parse("sell").is_err() && SideGql::parse("").is_err());
+        assert!(OrderStatusGql::parse("Done").is_err());
+        assert!(CostBasisMethodGql::parse("Lifo").is_err());
+        assert!(OrderTypeGql::parse("Stop").is_err());
     }
 }

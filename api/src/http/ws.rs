@@ -8,7 +8,7 @@
 //! - **Caps**: [`SUBSCRIPTIONS_PER_CONNECTION_MAX`] live subscriptions per socket,
 //!   [`SUBSCRIPTIONS_PER_SUBJECT_MAX`] per token subject over all its sockets, [`SOCKETS_PER_SUBJECT_MAX`]
 //!   sockets per subject (`TOO_MANY_SUBSCRIPTIONS`, or the socket refused at `connection_init`). Each catch-up
-//!   holds one small batch of the log (see `hub`), so memory per subscriber is bounded whatever the log's size.
+//!   holds one small batch of the log (see `crate::graphql::feeds`), so memory per subscriber is bounded whatever the log's size.
 //! - **The token's lifetime is the socket's**: when it expires the server closes the socket with 4401; the
 //!   client reconnects with a fresh token and resumes (`after:`).
 //! - **Keep-alive**: the server pings every [`SERVER_PING_INTERVAL_MS`]; graphql-ws clients answer with a pong,

@@ -1,4 +1,4 @@
-//! The suites that drive the library directly, without HTTP:
+//! The suites that drive the library in this process (`e2e` also an API instance, for its subscriber):
 //!
 //! - `deposits`: each of N tasks loops `DepositCash` on its own portfolio through the command service
 //!   (idempotency lookup, load, handle, one commit transaction) for a fixed duration.

@@ -193,7 +193,7 @@ pub fn place(
 
 /// How long a test waits for a condition before it declares the system stuck. A condition normally holds
 /// within milliseconds; this bound only turns a hang into a failure, so it is generous enough for a slow machine
-/// that is busy with other work (tests assert what happens, never how fast: speed is for `ledger bench`).
+/// that is busy with other work (tests assert what happens, never how fast: speed is for `ledger-lab bench`).
 pub const CONDITION_WAIT_MAX: Duration = Duration::from_secs(180);
 
 /// Polls `check` every 20 ms until it returns true (→ true) or [`CONDITION_WAIT_MAX`] passes (→ false).

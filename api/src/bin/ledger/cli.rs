@@ -4,7 +4,9 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::shared::{KafkaArgs, ProjectionArgs};
+use ledger_api::options::KafkaArgs;
+
+use crate::shared::ProjectionArgs;
 use crate::telemetry::LogFormat;
 use crate::{audit, demo, operations, roles, serve};
 

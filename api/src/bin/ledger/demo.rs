@@ -64,7 +64,7 @@ pub struct DemoArgs {
 
 pub async fn run(
     database_url: &str,
-    kafka_args: &crate::shared::KafkaArgs,
+    kafka_args: &ledger_api::options::KafkaArgs,
     projection_args: &crate::shared::ProjectionArgs,
     args: DemoArgs,
 ) -> anyhow::Result<()> {

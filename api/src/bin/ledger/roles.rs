@@ -17,7 +17,9 @@ use ledger::projections::{all, by_name, Projection, ProjectionSettings, NAMES};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::shared::{connect_and_migrate, shutdown_on_signal, KafkaArgs, ProjectionArgs, SymbolList};
+use ledger_api::options::KafkaArgs;
+
+use crate::shared::{connect_and_migrate, shutdown_on_signal, ProjectionArgs, SymbolList};
 
 #[derive(Debug, clap::Args)]
 pub struct WorkerArgs {

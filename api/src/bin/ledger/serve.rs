@@ -47,7 +47,7 @@ pub struct ServeArgs {
 
 pub async fn run(
     database_url: &str,
-    kafka_args: &crate::shared::KafkaArgs,
+    kafka_args: &ledger_api::options::KafkaArgs,
     projection_args: &crate::shared::ProjectionArgs,
     args: ServeArgs,
 ) -> anyhow::Result<()> {
