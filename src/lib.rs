@@ -14,8 +14,9 @@
 //! - [`kafka`]: Kafka settings and topic creation shared by the relay and the consumers.
 //! - [`projections`]: read models built from the log.
 //! - [`audit`]: the hash chain sealed over the log, exports (JSON Lines, CSV, Parquet) and their verification.
-//! - [`db`], [`clock`], [`metrics`], [`leadership`]: connections and migrations; where time comes from; latency
-//!   histograms; one active instance of a singleton process (advisory lock).
+//! - [`db`], [`clock`], [`metrics`], [`leadership`], [`trace`]: connections and migrations; where time comes
+//!   from; latency histograms; one active instance of a singleton process (advisory lock); the W3C trace
+//!   context that follows a request into its events and their projection.
 //!
 //! The `ledger` binary (GraphQL API, workers and operations commands) lives in the `api` workspace member.
 
@@ -34,3 +35,4 @@ pub mod process;
 pub mod projections;
 pub mod queries;
 pub mod relay;
+pub mod trace;

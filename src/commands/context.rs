@@ -6,6 +6,7 @@ use uuid::Uuid;
 
 use super::CommandError;
 use crate::log::RecordedEvent;
+use crate::trace::{TraceParent, TRACEPARENT};
 
 /// Longest idempotency key accepted, in bytes (matches the `command_log` check constraint).
 pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 200;
@@ -43,19 +44,39 @@ pub struct CommandContext {
     /// The event that caused this command, when a process reacts to the log.
     pub causation_id: Option<Uuid>,
     pub idempotency: Option<Idempotency>,
+    /// The trace the command belongs to (recorded in its events' metadata as `traceparent`).
+    pub traceparent: Option<TraceParent>,
 }
 
 impl CommandContext {
     /// A fresh request by `actor`, starting a new correlation.
     pub fn new(actor: impl Into<String>) -> Self {
-        Self { actor: actor.into(), correlation_id: Uuid::now_v7(), causation_id: None, idempotency: None }
+        Self {
+            actor: actor.into(),
+            correlation_id: Uuid::now_v7(),
+            causation_id: None,
+            idempotency: None,
+            traceparent: None,
+        }
     }
 
-    /// A command issued in reaction to `event`: same correlation, caused by that event.
+    /// A command issued in reaction to `event`: same correlation and trace, caused by that event.
     pub fn caused_by(actor: impl Into<String>, event: &RecordedEvent) -> Self {
         let correlation_id =
             event.metadata_str("correlation_id").and_then(|s| Uuid::parse_str(s).ok()).unwrap_or(event.event_id);
-        Self { actor: actor.into(), correlation_id, causation_id: Some(event.event_id), idempotency: None }
+        Self {
+            actor: actor.into(),
+            correlation_id,
+            causation_id: Some(event.event_id),
+            idempotency: None,
+            traceparent: event.metadata_str(TRACEPARENT).and_then(TraceParent::parse),
+        }
+    }
+
+    /// The same command in the trace `traceparent`.
+    pub fn with_traceparent(mut self, traceparent: TraceParent) -> Self {
+        self.traceparent = Some(traceparent);
+        self
     }
 
     pub fn with_idempotency(mut self, idempotency: Idempotency) -> Self {

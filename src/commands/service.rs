@@ -646,6 +646,9 @@ impl CommandService {
         if let Some(idempotency) = &ctx.idempotency {
             fields.insert("idempotency_key", idempotency.key.clone());
         }
+        if let Some(traceparent) = ctx.traceparent {
+            fields.insert(crate::trace::TRACEPARENT, traceparent.to_string());
+        }
         serde_json::to_value(fields).unwrap_or(Value::Null)
     }
 

@@ -19,7 +19,7 @@
 //!
 //! [`applier`]: super::applier
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,7 +29,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
@@ -43,9 +43,13 @@ use crate::kafka::KafkaConfig;
 use crate::log::RecordedEvent;
 use crate::market::Tick;
 use crate::relay::Envelope;
+use crate::trace::{TraceParent, TRACEPARENT};
 
 /// How long a metadata, offset or watermark request may take.
 const KAFKA_REQUEST_TIMEOUT_MS: u64 = 10_000;
+/// Traces one batch opens a span in, at most (a batch of events from many requests opens one span per request's
+/// trace, up to this many).
+pub const TRACE_SPANS_PER_BATCH_MAX: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -422,6 +426,8 @@ impl ProjectionWorker {
         batch: &[OwnedMessage],
         cancel: &CancellationToken,
     ) -> Result<Option<Vec<(usize, String)>>, WorkerError> {
+        // Open until the batch is applied, so that each span's duration is the batch's.
+        let _trace_spans = self.trace_spans(batch);
         let mut decoded = Decoded::default();
         for (index, message) in batch.iter().enumerate() {
             decoded.messages.push(MessageMeta {
@@ -502,6 +508,31 @@ impl ProjectionWorker {
             Ok(_) => *reported = Reported { initialized: true, rebalances, position },
             Err(error) => tracing::debug!(projection = self.projection.name(), %error, "reporting status failed"),
         }
+    }
+
+    /// A span for applying this batch in the trace of each request that wrote one of its events (the relay's
+    /// `traceparent` header; see `crate::trace`), so that a trace shows request → commit → projection. Messages
+    /// without one (ticks, events of system processes) open none.
+    fn trace_spans(&self, batch: &[OwnedMessage]) -> Vec<tracing::Span> {
+        let mut traces = HashSet::new();
+        batch
+            .iter()
+            .filter_map(|message| {
+                let headers = message.headers()?;
+                let header = headers.iter().find(|h| h.key == TRACEPARENT)?;
+                TraceParent::parse(std::str::from_utf8(header.value?).ok()?)
+            })
+            .filter(|parent| traces.insert(parent.trace_id))
+            .take(TRACE_SPANS_PER_BATCH_MAX)
+            .map(|parent| {
+                tracing::info_span!(
+                    "projection",
+                    projection = self.projection.name(),
+                    trace_id = %parent.trace_id_hex(),
+                    parent_span_id = %parent.span_id_hex(),
+                )
+            })
+            .collect()
     }
 
     fn decode(&self, message: &OwnedMessage) -> Result<Input, String> {

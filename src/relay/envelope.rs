@@ -22,6 +22,8 @@ pub mod headers {
     pub const EVENT_VERSION: &str = "event_version";
     pub const CORRELATION_ID: &str = "correlation_id";
     pub const ENVELOPE_VERSION: &str = "envelope_version";
+    /// The W3C trace context of the request that wrote the event, when it had one (`crate::trace`).
+    pub const TRACEPARENT: &str = crate::trace::TRACEPARENT;
 }
 
 /// The body of a `ledger.events` message (key = `aggregate_id`).
@@ -103,11 +105,13 @@ impl Envelope {
 /// Room for the envelope's fields other than the payload and metadata (an estimate; the buffer grows if needed).
 const ENCODED_FIELDS_BYTES: usize = 320;
 
-/// The metadata field a header carries, read from the metadata's text without building a tree.
+/// The metadata fields headers carry, read from the metadata's text without building a tree.
 #[derive(Deserialize)]
-struct CorrelationOnly<'a> {
+struct HeaderFields<'a> {
     #[serde(borrow, default)]
     correlation_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    traceparent: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// The headers of the message for `event`.
@@ -117,7 +121,7 @@ pub fn headers_for(event: &WireEvent) -> OwnedHeaders {
     let position = event.position.global_position.to_string();
     let transaction = event.position.transaction_id.to_string();
     let version = ENVELOPE_VERSION.to_string();
-    let mut headers = OwnedHeaders::new_with_capacity(9)
+    let mut headers = OwnedHeaders::new_with_capacity(10)
         .insert(Header { key: headers::EVENT_ID, value: Some(&event_id) })
         .insert(Header { key: headers::AGGREGATE_TYPE, value: Some(&event.aggregate_type) })
         .insert(Header { key: headers::SEQUENCE, value: Some(&sequence) })
@@ -126,16 +130,19 @@ pub fn headers_for(event: &WireEvent) -> OwnedHeaders {
         .insert(Header { key: headers::EVENT_TYPE, value: Some(&event.event_type) })
         .insert(Header { key: headers::EVENT_VERSION, value: Some(&event.event_version) })
         .insert(Header { key: headers::ENVELOPE_VERSION, value: Some(&version) });
-    // A correlation id that is not a string (or metadata that is not an object) gets no header, as before.
+    // A field that is not a string (or metadata that is not an object) gets no header, as before.
     // (The derived decoder would also take an array as the struct's fields in order: objects only.)
     let metadata = event
         .metadata
         .trim_start()
         .starts_with('{')
-        .then(|| serde_json::from_str::<CorrelationOnly>(&event.metadata).ok())
+        .then(|| serde_json::from_str::<HeaderFields>(&event.metadata).ok())
         .flatten();
     if let Some(correlation) = metadata.as_ref().and_then(|m| m.correlation_id.as_deref()) {
         headers = headers.insert(Header { key: headers::CORRELATION_ID, value: Some(correlation) });
+    }
+    if let Some(traceparent) = metadata.as_ref().and_then(|m| m.traceparent.as_deref()) {
+        headers = headers.insert(Header { key: headers::TRACEPARENT, value: Some(traceparent) });
     }
     headers
 }
@@ -204,6 +211,17 @@ mod tests {
         assert_eq!(get(headers::AGGREGATE_TYPE).as_deref(), Some("Order"));
         assert_eq!(get(headers::CORRELATION_ID).as_deref(), Some("c-9"));
         assert_eq!(headers.count(), 9);
+    }
+
+    #[test]
+    fn the_trace_context_of_the_metadata_becomes_a_traceparent_header() {
+        let mut event = event();
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        event.metadata = serde_json::json!({"correlation_id": "c-9", "traceparent": traceparent});
+        let headers = headers_for(&WireEvent::from(&event));
+        let value = headers.iter().find(|h| h.key == headers::TRACEPARENT).and_then(|h| h.value);
+        assert_eq!(value, Some(traceparent.as_bytes()));
+        assert_eq!(headers.count(), 10);
     }
 
     #[test]

@@ -128,15 +128,27 @@ pub(crate) fn principal<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a Prin
 pub struct RequestIds {
     /// W3C trace id (from the caller's `traceparent` header, or new).
     pub trace_id: u128,
+    /// The request's own span id (new): what its commands record as their parent.
+    pub span_id: u64,
+    /// The caller's span, the parent of the request's (from its `traceparent`).
+    pub caller_span_id: Option<u64>,
     /// From the caller's `x-correlation-id` header (a UUID), or new.
     pub correlation_id: uuid::Uuid,
 }
 
-/// A command context for the caller, in the request's correlation when there is one.
+impl RequestIds {
+    /// The request's span as the parent of what follows from it.
+    pub fn traceparent(&self) -> ledger::trace::TraceParent {
+        ledger::trace::TraceParent { trace_id: self.trace_id, span_id: self.span_id }
+    }
+}
+
+/// A command context for the caller, in the request's correlation and trace when there is one.
 pub(crate) fn command_context(ctx: &Context<'_>, principal: &Principal) -> ledger::commands::CommandContext {
     let mut command = ledger::commands::CommandContext::new(principal.subject.clone());
     if let Some(ids) = ctx.data_opt::<RequestIds>() {
         command.correlation_id = ids.correlation_id;
+        command.traceparent = Some(ids.traceparent());
     }
     command
 }

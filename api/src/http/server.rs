@@ -212,40 +212,44 @@ async fn graphql(
     let started = Instant::now();
     state.http.requests.fetch_add(1, Ordering::Relaxed);
     let ids = request_ids(&headers);
+    // The span's ids are the request's own (see `RequestIds`): the `traceparent` answered and the one its
+    // commands record name this span, so a projection's span is its child.
+    let caller = ids.caller_span_id.map(|id| format!("{id:016x}")).unwrap_or_default();
     let span = tracing::info_span!("request", trace_id = %format!("{:032x}", ids.trace_id),
+        span_id = %format!("{:016x}", ids.span_id), parent_span_id = %caller,
         correlation_id = %ids.correlation_id, subject = tracing::field::Empty);
     let mut response = graphql_in_span(&state, peer, &headers, request, ids).instrument(span).await;
     let response_headers = response.headers_mut();
     if let Ok(value) = ids.correlation_id.to_string().parse() {
         response_headers.insert("x-correlation-id", value);
     }
-    let span_id: u64 = rand::random::<u64>() | 1;
-    if let Ok(value) = format!("00-{:032x}-{span_id:016x}-01", ids.trace_id).parse() {
+    if let Ok(value) = ids.traceparent().to_string().parse() {
         response_headers.insert("traceparent", value);
     }
     state.http.request_duration.observe(started.elapsed().as_secs_f64());
     response
 }
 
-/// The caller's W3C trace id (`traceparent: 00-<trace id>-<parent id>-<flags>`) and correlation id
-/// (`x-correlation-id`, a UUID) when given and well formed; new ones otherwise.
+/// The caller's W3C trace (`traceparent: 00-<trace id>-<parent id>-<flags>`) and correlation id
+/// (`x-correlation-id`, a UUID) when given and well formed; new ones otherwise. The request's own span id is
+/// new either way.
 pub fn request_ids(headers: &HeaderMap) -> RequestIds {
-    let trace_id = headers
-        .get("traceparent")
+    let caller = headers
+        .get(ledger::trace::TRACEPARENT)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let mut parts = v.split('-');
-            let (_version, trace) = (parts.next()?, parts.next()?);
-            (trace.len() == 32).then(|| u128::from_str_radix(trace, 16).ok()).flatten()
-        })
-        .filter(|id| *id != 0)
-        .unwrap_or_else(|| rand::random::<u128>() | 1);
+        .and_then(ledger::trace::TraceParent::parse);
+    let trace_id = caller.map_or_else(|| rand::random::<u128>() | 1, |c| c.trace_id);
     let correlation_id = headers
         .get("x-correlation-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| uuid::Uuid::parse_str(v).ok())
         .unwrap_or_else(uuid::Uuid::now_v7);
-    RequestIds { trace_id, correlation_id }
+    RequestIds {
+        trace_id,
+        span_id: rand::random::<u64>() | 1,
+        caller_span_id: caller.map(|c| c.span_id),
+        correlation_id,
+    }
 }
 
 async fn graphql_in_span(

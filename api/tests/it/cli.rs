@@ -196,8 +196,10 @@ async fn a_configuration_file_applies_under_the_environment() {
 }
 
 /// With `OTEL_EXPORTER_OTLP_ENDPOINT` set, `ledger serve` exports its spans as OTLP/HTTP JSON: a GraphQL request
-/// sent with a `traceparent` becomes a `request` span in the caller's trace, with the command it ran as a child
-/// span. With `LEDGER_LOG_FORMAT=json`, its log lines carry the trace and correlation ids.
+/// sent with a `traceparent` becomes a `request` span in the caller's trace (a child of the caller's span), with
+/// the command it ran as a child span; the trace goes on through the event log and Kafka: the projection
+/// worker that applies the request's event opens a `projection` span in the same trace, a child of the
+/// request's. With `LEDGER_LOG_FORMAT=json`, its log lines carry the trace and correlation ids.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_exports_spans_in_the_callers_trace_and_logs_json_with_ids() {
     use std::sync::{Arc, Mutex};
@@ -220,10 +222,17 @@ async fn serve_exports_spans_in_the_callers_trace_and_logs_json_with_ids() {
 
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let secret = "test-secret-of-at-least-thirty-two-bytes";
+    // Relay and workers in the process, on topics and consumer groups of this test's own.
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
     let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledger"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--with-relay", "--with-workers"])
         .env("DATABASE_URL", &db.url)
-        .env_remove("KAFKA_BROKERS")
+        .env("KAFKA_BROKERS", std::env::var("KAFKA_BROKERS").expect("the test broker (scripts/test)"))
+        .env("LEDGER_EVENTS_TOPIC", format!("test.events.{suffix}"))
+        .env("LEDGER_PRICES_TOPIC", format!("test.prices.{suffix}"))
+        .env("LEDGER_DEAD_LETTER_TOPIC", format!("test.dlq.{suffix}"))
+        .env("LEDGER_KAFKA_PARTITIONS", "2")
+        .env("LEDGER_GROUP_PREFIX", format!("test-{suffix}"))
         .env("LEDGER_JWT_SECRET", secret)
         .env("LEDGER_LOG_FORMAT", "json")
         .env("RUST_LOG", "warn,ledger=info,ledger_api=info,ledger_api::http::server=debug")
@@ -278,8 +287,8 @@ async fn serve_exports_spans_in_the_callers_trace_and_logs_json_with_ids() {
             .flat_map(|resource| resource["scopeSpans"][0]["spans"].as_array().cloned().unwrap_or_default())
             .filter(|span| span["traceId"] == trace)
             .collect();
-        if spans.iter().filter(|s| s["name"] == "request").count() == 2 && spans.iter().any(|s| s["name"] == "execute")
-        {
+        let named = |name: &str| spans.iter().any(|s| s["name"] == name);
+        if spans.iter().filter(|s| s["name"] == "request").count() == 2 && named("execute") && named("projection") {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -302,6 +311,13 @@ async fn serve_exports_spans_in_the_callers_trace_and_logs_json_with_ids() {
     };
     assert_eq!(attribute(requests[0], "correlation_id"), Some(serde_json::json!(correlation)));
     assert_eq!(attribute(execute, "command"), Some(serde_json::json!("OpenPortfolio")));
+    assert!(requests.iter().all(|r| r["parentSpanId"] == "00f067aa0ba902b7"), "the caller's span is the parent");
+    // The portfolio's event went through the log, the relay and Kafka to the positions worker.
+    let projection = spans
+        .iter()
+        .find(|s| s["name"] == "projection" && attribute(s, "projection") == Some(serde_json::json!("positions")))
+        .unwrap_or_else(|| panic!("no positions worker span in the trace: {spans:#?}"));
+    assert_eq!(projection["parentSpanId"], execute["parentSpanId"], "the worker's span is a child of the request");
 
     serve.start_kill().unwrap();
     let output = serve.wait_with_output().await.unwrap();

@@ -113,6 +113,7 @@ pub async fn run(
     config.with_process_manager = true;
     config.with_workers = true;
     config.relay.create_topics = embedded.is_none();
+    config.workers = projection_args.worker_config()?;
     config.workers.create_topics = embedded.is_none();
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

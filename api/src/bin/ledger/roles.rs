@@ -101,13 +101,13 @@ pub async fn process_manager(database_url: &str) -> anyhow::Result<()> {
 pub async fn worker(
     database_url: &str,
     kafka: &KafkaArgs,
-    projections: &ProjectionArgs,
+    projection_args: &ProjectionArgs,
     args: WorkerArgs,
 ) -> anyhow::Result<()> {
-    let projections = select(&args.projection, &projections.settings()?)?;
+    let projections = select(&args.projection, &projection_args.settings()?)?;
+    let config = projection_args.worker_config()?;
     let kafka = kafka.required()?;
     let pool = connect_and_migrate(database_url).await?;
-    let config = WorkerConfig::default();
     run_workers(pool, kafka, projections, config, shutdown_on_signal()).await
 }
 

@@ -69,6 +69,7 @@ pub async fn run(
     config.with_relay = args.with_relay;
     config.with_process_manager = args.with_process_manager;
     config.with_workers = args.with_workers;
+    config.workers = projection_args.worker_config()?;
     let running = start(pool, config, listener).await?;
     tracing::info!(address = %running.address, metrics = ?running.metrics_address,
         "GraphQL API listening (POST /graphql, /graphql/ws, /metrics)");

@@ -16,6 +16,9 @@ impl std::str::FromStr for SymbolList {
     }
 }
 
+/// Longest consumer-group prefix accepted (Kafka allows 255 for the whole group id).
+const GROUP_PREFIX_LEN_MAX: usize = 100;
+
 /// Settings of the read models.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProjectionArgs {
@@ -28,9 +31,24 @@ pub struct ProjectionArgs {
     /// A price older than this makes a valuation stale.
     #[arg(long, env = "LEDGER_VALUATION_STALE_AFTER_MS", default_value_t = ledger::projections::valuation::VALUATION_STALE_AFTER_MS_DEFAULT, global = true)]
     pub valuation_stale_after_ms: u64,
+    /// Consumer-group prefix of the projection workers (groups `<prefix>.<projection>`): ledgers that share a
+    /// broker need different ones.
+    #[arg(long, env = "LEDGER_GROUP_PREFIX", default_value = "ledger", global = true)]
+    pub group_prefix: String,
 }
 
 impl ProjectionArgs {
+    /// The workers' settings: the defaults, in this consumer-group prefix.
+    pub fn worker_config(&self) -> anyhow::Result<ledger::projections::worker::WorkerConfig> {
+        anyhow::ensure!(
+            !self.group_prefix.is_empty()
+                && self.group_prefix.len() <= GROUP_PREFIX_LEN_MAX
+                && self.group_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+            "the group prefix must be 1 to {GROUP_PREFIX_LEN_MAX} characters of A-Z, a-z, 0-9, '.', '_' and '-'"
+        );
+        Ok(ledger::projections::worker::WorkerConfig { group_prefix: self.group_prefix.clone(), ..Default::default() })
+    }
+
     pub fn settings(&self) -> anyhow::Result<ledger::projections::ProjectionSettings> {
         anyhow::ensure!(
             !self.indicator_windows.is_empty() && self.indicator_windows.iter().all(|w| (1..=1_000).contains(w)),

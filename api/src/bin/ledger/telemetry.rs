@@ -7,7 +7,9 @@
 //! A [`tracing_subscriber::Layer`]: every closed span becomes an OTLP span with its fields as attributes. Its
 //! trace id is the span's own `trace_id` field when it has one (the HTTP layer sets it from the caller's
 //! `traceparent`), else its parent's, else a new one — so a GraphQL request and the command spans under it
-//! form one trace, under the caller's trace when it sent one.
+//! form one trace, under the caller's trace when it sent one. A projection worker's span carries the trace
+//! context its events were written in (`ledger::trace`: event metadata, then the relay's Kafka header), so
+//! the trace goes on across processes: request → commit → relay → projection.
 //!
 //! Export never slows or blocks the ledger: spans go through a bounded queue ([`SPAN_QUEUE_MAX`]) to a thread
 //! of its own that posts batches of at most [`EXPORT_BATCH_MAX`] spans every [`EXPORT_INTERVAL_MS`]; when the
@@ -56,6 +58,11 @@ pub fn init_logging(format: &LogFormat, quiet: bool, otlp: Option<(&str, &str)>)
     Ok(())
 }
 
+/// Span fields that set the exported span's ids instead of becoming attributes: `trace_id` (32 hex digits),
+/// `span_id` and `parent_span_id` (16 each; the parent in another process, e.g. the request a projection
+/// worker's batch comes from). A span without them takes its parent's trace, or a new one.
+const ID_FIELDS: [&str; 3] = ["trace_id", "span_id", "parent_span_id"];
+
 /// Spans waiting for export, at most.
 pub const SPAN_QUEUE_MAX: usize = 10_000;
 /// Spans per export request, at most.
@@ -96,23 +103,76 @@ pub struct OtlpLayer {
 impl OtlpLayer {
     /// A layer exporting to `endpoint` (e.g. `http://collector:4318`) as `service`, and its exporter thread.
     pub fn start(endpoint: &str, service: &str) -> anyhow::Result<Self> {
-        let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
-        reqwest::Url::parse(&url).map_err(|e| anyhow::anyhow!("OTEL_EXPORTER_OTLP_ENDPOINT {endpoint:?}: {e}"))?;
+        let collector = Collector::parse(endpoint)
+            .map_err(|reason| anyhow::anyhow!("OTEL_EXPORTER_OTLP_ENDPOINT {endpoint:?}: {reason}"))?;
         let (sender, receiver) = std::sync::mpsc::sync_channel::<Value>(SPAN_QUEUE_MAX);
         let service = service.to_string();
         std::thread::Builder::new().name("otlp-export".into()).spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-            runtime.block_on(export_loop(url, service, receiver));
+            runtime.block_on(export_loop(collector, service, receiver));
         })?;
         Ok(Self { sender, dropped: Arc::new(AtomicU64::new(0)) })
     }
 }
 
-async fn export_loop(url: String, service: String, receiver: std::sync::mpsc::Receiver<Value>) {
-    let client = match reqwest::Client::builder().timeout(Duration::from_millis(EXPORT_TIMEOUT_MS)).build() {
-        Ok(client) => client,
-        Err(_) => return,
-    };
+/// The collector's traces endpoint: `<endpoint>/v1/traces` over plain HTTP/1.1 (a collector or agent beside
+/// the ledger; it forwards to hosted back ends with their TLS and credentials).
+#[derive(Debug)]
+struct Collector {
+    host: String,
+    port: u16,
+    /// `host:port` as the `Host` header gives it.
+    authority: String,
+    path: String,
+}
+
+impl Collector {
+    fn parse(endpoint: &str) -> Result<Collector, String> {
+        let uri: hyper::Uri =
+            format!("{}/v1/traces", endpoint.trim_end_matches('/')).parse().map_err(|e| format!("{e}"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some(other) => {
+                return Err(format!("{other}:// is not supported: export over http:// to a collector or agent"))
+            }
+            None => return Err("give the scheme, e.g. http://collector:4318".into()),
+        }
+        let authority = uri.authority().ok_or("no host")?;
+        let path = uri.path_and_query().map_or("/v1/traces", |p| p.as_str()).to_string();
+        Ok(Collector {
+            host: authority.host().trim_start_matches('[').trim_end_matches(']').to_string(),
+            port: authority.port_u16().unwrap_or(80),
+            authority: authority.to_string(),
+            path,
+        })
+    }
+
+    /// Posts one JSON body on a connection of its own (one export a second at most); the response's status.
+    async fn post(&self, body: Vec<u8>) -> Result<hyper::StatusCode, String> {
+        let exchange = async {
+            let stream =
+                tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await.map_err(|e| e.to_string())?;
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(connection);
+            let request = hyper::Request::post(&self.path)
+                .header(hyper::header::HOST, &self.authority)
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .map_err(|e| e.to_string())?;
+            let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+            Ok(response.status())
+        };
+        match tokio::time::timeout(Duration::from_millis(EXPORT_TIMEOUT_MS), exchange).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(format!("no answer within {EXPORT_TIMEOUT_MS} ms")),
+        }
+    }
+}
+
+async fn export_loop(collector: Collector, service: String, receiver: std::sync::mpsc::Receiver<Value>) {
+    let url = format!("http://{}{}", collector.authority, collector.path);
     let resource = json!({ "attributes": [ { "key": "service.name", "value": { "stringValue": service } } ] });
     let mut failing = false;
     loop {
@@ -127,14 +187,14 @@ async fn export_loop(url: String, service: String, receiver: std::sync::mpsc::Re
                 "resource": resource,
                 "scopeSpans": [ { "scope": { "name": "ledger" }, "spans": batch } ],
             } ] });
-            match client.post(&url).json(&body).send().await {
-                Ok(response) if response.status().is_success() => failing = false,
+            match collector.post(body.to_string().into_bytes()).await {
+                Ok(status) if status.is_success() => failing = false,
                 outcome => {
                     if !failing {
                         // Not through `tracing`: this thread's own events would be exported too.
                         let reason = match outcome {
-                            Ok(response) => format!("HTTP {}", response.status()),
-                            Err(error) => error.to_string(),
+                            Ok(status) => format!("HTTP {status}"),
+                            Err(error) => error,
                         };
                         eprintln!(
                             "otlp: exporting {count} spans to {url} failed ({reason}); dropping spans until it works"
@@ -161,17 +221,15 @@ where
         let mut fields = Fields::default();
         attrs.record(&mut fields);
         let parent = span.parent().and_then(|p| p.extensions().get::<SpanData>().map(|d| (d.trace_id, d.span_id)));
-        let own_trace = fields
-            .0
-            .iter()
-            .find(|(name, _)| name == "trace_id")
-            .and_then(|(_, value)| u128::from_str_radix(value, 16).ok())
-            .filter(|id| *id != 0);
+        let hex = |name: &str| fields.0.iter().find(|(field, _)| field == name).map(|(_, value)| value.as_str());
+        let own_trace = hex("trace_id").and_then(|v| u128::from_str_radix(v, 16).ok()).filter(|id| *id != 0);
+        let own_span = hex("span_id").and_then(|v| u64::from_str_radix(v, 16).ok()).filter(|id| *id != 0);
+        let remote_parent = hex("parent_span_id").and_then(|v| u64::from_str_radix(v, 16).ok()).filter(|id| *id != 0);
         let trace_id = own_trace.or(parent.map(|p| p.0)).unwrap_or_else(|| rand::random::<u128>() | 1);
         let data = SpanData {
             trace_id,
-            span_id: rand::random::<u64>() | 1,
-            parent_span_id: parent.filter(|p| p.0 == trace_id).map(|p| p.1),
+            span_id: own_span.unwrap_or_else(|| rand::random::<u64>() | 1),
+            parent_span_id: remote_parent.or(parent.filter(|p| p.0 == trace_id).map(|p| p.1)),
             start: SystemTime::now(),
             attributes: fields.0,
         };
@@ -194,7 +252,7 @@ where
         let attributes: Vec<Value> = data
             .attributes
             .iter()
-            .filter(|(name, _)| name != "trace_id")
+            .filter(|(name, _)| !ID_FIELDS.contains(&name.as_str()))
             .map(|(key, value)| json!({ "key": key, "value": { "stringValue": value } }))
             .collect();
         let mut otlp = json!({
@@ -212,5 +270,23 @@ where
         if self.sender.try_send(otlp).is_err() && self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
             eprintln!("otlp: the span queue ({SPAN_QUEUE_MAX}) is full; dropping spans");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Collector;
+
+    #[test]
+    fn the_collector_is_an_http_endpoint_with_a_host() {
+        let collector = Collector::parse("http://collector:4318/").unwrap();
+        assert_eq!((collector.host.as_str(), collector.port), ("collector", 4318));
+        assert_eq!((collector.authority.as_str(), collector.path.as_str()), ("collector:4318", "/v1/traces"));
+        let default_port = Collector::parse("http://[::1]/otlp").unwrap();
+        assert_eq!((default_port.host.as_str(), default_port.port), ("::1", 80));
+        assert_eq!(default_port.path, "/otlp/v1/traces");
+        assert!(Collector::parse("https://collector:4318").unwrap_err().contains("not supported"));
+        assert!(Collector::parse("collector:4318").is_err());
+        assert!(Collector::parse("http://").is_err());
     }
 }
