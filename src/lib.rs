@@ -14,9 +14,9 @@
 //! - [`kafka`]: Kafka settings and topic creation shared by the relay and the consumers.
 //! - [`projections`]: read models built from the log.
 //! - [`audit`]: the hash chain sealed over the log, exports (JSON Lines, CSV, Parquet) and their verification.
-//! - [`db`], [`clock`], [`metrics`], [`leadership`], [`trace`]: connections and migrations; where time comes
-//!   from; latency histograms; one active instance of a singleton process (advisory lock); the W3C trace
-//!   context that follows a request into its events and their projection.
+//! - [`db`], [`clock`], [`metrics`], [`leadership`], [`trace`], [`retry`]: connections and migrations; where
+//!   time comes from; latency histograms; one active instance of a singleton process (advisory lock); the W3C
+//!   trace context that follows a request into its events and their projection; retry delays.
 //!
 //! The `ledger` binary (GraphQL API, workers and operations commands) lives in the `api` workspace member.
 
@@ -35,4 +35,5 @@ pub mod process;
 pub mod projections;
 pub mod queries;
 pub mod relay;
+pub mod retry;
 pub mod trace;

@@ -28,6 +28,7 @@ use super::sealed::{chain_head, parse_xid8, ChainHead};
 use super::AuditError;
 use crate::leadership::{lock_key, Leadership};
 use crate::log::{load_cursor, newest_position, save_cursor, LogReader, Newest, RecordedEvent};
+use crate::retry::Backoff;
 
 /// The sealer's cursor in `log_cursors`, and the name its advisory lock is derived from.
 pub const SEALER_NAME: &str = "audit-sealer";
@@ -37,6 +38,8 @@ pub const SEAL_WAIT_TIMEOUT_MS: u64 = 120_000;
 const SEAL_WAIT_POLL_MS: u64 = 50;
 /// Longest pause between restarts after an error.
 const RETRY_BACKOFF_MAX_MS: u64 = 10_000;
+/// First wait before trying again after PostgreSQL failed the sealer.
+const RETRY_FIRST_DELAY_MS: u64 = 100;
 
 #[derive(Debug, Clone)]
 pub struct SealerConfig {
@@ -98,7 +101,8 @@ impl Sealer {
     /// Runs until `cancel` fires: stands by while another sealer holds the lock, seals while it holds it.
     pub async fn run(&self, cancel: CancellationToken) -> Result<(), AuditError> {
         let key = lock_key(SEALER_NAME);
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff =
+            Backoff::new(Duration::from_millis(RETRY_FIRST_DELAY_MS), Duration::from_millis(RETRY_BACKOFF_MAX_MS));
         loop {
             let standby = || tracing::info!("sealer standing by: another sealer is active");
             let poll = Duration::from_millis(self.config.standby_poll_ms);
@@ -107,7 +111,7 @@ impl Sealer {
                 Ok(None) => return Ok(()),
                 Err(error) => {
                     tracing::warn!(%error, "sealer cannot reach PostgreSQL; retrying");
-                    if sleep_or_cancel(&mut backoff, &cancel).await {
+                    if backoff.wait(&cancel).await {
                         return Ok(());
                     }
                     continue;
@@ -122,7 +126,7 @@ impl Sealer {
                 Err(error @ AuditError::Chain(_)) => return Err(error),
                 Err(error) => {
                     tracing::error!(%error, "sealer stopped; restarting from the chain's head");
-                    if sleep_or_cancel(&mut backoff, &cancel).await {
+                    if backoff.wait(&cancel).await {
                         return Ok(());
                     }
                 }
@@ -401,16 +405,6 @@ async fn insert_checkpoint(tx: &mut sqlx::PgConnection, head: ChainHead) -> Resu
     .execute(tx)
     .await?;
     Ok(())
-}
-
-/// Sleeps for `backoff` (doubling it for next time); true when cancelled first.
-async fn sleep_or_cancel(backoff: &mut Duration, cancel: &CancellationToken) -> bool {
-    let wait = *backoff;
-    *backoff = (*backoff * 2).min(Duration::from_millis(RETRY_BACKOFF_MAX_MS));
-    tokio::select! {
-        _ = cancel.cancelled() => true,
-        _ = tokio::time::sleep(wait) => false,
-    }
 }
 
 /// The hash of one sealed event as stored, for callers that look a position up.

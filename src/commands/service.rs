@@ -115,6 +115,8 @@ pub struct CommandService {
 
 /// Aggregate locks (each on a connection of its own) one service holds or waits for at once.
 pub const DATABASE_LOCKS_MAX: usize = 8;
+/// How often a command decided on an uncommitted state looks whether the commands before it committed.
+const COMMIT_WAIT_POLL_MS: u64 = 1;
 /// How long a command that wrote nothing waits for the commands decided before it on the same aggregate to
 /// reach the log, before it decides again from scratch.
 const PENDING_WAIT_MS_MAX: u64 = 5_000;
@@ -574,7 +576,7 @@ impl CommandService {
                 // Reloaded or invalidated meanwhile: the commands before it failed or the log moved.
                 None => return Attempted::Again { conflict: false },
                 Some(_) if tokio::time::Instant::now() > deadline => return Attempted::Again { conflict: false },
-                Some(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Some(_) => tokio::time::sleep(Duration::from_millis(COMMIT_WAIT_POLL_MS)).await,
             }
         }
         let idempotency = ctx.idempotency.as_ref().map(|i| (ctx.actor.as_str(), i.key.as_str()));

@@ -47,6 +47,8 @@ pub const GROUPS_IN_FLIGHT_MAX: usize = 2;
 /// Connections of the committer's own pool: one per group in flight, and a spare while a broken one is
 /// replaced.
 pub const COMMITTER_CONNECTIONS: u32 = GROUPS_IN_FLIGHT_MAX as u32 + 1;
+/// A committer connection unused this long is closed (a quiet process keeps none open).
+const COMMITTER_IDLE_TIMEOUT_MS: u64 = 60_000;
 /// Largest group written with the generic plan (see [`committer_pool`]); larger ones are planned for their size.
 pub const GENERIC_PLAN_GROUP_MAX: usize = 64;
 /// Failed generations remembered (their successors, decided before the failure was known, are refused), oldest
@@ -155,7 +157,7 @@ fn committer_pool(pool: &PgPool) -> PgPool {
         .max_connections(COMMITTER_CONNECTIONS)
         .min_connections(0)
         .acquire_timeout(std::time::Duration::from_millis(crate::db::POOL_ACQUIRE_TIMEOUT_MS))
-        .idle_timeout(std::time::Duration::from_secs(60))
+        .idle_timeout(std::time::Duration::from_millis(COMMITTER_IDLE_TIMEOUT_MS))
         .connect_lazy_with(options)
 }
 

@@ -33,6 +33,7 @@ use crate::domain::{OrderCommand, OrderEvent};
 use crate::kafka::KafkaConfig;
 use crate::log::{LogPosition, LogReader, RecordedEvent};
 use crate::market::Tick;
+use crate::retry::Backoff;
 
 /// The actor recorded in the metadata of the executor's commands.
 pub const PAPER_EXECUTOR: &str = "paper-executor";
@@ -42,6 +43,13 @@ pub const EXPIRY_CHECK_MS: u64 = 1_000;
 pub const TICK_QUEUE: usize = 4_096;
 /// Attempts per action when the database fails (business refusals are not retried).
 const ACTION_ATTEMPTS_MAX: u32 = 5;
+/// First wait before trying an action again, and the longest.
+const ACTION_RETRY_FIRST_DELAY_MS: u64 = 50;
+const ACTION_RETRY_MAX_MS: u64 = 1_000;
+/// Wait before reading the log again after a failed read.
+const LOG_READ_RETRY_MS: u64 = 500;
+/// Pause after an error of the tick consumer (librdkafka reconnects by itself).
+const TICK_ERROR_PAUSE_MS: u64 = 100;
 
 /// What the executor has done (for metrics and tests).
 #[derive(Debug, Default)]
@@ -173,7 +181,10 @@ impl PaperExecutor {
                 return false;
             }
         };
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = Backoff::new(
+            Duration::from_millis(ACTION_RETRY_FIRST_DELAY_MS),
+            Duration::from_millis(ACTION_RETRY_MAX_MS),
+        );
         for attempt in 1..=ACTION_ATTEMPTS_MAX {
             match self.commands.execute_order(&context, &order_id.to_string(), command.clone()).await {
                 // Carried out before (the book acted again before the log told it): already counted.
@@ -191,11 +202,9 @@ impl PaperExecutor {
                     if attempt < ACTION_ATTEMPTS_MAX =>
                 {
                     tracing::warn!(%error, %order_id, attempt, "paper executor: command failed; retrying");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return false,
-                        _ = tokio::time::sleep(delay) => {}
+                    if backoff.wait(cancel).await {
+                        return false;
                     }
-                    delay *= 2;
                 }
                 Err(error) => {
                     // Refused (the order was cancelled meanwhile, …) or failing: the log keeps the book right.
@@ -242,7 +251,7 @@ async fn follow_log(mut reader: LogReader, sender: mpsc::Sender<Vec<RecordedEven
                 tracing::warn!(%error, "paper executor: reading the log failed; retrying");
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = tokio::time::sleep(Duration::from_millis(LOG_READ_RETRY_MS)) => {}
                 }
             }
         }
@@ -275,7 +284,7 @@ pub fn spawn_tick_consumer(
                 Ok(message) => message.payload().map(Tick::decode),
                 Err(error) => {
                     tracing::debug!(%error, "paper executor: tick consumer error");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(TICK_ERROR_PAUSE_MS)).await;
                     continue;
                 }
             };

@@ -41,6 +41,7 @@ use crate::domain::values::{Money, OrderId, Price, Symbol, PRICE_SCALE_MAX};
 use crate::domain::{OrderCommand, OrderError, OrderEvent, OrderType, PortfolioCommand, PortfolioError, Side};
 use crate::leadership::{lock_key, Leadership};
 use crate::log::{event_by_id, load_cursor, save_cursor, LogReader, RecordedEvent};
+use crate::retry::Backoff;
 
 pub mod agreement;
 pub mod failures;
@@ -49,6 +50,13 @@ pub mod failures;
 pub const PROCESS_MANAGER: &str = "process-manager";
 /// The advisory lock one active process manager holds (per database).
 const LOCK_NAME: &str = "ledger.process-manager";
+/// First wait before running a step again after a transient failure (then doubling up to
+/// `retry_backoff_max_ms`).
+const STEP_RETRY_FIRST_DELAY_MS: u64 = 20;
+/// First wait before saving the cursor again.
+const CURSOR_RETRY_FIRST_DELAY_MS: u64 = 50;
+/// Wait before reading the log again after a failed read.
+const LOG_READ_RETRY_MS: u64 = 500;
 
 #[derive(Debug, Clone)]
 pub struct ProcessConfig {
@@ -141,6 +149,11 @@ impl ProcessManager {
         self.commands.pool()
     }
 
+    /// The longest wait between two tries.
+    fn retry_max(&self) -> Duration {
+        Duration::from_millis(self.config.retry_backoff_max_ms)
+    }
+
     /// Follows the log from the stored cursor until `cancel` fires, while it holds the process manager's lock
     /// (one active instance per database; others stand by and take over when its session ends). On
     /// cancellation it finishes the event in hand; the cursor moves only past completed batches.
@@ -184,7 +197,7 @@ impl ProcessManager {
                     tracing::warn!(%error, "reading the log failed; retrying");
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(ActiveExit::Cancelled),
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                        _ = tokio::time::sleep(Duration::from_millis(LOG_READ_RETRY_MS)) => continue,
                     }
                 }
             };
@@ -239,7 +252,7 @@ impl ProcessManager {
 
     /// Handles one event, retrying transient failures with backoff. Returns false if cancelled first.
     async fn handle_with_retry(&self, event: &RecordedEvent, cancel: &CancellationToken) -> bool {
-        let mut delay = Duration::from_millis(20);
+        let mut backoff = Backoff::new(Duration::from_millis(STEP_RETRY_FIRST_DELAY_MS), self.retry_max());
         loop {
             match self.handle(event).await {
                 Ok(()) => return true,
@@ -256,11 +269,9 @@ impl ProcessManager {
                     tracing::warn!(event_id = %event.event_id, error = %error, "process step failed; retrying");
                 }
             }
-            tokio::select! {
-                _ = cancel.cancelled() => return false,
-                _ = tokio::time::sleep(delay) => {}
+            if backoff.wait(cancel).await {
+                return false;
             }
-            delay = (delay * 2).min(Duration::from_millis(self.config.retry_backoff_max_ms));
         }
     }
 
@@ -497,7 +508,7 @@ impl ProcessManager {
         position: crate::log::LogPosition,
         cancel: &CancellationToken,
     ) -> Result<(), sqlx::Error> {
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(CURSOR_RETRY_FIRST_DELAY_MS), self.retry_max());
         loop {
             match save_cursor(self.pool(), PROCESS_MANAGER, position).await {
                 Ok(()) => {
@@ -506,8 +517,7 @@ impl ProcessManager {
                 }
                 Err(error) if !cancel.is_cancelled() => {
                     tracing::warn!(%error, "saving the process manager cursor failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_millis(self.config.retry_backoff_max_ms));
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
                 Err(error) => return Err(error),
             }

@@ -43,6 +43,7 @@ use crate::kafka::KafkaConfig;
 use crate::log::RecordedEvent;
 use crate::market::Tick;
 use crate::relay::Envelope;
+use crate::retry::Backoff;
 use crate::trace::{TraceParent, TRACEPARENT};
 
 /// How long a metadata, offset or watermark request may take.
@@ -50,6 +51,10 @@ const KAFKA_REQUEST_TIMEOUT_MS: u64 = 10_000;
 /// Traces one batch opens a span in, at most (a batch of events from many requests opens one span per request's
 /// trace, up to this many).
 pub const TRACE_SPANS_PER_BATCH_MAX: usize = 64;
+/// First wait before restarting a failed worker (then doubling up to `retry_backoff_max_ms`).
+const RESTART_FIRST_DELAY_MS: u64 = 200;
+/// First wait before applying a batch again after PostgreSQL failed it.
+const BATCH_RETRY_FIRST_DELAY_MS: u64 = 50;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -294,6 +299,11 @@ impl ProjectionWorker {
         Self { pool, kafka, projection, config, status: Arc::default() }
     }
 
+    /// The longest wait between two tries.
+    fn retry_max(&self) -> Duration {
+        Duration::from_millis(self.config.retry_backoff_max_ms)
+    }
+
     pub fn status(&self) -> Arc<WorkerStatus> {
         self.status.clone()
     }
@@ -320,18 +330,16 @@ impl ProjectionWorker {
 
     /// Runs until `cancel` fires, restarting (with a new consumer and start-up check) after failures.
     pub async fn run(&self, cancel: CancellationToken) -> Result<(), WorkerError> {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(RESTART_FIRST_DELAY_MS), self.retry_max());
         loop {
             match self.run_once(&cancel).await {
                 Ok(()) => return Ok(()),
                 Err(error) => {
                     self.status.following.store(false, Ordering::SeqCst);
                     tracing::warn!(projection = self.projection.name(), %error, "worker failed; restarting");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(backoff) => {}
+                    if backoff.wait(&cancel).await {
+                        return Ok(());
                     }
-                    backoff = (backoff * 2).min(Duration::from_millis(self.config.retry_backoff_max_ms));
                 }
             }
         }
@@ -450,7 +458,7 @@ impl ProjectionWorker {
             }
         }
         let decoded = Arc::new(decoded);
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(BATCH_RETRY_FIRST_DELAY_MS), self.retry_max());
         let mut isolate = false;
         loop {
             // Detached (see `db::detached`): killing the worker mid-batch must not cut the transaction in half.
@@ -466,11 +474,9 @@ impl ProjectionWorker {
                 Err(ApplyError::Poison(error)) => return Err(WorkerError::CatchUp(ApplyError::Poison(error))),
                 Err(ApplyError::Database(error)) => {
                     tracing::warn!(projection = self.projection.name(), %error, "applying a batch failed; retrying");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Ok(None),
-                        _ = tokio::time::sleep(backoff) => {}
+                    if backoff.wait(cancel).await {
+                        return Ok(None);
                     }
-                    backoff = (backoff * 2).min(Duration::from_millis(self.config.retry_backoff_max_ms));
                 }
             }
         }
@@ -593,7 +599,7 @@ impl ProjectionWorker {
                 record = record.payload(payload);
             }
             // The dead_letters table already holds it; the topic copy is best effort.
-            if let Err((error, _)) = producer.send(record, Duration::from_secs(10)).await {
+            if let Err((error, _)) = producer.send(record, Duration::from_millis(KAFKA_REQUEST_TIMEOUT_MS)).await {
                 tracing::warn!(projection = self.projection.name(), %error, "producing a dead letter failed");
             }
             tracing::warn!(projection = self.projection.name(), topic = message.topic(), partition = message.partition(),

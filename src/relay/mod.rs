@@ -47,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use crate::kafka::KafkaConfig;
 use crate::leadership::{lock_key, Leadership};
 use crate::log::{load_cursor, save_cursor, LogPosition, LogReader, WireEvent};
+use crate::retry::Backoff;
 
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -135,6 +136,14 @@ pub enum RelayError {
 /// Batches the relay's reader holds ready while there is a backlog (plus the one it has read and waits to
 /// hand over: at most two batches read ahead of the one being produced).
 pub const READ_AHEAD_BATCHES: usize = 1;
+/// First wait before reaching the broker or PostgreSQL again (then doubling up to `retry_backoff_max_ms`).
+const RECONNECT_FIRST_DELAY_MS: u64 = 100;
+/// First wait before producing again from the cursor after a batch was not acknowledged.
+const REPRODUCE_FIRST_DELAY_MS: u64 = 50;
+/// Wait before offering a message again to a full producer queue (it drains as acknowledgements come).
+const QUEUE_FULL_WAIT_MS: u64 = 5;
+/// How long the relay waits for the broker to name its cluster (the cursor and lock name include it).
+const CLUSTER_ID_TIMEOUT_MS: u64 = 5_000;
 
 enum ActiveExit {
     Cancelled,
@@ -174,9 +183,14 @@ impl Relay {
         self.status.clone()
     }
 
+    /// The longest wait between two tries.
+    fn retry_max(&self) -> Duration {
+        Duration::from_millis(self.config.retry_backoff_max_ms)
+    }
+
     /// Runs until `cancel` fires: stands by while another relay holds the lock, relays while it holds it.
     pub async fn run(&self, cancel: CancellationToken) -> Result<(), RelayError> {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(RECONNECT_FIRST_DELAY_MS), self.retry_max());
         let name = loop {
             match cursor_name(&self.kafka).await {
                 Ok(name) => break name,
@@ -184,10 +198,9 @@ impl Relay {
                     if !self.status.broker_unreachable.swap(true, Ordering::SeqCst) {
                         tracing::warn!(%error, brokers = %self.kafka.brokers, "relay cannot reach Kafka yet; retrying");
                     }
-                    if sleep_or_cancel(backoff, &cancel).await {
+                    if backoff.wait(&cancel).await {
                         return Ok(());
                     }
-                    backoff = (backoff * 2).min(Duration::from_millis(self.config.retry_backoff_max_ms));
                 }
             }
         };
@@ -210,10 +223,9 @@ impl Relay {
                 Ok(None) => return Ok(()),
                 Err(error) => {
                     tracing::warn!(%error, "relay cannot reach PostgreSQL; retrying");
-                    if sleep_or_cancel(backoff, &cancel).await {
+                    if backoff.wait(&cancel).await {
                         return Ok(());
                     }
-                    backoff = (backoff * 2).min(Duration::from_millis(self.config.retry_backoff_max_ms));
                     continue;
                 }
             };
@@ -227,10 +239,9 @@ impl Relay {
                 }
                 Err(error) => {
                     tracing::error!(%error, "relay stopped; restarting from its cursor");
-                    if sleep_or_cancel(backoff, &cancel).await {
+                    if backoff.wait(&cancel).await {
                         return Ok(());
                     }
-                    backoff = (backoff * 2).min(Duration::from_millis(self.config.retry_backoff_max_ms));
                 }
             }
         }
@@ -264,7 +275,7 @@ impl Relay {
         let mut batches = self.read_ahead(saved, cancel);
         let mut producer = self.create_producer()?;
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(REPRODUCE_FIRST_DELAY_MS), self.retry_max());
 
         loop {
             if cancel.is_cancelled() {
@@ -317,7 +328,7 @@ impl Relay {
                     self.status.produced.fetch_add(count, Ordering::Relaxed);
                     self.status.batches.fetch_add(1, Ordering::Relaxed);
                     self.publish_cursor(saved, Some(batch.last_recorded_at_ms));
-                    backoff = Duration::from_millis(50);
+                    backoff.reset();
                 }
                 Err(error) => {
                     self.status.failed_batches.fetch_add(1, Ordering::Relaxed);
@@ -328,10 +339,9 @@ impl Relay {
                         producer = self.create_producer()?;
                     }
                     batches = self.read_ahead(saved, cancel);
-                    if sleep_or_cancel(backoff, cancel).await {
+                    if backoff.wait(cancel).await {
                         continue;
                     }
-                    backoff = (backoff * 2).min(Duration::from_millis(self.config.retry_backoff_max_ms));
                 }
             }
         }
@@ -410,7 +420,7 @@ impl Relay {
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                         record = returned;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        tokio::time::sleep(Duration::from_millis(QUEUE_FULL_WAIT_MS)).await;
                     }
                     Err((error, _)) => return Err(error.into()),
                 }
@@ -501,7 +511,7 @@ impl Relay {
 
 /// The cursor (and lock) name of the relay of `kafka.events_topic` on the cluster `kafka.brokers` points at.
 pub async fn cursor_name(kafka: &KafkaConfig) -> Result<String, KafkaError> {
-    let cluster = kafka.cluster_id(Duration::from_secs(5)).await?;
+    let cluster = kafka.cluster_id(Duration::from_millis(CLUSTER_ID_TIMEOUT_MS)).await?;
     Ok(format!("relay:{cluster}:{}", kafka.events_topic))
 }
 
@@ -519,12 +529,4 @@ pub async fn relay_lag(pool: &PgPool, cursor_name: &str) -> Result<RelayLag, sql
     .fetch_one(pool)
     .await?;
     Ok(RelayLag { events, seconds: seconds.unwrap_or(0.0).max(0.0) })
-}
-
-/// Sleeps for `duration`; true if cancelled meanwhile.
-async fn sleep_or_cancel(duration: Duration, cancel: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = cancel.cancelled() => true,
-        _ = tokio::time::sleep(duration) => false,
-    }
 }

@@ -40,6 +40,12 @@ pub const CATCH_UP_BATCH: usize = 100;
 pub const LOG_IDLE_POLL_MS: u64 = 100;
 /// Progress notifications a waiter may miss before it just looks again (they carry nothing).
 const PROGRESS_BUFFER: usize = 16;
+/// Wait before a feed reads or listens again after PostgreSQL failed it.
+const FEED_RETRY_MS: u64 = 500;
+/// How often the log follower looks for new events besides being woken by `LISTEN` (see `LogReader`).
+const LOG_FOLLOW_POLL_MS: u64 = 20;
+/// Pause after an error of the tick consumer (librdkafka reconnects by itself).
+const TICK_ERROR_PAUSE_MS: u64 = 200;
 
 /// One alert firing, as the `alert_fired` notification carries it.
 #[derive(Debug, Clone, Deserialize)]
@@ -311,7 +317,8 @@ impl Drop for AbortOnDrop {
 /// A subscription that starts later takes its snapshot (from now) or reads its catch-up (`after`) later still,
 /// so it sees every skipped event as already committed: it skips them (from now) or reads them itself.
 async fn follow_log(hub: Arc<Hub>, from: LogPosition, cancel: CancellationToken) {
-    let mut reader = LogReader::new(hub.pool.clone(), from).with_poll_interval(Duration::from_millis(20));
+    let mut reader =
+        LogReader::new(hub.pool.clone(), from).with_poll_interval(Duration::from_millis(LOG_FOLLOW_POLL_MS));
     loop {
         let result = if hub.log.receiver_count() == 0 {
             reader.stop_listening();
@@ -349,7 +356,7 @@ async fn follow_log(hub: Arc<Hub>, from: LogPosition, cancel: CancellationToken)
                 tracing::warn!(%error, "log feed: reading failed; retrying");
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = tokio::time::sleep(Duration::from_millis(FEED_RETRY_MS)) => {}
                 }
             }
         }
@@ -385,7 +392,7 @@ async fn follow_notifications(
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(FEED_RETRY_MS)) => {}
         }
     }
 }
@@ -427,7 +434,7 @@ async fn follow_ticks(kafka: KafkaConfig, hub: Arc<Hub>, cancel: CancellationTok
             }
             Err(error) => {
                 tracing::debug!(%error, "tick feed: consumer error");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(Duration::from_millis(TICK_ERROR_PAUSE_MS)).await;
             }
         }
     }

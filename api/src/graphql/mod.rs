@@ -58,6 +58,8 @@ pub const MY_PORTFOLIOS_MAX: usize = 1_000;
 pub const WAIT_FOR_PER_REQUEST_MAX: usize = 1;
 /// How long `placeOrder(waitForAcceptanceMs)` may wait at most.
 pub const ACCEPTANCE_WAIT_MS_MAX: u64 = 10_000;
+/// How often a mutation waiting for an order's acceptance looks at the order.
+pub const ACCEPTANCE_POLL_MS: u64 = 10;
 
 /// What resolvers share.
 #[derive(Clone)]

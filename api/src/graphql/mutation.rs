@@ -25,7 +25,7 @@ use uuid::Uuid;
 use super::errors::{command, forbidden, invalid, not_found, order_not_found, portfolio_not_found, value};
 use super::orders::portfolio_owner;
 use super::types::{CommandResult, CostBasisMethodGql, OrderStatusGql, OrderTypeGql, SideGql, TimeInForceGql};
-use super::{principal, state, AppState, ACCEPTANCE_WAIT_MS_MAX};
+use super::{principal, state, AppState, ACCEPTANCE_POLL_MS, ACCEPTANCE_WAIT_MS_MAX};
 use crate::auth::{Principal, Role};
 
 /// The context of a mutation: the caller, a fresh correlation, and the idempotency key over `request`.
@@ -423,7 +423,7 @@ async fn wait_for_decision(state: &AppState, order_id: Uuid, wait_ms: u64) -> Re
         if order.status != OrderStatus::PendingNew || tokio::time::Instant::now() >= deadline {
             return Ok(order.status.into());
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(ACCEPTANCE_POLL_MS)).await;
     }
 }
 

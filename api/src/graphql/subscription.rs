@@ -245,7 +245,9 @@ impl SubscriptionRoot {
         let (_, mut held) = portfolio_snapshot(&state, id, String::new(), None).await?;
         Ok(crate::graphql::feeds::spawn_stream(move |sender| async move {
             let mut last_position: Option<LogPosition> = after;
-            let mut last_price_update = tokio::time::Instant::now() - Duration::from_secs(60);
+            // Long enough ago that the first tick is sent at once.
+            let mut last_price_update =
+                tokio::time::Instant::now() - Duration::from_millis(VALUATION_UPDATE_INTERVAL_MS);
             loop {
                 let next = tokio::select! {
                     event = events.next() => Cause::Event(event),

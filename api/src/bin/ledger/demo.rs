@@ -247,6 +247,8 @@ const FIRST_TRADE_BUDGET: Decimal = Decimal::from_parts(10_000, 0, 0, false, 0);
 
 /// The first symbol of the default market (the demo's alerts and first trade were always on it).
 const DEFAULT_LEAD_SYMBOL: &str = "ACME";
+/// How often the demo looks whether the lead symbol has a price yet.
+const PRICE_POLL_MS: u64 = 200;
 
 /// Two alerts on the demo trader's portfolio (±1 % from the lead symbol's starting price), so that the alerts
 /// feed has something to show.
@@ -292,7 +294,7 @@ async fn first_trade(
         }
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(PRICE_POLL_MS)) => {}
         }
     }
     // The default market keeps the order id and client id it always had; another lead symbol gets its own.
