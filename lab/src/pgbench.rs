@@ -115,6 +115,20 @@ pub fn with_reference(
     value
 }
 
+/// Runs one measurement `runs` times (at least once), printing each result as it comes.
+pub async fn repeat<T, Fut>(runs: usize, mut run: impl FnMut() -> Fut, print: impl Fn(&T)) -> anyhow::Result<Vec<T>>
+where
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut results = Vec::new();
+    for _ in 0..runs.max(1) {
+        let result = run().await?;
+        print(&result);
+        results.push(result);
+    }
+    Ok(results)
+}
+
 /// The median run by `key` (of a non-empty list of runs).
 pub fn median_by<T>(mut results: Vec<T>, key: impl Fn(&T) -> f64) -> T {
     results.sort_by(|a, b| key(a).total_cmp(&key(b)));

@@ -47,7 +47,7 @@ pub async fn open_portfolios(commands: &CommandService, count: usize) -> anyhow:
             cost_basis_method: CostBasisMethod::Fifo,
             opened_at: Utc::now(),
         };
-        commands.execute_portfolio(&CommandContext::new("bench"), &id.to_string(), open).await?;
+        commands.execute_portfolio(&CommandContext::new("bench"), id, open).await?;
         portfolios.push(id);
     }
     Ok(portfolios)

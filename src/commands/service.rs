@@ -24,6 +24,7 @@ use super::writer::{
 };
 use super::{CommandError, CommandOutcome, AGGREGATE_ID_LEN_MAX};
 use crate::clock::{Clock, SystemClock};
+use crate::domain::values::{OrderId, PortfolioId};
 use crate::domain::{Order, OrderCommand, OrderServices, Portfolio, PortfolioCommand};
 
 /// Tuning of the command service. Every field is bounded; see the defaults for sensible values.
@@ -206,22 +207,24 @@ impl CommandService {
         result
     }
 
+    /// Runs `command` on the order `order_id`.
     pub async fn execute_order(
         &self,
         ctx: &CommandContext,
-        order_id: &str,
+        order_id: OrderId,
         command: OrderCommand,
     ) -> Result<CommandOutcome, CommandError> {
-        self.execute::<Order>(ctx, order_id, command).await
+        self.execute::<Order>(ctx, &order_id.to_string(), command).await
     }
 
+    /// Runs `command` on the portfolio `portfolio_id`.
     pub async fn execute_portfolio(
         &self,
         ctx: &CommandContext,
-        portfolio_id: &str,
+        portfolio_id: PortfolioId,
         command: PortfolioCommand,
     ) -> Result<CommandOutcome, CommandError> {
-        self.execute::<Portfolio>(ctx, portfolio_id, command).await
+        self.execute::<Portfolio>(ctx, &portfolio_id.to_string(), command).await
     }
 
     /// The current state of an aggregate and its sequence (0 and the default state if it has no events), read

@@ -186,7 +186,7 @@ impl PaperExecutor {
             Duration::from_millis(ACTION_RETRY_MAX_MS),
         );
         for attempt in 1..=ACTION_ATTEMPTS_MAX {
-            match self.commands.execute_order(&context, &order_id.to_string(), command.clone()).await {
+            match self.commands.execute_order(&context, order_id, command.clone()).await {
                 // Carried out before (the book acted again before the log told it): already counted.
                 Ok(outcome) if outcome.duplicate => return true,
                 Ok(_) => {

@@ -1,5 +1,6 @@
 //! One aggregate's events, and its state replayed from them, as of a point of the log (time travel): the
-//! history a query pages through, and the state it shows "as it was then".
+//! history a query pages through, and the state it shows "as it was then"; and the events of an aggregate a
+//! projection missed.
 
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
@@ -68,6 +69,29 @@ pub async fn aggregate_events(
     );
     let query = bind_as_of(sqlx::query(&sql).bind(aggregate_type).bind(aggregate_id), until);
     let rows = query.bind(after_sequence).bind(limit).fetch_all(pool).await?;
+    rows.iter().map(decode_event).collect()
+}
+
+/// One aggregate's events with a sequence strictly between `after` and `before`, by sequence (what a projection
+/// missed of it), read with `executor` (a batch's transaction).
+pub async fn aggregate_events_between<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    after: i64,
+    before: i64,
+) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "select {SELECT_COLUMNS} from events
+          where aggregate_type = $1 and aggregate_id = $2 and sequence > $3 and sequence < $4
+          order by sequence"
+    ))
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .bind(after)
+    .bind(before)
+    .fetch_all(executor)
+    .await?;
     rows.iter().map(decode_event).collect()
 }
 

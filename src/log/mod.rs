@@ -12,14 +12,24 @@
 //!
 //! Readers wake on `LISTEN ledger_events` (a statement trigger notifies at commit) and also poll, because the
 //! transaction that held the horizon back may not have written events (and so never notifies).
+//!
+//! # Who reads `events`
+//! This module: the followers' reader, cursors, lags and the head (`lag`), one aggregate's events and its
+//! state as of a point (`history`). Besides it, only code whose question is not "the log in order" and that
+//! joins it with tables of its own: the command side's event store (`commands::{writer, loader, batch}`:
+//! it writes the log and loads aggregates from it), the audit trail (`audit::{sealed, verify}`: the chain
+//! joined row by row to the events it seals), the order/portfolio agreement check (`process::agreement`) and a
+//! rebuild's final delta (`projections::rebuild`, joined with the live and shadow progress tables).
 
 mod cursor;
 mod history;
+mod lag;
 mod reader;
 mod snapshot;
 
 pub use cursor::{load_cursor, notify_progress, reset_cursor, save_cursor, PROGRESS_CHANNEL};
-pub use history::{aggregate_events, replay_as_of, AsOf};
+pub use history::{aggregate_events, aggregate_events_between, replay_as_of, AsOf};
+pub use lag::{aggregate_head, count_of_type, cursor_lag, cursor_lags, head, lag_after, Lag, LAG_COUNT_MAX};
 pub use reader::{decode_event, event_by_id, LogReader, ReadOrder, BATCH_SIZE_MAX};
 pub use snapshot::Snapshot;
 

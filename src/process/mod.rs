@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commands::{CommandContext, CommandError, CommandService, Idempotency};
 use crate::domain::order::{OrderRejectReason, RejectCode};
-use crate::domain::values::{Money, OrderId, Price, Symbol, PRICE_SCALE_MAX};
+use crate::domain::values::{Money, OrderId, PortfolioId, Price, Symbol, PRICE_SCALE_MAX};
 use crate::domain::{OrderCommand, OrderError, OrderEvent, OrderType, PortfolioCommand, PortfolioError, Side};
 use crate::leadership::{lock_key, Leadership};
 use crate::log::{event_by_id, load_cursor, save_cursor, LogReader, RecordedEvent};
@@ -289,7 +289,6 @@ impl ProcessManager {
         let order_id = event.aggregate_id.as_str();
         match order_event {
             OrderEvent::OrderPlaced { portfolio_id, symbol, side, order_type, quantity, .. } => {
-                let portfolio_id = portfolio_id.to_string();
                 let at = self.commands.clock().now();
                 let order = parse_order_id(order_id)?;
                 let (reserve, protection_price) = match side {
@@ -304,7 +303,7 @@ impl ProcessManager {
                                         code: RejectCode::NoMarketPrice,
                                         detail: format!("no market price known for {symbol}"),
                                     };
-                                    return self.reject(event, order_id, reason).await;
+                                    return self.reject(event, order, reason).await;
                                 }
                             },
                         };
@@ -320,7 +319,7 @@ impl ProcessManager {
                                         code: RejectCode::NoMarketPrice,
                                         detail: format!("no market price known for {symbol}"),
                                     };
-                                    return self.reject(event, order_id, reason).await;
+                                    return self.reject(event, order, reason).await;
                                 }
                             },
                         };
@@ -331,7 +330,7 @@ impl ProcessManager {
                                     code: RejectCode::InsufficientFunds,
                                     detail: "the order's value exceeds the largest amount a portfolio can hold".into(),
                                 };
-                                return self.reject(event, order_id, reason).await;
+                                return self.reject(event, order, reason).await;
                             }
                         };
                         let protection = matches!(order_type, OrderType::Market).then_some(price);
@@ -341,7 +340,7 @@ impl ProcessManager {
                         )
                     }
                 };
-                match self.commands.execute_portfolio(&self.context(event, "reserve")?, &portfolio_id, reserve).await {
+                match self.commands.execute_portfolio(&self.context(event, "reserve")?, portfolio_id, reserve).await {
                     Ok(outcome) => {
                         // A replayed buy reservation may have been made at an earlier price: protect at that one.
                         let protection_price = match (protection_price, side, outcome.duplicate, outcome.events.first())
@@ -351,11 +350,11 @@ impl ProcessManager {
                             }
                             _ => protection_price,
                         };
-                        self.accept(event, order_id, &portfolio_id, order, protection_price).await
+                        self.accept(event, order, portfolio_id, protection_price).await
                     }
                     Err(CommandError::Portfolio(error)) => {
                         let reason = OrderRejectReason { code: reject_code(&error), detail: error.to_string() };
-                        self.reject(event, order_id, reason).await
+                        self.reject(event, order, reason).await
                     }
                     Err(error) => Err(error.into()),
                 }
@@ -382,9 +381,7 @@ impl ProcessManager {
                     fee,
                     executed_at,
                 };
-                self.commands
-                    .execute_portfolio(&self.context(event, "apply")?, &portfolio_id.to_string(), command)
-                    .await?;
+                self.commands.execute_portfolio(&self.context(event, "apply")?, portfolio_id, command).await?;
                 Ok(())
             }
             OrderEvent::OrderCanceled { portfolio_id, .. } | OrderEvent::OrderExpired { portfolio_id, .. } => {
@@ -394,9 +391,7 @@ impl ProcessManager {
                     reason: event.event_type.clone(),
                     at: self.commands.clock().now(),
                 };
-                self.commands
-                    .execute_portfolio(&self.context(event, "release")?, &portfolio_id.to_string(), command)
-                    .await?;
+                self.commands.execute_portfolio(&self.context(event, "release")?, portfolio_id, command).await?;
                 Ok(())
             }
             OrderEvent::OrderAccepted { .. } | OrderEvent::OrderRejected { .. } => Ok(()),
@@ -406,13 +401,12 @@ impl ProcessManager {
     async fn accept(
         &self,
         event: &RecordedEvent,
-        order_id: &str,
-        portfolio_id: &str,
         order: OrderId,
+        portfolio_id: PortfolioId,
         protection_price: Option<Price>,
     ) -> Result<(), StepError> {
         let command = OrderCommand::AcceptOrder { protection_price, accepted_at: self.commands.clock().now() };
-        match self.commands.execute_order(&self.context(event, "accept")?, order_id, command).await {
+        match self.commands.execute_order(&self.context(event, "accept")?, order, command).await {
             Ok(_) | Err(CommandError::Order(OrderError::AlreadyAccepted)) => Ok(()),
             // Cancelled while pending: give back what was just reserved.
             Err(CommandError::Order(OrderError::Terminal { .. })) => {
@@ -428,9 +422,9 @@ impl ProcessManager {
         }
     }
 
-    async fn reject(&self, event: &RecordedEvent, order_id: &str, reason: OrderRejectReason) -> Result<(), StepError> {
+    async fn reject(&self, event: &RecordedEvent, order: OrderId, reason: OrderRejectReason) -> Result<(), StepError> {
         let command = OrderCommand::RejectOrder { reason, rejected_at: self.commands.clock().now() };
-        match self.commands.execute_order(&self.context(event, "reject")?, order_id, command).await {
+        match self.commands.execute_order(&self.context(event, "reject")?, order, command).await {
             Ok(_) => Ok(()),
             // Already cancelled (or otherwise decided): nothing was reserved, nothing to undo.
             Err(CommandError::Order(OrderError::Terminal { .. } | OrderError::AlreadyAccepted)) => Ok(()),

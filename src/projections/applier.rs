@@ -177,20 +177,7 @@ async fn read_missing(
     event: &RecordedEvent,
     after: i64,
 ) -> Result<Vec<RecordedEvent>, sqlx::Error> {
-    let rows = sqlx::query(
-        "select transaction_id::text as transaction_id_text, global_position, event_id, aggregate_type, aggregate_id,
-                sequence, event_type, event_version, payload, metadata, recorded_at
-           from events
-          where aggregate_type = $1 and aggregate_id = $2 and sequence > $3 and sequence < $4
-          order by sequence",
-    )
-    .bind(&event.aggregate_type)
-    .bind(&event.aggregate_id)
-    .bind(after)
-    .bind(event.sequence)
-    .fetch_all(&mut *conn)
-    .await?;
-    rows.iter().map(crate::log::decode_event).collect()
+    crate::log::aggregate_events_between(conn, &event.aggregate_type, &event.aggregate_id, after, event.sequence).await
 }
 
 /// Applies ticks, each at most once per `(symbol, ts, seq)` and only if newer than the last one of its symbol.

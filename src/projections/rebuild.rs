@@ -193,10 +193,7 @@ async fn drop_shadow(pool: &PgPool, projection: &dyn Projection) -> Result<(), s
 async fn total_inputs(pool: &PgPool, projection: &dyn Projection) -> Result<u64, sqlx::Error> {
     let mut total = 0i64;
     if let Some(aggregate_type) = projection.aggregate_type() {
-        total += sqlx::query_scalar::<_, i64>("select count(*) from events where aggregate_type = $1")
-            .bind(aggregate_type)
-            .fetch_one(pool)
-            .await?;
+        total += crate::log::count_of_type(pool, aggregate_type).await?;
     }
     if projection.rebuilds_from_ticks() {
         total += sqlx::query_scalar::<_, i64>("select count(*) from market_ticks where projection = $1")

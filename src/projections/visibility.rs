@@ -79,14 +79,7 @@ where
     loop {
         let wake = woken();
         if target.is_none() && process_manager_passed(pool, position).await? {
-            let head: i64 = sqlx::query_scalar(
-                "select coalesce(max(sequence), 0) from events where aggregate_type = $1 and aggregate_id = $2",
-            )
-            .bind(read_model.aggregate_type())
-            .bind(aggregate_id)
-            .fetch_one(pool)
-            .await?;
-            target = Some(head);
+            target = Some(crate::log::aggregate_head(pool, read_model.aggregate_type(), aggregate_id).await?);
         }
         if let Some(target) = target {
             let applied: i64 =

@@ -115,13 +115,7 @@ pub struct RelayStatus {
 }
 
 /// How far the relay is behind the log.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RelayLag {
-    /// Committed events after the relay's cursor (counted up to 10⁷).
-    pub events: i64,
-    /// Age of the oldest event not yet relayed (0 when caught up).
-    pub seconds: f64,
-}
+pub type RelayLag = crate::log::Lag;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -517,16 +511,5 @@ pub async fn cursor_name(kafka: &KafkaConfig) -> Result<String, KafkaError> {
 
 /// The relay's lag behind the log: committed events after its cursor and the age of the oldest of them.
 pub async fn relay_lag(pool: &PgPool, cursor_name: &str) -> Result<RelayLag, sqlx::Error> {
-    let cursor = load_cursor(pool, cursor_name).await?;
-    let (events, seconds): (i64, Option<f64>) = sqlx::query_as(
-        "select count(*), extract(epoch from clock_timestamp() - min(recorded_at))::float8
-           from (select recorded_at from events
-                  where (transaction_id, global_position) > ($1::text::xid8, $2)
-                  limit 10000000) behind",
-    )
-    .bind(cursor.transaction_id.to_string())
-    .bind(cursor.global_position)
-    .fetch_one(pool)
-    .await?;
-    Ok(RelayLag { events, seconds: seconds.unwrap_or(0.0).max(0.0) })
+    crate::log::cursor_lag(pool, cursor_name).await
 }

@@ -191,7 +191,7 @@ async fn batches_racing_other_writers_lose_nothing() {
             let mut n = 0;
             while !done.load(Ordering::SeqCst) || n < 100 {
                 let p = portfolios[n % portfolios.len()];
-                other.execute_portfolio(&ctx(), &p.to_string(), deposit("0.01")).await.unwrap();
+                other.execute_portfolio(&ctx(), p, deposit("0.01")).await.unwrap();
                 n += 1;
             }
             n

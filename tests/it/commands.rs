@@ -28,7 +28,7 @@ async fn run_hot_aggregate(services: Vec<Arc<CommandService>>, tasks: usize, per
                 for i in 0..per_task {
                     // Distinct amounts so a lost or doubled deposit shows in the total.
                     let amount = format!("{}.{:02}", t + 1, i % 100);
-                    service.execute_portfolio(&ctx(), &portfolio.to_string(), deposit(&amount)).await.unwrap();
+                    service.execute_portfolio(&ctx(), portfolio, deposit(&amount)).await.unwrap();
                 }
             })
         })
@@ -76,19 +76,16 @@ async fn same_key_same_request_has_one_effect_and_the_same_result() {
     let commands = db.commands();
     let portfolio = open_portfolio(&commands, "100", CostBasisMethod::Fifo).await;
     let request = ("deposit", "25.50");
-    let first =
-        commands.execute_portfolio(&keyed("dep-1", &request), &portfolio.to_string(), deposit("25.50")).await.unwrap();
+    let first = commands.execute_portfolio(&keyed("dep-1", &request), portfolio, deposit("25.50")).await.unwrap();
     let events_after_first = db.count_events().await;
-    let second =
-        commands.execute_portfolio(&keyed("dep-1", &request), &portfolio.to_string(), deposit("25.50")).await.unwrap();
+    let second = commands.execute_portfolio(&keyed("dep-1", &request), portfolio, deposit("25.50")).await.unwrap();
     assert!(!first.duplicate && second.duplicate);
     assert_eq!(first.events, second.events);
     assert_eq!(db.count_events().await, events_after_first);
     let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
     assert_eq!(state.cash, dec("125.50"));
 
-    let other =
-        commands.execute_portfolio(&keyed("dep-1", &("deposit", "99")), &portfolio.to_string(), deposit("99")).await;
+    let other = commands.execute_portfolio(&keyed("dep-1", &("deposit", "99")), portfolio, deposit("99")).await;
     assert!(matches!(other, Err(CommandError::IdempotencyKeyReused { key }) if key == "dep-1"));
     assert_eq!(db.count_events().await, events_after_first);
     db.drop().await;
@@ -104,7 +101,7 @@ async fn concurrent_requests_with_one_key_have_one_effect() {
         .map(|i| {
             let service = services[i % 2].clone();
             tokio::spawn(async move {
-                service.execute_portfolio(&keyed("race", &"10"), &portfolio.to_string(), deposit("10")).await.unwrap()
+                service.execute_portfolio(&keyed("race", &"10"), portfolio, deposit("10")).await.unwrap()
             })
         })
         .collect();
@@ -133,10 +130,10 @@ async fn bad_input_is_refused_with_a_typed_error_and_writes_nothing() {
     let commands = db.commands();
     let portfolio = open_portfolio(&commands, "1000", CostBasisMethod::Fifo).await;
     let (order_id, place_command) = place(portfolio, "ACME", Side::Buy, "5", Some("10"));
-    commands.execute_order(&ctx(), &order_id.to_string(), place_command).await.unwrap();
+    commands.execute_order(&ctx(), order_id, place_command).await.unwrap();
     let now = chrono::Utc::now();
     let accept = OrderCommand::AcceptOrder { protection_price: None, accepted_at: now };
-    commands.execute_order(&ctx(), &order_id.to_string(), accept).await.unwrap();
+    commands.execute_order(&ctx(), order_id, accept).await.unwrap();
     let fill = |exec: &str, q: &str, p: &str| {
         OrderCommand::RecordExecution(RecordExecution {
             exec_id: ExecId::new(exec).unwrap(),
@@ -146,7 +143,7 @@ async fn bad_input_is_refused_with_a_typed_error_and_writes_nothing() {
             executed_at: now,
         })
     };
-    commands.execute_order(&ctx(), &order_id.to_string(), fill("e1", "2", "10")).await.unwrap();
+    commands.execute_order(&ctx(), order_id, fill("e1", "2", "10")).await.unwrap();
     let before = db.count_events().await;
 
     // Values that cannot even be constructed.
@@ -155,22 +152,16 @@ async fn bad_input_is_refused_with_a_typed_error_and_writes_nothing() {
     assert!(ledger::domain::values::Amount::new(dec("-1")).is_err());
 
     let cases: Vec<(Result<_, CommandError>, &str)> = vec![
-        (
-            commands.execute_order(&ctx(), &OrderId::generate().to_string(), fill("x", "1", "10")).await,
-            "ORDER_NOT_FOUND",
-        ),
-        (
-            commands.execute_portfolio(&ctx(), &PortfolioId::generate().to_string(), deposit("5")).await,
-            "PORTFOLIO_NOT_FOUND",
-        ),
-        (commands.execute_order(&ctx(), &order_id.to_string(), fill("e1", "1", "10")).await, "DUPLICATE_EXEC_ID"),
-        (commands.execute_order(&ctx(), &order_id.to_string(), fill("e2", "4", "10")).await, "OVERFILL"),
-        (commands.execute_order(&ctx(), &order_id.to_string(), fill("e3", "1", "10.01")).await, "LIMIT_PRICE_BREACHED"),
+        (commands.execute_order(&ctx(), OrderId::generate(), fill("x", "1", "10")).await, "ORDER_NOT_FOUND"),
+        (commands.execute_portfolio(&ctx(), PortfolioId::generate(), deposit("5")).await, "PORTFOLIO_NOT_FOUND"),
+        (commands.execute_order(&ctx(), order_id, fill("e1", "1", "10")).await, "DUPLICATE_EXEC_ID"),
+        (commands.execute_order(&ctx(), order_id, fill("e2", "4", "10")).await, "OVERFILL"),
+        (commands.execute_order(&ctx(), order_id, fill("e3", "1", "10.01")).await, "LIMIT_PRICE_BREACHED"),
         (
             commands
                 .execute_portfolio(
                     &ctx(),
-                    &portfolio.to_string(),
+                    portfolio,
                     PortfolioCommand::WithdrawCash { amount: amount("1000.01"), reference: None, at: now },
                 )
                 .await,
@@ -183,14 +174,14 @@ async fn bad_input_is_refused_with_a_typed_error_and_writes_nothing() {
     }
     // A price off the tick grid.
     let (off_tick_id, off_tick) = place(portfolio, "ACME", Side::Buy, "1", Some("10.015"));
-    let error = commands.execute_order(&ctx(), &off_tick_id.to_string(), off_tick).await.unwrap_err();
+    let error = commands.execute_order(&ctx(), off_tick_id, off_tick).await.unwrap_err();
     assert!(matches!(error, CommandError::Order(OrderError::PriceOffTick { .. })));
 
     // A fill on a terminal order.
     let cancel = OrderCommand::CancelOrder { reason: text("user"), canceled_at: now };
-    commands.execute_order(&ctx(), &order_id.to_string(), cancel).await.unwrap();
+    commands.execute_order(&ctx(), order_id, cancel).await.unwrap();
     let before_terminal = db.count_events().await;
-    let error = commands.execute_order(&ctx(), &order_id.to_string(), fill("e9", "1", "10")).await.unwrap_err();
+    let error = commands.execute_order(&ctx(), order_id, fill("e9", "1", "10")).await.unwrap_err();
     assert!(matches!(error, CommandError::Order(OrderError::Terminal { .. })));
     assert_eq!(db.count_events().await, before_terminal);
     assert_eq!(before_terminal, before + 1, "only the cancel was written");
@@ -206,7 +197,7 @@ async fn portfolios_are_snapshotted_and_load_the_same_with_or_without_the_snapsh
     let commands = db.commands();
     let portfolio = open_portfolio(&commands, "1", CostBasisMethod::AverageCost).await;
     for i in 0..118 {
-        commands.execute_portfolio(&ctx(), &portfolio.to_string(), deposit(&format!("1.{i:02}"))).await.unwrap();
+        commands.execute_portfolio(&ctx(), portfolio, deposit(&format!("1.{i:02}"))).await.unwrap();
     }
     let (last_sequence, snapshot_number): (i64, i64) = sqlx::query_as(
         "select last_sequence, current_snapshot from snapshots where aggregate_type = 'Portfolio' and aggregate_id = $1",
@@ -237,7 +228,7 @@ async fn every_event_carries_command_correlation_actor_and_time_metadata() {
         cost_basis_method: CostBasisMethod::Fifo,
         opened_at: chrono::Utc::now(),
     };
-    let outcome = commands.execute_portfolio(&context, &portfolio.to_string(), open).await.unwrap();
+    let outcome = commands.execute_portfolio(&context, portfolio, open).await.unwrap();
     let metadata: serde_json::Value = sqlx::query_scalar("select metadata from events where event_id = $1")
         .bind(outcome.events[0].event_id)
         .fetch_one(&db.pool)
@@ -315,16 +306,16 @@ async fn run_step(
     index: usize,
     step: &Step,
 ) -> Vec<Result<ledger::commands::CommandOutcome, CommandError>> {
-    let id = portfolio.to_string();
+    let id = portfolio;
     let now = chrono::Utc::now();
     let key = |suffix: &str| keyed(&format!("{portfolio}-{index}-{suffix}"), &format!("{step:?}"));
     match step {
-        Step::Deposit(a) => vec![service.execute_portfolio(&key("d"), &id, deposit(&a.to_string())).await],
+        Step::Deposit(a) => vec![service.execute_portfolio(&key("d"), id, deposit(&a.to_string())).await],
         Step::Withdraw(a) => vec![
             service
                 .execute_portfolio(
                     &key("w"),
-                    &id,
+                    id,
                     PortfolioCommand::WithdrawCash { amount: amount(&a.to_string()), reference: None, at: now },
                 )
                 .await,
@@ -340,7 +331,7 @@ async fn run_step(
                 amount: Money::new(Decimal::from(q * p)).unwrap(),
                 at: now,
             };
-            let reserved = service.execute_portfolio(&key("r"), &id, reserve).await;
+            let reserved = service.execute_portfolio(&key("r"), id, reserve).await;
             if reserved.is_err() {
                 return vec![reserved];
             }
@@ -354,7 +345,7 @@ async fn run_step(
                 fee: Money::ZERO,
                 executed_at: now,
             };
-            vec![reserved, service.execute_portfolio(&key("a"), &id, apply).await]
+            vec![reserved, service.execute_portfolio(&key("a"), id, apply).await]
         }
     }
 }

@@ -54,7 +54,7 @@ async fn place_order(
     if let OrderCommand::PlaceOrder(order) = &mut command {
         order.time_in_force = tif;
     }
-    commands.execute_order(&ctx(), &id.to_string(), command).await.unwrap();
+    commands.execute_order(&ctx(), id, command).await.unwrap();
     id
 }
 

@@ -34,7 +34,7 @@ async fn place_decided(
     limit: Option<&str>,
 ) -> (OrderId, Order) {
     let (order_id, command) = place(portfolio, "ACME", side, quantity, limit);
-    commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+    commands.execute_order(&ctx(), order_id, command).await.unwrap();
     let decided =
         eventually(|| async { order_state(commands, order_id).await.status != OrderStatus::PendingNew }).await;
     assert!(decided, "order {order_id} never decided");
@@ -70,11 +70,8 @@ async fn a_fill_beyond_the_reservation_is_booked_into_deficit_and_the_reservatio
     assert_eq!(portfolio_state(&commands, portfolio).await.reserved_cash, dec("123.8664"));
     let withdraw =
         PortfolioCommand::WithdrawCash { amount: amount("75.6336"), reference: None, at: chrono::Utc::now() };
-    commands.execute_portfolio(&ctx(), &portfolio.to_string(), withdraw).await.unwrap();
-    commands
-        .execute_order(&ctx(), &order_id.to_string(), execution("n1", dec("1"), dec("122.64"), dec("4.4733")))
-        .await
-        .unwrap();
+    commands.execute_portfolio(&ctx(), portfolio, withdraw).await.unwrap();
+    commands.execute_order(&ctx(), order_id, execution("n1", dec("1"), dec("122.64"), dec("4.4733"))).await.unwrap();
     wait_process_manager_idle(&db.pool).await;
 
     assert_eq!(order_state(&commands, order_id).await.status, OrderStatus::Filled);
@@ -95,12 +92,12 @@ async fn a_fill_beyond_the_reservation_is_booked_into_deficit_and_the_reservatio
 
     // In deficit: a withdrawal is refused, a new buy is rejected with the reason; a deposit covers it.
     let withdraw = PortfolioCommand::WithdrawCash { amount: amount("1"), reference: None, at: chrono::Utc::now() };
-    let refused = commands.execute_portfolio(&ctx(), &portfolio.to_string(), withdraw).await.unwrap_err();
+    let refused = commands.execute_portfolio(&ctx(), portfolio, withdraw).await.unwrap_err();
     assert_eq!(refused.code(), "PORTFOLIO_IN_DEFICIT");
     let (_, rejected) = place_decided(&commands, portfolio, Side::Buy, "1", Some("1")).await;
     assert_eq!(rejected.reject_reason.map(|r| r.code), Some(RejectCode::PortfolioInDeficit));
     let deposit = PortfolioCommand::DepositCash { amount: amount("10"), reference: None, at: chrono::Utc::now() };
-    let covered = commands.execute_portfolio(&ctx(), &portfolio.to_string(), deposit).await.unwrap();
+    let covered = commands.execute_portfolio(&ctx(), portfolio, deposit).await.unwrap();
     let types: Vec<&str> = covered.events.iter().map(|e| e.event_type.as_str()).collect();
     assert_eq!(types, ["CashDeposited", "DeficitCovered"]);
     assert_eq!(portfolio_state(&commands, portfolio).await.buying_power(), dec("7.2531"));
@@ -163,7 +160,7 @@ async fn market_sells_carry_a_protection_floor() {
     let pm = start_process_manager(commands.clone());
     let portfolio = open_portfolio(&commands, "1000", CostBasisMethod::Fifo).await;
     let (buy, _) = place_decided(&commands, portfolio, Side::Buy, "10", Some("20")).await;
-    commands.execute_order(&ctx(), &buy.to_string(), execution("x1", dec("10"), dec("20"), dec("0"))).await.unwrap();
+    commands.execute_order(&ctx(), buy, execution("x1", dec("10"), dec("20"), dec("0"))).await.unwrap();
     wait_process_manager_idle(&db.pool).await;
 
     let (_, unpriced) = place_decided(&commands, portfolio, Side::Sell, "1", None).await;
@@ -175,9 +172,9 @@ async fn market_sells_carry_a_protection_floor() {
     // 20.01 × 0.95 = 19.0095, rounded down: 19.00.
     assert_eq!(order.protection_price, Some(price("19")));
     let below = execution("s1", dec("4"), dec("18.99"), dec("0"));
-    let refused = commands.execute_order(&ctx(), &sell.to_string(), below).await.unwrap_err();
+    let refused = commands.execute_order(&ctx(), sell, below).await.unwrap_err();
     assert_eq!(refused.code(), "PROTECTION_PRICE_BREACHED");
-    commands.execute_order(&ctx(), &sell.to_string(), execution("s1", dec("4"), dec("19"), dec("0"))).await.unwrap();
+    commands.execute_order(&ctx(), sell, execution("s1", dec("4"), dec("19"), dec("0"))).await.unwrap();
     wait_process_manager_idle(&db.pool).await;
     assert_eq!(portfolio_state(&commands, portfolio).await.positions[&sym("ACME")].quantity, dec("6"));
     assert_agreement(&commands).await;
@@ -237,7 +234,7 @@ async fn a_step_that_cannot_be_applied_is_listed_and_retried_once_its_cause_is_f
         amount: Money::new(dec("20.2")).unwrap(),
         at: chrono::Utc::now(),
     };
-    commands.execute_portfolio(&ctx(), &portfolio.to_string(), reserve).await.unwrap();
+    commands.execute_portfolio(&ctx(), portfolio, reserve).await.unwrap();
     assert_eq!(manager.retry_failure(open[0].event_id, "operator").await.unwrap(), RetryOutcome::Applied);
     assert_eq!(manager.retry_failure(open[0].event_id, "operator").await.unwrap(), RetryOutcome::NotOpen);
     let state = portfolio_state(&commands, portfolio).await;
@@ -312,19 +309,19 @@ async fn run_step(
     expected: &mut Expected,
     step: &Step,
 ) {
-    let id = portfolio.to_string();
+    let id = portfolio;
     let now = chrono::Utc::now();
     match step {
         Step::Deposit(value) => {
             let deposit =
                 PortfolioCommand::DepositCash { amount: amount(&value.to_string()), reference: None, at: now };
-            commands.execute_portfolio(&ctx(), &id, deposit).await.unwrap();
+            commands.execute_portfolio(&ctx(), id, deposit).await.unwrap();
             expected.cash += Decimal::from(*value);
         }
         Step::Withdraw(value) => {
             let withdraw =
                 PortfolioCommand::WithdrawCash { amount: amount(&value.to_string()), reference: None, at: now };
-            match commands.execute_portfolio(&ctx(), &id, withdraw).await {
+            match commands.execute_portfolio(&ctx(), id, withdraw).await {
                 Ok(_) => expected.cash -= Decimal::from(*value),
                 Err(CommandError::Portfolio(_)) => {}
                 Err(error) => panic!("{error}"),
@@ -378,10 +375,7 @@ async fn run_step(
             let gross = (quantity * fill_price).round_dp_with_strategy(8, RoundingStrategy::MidpointNearestEven);
             let fee = bps(gross, *fee_bps).round_dp(8);
             let exec = format!("x{}", state.exec_ids.len() + 1);
-            commands
-                .execute_order(&ctx(), &order_id.to_string(), execution(&exec, quantity, fill_price, fee))
-                .await
-                .unwrap();
+            commands.execute_order(&ctx(), order_id, execution(&exec, quantity, fill_price, fee)).await.unwrap();
             expected.cash += match terms.side {
                 Side::Buy => -(gross + fee),
                 Side::Sell => gross - fee,
@@ -393,7 +387,7 @@ async fn run_step(
             }
             let order_id = orders[order.index(orders.len())];
             let cancel = OrderCommand::CancelOrder { reason: text("test"), canceled_at: now };
-            match commands.execute_order(&ctx(), &order_id.to_string(), cancel).await {
+            match commands.execute_order(&ctx(), order_id, cancel).await {
                 Ok(_) | Err(CommandError::Order(_)) => {}
                 Err(error) => panic!("{error}"),
             }

@@ -46,7 +46,7 @@ async fn a_group_with_a_conflict_and_a_refusal_commits_the_rest_and_retries_the_
         fine
     };
     // Another process writes `stale`: this service's cached state of it is now behind the log.
-    other_process.execute_portfolio(&ctx(), &stale.to_string(), deposit("100")).await.unwrap();
+    other_process.execute_portfolio(&ctx(), stale, deposit("100")).await.unwrap();
 
     // Another writer's transaction holds each blocker's next sequence: the committer's statements for them wait.
     let mut foreign = db.pool.begin().await.unwrap();
@@ -55,7 +55,7 @@ async fn a_group_with_a_conflict_and_a_refusal_commits_the_rest_and_retries_the_
     }
     let spawn = |id: ledger::domain::values::PortfolioId, command: PortfolioCommand| {
         let commands = commands.clone();
-        tokio::spawn(async move { commands.execute_portfolio(&ctx(), &id.to_string(), command).await })
+        tokio::spawn(async move { commands.execute_portfolio(&ctx(), id, command).await })
     };
     let mut held = Vec::new();
     for (n, blocker) in blockers.iter().enumerate() {
@@ -76,7 +76,7 @@ async fn a_group_with_a_conflict_and_a_refusal_commits_the_rest_and_retries_the_
     // Behind it: a command on the stale aggregate, three fine ones, and a refusal (which writes nothing).
     let conflicting = spawn(stale, deposit("1"));
     let fine_tasks: Vec<_> = fine.iter().map(|id| spawn(*id, deposit("2"))).collect();
-    let refused = commands.execute_portfolio(&ctx(), &poor.to_string(), withdraw("11")).await;
+    let refused = commands.execute_portfolio(&ctx(), poor, withdraw("11")).await;
     assert!(matches!(refused, Err(CommandError::Portfolio(_))), "{refused:?}");
     assert!(eventually(|| async { commands.writer_queued() >= 4 }).await, "the commands never queued up");
     let fallbacks_before = commands.metrics().group_fallbacks.load(Ordering::Relaxed);
@@ -125,7 +125,7 @@ async fn keyed_commands_repeated_after_their_group_committed_get_the_first_answe
                 tokio::spawn(async move {
                     let key = format!("group-{n}");
                     let context = keyed(&key, &("deposit", n));
-                    commands.execute_portfolio(&context, &id.to_string(), deposit("1")).await.unwrap()
+                    commands.execute_portfolio(&context, id, deposit("1")).await.unwrap()
                 })
             })
             .collect::<Vec<_>>();
@@ -155,7 +155,7 @@ async fn keyed_commands_repeated_after_their_group_committed_get_the_first_answe
         assert_eq!(cash(&commands, *id).await, dec("8"), "one effect per key");
     }
     let other_request = keyed("group-0", &("deposit", 999));
-    let reused = commands.execute_portfolio(&other_request, &ids[0].to_string(), deposit("1")).await;
+    let reused = commands.execute_portfolio(&other_request, ids[0], deposit("1")).await;
     assert!(matches!(reused, Err(CommandError::IdempotencyKeyReused { .. })), "{reused:?}");
     let mean = commands.metrics().group_commands.load(Ordering::Relaxed) as f64
         / commands.metrics().group_commits.load(Ordering::Relaxed).max(1) as f64;
@@ -171,17 +171,17 @@ async fn the_cache_never_serves_a_state_older_than_the_log() {
     let here = db.commands();
     let elsewhere = Arc::new(CommandService::new(db.pool.clone(), CommandConfig::default()));
     let id = open_portfolio(&here, "10", CostBasisMethod::Fifo).await;
-    here.execute_portfolio(&ctx(), &id.to_string(), deposit("1")).await.unwrap(); // cached here: cash 11
+    here.execute_portfolio(&ctx(), id, deposit("1")).await.unwrap(); // cached here: cash 11
     let hits = here.metrics().cache_hits.load(Ordering::Relaxed);
     assert!(hits > 0, "the deposit decided on the cached state");
 
-    elsewhere.execute_portfolio(&ctx(), &id.to_string(), deposit("100")).await.unwrap();
+    elsewhere.execute_portfolio(&ctx(), id, deposit("100")).await.unwrap();
     // Refused on the cached 11, allowed on the log's 111.
-    let withdrawn = here.execute_portfolio(&ctx(), &id.to_string(), withdraw("50")).await.unwrap();
+    let withdrawn = here.execute_portfolio(&ctx(), id, withdraw("50")).await.unwrap();
     assert_eq!(withdrawn.events[0].sequence, 5);
-    elsewhere.execute_portfolio(&ctx(), &id.to_string(), deposit("1000")).await.unwrap();
+    elsewhere.execute_portfolio(&ctx(), id, deposit("1000")).await.unwrap();
     // Written on the cached state, conflicts, is decided again after the other process's event.
-    let deposited = here.execute_portfolio(&ctx(), &id.to_string(), deposit("1")).await.unwrap();
+    let deposited = here.execute_portfolio(&ctx(), id, deposit("1")).await.unwrap();
     assert_eq!(deposited.events[0].sequence, 7);
     let (state, sequence) = here.load::<Portfolio>(&id.to_string()).await.unwrap();
     assert_eq!((state.cash, sequence), (dec("1062"), 7));
@@ -201,14 +201,14 @@ async fn a_starved_command_takes_the_log_exclusively_and_cannot_lose_again() {
     let elsewhere = Arc::new(CommandService::new(db.pool.clone(), CommandConfig::default()));
     let starved = open_portfolio(&commands, "10", CostBasisMethod::Fifo).await; // cached here at sequence 2
     let bystander = open_portfolio(&commands, "10", CostBasisMethod::Fifo).await;
-    elsewhere.execute_portfolio(&ctx(), &starved.to_string(), deposit("5")).await.unwrap(); // sequence 3
+    elsewhere.execute_portfolio(&ctx(), starved, deposit("5")).await.unwrap(); // sequence 3
 
     let mut writer = db.pool.begin().await.unwrap();
     insert_foreign_deposit(&mut writer, bystander, 3, "100", "110", chrono::Utc::now()).await;
 
     let command = {
         let commands = commands.clone();
-        tokio::spawn(async move { commands.execute_portfolio(&ctx(), &starved.to_string(), deposit("1")).await })
+        tokio::spawn(async move { commands.execute_portfolio(&ctx(), starved, deposit("1")).await })
     };
     let waiting = eventually(|| async {
         sqlx::query_scalar::<_, bool>(

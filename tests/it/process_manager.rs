@@ -77,15 +77,15 @@ async fn a_limit_buy_is_reserved_accepted_filled_and_booked() {
     let pm = start_process_manager(commands.clone());
     let portfolio = open_portfolio(&commands, "10000", CostBasisMethod::Fifo).await;
     let (order_id, place_cmd) = place(portfolio, "ACME", Side::Buy, "10", Some("100"));
-    commands.execute_order(&ctx(), &order_id.to_string(), place_cmd).await.unwrap();
+    commands.execute_order(&ctx(), order_id, place_cmd).await.unwrap();
     wait_for_status(&commands, order_id, |s| s == OrderStatus::New).await;
 
     let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
     // 10 × 100 plus the default 1 % fee allowance.
     assert_eq!(state.reserved_cash, dec("1010"));
 
-    commands.execute_order(&ctx(), &order_id.to_string(), fill("x1", "4", "99", "1")).await.unwrap();
-    commands.execute_order(&ctx(), &order_id.to_string(), fill("x2", "6", "99.5", "1")).await.unwrap();
+    commands.execute_order(&ctx(), order_id, fill("x1", "4", "99", "1")).await.unwrap();
+    commands.execute_order(&ctx(), order_id, fill("x2", "6", "99.5", "1")).await.unwrap();
     wait_for_status(&commands, order_id, |s| s == OrderStatus::Filled).await;
     let booked = eventually(|| async {
         let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
@@ -117,7 +117,7 @@ async fn orders_the_portfolio_cannot_cover_are_rejected_with_the_reason() {
         (place(PortfolioId::generate(), "ACME", Side::Buy, "1", Some("1")), RejectCode::UnknownPortfolio),
     ];
     for ((order_id, command), expected) in cases {
-        commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+        commands.execute_order(&ctx(), order_id, command).await.unwrap();
         let order = wait_for_status(&commands, order_id, |s| s == OrderStatus::Rejected).await;
         let OrderRejectReason { code, .. } = order.reject_reason.unwrap();
         assert_eq!(code, expected);
@@ -136,13 +136,13 @@ async fn market_buys_reserve_with_a_collar_and_are_protected_at_that_price() {
     let pm = start_process_manager(commands.clone());
     let portfolio = open_portfolio(&commands, "1000", CostBasisMethod::Fifo).await;
     let (order_id, command) = place(portfolio, "ACME", Side::Buy, "10", None);
-    commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+    commands.execute_order(&ctx(), order_id, command).await.unwrap();
     let order = wait_for_status(&commands, order_id, |s| s == OrderStatus::New).await;
     // 20 × 1.05 = 21.00; reserved 10 × 21 × 1.01.
     assert_eq!(order.protection_price, Some(price("21")));
     let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
     assert_eq!(state.reserved_cash, dec("212.1"));
-    let beyond = commands.execute_order(&ctx(), &order_id.to_string(), fill("x", "10", "21.01", "0")).await;
+    let beyond = commands.execute_order(&ctx(), order_id, fill("x", "10", "21.01", "0")).await;
     assert_eq!(beyond.unwrap_err().code(), "PROTECTION_PRICE_BREACHED");
     pm.stop().await;
     db.drop().await;
@@ -155,11 +155,11 @@ async fn cancelling_releases_what_is_left_reserved() {
     let pm = start_process_manager(commands.clone());
     let portfolio = open_portfolio(&commands, "1000", CostBasisMethod::Fifo).await;
     let (order_id, command) = place(portfolio, "ACME", Side::Buy, "10", Some("50"));
-    commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+    commands.execute_order(&ctx(), order_id, command).await.unwrap();
     wait_for_status(&commands, order_id, |s| s == OrderStatus::New).await;
-    commands.execute_order(&ctx(), &order_id.to_string(), fill("x", "4", "50", "0")).await.unwrap();
+    commands.execute_order(&ctx(), order_id, fill("x", "4", "50", "0")).await.unwrap();
     let cancel = OrderCommand::CancelOrder { reason: text("user"), canceled_at: chrono::Utc::now() };
-    commands.execute_order(&ctx(), &order_id.to_string(), cancel).await.unwrap();
+    commands.execute_order(&ctx(), order_id, cancel).await.unwrap();
     let settled = eventually(|| async {
         let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
         state.reservations.is_empty() && state.positions.get(&sym("ACME")).is_some_and(|p| p.quantity == dec("4"))
@@ -185,7 +185,7 @@ async fn a_sell_right_after_a_fill_reserves_the_booked_position() {
     for _ in 0..24 {
         let portfolio = open_portfolio(&commands, "10000", CostBasisMethod::Fifo).await;
         let (order_id, command) = place(portfolio, "ACME", Side::Buy, "10", Some("100"));
-        commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+        commands.execute_order(&ctx(), order_id, command).await.unwrap();
         buys.push((portfolio, order_id));
     }
     for (_, order_id) in &buys {
@@ -195,9 +195,9 @@ async fn a_sell_right_after_a_fill_reserves_the_booked_position() {
     pm.stop().await;
     let mut sells = Vec::new();
     for (portfolio, order_id) in &buys {
-        commands.execute_order(&ctx(), &order_id.to_string(), fill("x1", "10", "100", "1")).await.unwrap();
+        commands.execute_order(&ctx(), *order_id, fill("x1", "10", "100", "1")).await.unwrap();
         let (sell, command) = place(*portfolio, "ACME", Side::Sell, "10", Some("101"));
-        commands.execute_order(&ctx(), &sell.to_string(), command).await.unwrap();
+        commands.execute_order(&ctx(), sell, command).await.unwrap();
         sells.push(sell);
     }
     let pm = start_process_manager(commands.clone());
@@ -267,7 +267,7 @@ async fn killed_and_restarted_mid_stream_it_converges_exactly_once() {
         let quantity = rng.gen_range(1..=8).to_string();
         let limit = rng.gen_range(50..=120).to_string();
         let (order_id, command) = place(portfolio, "ACME", Side::Buy, &quantity, Some(&limit));
-        commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+        commands.execute_order(&ctx(), order_id, command).await.unwrap();
         orders.push((order_id, portfolio, limit));
         if i % 40 == 39 {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -292,12 +292,12 @@ async fn killed_and_restarted_mid_stream_it_converges_exactly_once() {
             for (k, part) in parts.iter().enumerate() {
                 // Fees stay within the 1 % allowance reserved with the order (at least 0.50 here).
                 let command = fill(&format!("f{k}"), &part.to_string(), limit, "0.05");
-                commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+                commands.execute_order(&ctx(), *order_id, command).await.unwrap();
                 *expected_cost.entry(*portfolio).or_default() += part * dec(limit) + dec("0.05");
             }
         } else {
             let cancel = OrderCommand::CancelOrder { reason: text("test"), canceled_at: chrono::Utc::now() };
-            commands.execute_order(&ctx(), &order_id.to_string(), cancel).await.unwrap();
+            commands.execute_order(&ctx(), *order_id, cancel).await.unwrap();
         }
     }
     assert_eq!(decided, orders.len());
@@ -403,10 +403,10 @@ async fn an_order_cancelled_while_pending_is_never_left_reserved() {
     let commands = db.commands();
     let portfolio = open_portfolio(&commands, "1000", CostBasisMethod::Fifo).await;
     let (order_id, command) = place(portfolio, "ACME", Side::Buy, "5", Some("10"));
-    commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+    commands.execute_order(&ctx(), order_id, command).await.unwrap();
     // Cancelled before the process manager ever ran.
     let cancel = OrderCommand::CancelOrder { reason: text("changed my mind"), canceled_at: chrono::Utc::now() };
-    commands.execute_order(&ctx(), &order_id.to_string(), cancel).await.unwrap();
+    commands.execute_order(&ctx(), order_id, cancel).await.unwrap();
     let pm = start_process_manager(commands.clone());
     let cursor_moved = eventually(|| async {
         ledger::log::load_cursor(&db.pool, ledger::process::PROCESS_MANAGER).await.unwrap().global_position > 0

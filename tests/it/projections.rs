@@ -127,7 +127,7 @@ async fn create_alerts(commands: &CommandService, portfolios: &[PortfolioId]) {
             _ => AlertCondition::PositionPnlAbove { symbol: sym("ACME"), threshold: dec("10") },
         };
         let command = PortfolioCommand::CreateAlert { alert_id: AlertId::generate(), condition, at: Utc::now() };
-        commands.execute_portfolio(&ctx(), &portfolio.to_string(), command).await.unwrap();
+        commands.execute_portfolio(&ctx(), *portfolio, command).await.unwrap();
     }
 }
 
@@ -409,7 +409,7 @@ async fn fill_order(
         fee: Money::new(dec(fee)).unwrap(),
         executed_at: Utc::now(),
     });
-    commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+    commands.execute_order(&ctx(), order_id, command).await.unwrap();
 }
 
 async fn trade_and_fill(
@@ -422,7 +422,7 @@ async fn trade_and_fill(
     fee: &str,
 ) {
     let (order_id, command) = place(portfolio, symbol, side, quantity, Some(at));
-    commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+    commands.execute_order(&ctx(), order_id, command).await.unwrap();
     let decided = eventually(|| async {
         commands.load::<Order>(&order_id.to_string()).await.unwrap().0.status != OrderStatus::PendingNew
     })
@@ -537,7 +537,7 @@ async fn each_alert_type_fires_once_per_arming_even_with_duplicate_ticks() {
     for (name, condition) in conditions {
         let alert_id = AlertId::generate();
         let command = PortfolioCommand::CreateAlert { alert_id, condition, at: Utc::now() };
-        commands.execute_portfolio(&ctx(), &portfolio.to_string(), command).await.unwrap();
+        commands.execute_portfolio(&ctx(), portfolio, command).await.unwrap();
         ids.insert(name, alert_id);
     }
     wait_events_applied(&db.pool, projection("positions").as_ref()).await;
@@ -575,7 +575,7 @@ async fn each_alert_type_fires_once_per_arming_even_with_duplicate_ticks() {
     // Re-arm two; only a new crossing / a new time above fires them again.
     for name in ["above", "cross-up"] {
         let command = PortfolioCommand::RearmAlert { alert_id: ids[name], at: Utc::now() };
-        commands.execute_portfolio(&ctx(), &portfolio.to_string(), command).await.unwrap();
+        commands.execute_portfolio(&ctx(), portfolio, command).await.unwrap();
     }
     wait_events_applied(&db.pool, projection("alerts").as_ref()).await;
     let more = vec![tick("ACME", "96", 10, 11), tick("ACME", "107", 11, 12), tick("ACME", "108", 12, 13)];

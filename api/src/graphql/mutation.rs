@@ -47,6 +47,33 @@ async fn authorize_portfolio(state: &AppState, principal: &Principal, portfolio_
     }
 }
 
+/// What every mutation on an existing portfolio does: the caller may trade it (see [`authorize_portfolio`]),
+/// the request is keyed over `request`, `command` builds the command (its input errors answered as such), the
+/// command runs, and a refusal is answered with its code.
+async fn on_portfolio(
+    ctx: &Context<'_>,
+    portfolio_id: Uuid,
+    key: &str,
+    request: &impl Serialize,
+    command: impl FnOnce(&AppState) -> Result<PortfolioCommand>,
+) -> Result<CommandOutcome> {
+    let (principal, state) = (principal(ctx)?, state(ctx));
+    authorize_portfolio(state, principal, portfolio_id).await?;
+    let command_ctx = context(ctx, principal, key, request)?;
+    let command = command(state)?;
+    state.commands.execute_portfolio(&command_ctx, portfolio_id.into(), command).await.map_err(command_error)
+}
+
+/// Runs an order command, a refusal answered with its code.
+async fn on_order(
+    state: &AppState,
+    command_ctx: &CommandContext,
+    order_id: Uuid,
+    command: OrderCommand,
+) -> Result<CommandOutcome> {
+    state.commands.execute_order(command_ctx, order_id.into(), command).await.map_err(command_error)
+}
+
 /// Optional free text (a reference), bounded and without control characters.
 fn free_text(field: &'static str, text: Option<String>) -> Result<Option<FreeText>> {
     text.map(|t| FreeText::new(field, t)).transpose().map_err(value)
@@ -99,7 +126,7 @@ impl PortfolioMutation {
         };
         let outcome = state
             .commands
-            .execute_portfolio(&ctx_command, &portfolio_id.to_string(), command)
+            .execute_portfolio(&ctx_command, portfolio_id, command)
             .await
             .map_err(super::errors::command)?;
         Ok(outcome.into())
@@ -113,17 +140,12 @@ impl PortfolioMutation {
         reference: Option<String>,
         idempotency_key: String,
     ) -> Result<CommandResult> {
-        let principal = principal(ctx)?;
-        let state = state(ctx);
-        authorize_portfolio(state, principal, portfolio_id).await?;
-        let ctx_command = context(ctx, principal, &idempotency_key, &("deposit", portfolio_id, amount, &reference))?;
-        let reference = free_text("reference", reference)?;
-        let command = PortfolioCommand::DepositCash { amount: self::amount(amount)?, reference, at: state.clock.now() };
-        let outcome = state
-            .commands
-            .execute_portfolio(&ctx_command, &portfolio_id.to_string(), command)
-            .await
-            .map_err(super::errors::command)?;
+        let request = ("deposit", portfolio_id, amount, &reference);
+        let outcome = on_portfolio(ctx, portfolio_id, &idempotency_key, &request, |state| {
+            let reference = free_text("reference", reference.clone())?;
+            Ok(PortfolioCommand::DepositCash { amount: self::amount(amount)?, reference, at: state.clock.now() })
+        })
+        .await?;
         Ok(outcome.into())
     }
 
@@ -135,18 +157,12 @@ impl PortfolioMutation {
         reference: Option<String>,
         idempotency_key: String,
     ) -> Result<CommandResult> {
-        let principal = principal(ctx)?;
-        let state = state(ctx);
-        authorize_portfolio(state, principal, portfolio_id).await?;
-        let ctx_command = context(ctx, principal, &idempotency_key, &("withdraw", portfolio_id, amount, &reference))?;
-        let reference = free_text("reference", reference)?;
-        let command =
-            PortfolioCommand::WithdrawCash { amount: self::amount(amount)?, reference, at: state.clock.now() };
-        let outcome = state
-            .commands
-            .execute_portfolio(&ctx_command, &portfolio_id.to_string(), command)
-            .await
-            .map_err(super::errors::command)?;
+        let request = ("withdraw", portfolio_id, amount, &reference);
+        let outcome = on_portfolio(ctx, portfolio_id, &idempotency_key, &request, |state| {
+            let reference = free_text("reference", reference.clone())?;
+            Ok(PortfolioCommand::WithdrawCash { amount: self::amount(amount)?, reference, at: state.clock.now() })
+        })
+        .await?;
         Ok(outcome.into())
     }
 
@@ -341,11 +357,7 @@ impl OrderMutation {
             time_in_force: input.time_in_force.into(),
             placed_at: state.clock.now(),
         });
-        let outcome: CommandOutcome = state
-            .commands
-            .execute_order(&ctx_command, &order_id.to_string(), command)
-            .await
-            .map_err(super::errors::command)?;
+        let outcome = on_order(state, &ctx_command, order_id.0, command).await?;
         let order_id = Uuid::parse_str(&outcome.aggregate_id).map_err(super::errors::internal)?;
         let status = match wait_for_acceptance_ms {
             Some(ms) => Some(wait_for_decision(state, order_id, ms.max(0) as u64).await?),
@@ -377,11 +389,7 @@ impl OrderMutation {
         let ctx_command = context(ctx, principal, &idempotency_key, &("cancelOrder", order_id, &reason))?;
         let reason = FreeText::new("reason", reason.unwrap_or_else(|| "client".into())).map_err(value)?;
         let command = OrderCommand::CancelOrder { reason, canceled_at: state.clock.now() };
-        let outcome = state
-            .commands
-            .execute_order(&ctx_command, &order_id.to_string(), command)
-            .await
-            .map_err(super::errors::command)?;
+        let outcome = on_order(state, &ctx_command, order_id, command).await?;
         Ok(outcome.into())
     }
 
@@ -405,11 +413,7 @@ impl OrderMutation {
             fee: Money::new(input.fee).map_err(value)?,
             executed_at: input.executed_at.unwrap_or_else(|| state.clock.now()),
         });
-        let outcome = state
-            .commands
-            .execute_order(&ctx_command, &input.order_id.to_string(), command)
-            .await
-            .map_err(super::errors::command)?;
+        let outcome = on_order(state, &ctx_command, input.order_id, command).await?;
         Ok(outcome.into())
     }
 }
@@ -494,20 +498,16 @@ impl AlertMutation {
         condition: AlertConditionInput,
         idempotency_key: String,
     ) -> Result<CreateAlertPayload> {
-        let principal = principal(ctx)?;
+        let request = ("createAlert", portfolio_id, &condition);
+        let outcome = on_portfolio(ctx, portfolio_id, &idempotency_key, &request, |state| {
+            Ok(PortfolioCommand::CreateAlert {
+                alert_id: AlertId::generate(),
+                condition: condition.condition()?,
+                at: state.clock.now(),
+            })
+        })
+        .await?;
         let state = state(ctx);
-        authorize_portfolio(state, principal, portfolio_id).await?;
-        let ctx_command = context(ctx, principal, &idempotency_key, &("createAlert", portfolio_id, &condition))?;
-        let command = PortfolioCommand::CreateAlert {
-            alert_id: AlertId::generate(),
-            condition: condition.condition()?,
-            at: state.clock.now(),
-        };
-        let outcome = state
-            .commands
-            .execute_portfolio(&ctx_command, &portfolio_id.to_string(), command)
-            .await
-            .map_err(super::errors::command)?;
         // The alert's id is in the event (the same for a repeated request, whose answer is the first one's).
         let event_id = outcome.events.first().map(|e| e.event_id).ok_or_else(|| not_found("alert event"))?;
         let event = ledger::log::event_by_id(&state.pool, event_id).await.map_err(super::errors::database)?;
@@ -548,20 +548,14 @@ async fn alert_command(
     key: String,
     name: &str,
 ) -> Result<CommandResult> {
-    let principal = principal(ctx)?;
-    let state = state(ctx);
-    authorize_portfolio(state, principal, portfolio_id).await?;
-    let ctx_command = context(ctx, principal, &key, &(name, portfolio_id, alert_id))?;
-    let at = state.clock.now();
-    let command = match name {
-        "cancelAlert" => PortfolioCommand::CancelAlert { alert_id: AlertId(alert_id), at },
-        _ => PortfolioCommand::RearmAlert { alert_id: AlertId(alert_id), at },
-    };
-    let outcome = state
-        .commands
-        .execute_portfolio(&ctx_command, &portfolio_id.to_string(), command)
-        .await
-        .map_err(command_error)?;
+    let outcome = on_portfolio(ctx, portfolio_id, &key, &(name, portfolio_id, alert_id), |state| {
+        let (alert_id, at) = (AlertId(alert_id), state.clock.now());
+        Ok(match name {
+            "cancelAlert" => PortfolioCommand::CancelAlert { alert_id, at },
+            _ => PortfolioCommand::RearmAlert { alert_id, at },
+        })
+    })
+    .await?;
     Ok(outcome.into())
 }
 

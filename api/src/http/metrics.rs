@@ -141,12 +141,7 @@ pub fn render(state: &AppState, http: &HttpMetrics) -> String {
 pub async fn render_database(pool: &sqlx::PgPool) -> String {
     let mut out = String::new();
     // Log head, dead letters, and the lag of every log follower (relay, process manager, sealer, catch-ups).
-    if let Ok((head, head_age)) = sqlx::query_as::<_, (Option<i64>, Option<f64>)>(
-        "select max(global_position), extract(epoch from clock_timestamp() - max(recorded_at))::float8 from events",
-    )
-    .fetch_one(pool)
-    .await
-    {
+    if let Ok((head, head_age)) = ledger::log::head(pool).await {
         gauge(
             &mut out,
             "ledger_log_head_position",
@@ -169,21 +164,22 @@ pub async fn render_database(pool: &sqlx::PgPool) -> String {
             rows.into_iter().map(|(p, n)| (format!("{{projection=\"{p}\"}}"), n as f64)).collect();
         gauge(&mut out, "ledger_dead_letters", "Messages in the dead-letter table, by projection.", &samples);
     }
-    if let Ok(rows) = sqlx::query_as::<_, (String, i64, Option<f64>)>(
-        "select c.name,
-                (select count(*) from (select 1 from events e
-                   where (e.transaction_id, e.global_position) > (c.transaction_id, c.global_position) limit 1000000) behind),
-                extract(epoch from clock_timestamp() - (select min(e.recorded_at) from events e
-                   where (e.transaction_id, e.global_position) > (c.transaction_id, c.global_position)))::float8
-           from log_cursors c",
-    )
-    .fetch_all(pool)
-    .await
-    {
-        let events: Vec<(String, f64)> = rows.iter().map(|(n, e, _)| (format!("{{follower=\"{n}\"}}"), *e as f64)).collect();
-        let seconds: Vec<(String, f64)> = rows.iter().map(|(n, _, s)| (format!("{{follower=\"{n}\"}}"), s.unwrap_or(0.0))).collect();
-        gauge(&mut out, "ledger_follower_lag_events", "Committed events after a log follower's cursor (relay, process manager, …).", &events);
-        gauge(&mut out, "ledger_follower_lag_seconds", "Age of the oldest event a log follower has not passed.", &seconds);
+    if let Ok(rows) = ledger::log::cursor_lags(pool).await {
+        let label = |name: &str| format!("{{follower=\"{name}\"}}");
+        let events: Vec<(String, f64)> = rows.iter().map(|(n, lag)| (label(n), lag.events as f64)).collect();
+        let seconds: Vec<(String, f64)> = rows.iter().map(|(n, lag)| (label(n), lag.seconds)).collect();
+        gauge(
+            &mut out,
+            "ledger_follower_lag_events",
+            "Committed events after a log follower's cursor (relay, process manager, …).",
+            &events,
+        );
+        gauge(
+            &mut out,
+            "ledger_follower_lag_seconds",
+            "Age of the oldest event a log follower has not passed.",
+            &seconds,
+        );
     }
     projection_metrics(&mut out, pool).await;
     operations_metrics(&mut out, pool).await;
@@ -236,21 +232,12 @@ async fn projection_metrics(out: &mut String, pool: &sqlx::PgPool) {
         else {
             continue; // tick-driven only
         };
-        let lag = sqlx::query_as::<_, (i64, Option<f64>)>(
-            "select (select count(*) from (select 1 from events e
-                       where (e.transaction_id, e.global_position) > ($1::text::xid8, $2) and e.aggregate_type = $3
-                       limit 1000000) behind),
-                    extract(epoch from clock_timestamp() - (select min(e.recorded_at) from events e
-                       where (e.transaction_id, e.global_position) > ($1::text::xid8, $2) and e.aggregate_type = $3))::float8",
-        )
-        .bind(&transaction_id)
-        .bind(global_position)
-        .bind(aggregate_type)
-        .fetch_one(pool)
-        .await;
-        if let Ok((behind, age)) = lag {
-            events.push((label.clone(), behind as f64));
-            seconds.push((label, age.unwrap_or(0.0)));
+        let Ok(position) = ledger::log::LogPosition::from_columns(&transaction_id, global_position) else {
+            continue;
+        };
+        if let Ok(lag) = ledger::log::lag_after(pool, position, Some(aggregate_type)).await {
+            events.push((label.clone(), lag.events as f64));
+            seconds.push((label, lag.seconds));
         }
     }
     gauge(

@@ -35,13 +35,13 @@ async fn replay_verify_exits_0_when_identical_and_1_when_a_row_was_changed() {
             opened_at: chrono::Utc::now(),
         };
         let ctx = CommandContext::new("cli-test");
-        commands.execute_portfolio(&ctx, &id.to_string(), open).await.unwrap();
+        commands.execute_portfolio(&ctx, id, open).await.unwrap();
         let deposit = PortfolioCommand::DepositCash {
             amount: Amount::new(100.into()).unwrap(),
             reference: None,
             at: chrono::Utc::now(),
         };
-        commands.execute_portfolio(&ctx, &id.to_string(), deposit).await.unwrap();
+        commands.execute_portfolio(&ctx, id, deposit).await.unwrap();
     }
 
     // Build the read models by replay, then verify them.
@@ -100,13 +100,13 @@ async fn export_and_verify_exit_0_when_intact_and_1_naming_the_position_when_tam
             opened_at: chrono::Utc::now(),
         };
         let ctx = CommandContext::new("cli-test");
-        commands.execute_portfolio(&ctx, &id.to_string(), open).await.unwrap();
+        commands.execute_portfolio(&ctx, id, open).await.unwrap();
         let deposit = PortfolioCommand::DepositCash {
             amount: Amount::new(250.into()).unwrap(),
             reference: None,
             at: chrono::Utc::now(),
         };
-        commands.execute_portfolio(&ctx, &id.to_string(), deposit).await.unwrap();
+        commands.execute_portfolio(&ctx, id, deposit).await.unwrap();
     }
     let tmp = std::env::temp_dir().join(format!("ledger-cli-audit-{}", uuid::Uuid::new_v4().simple()));
     let dir = tmp.join("export");

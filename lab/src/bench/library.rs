@@ -59,7 +59,7 @@ pub async fn deposits(
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 let amount = Amount::new(Decimal::ONE).expect("one is a valid amount");
-                let id = portfolio.to_string();
+                let id = portfolio;
                 let mut n = 0u64;
                 while Instant::now() < deadline {
                     let mut ctx = CommandContext::new("bench");
@@ -68,7 +68,7 @@ pub async fn deposits(
                     }
                     let command = PortfolioCommand::DepositCash { amount, reference: None, at: Utc::now() };
                     let begin = Instant::now();
-                    commands.execute_portfolio(&ctx, &id, command).await?;
+                    commands.execute_portfolio(&ctx, id, command).await?;
                     latencies.push(begin.elapsed());
                     n += 1;
                 }
@@ -421,10 +421,10 @@ pub async fn end_to_end(
     for n in 0..total {
         ticker.tick().await;
         let commands = commands.clone();
-        let id = portfolios[(n as usize) % portfolios.len()].to_string();
+        let id = portfolios[(n as usize) % portfolios.len()];
         in_flight.spawn(async move {
             let deposit = PortfolioCommand::DepositCash { amount, reference: None, at: Utc::now() };
-            commands.execute_portfolio(&CommandContext::new("bench"), &id, deposit).await
+            commands.execute_portfolio(&CommandContext::new("bench"), id, deposit).await
         });
         while in_flight.len() > 256 {
             in_flight.join_next().await;

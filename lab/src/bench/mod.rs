@@ -16,7 +16,7 @@ pub mod library;
 use clap::Subcommand;
 use ledger::kafka::KafkaConfig;
 
-use crate::pgbench::{latency_ratio, median_by, reference, throughput_ratio, with_reference, write_json};
+use crate::pgbench::{latency_ratio, median_by, reference, repeat, throughput_ratio, with_reference, write_json};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchSuite {
@@ -116,23 +116,15 @@ async fn commands(database_url: &str, kafka: Option<&KafkaConfig>, args: Command
     let system = if with_system { Some(required(kafka)?) } else { None };
     let options = api::CommandsOptions { hot, system };
     let mut medians = Vec::new();
+    let duration = std::time::Duration::from_secs(seconds);
     for count in clients {
-        let mut results = Vec::new();
-        for _ in 0..runs.max(1) {
-            let duration = std::time::Duration::from_secs(seconds);
-            let result = api::commands(database_url, count, duration, &options).await?;
-            api::print(&result);
-            results.push(result);
-        }
+        let results = repeat(runs, || api::commands(database_url, count, duration, &options), api::print).await?;
         let median = median_by(results, |r| r.commands_per_second);
         print!("median: ");
         api::print(&median);
         medians.push(median);
     }
-    if let Some(path) = json {
-        std::fs::write(&path, serde_json::to_vec_pretty(&medians)?)?;
-    }
-    Ok(())
+    write_json(json, &medians)
 }
 
 /// Options of `bench fanout`.
@@ -161,12 +153,8 @@ async fn fanout(database_url: &str, kafka: Option<&KafkaConfig>, args: FanoutArg
     let single = reference(database_url, 1, 10, None).await;
     let mut results = Vec::new();
     for count in subscribers {
-        let mut of_count = Vec::new();
-        for _ in 0..runs.max(1) {
-            let result = api::fanout(database_url, kafka.clone(), count, ticks, rate).await?;
-            api::print_fanout(&result);
-            of_count.push(result);
-        }
+        let mut of_count =
+            repeat(runs, || api::fanout(database_url, kafka.clone(), count, ticks, rate), api::print_fanout).await?;
         let every_delivery = of_count.iter().all(|r| r.deliveries == r.expected_deliveries);
         of_count.sort_by(|a, b| a.p99_ms.total_cmp(&b.p99_ms));
         let median = &of_count[of_count.len() / 2];
@@ -206,23 +194,16 @@ async fn deposits(database_url: &str, args: DepositsArgs) -> anyhow::Result<()> 
     let mut medians = Vec::new();
     for task_count in tasks {
         let pgbench = reference(database_url, task_count, seconds, None).await;
-        let mut results = Vec::new();
-        for _ in 0..runs.max(1) {
-            let result =
-                library::deposits(database_url, task_count, std::time::Duration::from_secs(seconds), keyed).await?;
-            library::print(&result);
-            results.push(result);
-        }
+        let duration = std::time::Duration::from_secs(seconds);
+        let results =
+            repeat(runs, || library::deposits(database_url, task_count, duration, keyed), library::print).await?;
         let median = median_by(results, |r| r.commands_per_second);
         print!("median: ");
         library::print(&median);
         println!("{}", throughput_ratio(pgbench, median.commands_per_second));
         medians.push(with_reference(serde_json::to_value(&median)?, pgbench, |p| median.commands_per_second / p.tps));
     }
-    if let Some(path) = json {
-        std::fs::write(&path, serde_json::to_vec_pretty(&medians)?)?;
-    }
-    Ok(())
+    write_json(json, &medians)
 }
 
 /// Options of `bench replay`.
@@ -336,15 +317,11 @@ pub struct IntakeArgs {
 async fn intake(database_url: &str, args: IntakeArgs) -> anyhow::Result<()> {
     let IntakeArgs { clients, batch_size, seconds, runs, json } = args;
     let mut medians = Vec::new();
+    let duration = std::time::Duration::from_secs(seconds);
     for count in clients {
         let pgbench = reference(database_url, count, seconds, None).await;
-        let mut results = Vec::new();
-        for _ in 0..runs.max(1) {
-            let duration = std::time::Duration::from_secs(seconds);
-            let result = intake::intake(database_url, count, batch_size, duration, pgbench).await?;
-            intake::print(&result);
-            results.push(result);
-        }
+        let run = || intake::intake(database_url, count, batch_size, duration, pgbench);
+        let results = repeat(runs, run, intake::print).await?;
         let median = median_by(results, |r| r.events_per_second);
         print!("median: ");
         intake::print(&median);
@@ -385,15 +362,14 @@ async fn relay(database_url: &str, kafka: Option<&KafkaConfig>, args: RelayArgs)
     let single = reference(database_url, 1, 10, None).await;
     let mut report = Vec::new();
     for batch_size in batch_sizes {
-        let mut results = Vec::new();
-        for _ in 0..runs.max(1) {
-            let result = library::relay_throughput(database_url, &kafka, events, batch_size, linger_ms).await?;
+        let print = |result: &library::RelayThroughput| {
             println!(
                 "relay  batch {:>5}  {:>8} events in {:>6.2} s  {:>9.0} events/s",
                 result.batch_size, result.events, result.seconds, result.events_per_second
-            );
-            results.push(result);
-        }
+            )
+        };
+        let run = || library::relay_throughput(database_url, &kafka, events, batch_size, linger_ms);
+        let results = repeat(runs, run, print).await?;
         let median = median_by(results, |r| r.events_per_second);
         println!(
             "median: batch {:>5}  {:>9.0} events/s{}",

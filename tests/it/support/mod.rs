@@ -112,7 +112,7 @@ pub async fn open_portfolio(commands: &CommandService, cash: &str, method: CostB
     commands
         .execute_portfolio(
             &ctx(),
-            &id.to_string(),
+            id,
             PortfolioCommand::OpenPortfolio {
                 portfolio_id: id,
                 owner: Owner::new("alice").unwrap(),
@@ -127,7 +127,7 @@ pub async fn open_portfolio(commands: &CommandService, cash: &str, method: CostB
         commands
             .execute_portfolio(
                 &ctx(),
-                &id.to_string(),
+                id,
                 PortfolioCommand::DepositCash { amount: amount(cash), reference: None, at: now },
             )
             .await

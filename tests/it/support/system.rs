@@ -106,7 +106,7 @@ pub async fn trade(
         let quantity = rng.gen_range(1..=20).to_string();
         let limit = format!("{}.{:02}", rng.gen_range(90..110), rng.gen_range(0..100));
         let (order_id, command) = place(portfolio, symbol, side, &quantity, Some(&limit));
-        commands.execute_order(&ctx(), &order_id.to_string(), command).await.unwrap();
+        commands.execute_order(&ctx(), order_id, command).await.unwrap();
         pending.push((order_id, limit, rng.gen_range(0..4)));
         summary.orders.push(order_id);
     }
@@ -133,15 +133,15 @@ pub async fn trade(
         match choice {
             0 => {
                 let cancel = OrderCommand::CancelOrder { reason: text("test"), canceled_at: chrono::Utc::now() };
-                commands.execute_order(&ctx(), &order_id.to_string(), cancel).await.unwrap();
+                commands.execute_order(&ctx(), order_id, cancel).await.unwrap();
             }
             1 if leaves > dec("1") => {
-                commands.execute_order(&ctx(), &order_id.to_string(), fill("f1", dec("1"))).await.unwrap();
-                commands.execute_order(&ctx(), &order_id.to_string(), fill("f2", leaves - dec("1"))).await.unwrap();
+                commands.execute_order(&ctx(), order_id, fill("f1", dec("1"))).await.unwrap();
+                commands.execute_order(&ctx(), order_id, fill("f2", leaves - dec("1"))).await.unwrap();
                 summary.fills += 2;
             }
             _ => {
-                commands.execute_order(&ctx(), &order_id.to_string(), fill("f1", leaves)).await.unwrap();
+                commands.execute_order(&ctx(), order_id, fill("f1", leaves)).await.unwrap();
                 summary.fills += 1;
             }
         }

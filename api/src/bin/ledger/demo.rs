@@ -224,10 +224,10 @@ async fn seed_portfolio(
         cost_basis_method: CostBasisMethod::Fifo,
         opened_at: Utc::now(),
     };
-    commands.execute_portfolio(&keyed(format!("demo:{seed}:{owner}:open"))?, &id.to_string(), open).await?;
+    commands.execute_portfolio(&keyed(format!("demo:{seed}:{owner}:open"))?, id, open).await?;
     let deposit =
         PortfolioCommand::DepositCash { amount: Amount::new(cash.parse()?)?, reference: None, at: Utc::now() };
-    commands.execute_portfolio(&keyed(format!("demo:{seed}:{owner}:deposit"))?, &id.to_string(), deposit).await?;
+    commands.execute_portfolio(&keyed(format!("demo:{seed}:{owner}:deposit"))?, id, deposit).await?;
     Ok(id)
 }
 
@@ -266,7 +266,7 @@ async fn seed_alerts(
     for (name, condition) in conditions {
         let command = PortfolioCommand::CreateAlert { alert_id: AlertId::generate(), condition, at: Utc::now() };
         let context = keyed(seed_key(seed, &lead.symbol, &format!("alert:{name}")))?;
-        commands.execute_portfolio(&context, &portfolio.to_string(), command).await?;
+        commands.execute_portfolio(&context, portfolio, command).await?;
     }
     Ok(())
 }
@@ -316,7 +316,7 @@ async fn first_trade(
         time_in_force: TimeInForce::Day,
         placed_at: Utc::now(),
     });
-    commands.execute_order(&keyed(seed_key(seed, symbol, "first-trade"))?, &order_id.to_string(), command).await?;
+    commands.execute_order(&keyed(seed_key(seed, symbol, "first-trade"))?, order_id, command).await?;
     Ok(())
 }
 
@@ -389,7 +389,7 @@ impl Bot {
             placed_at: Utc::now(),
         });
         let context = keyed(format!("demo:{}:{order_id}", self.owner))?;
-        self.commands.execute_order(&context, &order_id.to_string(), command).await?;
+        self.commands.execute_order(&context, order_id, command).await?;
         Ok(())
     }
 }
