@@ -50,6 +50,13 @@ const SETTLE_TIMEOUT_SECS: u64 = 180;
 const REQUEST_RETRY_SECS: u64 = 120;
 /// Requests of the load waiting for their answers, at most (all clients together).
 const LOAD_IN_FLIGHT_MAX: usize = 256;
+/// One HTTP request's timeout (it is retried, same key, until answered).
+const REQUEST_TIMEOUT_MS: u64 = 10_000;
+/// How long the broker stays down when it is restarted.
+const BROKER_DOWN_MS: u64 = 2_000;
+/// The supervisor looks for dead processes every 300 to 1,200 ms (seeded).
+const SUPERVISE_EVERY_MS_MIN: u64 = 300;
+const SUPERVISE_EVERY_MS_MAX: u64 = 1_200;
 const SECRET: &str = "chaos-secret-of-at-least-thirty-two-bytes";
 
 #[derive(Debug, Clone, clap::Args)]
@@ -248,42 +255,7 @@ pub async fn run(database_url: &str, args: ChaosArgs) -> anyhow::Result<()> {
     kafka.partitions = 4;
     kafka.ensure_topics().await.context("creating the topics")?;
     let api_ports = [free_port()?, free_port()?];
-    let exe = crate::support::ledger_binary()?;
-    let component = |name: &'static str, args: &[&str]| Component {
-        name,
-        args: args.iter().map(|a| a.to_string()).collect(),
-        child: None,
-        starts: 0,
-    };
-    let listen = |port: u16| format!("127.0.0.1:{port}");
-    let (listen_a, listen_b) = (listen(api_ports[0]), listen(api_ports[1]));
-    let mut cluster = Cluster {
-        exe,
-        env: vec![
-            ("DATABASE_URL".into(), url.clone()),
-            ("KAFKA_BROKERS".into(), brokers.clone()),
-            ("LEDGER_KAFKA_PARTITIONS".into(), "4".into()),
-            // PostgreSQL's default 100 connections are shared by eight processes (a pool each, plus the command
-            // writer's own 3 in the four that write commands), the broker's storage (nisshi keeps its log in
-            // PostgreSQL), the checks, and connections of killed processes not yet torn down. With pools of 8 a
-            // 10-minute run at 300 commands/s ran out ("too many clients" in the broker's log) and its workers
-            // then consumed at a few messages a second.
-            ("LEDGER_DB_CONNECTIONS".into(), "6".into()),
-            ("LEDGER_JWT_SECRET".into(), SECRET.into()),
-            ("RUST_LOG".into(), "info,sqlx=warn".into()),
-        ],
-        logs: work.clone(),
-        components: vec![
-            component("api-a", &["serve", "--listen", &listen_a]),
-            component("api-b", &["serve", "--listen", &listen_b]),
-            component("relay", &["relay"]),
-            component("process-manager", &["process-manager"]),
-            component("workers", &["worker", "all"]),
-            component("sealer", &["seal"]),
-            component("simulator", &["simulate", "--seed", "3", "--interval-ms", "250"]),
-            component("executor", &["executor"]),
-        ],
-    };
+    let mut cluster = cluster_of(crate::support::ledger_binary()?, &url, &brokers, &work, api_ports);
     cluster.start_all()?;
     let bases: Vec<String> = api_ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
     wait_ready(&bases).await?;
@@ -298,123 +270,17 @@ pub async fn run(database_url: &str, args: ChaosArgs) -> anyhow::Result<()> {
     let keys = TokenKeys::new(SECRET).map_err(|e| anyhow::anyhow!(e))?;
     let token = keys.issue("chaos", Role::Trader, chrono::Duration::hours(2), chrono::Utc::now());
     let book = Arc::new(Ledgerbook::default());
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
-    let mut portfolios = Vec::new();
-    for n in 0..4 {
-        let key = format!("chaos-open-{n}");
-        let data = request(&client, &bases, &token, &book, &key, "PortfolioOpened",
-            "mutation($k: String!) { openPortfolio(input: { baseCurrency: \"USD\" }, idempotencyKey: $k) { aggregateId } }",
-            json!({ "k": key }), &CancellationToken::new()).await?;
-        let id = data["openPortfolio"]["aggregateId"].as_str().context("an opened portfolio")?.to_string();
-        let key = format!("chaos-fund-{n}");
-        request(&client, &bases, &token, &book, &key, "CashDeposited",
-            "mutation($id: UUID!, $k: String!) { deposit(portfolioId: $id, amount: \"100000\", idempotencyKey: $k) { lastPosition } }",
-            json!({ "id": id, "k": key }), &CancellationToken::new()).await?;
-        portfolios.push(id);
-    }
+    let client = reqwest::Client::builder().timeout(Duration::from_millis(REQUEST_TIMEOUT_MS)).build()?;
+    let portfolios = open_funded_portfolios(&client, &bases, &token, &book).await?;
     let stop_load = CancellationToken::new();
-    let clients = 4u32;
-    // Open loop: each client sends on a fixed schedule, whatever the answers take, with at most
-    // LOAD_IN_FLIGHT_MAX requests waiting for an answer in all (then the schedule waits: the rate achieved is
-    // what the system sustains). A closed loop of 4 clients sent at most 4 ÷ latency: ~35/s under faults.
     let in_flight = Arc::new(tokio::sync::Semaphore::new(LOAD_IN_FLIGHT_MAX));
-    let bases = Arc::new(bases);
-    let token = Arc::new(token);
-    let mut load = Vec::new();
-    for c in 0..clients {
-        let (client, bases, token, book, portfolios, stop, in_flight) = (
-            client.clone(),
-            bases.clone(),
-            token.clone(),
-            book.clone(),
-            portfolios.clone(),
-            stop_load.clone(),
-            in_flight.clone(),
-        );
-        let mut rng = StdRng::seed_from_u64(args.seed.wrapping_mul(31).wrapping_add(c as u64));
-        let interval = Duration::from_secs_f64(clients as f64 / args.rate.max(1) as f64);
-        load.push(tokio::spawn(async move {
-            let mut schedule = tokio::time::interval(interval);
-            schedule.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut n = 0u64;
-            while !stop.is_cancelled() {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = schedule.tick() => {}
-                }
-                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
-                n += 1;
-                let key = format!("chaos-{c}-{n}");
-                let portfolio = &portfolios[rng.gen_range(0..portfolios.len())];
-                let choice = rng.gen_range(0..10);
-                let (kind, query, variables) = if choice < 6 {
-                    ("CashDeposited", "mutation($id: UUID!, $a: Decimal!, $k: String!) { deposit(portfolioId: $id, amount: $a, idempotencyKey: $k) { lastPosition } }",
-                        json!({ "id": portfolio, "a": rng.gen_range(1..100).to_string(), "k": key }))
-                } else if choice < 7 {
-                    ("CashWithdrawn", "mutation($id: UUID!, $a: Decimal!, $k: String!) { withdraw(portfolioId: $id, amount: $a, idempotencyKey: $k) { lastPosition } }",
-                        json!({ "id": portfolio, "a": rng.gen_range(1..50).to_string(), "k": key }))
-                } else {
-                    let symbol = ["ACME", "GLOBEX", "INITECH"][rng.gen_range(0..3)];
-                    ("OrderPlaced", "mutation($input: PlaceOrderInput!, $k: String!) { placeOrder(input: $input, idempotencyKey: $k) { orderId } }",
-                        json!({ "input": { "portfolioId": portfolio, "symbol": symbol, "side": "BUY", "type": "MARKET", "quantity": "1" }, "k": key }))
-                };
-                let (client, bases, token, book, stop) =
-                    (client.clone(), bases.clone(), token.clone(), book.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let _ = request(&client, &bases, &token, &book, &key, kind, query, variables, &stop).await;
-                    drop(permit);
-                });
-            }
-        }));
-    }
+    let target =
+        LoadTarget { client: client.clone(), bases: Arc::new(bases), token: Arc::new(token), book: book.clone() };
+    let load = spawn_load(&target, portfolios, &args, &stop_load, &in_flight);
 
-    // The faults, at seeded moments within the run.
     let duration = Duration::from_secs(args.duration_secs.max(10));
-    let at = |rng: &mut StdRng, from: f64, to: f64| duration.mul_f64(rng.gen_range(from..to));
-    let mut faults: Vec<(Duration, &'static str)> = Vec::new();
-    for _ in 0..(args.duration_secs / 20).max(1) {
-        faults.push((at(&mut rng, 0.05, 0.9), "kill relay"));
-        faults.push((at(&mut rng, 0.05, 0.9), "kill workers"));
-        faults.push((at(&mut rng, 0.05, 0.9), if rng.gen_bool(0.5) { "kill api-a" } else { "kill api-b" }));
-    }
-    faults.push((at(&mut rng, 0.2, 0.5), "restart broker"));
-    if args.postgres_restart.is_some() {
-        faults.push((at(&mut rng, 0.55, 0.8), "restart postgres"));
-    }
-    faults.sort();
-    let load_started = Instant::now();
-    let mut log = Vec::new();
-    let mut pending = faults.into_iter().peekable();
-    while load_started.elapsed() < duration {
-        while let Some((when, _)) = pending.peek() {
-            if load_started.elapsed() < *when {
-                break;
-            }
-            let (_, fault) = pending.next().context("a fault")?;
-            let t = load_started.elapsed().as_secs_f64();
-            match fault {
-                "restart broker" => {
-                    broker.kill().await;
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                    broker.start().await?;
-                }
-                "restart postgres" => {
-                    let command = args.postgres_restart.as_deref().unwrap_or_default();
-                    let status = std::process::Command::new("sh").args(["-c", command]).status()?;
-                    if !status.success() {
-                        bail!("restarting PostgreSQL failed ({command}): {status}");
-                    }
-                }
-                kill => cluster.kill(kill.trim_start_matches("kill ")).await,
-            }
-            log.push(format!("{t:6.1} s  {fault}"));
-            println!("chaos: {t:6.1} s  {fault}");
-        }
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1200))).await;
-        for name in cluster.supervise()? {
-            log.push(format!("{:6.1} s  restarted {name}", load_started.elapsed().as_secs_f64()));
-        }
-    }
+    let faults = schedule_faults(&mut rng, duration, &args);
+    let log = inject_faults(faults, duration, &mut rng, &mut broker, &mut cluster, &args).await?;
     stop_load.cancel();
     for task in load {
         let _ = task.await;
@@ -473,6 +339,196 @@ pub async fn run(database_url: &str, args: ChaosArgs) -> anyhow::Result<()> {
         println!("chaos: faults: {}", log.join("; "));
         bail!("chaos run failed ({} checks); process logs in {}", failures.len(), work.display())
     }
+}
+
+/// Runs the load's `duration`, injecting `faults` at their moments and restarting what is down (as a supervisor
+/// would) every few hundred milliseconds; the log of what happened.
+async fn inject_faults(
+    faults: Vec<(Duration, &'static str)>,
+    duration: Duration,
+    rng: &mut StdRng,
+    broker: &mut Broker,
+    cluster: &mut Cluster,
+    args: &ChaosArgs,
+) -> anyhow::Result<Vec<String>> {
+    let load_started = Instant::now();
+    let mut log = Vec::new();
+    let mut pending = faults.into_iter().peekable();
+    while load_started.elapsed() < duration {
+        while let Some((when, _)) = pending.peek() {
+            if load_started.elapsed() < *when {
+                break;
+            }
+            let (_, fault) = pending.next().context("a fault")?;
+            let t = load_started.elapsed().as_secs_f64();
+            match fault {
+                "restart broker" => {
+                    broker.kill().await;
+                    tokio::time::sleep(Duration::from_millis(BROKER_DOWN_MS)).await;
+                    broker.start().await?;
+                }
+                "restart postgres" => {
+                    let command = args.postgres_restart.as_deref().unwrap_or_default();
+                    let status = std::process::Command::new("sh").args(["-c", command]).status()?;
+                    if !status.success() {
+                        bail!("restarting PostgreSQL failed ({command}): {status}");
+                    }
+                }
+                kill => cluster.kill(kill.trim_start_matches("kill ")).await,
+            }
+            log.push(format!("{t:6.1} s  {fault}"));
+            println!("chaos: {t:6.1} s  {fault}");
+        }
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(SUPERVISE_EVERY_MS_MIN..SUPERVISE_EVERY_MS_MAX))).await;
+        for name in cluster.supervise()? {
+            log.push(format!("{:6.1} s  restarted {name}", load_started.elapsed().as_secs_f64()));
+        }
+    }
+    Ok(log)
+}
+
+/// The cluster under test: two API instances and every role, as separate `exe` processes with their logs in
+/// `work`.
+fn cluster_of(exe: PathBuf, url: &str, brokers: &str, work: &std::path::Path, api_ports: [u16; 2]) -> Cluster {
+    let component = |name: &'static str, args: &[&str]| Component {
+        name,
+        args: args.iter().map(|a| a.to_string()).collect(),
+        child: None,
+        starts: 0,
+    };
+    let listen = |port: u16| format!("127.0.0.1:{port}");
+    let (listen_a, listen_b) = (listen(api_ports[0]), listen(api_ports[1]));
+    Cluster {
+        exe,
+        env: vec![
+            ("DATABASE_URL".into(), url.to_string()),
+            ("KAFKA_BROKERS".into(), brokers.to_string()),
+            ("LEDGER_KAFKA_PARTITIONS".into(), "4".into()),
+            // PostgreSQL's default 100 connections are shared by eight processes (a pool each, plus the command
+            // writer's own 3 in the four that write commands), the broker's storage (nisshi keeps its log in
+            // PostgreSQL), the checks, and connections of killed processes not yet torn down. With pools of 8 a
+            // 10-minute run at 300 commands/s ran out ("too many clients" in the broker's log) and its workers
+            // then consumed at a few messages a second.
+            ("LEDGER_DB_CONNECTIONS".into(), "6".into()),
+            ("LEDGER_JWT_SECRET".into(), SECRET.into()),
+            ("RUST_LOG".into(), "info,sqlx=warn".into()),
+        ],
+        logs: work.to_path_buf(),
+        components: vec![
+            component("api-a", &["serve", "--listen", &listen_a]),
+            component("api-b", &["serve", "--listen", &listen_b]),
+            component("relay", &["relay"]),
+            component("process-manager", &["process-manager"]),
+            component("workers", &["worker", "all"]),
+            component("sealer", &["seal"]),
+            component("simulator", &["simulate", "--seed", "3", "--interval-ms", "250"]),
+            component("executor", &["executor"]),
+        ],
+    }
+}
+
+/// Four portfolios opened and funded through the API (each request retried until answered), by id.
+async fn open_funded_portfolios(
+    client: &reqwest::Client,
+    bases: &[String],
+    token: &str,
+    book: &Ledgerbook,
+) -> anyhow::Result<Vec<String>> {
+    let mut portfolios = Vec::new();
+    for n in 0..4 {
+        let key = format!("chaos-open-{n}");
+        let data = request(client, bases, token, book, &key, "PortfolioOpened",
+            "mutation($k: String!) { openPortfolio(input: { baseCurrency: \"USD\" }, idempotencyKey: $k) { aggregateId } }",
+            json!({ "k": key }), &CancellationToken::new()).await?;
+        let id = data["openPortfolio"]["aggregateId"].as_str().context("an opened portfolio")?.to_string();
+        let key = format!("chaos-fund-{n}");
+        request(client, bases, token, book, &key, "CashDeposited",
+            "mutation($id: UUID!, $k: String!) { deposit(portfolioId: $id, amount: \"100000\", idempotencyKey: $k) { lastPosition } }",
+            json!({ "id": id, "k": key }), &CancellationToken::new()).await?;
+        portfolios.push(id);
+    }
+    Ok(portfolios)
+}
+
+/// Where the load goes and what it records.
+#[derive(Clone)]
+struct LoadTarget {
+    client: reqwest::Client,
+    bases: Arc<Vec<String>>,
+    token: Arc<String>,
+    book: Arc<Ledgerbook>,
+}
+
+/// The load's clients, each on its own task, until `stop` fires.
+fn spawn_load(
+    target: &LoadTarget,
+    portfolios: Vec<String>,
+    args: &ChaosArgs,
+    stop_load: &CancellationToken,
+    in_flight: &Arc<tokio::sync::Semaphore>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let clients = 4u32;
+    // Open loop: each client sends on a fixed schedule, whatever the answers take, with at most
+    // LOAD_IN_FLIGHT_MAX requests waiting for an answer in all (then the schedule waits: the rate achieved is
+    // what the system sustains). A closed loop of 4 clients sent at most 4 ÷ latency: ~35/s under faults.
+    let mut load = Vec::new();
+    for c in 0..clients {
+        let LoadTarget { client, bases, token, book } = target.clone();
+        let (portfolios, stop, in_flight) = (portfolios.clone(), stop_load.clone(), in_flight.clone());
+        let mut rng = StdRng::seed_from_u64(args.seed.wrapping_mul(31).wrapping_add(c as u64));
+        let interval = Duration::from_secs_f64(clients as f64 / args.rate.max(1) as f64);
+        load.push(tokio::spawn(async move {
+            let mut schedule = tokio::time::interval(interval);
+            schedule.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut n = 0u64;
+            while !stop.is_cancelled() {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = schedule.tick() => {}
+                }
+                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+                n += 1;
+                let key = format!("chaos-{c}-{n}");
+                let portfolio = &portfolios[rng.gen_range(0..portfolios.len())];
+                let choice = rng.gen_range(0..10);
+                let (kind, query, variables) = if choice < 6 {
+                    ("CashDeposited", "mutation($id: UUID!, $a: Decimal!, $k: String!) { deposit(portfolioId: $id, amount: $a, idempotencyKey: $k) { lastPosition } }",
+                        json!({ "id": portfolio, "a": rng.gen_range(1..100).to_string(), "k": key }))
+                } else if choice < 7 {
+                    ("CashWithdrawn", "mutation($id: UUID!, $a: Decimal!, $k: String!) { withdraw(portfolioId: $id, amount: $a, idempotencyKey: $k) { lastPosition } }",
+                        json!({ "id": portfolio, "a": rng.gen_range(1..50).to_string(), "k": key }))
+                } else {
+                    let symbol = ["ACME", "GLOBEX", "INITECH"][rng.gen_range(0..3)];
+                    ("OrderPlaced", "mutation($input: PlaceOrderInput!, $k: String!) { placeOrder(input: $input, idempotencyKey: $k) { orderId } }",
+                        json!({ "input": { "portfolioId": portfolio, "symbol": symbol, "side": "BUY", "type": "MARKET", "quantity": "1" }, "k": key }))
+                };
+                let (client, bases, token, book, stop) =
+                    (client.clone(), bases.clone(), token.clone(), book.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let _ = request(&client, &bases, &token, &book, &key, kind, query, variables, &stop).await;
+                    drop(permit);
+                });
+            }
+        }));
+    }
+    load
+}
+
+/// The faults, at seeded moments within the run, in time order.
+fn schedule_faults(rng: &mut StdRng, duration: Duration, args: &ChaosArgs) -> Vec<(Duration, &'static str)> {
+    let at = |rng: &mut StdRng, from: f64, to: f64| duration.mul_f64(rng.gen_range(from..to));
+    let mut faults: Vec<(Duration, &'static str)> = Vec::new();
+    for _ in 0..(args.duration_secs / 20).max(1) {
+        faults.push((at(rng, 0.05, 0.9), "kill relay"));
+        faults.push((at(rng, 0.05, 0.9), "kill workers"));
+        faults.push((at(rng, 0.05, 0.9), if rng.gen_bool(0.5) { "kill api-a" } else { "kill api-b" }));
+    }
+    faults.push((at(rng, 0.2, 0.5), "restart broker"));
+    if args.postgres_restart.is_some() {
+        faults.push((at(rng, 0.55, 0.8), "restart postgres"));
+    }
+    faults.sort();
+    faults
 }
 
 fn free_port() -> anyhow::Result<u16> {
