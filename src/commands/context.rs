@@ -84,3 +84,39 @@ impl CommandContext {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{LogPosition, RecordedEvent};
+
+    fn event(metadata: serde_json::Value) -> RecordedEvent {
+        RecordedEvent {
+            position: LogPosition::START,
+            event_id: Uuid::from_u128(9),
+            aggregate_type: "Order".into(),
+            aggregate_id: Uuid::from_u128(1).to_string(),
+            sequence: 1,
+            event_type: "OrderPlaced".into(),
+            event_version: "1".into(),
+            payload: serde_json::json!({}),
+            metadata,
+            recorded_at: chrono::Utc::now(),
+        }
+    }
+
+    /// A reaction to an event stays in the event's correlation and trace, caused by it.
+    #[test]
+    fn a_reaction_inherits_the_correlation_and_the_trace_of_its_event() {
+        let correlation = Uuid::from_u128(5);
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let metadata = serde_json::json!({ "correlation_id": correlation.to_string(), TRACEPARENT: traceparent });
+        let reaction = CommandContext::caused_by("process-manager", &event(metadata));
+        assert_eq!(reaction.correlation_id, correlation);
+        assert_eq!(reaction.causation_id, Some(Uuid::from_u128(9)));
+        assert_eq!(reaction.traceparent, TraceParent::parse(traceparent));
+        // Without them: a new correlation (the event's id) and no trace.
+        let bare = CommandContext::caused_by("process-manager", &event(serde_json::json!({ TRACEPARENT: "junk" })));
+        assert_eq!((bare.correlation_id, bare.traceparent), (Uuid::from_u128(9), None));
+    }
+}

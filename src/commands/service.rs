@@ -190,7 +190,11 @@ impl CommandService {
     }
 
     /// Executes `command` on the aggregate `aggregate_id` (see the module docs for the steps).
-    #[tracing::instrument(skip_all, fields(aggregate = A::TYPE, id = aggregate_id, command = A::command_name(&command), actor = %ctx.actor))]
+    /// In the trace of its context (`trace_id`, `parent_span_id` fields: the OTLP exporter's ids), so that the
+    /// process manager's reactions join the trace of the request they follow from.
+    #[tracing::instrument(skip_all, fields(aggregate = A::TYPE, id = aggregate_id, command = A::command_name(&command), actor = %ctx.actor,
+        trace_id = %ctx.traceparent.map(|t| t.trace_id_hex()).unwrap_or_default(),
+        parent_span_id = %ctx.traceparent.map(|t| t.span_id_hex()).unwrap_or_default()))]
     pub async fn execute<A: LedgerAggregate>(
         &self,
         ctx: &CommandContext,

@@ -24,22 +24,7 @@ pub async fn save_cursor<'e>(
     name: &str,
     position: LogPosition,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "insert into log_cursors (name, transaction_id, global_position, updated_at)
-         values ($1, $2::text::xid8, $3, clock_timestamp())
-         on conflict (name) do update
-            set transaction_id = excluded.transaction_id,
-                global_position = excluded.global_position,
-                updated_at = excluded.updated_at
-          where (log_cursors.transaction_id, log_cursors.global_position)
-              < (excluded.transaction_id, excluded.global_position)",
-    )
-    .bind(name)
-    .bind(position.transaction_id.to_string())
-    .bind(position.global_position)
-    .execute(executor)
-    .await?;
-    Ok(())
+    store_cursor(executor, name, position, true).await
 }
 
 /// Sets the cursor to `position` even if that moves it backwards.
@@ -48,17 +33,31 @@ pub async fn reset_cursor<'e>(
     name: &str,
     position: LogPosition,
 ) -> Result<(), sqlx::Error> {
+    store_cursor(executor, name, position, false).await
+}
+
+/// Stores the cursor; with `forward_only`, only when `position` is past the stored one.
+async fn store_cursor<'e>(
+    executor: impl PgExecutor<'e>,
+    name: &str,
+    position: LogPosition,
+    forward_only: bool,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "insert into log_cursors (name, transaction_id, global_position, updated_at)
          values ($1, $2::text::xid8, $3, clock_timestamp())
          on conflict (name) do update
             set transaction_id = excluded.transaction_id,
                 global_position = excluded.global_position,
-                updated_at = excluded.updated_at",
+                updated_at = excluded.updated_at
+          where not $4
+             or (log_cursors.transaction_id, log_cursors.global_position)
+              < (excluded.transaction_id, excluded.global_position)",
     )
     .bind(name)
     .bind(position.transaction_id.to_string())
     .bind(position.global_position)
+    .bind(forward_only)
     .execute(executor)
     .await?;
     Ok(())

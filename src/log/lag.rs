@@ -13,7 +13,7 @@ pub const LAG_COUNT_MAX: i64 = 1_000_000;
 pub struct Lag {
     /// Committed events after it (counted up to [`LAG_COUNT_MAX`]).
     pub events: i64,
-    /// Age of the oldest of them, in seconds (0 when there are none).
+    /// Age of the oldest of them, in seconds (0 when there are none): the first in commit order.
     pub seconds: f64,
 }
 
@@ -24,6 +24,7 @@ pub async fn lag_after(pool: &PgPool, position: LogPosition, aggregate_type: Opt
            from (select recorded_at from events
                   where (transaction_id, global_position) > ($1::text::xid8, $2)
                     and ($3::text is null or aggregate_type = $3)
+                  order by transaction_id, global_position
                   limit $4) behind",
     )
     .bind(position.transaction_id.to_string())

@@ -112,7 +112,7 @@ impl Rows {
                 self.portfolios.entry(id).or_insert_with(|| PortfolioRow {
                     owner: owner.to_string(),
                     base_currency: base_currency.to_string(),
-                    cost_basis_method: format!("{cost_basis_method:?}"),
+                    cost_basis_method: cost_basis_method.as_str().into(),
                     cash: Decimal::ZERO,
                     reserved_cash: Decimal::ZERO,
                     realized_pnl: Decimal::ZERO,

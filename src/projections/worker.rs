@@ -517,9 +517,13 @@ impl ProjectionWorker {
     }
 
     /// A span for applying this batch in the trace of each request that wrote one of its events (the relay's
-    /// `traceparent` header; see `crate::trace`), so that a trace shows request → commit → projection. Messages
-    /// without one (ticks, events of system processes) open none.
+    /// `traceparent` header; see `crate::trace`), so that a trace shows request → commit → projection; one per
+    /// trace (the first event's parent span), and only when this process exports spans. Messages without a
+    /// context (ticks, events of system processes) open none.
     fn trace_spans(&self, batch: &[OwnedMessage]) -> Vec<tracing::Span> {
+        if !crate::trace::exporting() {
+            return Vec::new();
+        }
         let mut traces = HashSet::new();
         batch
             .iter()

@@ -6,6 +6,8 @@ use rust_decimal::Decimal;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::domain::Portfolio;
+
 /// Portfolios listed per page at most.
 pub const DEFICIT_PAGE_MAX: i64 = 1_000;
 
@@ -84,6 +86,31 @@ pub struct PortfolioRow {
 
 const PORTFOLIO_COLUMNS: &str = "portfolio_id, owner, base_currency, cost_basis_method, cash, reserved_cash,
     realized_pnl, opened_at, updated_at, last_position";
+
+impl PortfolioRow {
+    /// The row of an aggregate's state (`None` before the portfolio was opened); `last_position` is the global
+    /// position of the last event it reflects, `updated_at` the time it is as of.
+    pub fn of_aggregate(
+        id: Uuid,
+        portfolio: &Portfolio,
+        last_position: i64,
+        updated_at: DateTime<Utc>,
+    ) -> Option<PortfolioRow> {
+        let terms = portfolio.terms.as_ref()?;
+        Some(PortfolioRow {
+            portfolio_id: id,
+            owner: terms.owner.to_string(),
+            base_currency: terms.base_currency.to_string(),
+            cost_basis_method: terms.cost_basis_method.as_str().into(),
+            cash: portfolio.cash,
+            reserved_cash: portfolio.reserved_cash,
+            realized_pnl: portfolio.realized_pnl,
+            opened_at: terms.opened_at,
+            updated_at,
+            last_position,
+        })
+    }
+}
 
 /// One portfolio's row.
 pub async fn portfolio(pool: &PgPool, portfolio_id: Uuid) -> Result<Option<PortfolioRow>, sqlx::Error> {

@@ -109,9 +109,27 @@ const ENCODED_FIELDS_BYTES: usize = 320;
 #[derive(Deserialize)]
 struct HeaderFields<'a> {
     #[serde(borrow, default)]
-    correlation_id: Option<std::borrow::Cow<'a, str>>,
+    correlation_id: Option<Text<'a>>,
     #[serde(borrow, default)]
-    traceparent: Option<std::borrow::Cow<'a, str>>,
+    traceparent: Option<Text<'a>>,
+}
+
+/// A metadata value: a string (carried as a header), or anything else (no header, and no effect on the other
+/// fields).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Text<'a> {
+    String(#[serde(borrow)] std::borrow::Cow<'a, str>),
+    Other(serde::de::IgnoredAny),
+}
+
+impl Text<'_> {
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Text::String(text) => Some(text),
+            Text::Other(_) => None,
+        }
+    }
 }
 
 /// The headers of the message for `event`.
@@ -138,10 +156,10 @@ pub fn headers_for(event: &WireEvent) -> OwnedHeaders {
         .starts_with('{')
         .then(|| serde_json::from_str::<HeaderFields>(&event.metadata).ok())
         .flatten();
-    if let Some(correlation) = metadata.as_ref().and_then(|m| m.correlation_id.as_deref()) {
+    if let Some(correlation) = metadata.as_ref().and_then(|m| m.correlation_id.as_ref()?.as_str()) {
         headers = headers.insert(Header { key: headers::CORRELATION_ID, value: Some(correlation) });
     }
-    if let Some(traceparent) = metadata.as_ref().and_then(|m| m.traceparent.as_deref()) {
+    if let Some(traceparent) = metadata.as_ref().and_then(|m| m.traceparent.as_ref()?.as_str()) {
         headers = headers.insert(Header { key: headers::TRACEPARENT, value: Some(traceparent) });
     }
     headers
@@ -222,6 +240,11 @@ mod tests {
         let value = headers.iter().find(|h| h.key == headers::TRACEPARENT).and_then(|h| h.value);
         assert_eq!(value, Some(traceparent.as_bytes()));
         assert_eq!(headers.count(), 10);
+        // A field that is not a string gets no header and costs the other field nothing.
+        event.metadata = serde_json::json!({"correlation_id": "c-9", "traceparent": 7});
+        let headers = headers_for(&WireEvent::from(&event));
+        assert!(headers.iter().any(|h| h.key == headers::CORRELATION_ID));
+        assert_eq!(headers.count(), 9);
     }
 
     #[test]

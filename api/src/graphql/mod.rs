@@ -134,6 +134,8 @@ pub struct RequestIds {
     pub span_id: u64,
     /// The caller's span, the parent of the request's (from its `traceparent`).
     pub caller_span_id: Option<u64>,
+    /// The caller's trace flags (sampled when it sent none).
+    pub trace_flags: u8,
     /// From the caller's `x-correlation-id` header (a UUID), or new.
     pub correlation_id: uuid::Uuid,
 }
@@ -141,7 +143,7 @@ pub struct RequestIds {
 impl RequestIds {
     /// The request's span as the parent of what follows from it.
     pub fn traceparent(&self) -> ledger::trace::TraceParent {
-        ledger::trace::TraceParent { trace_id: self.trace_id, span_id: self.span_id }
+        ledger::trace::TraceParent { trace_id: self.trace_id, span_id: self.span_id, flags: self.trace_flags }
     }
 }
 

@@ -74,6 +74,40 @@ async fn on_order(
     state.commands.execute_order(command_ctx, order_id.into(), command).await.map_err(command_error)
 }
 
+/// Which way cash moves.
+#[derive(Clone, Copy)]
+enum CashMove {
+    Deposit,
+    Withdraw,
+}
+
+/// A deposit or a withdrawal of `amount` on the portfolio.
+async fn move_cash(
+    ctx: &Context<'_>,
+    movement: CashMove,
+    portfolio_id: Uuid,
+    amount: Decimal,
+    reference: Option<String>,
+    key: &str,
+) -> Result<CommandResult> {
+    // The request's fingerprint, as it has always been hashed (a key reused with the same input is a repeat).
+    let name = match movement {
+        CashMove::Deposit => "deposit",
+        CashMove::Withdraw => "withdraw",
+    };
+    let request = (name, portfolio_id, amount, &reference);
+    let outcome = on_portfolio(ctx, portfolio_id, key, &request, |state| {
+        let reference = free_text("reference", reference.clone())?;
+        let (amount, at) = (self::amount(amount)?, state.clock.now());
+        Ok(match movement {
+            CashMove::Deposit => PortfolioCommand::DepositCash { amount, reference, at },
+            CashMove::Withdraw => PortfolioCommand::WithdrawCash { amount, reference, at },
+        })
+    })
+    .await?;
+    Ok(outcome.into())
+}
+
 /// Optional free text (a reference), bounded and without control characters.
 fn free_text(field: &'static str, text: Option<String>) -> Result<Option<FreeText>> {
     text.map(|t| FreeText::new(field, t)).transpose().map_err(value)
@@ -140,13 +174,7 @@ impl PortfolioMutation {
         reference: Option<String>,
         idempotency_key: String,
     ) -> Result<CommandResult> {
-        let request = ("deposit", portfolio_id, amount, &reference);
-        let outcome = on_portfolio(ctx, portfolio_id, &idempotency_key, &request, |state| {
-            let reference = free_text("reference", reference.clone())?;
-            Ok(PortfolioCommand::DepositCash { amount: self::amount(amount)?, reference, at: state.clock.now() })
-        })
-        .await?;
-        Ok(outcome.into())
+        move_cash(ctx, CashMove::Deposit, portfolio_id, amount, reference, &idempotency_key).await
     }
 
     async fn withdraw(
@@ -157,13 +185,7 @@ impl PortfolioMutation {
         reference: Option<String>,
         idempotency_key: String,
     ) -> Result<CommandResult> {
-        let request = ("withdraw", portfolio_id, amount, &reference);
-        let outcome = on_portfolio(ctx, portfolio_id, &idempotency_key, &request, |state| {
-            let reference = free_text("reference", reference.clone())?;
-            Ok(PortfolioCommand::WithdrawCash { amount: self::amount(amount)?, reference, at: state.clock.now() })
-        })
-        .await?;
-        Ok(outcome.into())
+        move_cash(ctx, CashMove::Withdraw, portfolio_id, amount, reference, &idempotency_key).await
     }
 
     /// Deposits and withdrawals in bulk (at most 1 000): committed in one transaction, in order, each with the

@@ -29,37 +29,17 @@ use super::{page_size, principal, state};
 pub const READ_WAIT_MS_MAX: u64 = 5_000;
 
 pub struct Portfolio {
-    pub id: Uuid,
-    pub owner: String,
-    pub base_currency: String,
+    /// The read model's row (live), or the one the aggregate's state makes (time travel, or not projected yet).
+    pub row: PortfolioRow,
     pub cost_basis_method: CostBasisMethodGql,
-    pub cash: Decimal,
-    pub reserved_cash: Decimal,
-    pub realized_pnl: Decimal,
-    pub opened_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub last_position: i64,
     /// Time travel: the point asked for, and the positions as they were.
     pub as_of: Option<(AsOf, Vec<Position>)>,
 }
 
-impl TryFrom<PortfolioRow> for Portfolio {
-    type Error = async_graphql::Error;
-
-    fn try_from(row: PortfolioRow) -> Result<Self> {
-        Ok(Portfolio {
-            id: row.portfolio_id,
-            owner: row.owner,
-            base_currency: row.base_currency,
-            cost_basis_method: CostBasisMethodGql::parse(&row.cost_basis_method).map_err(internal)?,
-            cash: row.cash,
-            reserved_cash: row.reserved_cash,
-            realized_pnl: row.realized_pnl,
-            opened_at: row.opened_at,
-            updated_at: row.updated_at,
-            last_position: row.last_position,
-            as_of: None,
-        })
+impl Portfolio {
+    fn new(row: PortfolioRow, as_of: Option<(AsOf, Vec<Position>)>) -> Result<Self> {
+        let cost_basis_method = CostBasisMethodGql::parse(&row.cost_basis_method).map_err(internal)?;
+        Ok(Portfolio { row, cost_basis_method, as_of })
     }
 }
 
@@ -78,7 +58,7 @@ pub async fn load_live(
     let (pool, now) = (&state.pool, state.clock.now());
     let row = ledger::queries::portfolios::portfolio(pool, id).await.map_err(database)?;
     match row {
-        Some(row) => Ok(Some(Portfolio::try_from(row)?)),
+        Some(row) => Ok(Some(Portfolio::new(row, None)?)),
         None => load_as_of(pool, id, AsOf::time(now)).await,
     }
 }
@@ -87,38 +67,23 @@ pub async fn load_live(
 pub async fn load_as_of(pool: &PgPool, id: Uuid, as_of: AsOf) -> Result<Option<Portfolio>> {
     let (aggregate, last_position) =
         ledger::log::replay_as_of::<PortfolioAggregate>(pool, &id.to_string(), &as_of).await.map_err(database)?;
-    let Some(terms) = aggregate.terms.clone() else { return Ok(None) };
+    let Some(row) = PortfolioRow::of_aggregate(id, &aggregate, last_position, as_of.time) else { return Ok(None) };
     let positions = aggregate.positions.iter().map(|(symbol, p)| Position::of(symbol, p)).collect();
-    Ok(Some(Portfolio {
-        id,
-        owner: terms.owner.to_string(),
-        base_currency: terms.base_currency.to_string(),
-        cost_basis_method: match terms.cost_basis_method {
-            ledger::domain::CostBasisMethod::Fifo => CostBasisMethodGql::Fifo,
-            ledger::domain::CostBasisMethod::AverageCost => CostBasisMethodGql::AverageCost,
-        },
-        cash: aggregate.cash,
-        reserved_cash: aggregate.reserved_cash,
-        realized_pnl: aggregate.realized_pnl,
-        opened_at: terms.opened_at,
-        updated_at: as_of.time,
-        last_position,
-        as_of: Some((as_of, positions)),
-    }))
+    Ok(Some(Portfolio::new(row, Some((as_of, positions)))?))
 }
 
 #[Object]
 impl Portfolio {
     async fn id(&self) -> Uuid {
-        self.id
+        self.row.portfolio_id
     }
 
     async fn owner(&self) -> &str {
-        &self.owner
+        &self.row.owner
     }
 
     async fn base_currency(&self) -> &str {
-        &self.base_currency
+        &self.row.base_currency
     }
 
     async fn cost_basis_method(&self) -> CostBasisMethodGql {
@@ -126,17 +91,17 @@ impl Portfolio {
     }
 
     async fn cash(&self) -> Decimal {
-        self.cash
+        self.row.cash
     }
 
     /// Cash promised to open buy orders.
     async fn reserved(&self) -> Decimal {
-        self.reserved_cash
+        self.row.reserved_cash
     }
 
     /// cash − reserved: what withdrawals and new buys may use. Negative while the portfolio is in deficit.
     async fn buying_power(&self) -> Decimal {
-        self.cash - self.reserved_cash
+        self.row.cash - self.row.reserved_cash
     }
 
     /// How much cash is missing (reserved − cash), zero when none. A fill is booked whatever it costs (fills
@@ -144,24 +109,24 @@ impl Portfolio {
     /// portfolio short; until a deposit, a sell or a cancel covers it, withdrawals and new buys are refused
     /// (`PORTFOLIO_IN_DEFICIT`). See docs/accounting.md.
     async fn deficit(&self) -> Decimal {
-        (self.reserved_cash - self.cash).max(Decimal::ZERO)
+        (self.row.reserved_cash - self.row.cash).max(Decimal::ZERO)
     }
 
     async fn realized_pnl(&self) -> Decimal {
-        self.realized_pnl
+        self.row.realized_pnl
     }
 
     async fn opened_at(&self) -> DateTime<Utc> {
-        self.opened_at
+        self.row.opened_at
     }
 
     async fn updated_at(&self) -> DateTime<Utc> {
-        self.updated_at
+        self.row.updated_at
     }
 
     /// Global position of the last event reflected here.
     async fn last_position(&self) -> i64 {
-        self.last_position
+        self.row.last_position
     }
 
     /// For a time-travel query: the point in time the state is as of.
@@ -176,7 +141,7 @@ impl Portfolio {
         }
         let loader = ctx.data_unchecked::<DataLoader<Loaders>>();
         Ok(loader
-            .load_one(PositionsOf(self.id))
+            .load_one(PositionsOf(self.row.portfolio_id))
             .await
             .map_err(|e| database(sqlx::Error::Protocol(e.to_string())))?
             .unwrap_or_default())
@@ -191,8 +156,8 @@ impl Portfolio {
                 positions.iter().filter(|p| !p.quantity.is_zero()).map(|p| p.symbol.clone()).collect();
             let prices = prices_as_of(&state.pool, &symbols, as_of.time).await.map_err(database)?;
             let valuation = ledger::projections::valuation::PortfolioValuation::compose(
-                self.id,
-                self.cash,
+                self.row.portfolio_id,
+                self.row.cash,
                 positions
                     .iter()
                     .filter(|p| !p.quantity.is_zero())
@@ -213,11 +178,15 @@ impl Portfolio {
             return Ok(valuation.into());
         }
         let now = state.clock.now();
-        let valuation =
-            ledger::projections::valuation::portfolio_valuation(&state.pool, self.id, state.valuation_stale_after, now)
-                .await
-                .map_err(database)?
-                .ok_or_else(|| not_found("portfolio"))?;
+        let valuation = ledger::projections::valuation::portfolio_valuation(
+            &state.pool,
+            self.row.portfolio_id,
+            state.valuation_stale_after,
+            now,
+        )
+        .await
+        .map_err(database)?
+        .ok_or_else(|| not_found("portfolio"))?;
         Ok(valuation.into())
     }
 
@@ -238,7 +207,8 @@ impl Portfolio {
             statuses: status.map(|s| s.iter().map(|s| s.as_str().to_string()).collect()),
             placed_by: self.as_of.as_ref().map(|(a, _)| a.time),
         };
-        let rows = portfolio_orders(&state.pool, self.id, &filter, limit as i64 + 1).await.map_err(database)?;
+        let rows =
+            portfolio_orders(&state.pool, self.row.portfolio_id, &filter, limit as i64 + 1).await.map_err(database)?;
         let mut connection = Connection::new(after.is_some(), rows.len() > limit);
         for row in rows.into_iter().take(limit) {
             let cursor = encode_order_cursor(row.placed_at, row.order_id);
@@ -266,7 +236,7 @@ impl Portfolio {
         let before: Option<i64> =
             after.as_deref().map(|a| a.parse::<i64>().map_err(|_| invalid("bad cursor"))).transpose()?;
         let executed_by = self.as_of.as_ref().map(|(a, _)| a.time);
-        let rows = portfolio_executions(&state.pool, self.id, before, executed_by, limit as i64 + 1)
+        let rows = portfolio_executions(&state.pool, self.row.portfolio_id, before, executed_by, limit as i64 + 1)
             .await
             .map_err(database)?;
         let mut connection = Connection::new(after.is_some(), rows.len() > limit);
@@ -279,14 +249,15 @@ impl Portfolio {
     /// The portfolio's alert rules (at most 100 live ones).
     #[graphql(complexity = "ledger::domain::portfolio::ALERTS_PER_PORTFOLIO_MAX * child_complexity")]
     async fn alert_rules(&self, ctx: &Context<'_>) -> Result<Vec<AlertRule>> {
-        let rows = alert_rules(&state(ctx).pool, self.id).await.map_err(database)?;
+        let rows = alert_rules(&state(ctx).pool, self.row.portfolio_id).await.map_err(database)?;
         Ok(rows.into_iter().map(AlertRule::from).collect())
     }
 
     /// Firings, newest first (at most one per arming of each rule).
     #[graphql(complexity = "super::page_size(first) * child_complexity")]
     async fn alert_firings(&self, ctx: &Context<'_>, first: Option<i32>) -> Result<Vec<AlertFiring>> {
-        let rows = alert_firings(&state(ctx).pool, self.id, page_size(first) as i64).await.map_err(database)?;
+        let rows =
+            alert_firings(&state(ctx).pool, self.row.portfolio_id, page_size(first) as i64).await.map_err(database)?;
         Ok(rows.into_iter().map(AlertFiring::from).collect())
     }
 
@@ -300,7 +271,7 @@ impl Portfolio {
         after: Option<String>,
     ) -> Result<Connection<String, Event>> {
         let until = self.as_of.as_ref().map(|(as_of, _)| as_of);
-        aggregate_history(&state(ctx).pool, "Portfolio", &self.id.to_string(), until, first, after).await
+        aggregate_history(&state(ctx).pool, "Portfolio", &self.row.portfolio_id.to_string(), until, first, after).await
     }
 }
 
@@ -333,7 +304,7 @@ impl PortfolioQuery {
             crate::auth::Role::Broker => return Ok(Vec::new()),
         };
         let rows = portfolios(&state.pool, owner, limit).await.map_err(database)?;
-        rows.into_iter().map(Portfolio::try_from).collect()
+        rows.into_iter().map(|row| Portfolio::new(row, None)).collect()
     }
 
     /// One portfolio: live, or as it was at `asOf` / `atPosition` (replayed from its events). `waitFor` (a
@@ -358,6 +329,6 @@ impl PortfolioQuery {
             Some(point) => load_as_of(&state.pool, id, point).await?,
             None => load_live(state, id, wait_for.map(|w| w.0)).await?,
         };
-        Ok(portfolio.filter(|p| principal.can_read_portfolio(&p.owner)))
+        Ok(portfolio.filter(|p| principal.can_read_portfolio(&p.row.owner)))
     }
 }

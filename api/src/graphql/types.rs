@@ -521,13 +521,10 @@ mod tests {
             assert_eq!(OrderStatusGql::parse(status.as_str()), Ok(OrderStatusGql::from(status)));
         }
         for side in [domain::Side::Buy, domain::Side::Sell] {
-            assert_eq!(domain::Side::from(SideGql::parse(&format!("{side:?}")).unwrap()), side);
+            assert_eq!(domain::Side::from(SideGql::parse(side.as_str()).unwrap()), side);
         }
         for method in [domain::CostBasisMethod::Fifo, domain::CostBasisMethod::AverageCost] {
-            assert_eq!(
-                domain::CostBasisMethod::from(CostBasisMethodGql::parse(&format!("{method:?}")).unwrap()),
-                method
-            );
+            assert_eq!(domain::CostBasisMethod::from(CostBasisMethodGql::parse(method.as_str()).unwrap()), method);
         }
         assert_eq!(OrderTypeGql::parse("Limit"), Ok(OrderTypeGql::Limit));
         assert_eq!(OrderTypeGql::parse("Market"), Ok(OrderTypeGql::Market));

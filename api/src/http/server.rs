@@ -248,6 +248,7 @@ pub fn request_ids(headers: &HeaderMap) -> RequestIds {
         trace_id,
         span_id: rand::random::<u64>() | 1,
         caller_span_id: caller.map(|c| c.span_id),
+        trace_flags: caller.map_or(ledger::trace::SAMPLED, |c| c.flags),
         correlation_id,
     }
 }

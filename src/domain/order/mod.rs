@@ -27,6 +27,16 @@ pub enum Side {
     Sell,
 }
 
+impl Side {
+    /// The name read models store (stable: a rename here would need a migration of their rows).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Buy => "Buy",
+            Self::Sell => "Sell",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind")]
 pub enum OrderType {
@@ -51,6 +61,18 @@ pub enum TimeInForce {
     Gtc,
     Ioc,
     Fok,
+}
+
+impl TimeInForce {
+    /// The name read models store (stable: a rename here would need a migration of their rows).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Day => "Day",
+            Self::Gtc => "Gtc",
+            Self::Ioc => "Ioc",
+            Self::Fok => "Fok",
+        }
+    }
 }
 
 /// FIX OrdStatus, with PendingNew for the interval between placement and the portfolio's reservation.

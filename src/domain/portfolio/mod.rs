@@ -46,6 +46,16 @@ pub enum CostBasisMethod {
     AverageCost,
 }
 
+impl CostBasisMethod {
+    /// The name read models store (stable: a rename here would need a migration of their rows).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fifo => "Fifo",
+            Self::AverageCost => "AverageCost",
+        }
+    }
+}
+
 /// Units bought by one fill, at their full cost (price × quantity + fee).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lot {

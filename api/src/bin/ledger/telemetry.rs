@@ -54,7 +54,9 @@ pub fn init_logging(format: &LogFormat, quiet: bool, otlp: Option<(&str, &str)>)
         Some((endpoint, service)) => Some(OtlpLayer::start(endpoint, service)?),
         None => None,
     };
+    let exporting = otlp.is_some();
     tracing_subscriber::registry().with(filter).with(fmt).with(otlp).try_init()?;
+    ledger::trace::set_exporting(exporting);
     Ok(())
 }
 
@@ -147,7 +149,8 @@ impl Collector {
         })
     }
 
-    /// Posts one JSON body on a connection of its own (one export a second at most); the response's status.
+    /// Posts one JSON body on a connection of its own (an export wakes once a second and posts what is queued,
+    /// in batches of at most [`EXPORT_BATCH_MAX`] spans); the response's status.
     async fn post(&self, body: Vec<u8>) -> Result<hyper::StatusCode, String> {
         let exchange = async {
             let stream =
