@@ -188,6 +188,18 @@ const FANOUT_ADDRESS_RATE: u32 = 100_000;
 
 /// Read buffer of each fan-out client socket (see `ws::WS_READ_BUFFER_BYTES` for why it is small).
 const FANOUT_CLIENT_READ_BUFFER_BYTES: usize = 4 * 1024;
+/// How long `ledger serve` may take to be ready, and how often it is asked.
+const SERVER_READY_SECS: u64 = 60;
+const READY_POLL_MS: u64 = 200;
+/// Warm-up: ticks are published until one reaches a subscriber (each waited for this long), for at most
+/// `WARM_UP_SECS`; then the feed settles before the measured ticks.
+const WARM_UP_SECS: u64 = 30;
+const WARM_UP_TICK_WAIT_MS: u64 = 500;
+const SETTLE_AFTER_WARM_UP_MS: u64 = 2_000;
+/// After the last tick: deliveries are collected for at most `DRAIN_SECS`, and until none came for
+/// `DELIVERY_GAP_MAX_MS`.
+const DRAIN_SECS: u64 = 30;
+const DELIVERY_GAP_MAX_MS: u64 = 2_000;
 
 /// What the fan-out client reads of a server message.
 #[derive(serde::Deserialize)]
@@ -225,11 +237,6 @@ pub async fn fanout(
     ticks: usize,
     rate: u32,
 ) -> anyhow::Result<FanoutResult> {
-    use futures::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-    use tokio_tungstenite::tungstenite::Message;
-
     anyhow::ensure!((1..=20_000).contains(&subscribers), "subscribers must be 1 to 20000");
     anyhow::ensure!((1..=10_000).contains(&ticks), "ticks must be 1 to 10000");
     let pool = crate::support::connect_and_migrate(database_url).await?;
@@ -241,31 +248,7 @@ pub async fn fanout(
     pool.close().await;
     let secret = "bench-secret-of-at-least-thirty-two-bytes";
     let keys = TokenKeys::new(secret).map_err(|e| anyhow::anyhow!(e))?;
-    // The API in a process of its own (`ledger serve`), as in production; each side then holds one socket per
-    // subscriber, within the usual per-process file limit.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut server = tokio::process::Command::new(crate::support::ledger_binary()?)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .env("DATABASE_URL", database_url)
-        .env("KAFKA_BROKERS", &kafka.brokers)
-        .env("LEDGER_PRICES_TOPIC", &kafka.prices_topic)
-        .env("LEDGER_JWT_SECRET", secret)
-        // Every subscriber connects from this one address: the per-address limit (meant for many clients
-        // behind their own addresses) would refuse all but the first few thousand.
-        .env("LEDGER_RATE_LIMIT_PER_ADDRESS_PER_SECOND", FANOUT_ADDRESS_RATE.to_string())
-        .env("LEDGER_RATE_LIMIT_PER_ADDRESS_BURST", FANOUT_ADDRESS_RATE.to_string())
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting ledger serve")?;
-    let http = reqwest::Client::new();
-    let ready_until = Instant::now() + Duration::from_secs(60);
-    while !http.get(format!("http://127.0.0.1:{port}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
-        if Instant::now() > ready_until {
-            bail!("ledger serve was not ready within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (mut server, port) = start_server(database_url, &kafka, secret).await?;
     let url = format!("ws://127.0.0.1:{port}/graphql/ws");
     let (sender, mut delays) = tokio::sync::mpsc::unbounded_channel::<f64>();
     let mut tasks = Vec::with_capacity(subscribers);
@@ -273,51 +256,13 @@ pub async fn fanout(
     for subscriber in 0..subscribers {
         // A subject of its own per subscriber, as real clients have (a subject's sockets are capped).
         let token = keys.issue(&format!("bench-{subscriber}"), Role::Trader, chrono::Duration::hours(1), Utc::now());
-        let mut request = url.as_str().into_client_request()?;
-        request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse()?);
-        // A small read buffer, as the server's: the library zeroes the buffer's free space on every read.
-        let config = WebSocketConfig::default().read_buffer_size(FANOUT_CLIENT_READ_BUFFER_BYTES);
-        let (mut socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
-            .await
-            .context("opening a subscription")?;
-        let init = json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {token}") } });
-        socket.send(Message::text(init.to_string())).await?;
-        let subscribe = json!({ "id": "1", "type": "subscribe",
-            "payload": { "query": "subscription { priceTicks(symbols: [\"BENCH\"]) { ts seq } }" } });
-        socket.send(Message::text(subscribe.to_string())).await?;
-        let (sender, ready_tx) = (sender.clone(), ready_tx.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut acked = false;
-            while let Some(Ok(message)) = socket.next().await {
-                let Message::Text(text) = message else { continue };
-                // Typed and borrowed: the client shares the machine with the server, so it decodes no more
-                // than it needs.
-                let Ok(frame) = serde_json::from_str::<FanoutFrame>(&text) else { continue };
-                match frame.kind {
-                    "connection_ack" if !acked => {
-                        acked = true;
-                        let _ = ready_tx.send(());
-                    }
-                    "next" => {
-                        let ts = frame.payload.and_then(|p| p.data).map(|d| d.price_ticks.ts).unwrap_or_default();
-                        if let Ok(ts) = chrono::DateTime::parse_from_rfc3339(ts) {
-                            let delay = (Utc::now() - ts.with_timezone(&Utc)).num_microseconds().unwrap_or(0);
-                            if sender.send(delay as f64 / 1_000.0).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    "ping" => {
-                        let _ = socket.send(Message::text(json!({ "type": "pong" }).to_string())).await;
-                    }
-                    _ => {}
-                }
-            }
-        }));
+        tasks.push(subscribe_ticks(&url, &token, sender.clone(), ready_tx.clone()).await?);
     }
     drop(sender);
     for _ in 0..subscribers {
-        tokio::time::timeout(Duration::from_secs(60), ready.recv()).await.context("subscriptions acknowledged")?;
+        tokio::time::timeout(Duration::from_secs(SERVER_READY_SECS), ready.recv())
+            .await
+            .context("subscriptions acknowledged")?;
     }
     // The API's tick consumer starts at the latest offset: give its assignment a moment, then warm up.
     let publisher = ledger::market::TickPublisher::new(&kafka)?;
@@ -333,18 +278,18 @@ pub async fn fanout(
         })
     };
     let mut seq = 0i64;
-    let warm_until = Instant::now() + Duration::from_secs(30);
+    let warm_until = Instant::now() + Duration::from_secs(WARM_UP_SECS);
     loop {
         seq += 1;
         publisher.publish(&tick(seq)?).await?;
-        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(500), delays.recv()).await {
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(WARM_UP_TICK_WAIT_MS), delays.recv()).await {
             break;
         }
         if Instant::now() > warm_until {
-            bail!("no tick reached a subscriber within 30 s");
+            bail!("no tick reached a subscriber within {WARM_UP_SECS} s");
         }
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_millis(SETTLE_AFTER_WARM_UP_MS)).await;
     while delays.try_recv().is_ok() {}
     let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     for _ in 0..ticks {
@@ -354,9 +299,9 @@ pub async fn fanout(
     }
     let expected = subscribers * ticks;
     let mut samples = Vec::with_capacity(expected);
-    let drain_until = Instant::now() + Duration::from_secs(30);
+    let drain_until = Instant::now() + Duration::from_secs(DRAIN_SECS);
     while samples.len() < expected && Instant::now() < drain_until {
-        match tokio::time::timeout(Duration::from_secs(2), delays.recv()).await {
+        match tokio::time::timeout(Duration::from_millis(DELIVERY_GAP_MAX_MS), delays.recv()).await {
             Ok(Some(delay)) => samples.push(delay),
             _ => break,
         }
@@ -379,4 +324,92 @@ pub async fn fanout(
         p99_ms: at(0.99),
         max_ms: samples.last().copied().unwrap_or(0.0),
     })
+}
+
+/// `ledger serve` in a process of its own (as in production; each side then holds one socket per subscriber,
+/// within the usual per-process file limit), on a free port, once ready.
+async fn start_server(
+    database_url: &str,
+    kafka: &ledger::kafka::KafkaConfig,
+    secret: &str,
+) -> anyhow::Result<(tokio::process::Child, u16)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let server = tokio::process::Command::new(crate::support::ledger_binary()?)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", database_url)
+        .env("KAFKA_BROKERS", &kafka.brokers)
+        .env("LEDGER_PRICES_TOPIC", &kafka.prices_topic)
+        .env("LEDGER_JWT_SECRET", secret)
+        // Every subscriber connects from this one address: the per-address limit (meant for many clients
+        // behind their own addresses) would refuse all but the first few thousand.
+        .env("LEDGER_RATE_LIMIT_PER_ADDRESS_PER_SECOND", FANOUT_ADDRESS_RATE.to_string())
+        .env("LEDGER_RATE_LIMIT_PER_ADDRESS_BURST", FANOUT_ADDRESS_RATE.to_string())
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting ledger serve")?;
+    let http = reqwest::Client::new();
+    let ready_until = Instant::now() + Duration::from_secs(SERVER_READY_SECS);
+    while !http.get(format!("http://127.0.0.1:{port}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
+        if Instant::now() > ready_until {
+            bail!("ledger serve was not ready within {SERVER_READY_SECS} s");
+        }
+        tokio::time::sleep(Duration::from_millis(READY_POLL_MS)).await;
+    }
+    Ok((server, port))
+}
+
+/// One subscriber of `priceTicks` on its own socket (token `token`), sending each tick's delay in ms; it says
+/// on `ready` when the server acknowledged the connection.
+async fn subscribe_ticks(
+    url: &str,
+    token: &str,
+    sender: tokio::sync::mpsc::UnboundedSender<f64>,
+    ready_tx: tokio::sync::mpsc::UnboundedSender<()>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let mut request = url.into_client_request()?;
+    request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse()?);
+    // A small read buffer, as the server's: the library zeroes the buffer's free space on every read.
+    let config = WebSocketConfig::default().read_buffer_size(FANOUT_CLIENT_READ_BUFFER_BYTES);
+    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
+        .await
+        .context("opening a subscription")?;
+    let init = json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {token}") } });
+    socket.send(Message::text(init.to_string())).await?;
+    let subscribe = json!({ "id": "1", "type": "subscribe",
+            "payload": { "query": "subscription { priceTicks(symbols: [\"BENCH\"]) { ts seq } }" } });
+    socket.send(Message::text(subscribe.to_string())).await?;
+    Ok(tokio::spawn(async move {
+        let mut acked = false;
+        while let Some(Ok(message)) = socket.next().await {
+            let Message::Text(text) = message else { continue };
+            // Typed and borrowed: the client shares the machine with the server, so it decodes no more
+            // than it needs.
+            let Ok(frame) = serde_json::from_str::<FanoutFrame>(&text) else { continue };
+            match frame.kind {
+                "connection_ack" if !acked => {
+                    acked = true;
+                    let _ = ready_tx.send(());
+                }
+                "next" => {
+                    let ts = frame.payload.and_then(|p| p.data).map(|d| d.price_ticks.ts).unwrap_or_default();
+                    if let Ok(ts) = chrono::DateTime::parse_from_rfc3339(ts) {
+                        let delay = (Utc::now() - ts.with_timezone(&Utc)).num_microseconds().unwrap_or(0);
+                        if sender.send(delay as f64 / 1_000.0).is_err() {
+                            return;
+                        }
+                    }
+                }
+                "ping" => {
+                    let _ = socket.send(Message::text(json!({ "type": "pong" }).to_string())).await;
+                }
+                _ => {}
+            }
+        }
+    }))
 }

@@ -22,6 +22,7 @@ use ledger::domain::values::{
 };
 use ledger::domain::{CostBasisMethod, OrderCommand, OrderType, Portfolio, PortfolioCommand, Side, TimeInForce};
 use ledger::execution::{spawn_tick_consumer, PaperConfig, PaperExecutor};
+use ledger::kafka::KafkaConfig;
 use ledger::market::{SimulatorConfig, SymbolSpec};
 use ledger_api::app::{start, AppConfig};
 use ledger_api::auth::{Role, TokenKeys};
@@ -76,72 +77,19 @@ pub async fn run(
         None => SimulatorConfig::demo(args.seed).symbols,
     };
     let lead = market.first().cloned().context("the market needs at least one symbol")?;
-    let settings = projection_args.settings()?;
     let pool = crate::shared::connect_and_migrate(database_url).await?;
     println!("ledger demo — PostgreSQL at {}", ledger::db::redact(database_url));
-    let (embedded, brokers) = match &kafka_args.brokers {
-        Some(brokers) => {
-            println!("Kafka: brokers {brokers} (KAFKA_BROKERS)");
-            (None, brokers.clone())
-        }
-        None => {
-            let cluster = MockCluster::new(1).context("starting the in-process Kafka mock cluster")?;
-            // The mock cluster has no admin API: create the topics through it directly.
-            for topic in [&kafka_args.events_topic, &kafka_args.prices_topic, &kafka_args.dead_letter_topic] {
-                cluster.create_topic(topic, kafka_args.kafka_partitions, 1).context("creating a mock topic")?;
-            }
-            let brokers = cluster.bootstrap_servers();
-            println!("Kafka: KAFKA_BROKERS not set — using an in-process Kafka-protocol broker (librdkafka mock) at {brokers}");
-            (Some(cluster), brokers)
-        }
-    };
+    let (embedded, brokers) = broker(kafka_args)?;
     let kafka = kafka_args.config(&brokers);
-    let secret = match &args.jwt_secret {
-        Some(secret) => secret.clone(),
-        None => {
-            let bytes: [u8; 32] = rand::thread_rng().gen();
-            bytes.iter().map(|b| format!("{b:02x}")).collect()
-        }
-    };
-    let keys = TokenKeys::new(secret.into_bytes()).map_err(|e| anyhow::anyhow!(e))?;
-    let mut config = AppConfig::new(keys.clone(), Some(kafka.clone()));
-    // The demo is for exploring: introspection and GraphiQL on (off by default in `ledger serve`).
-    config.introspection = true;
-    config.settings = settings;
-    config.valuation_stale_after = chrono::Duration::milliseconds(projection_args.valuation_stale_after_ms as i64);
-    config.with_relay = true;
-    config.with_process_manager = true;
-    config.with_workers = true;
-    config.relay.create_topics = embedded.is_none();
-    config.workers = projection_args.worker_config()?;
-    config.workers.create_topics = embedded.is_none();
+    let keys = token_keys(&args)?;
+    let config = app_config(keys.clone(), &kafka, projection_args, embedded.is_none())?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (in use? pass --listen 127.0.0.1:PORT)", args.listen))?;
     let running = start(pool.clone(), config, listener).await?;
     let commands = running.commands.clone();
     let cancel = CancellationToken::new();
-    let mut tasks = Vec::new();
-
-    // Market data and paper execution.
-    {
-        let (kafka, cancel, seed, tick_ms) = (kafka.clone(), cancel.clone(), args.seed, args.tick_ms);
-        let symbols = Some(market.clone());
-        tasks.push(tokio::spawn(async move {
-            crate::roles::publish_simulated(&kafka, seed, tick_ms, symbols, cancel).await
-        }));
-    }
-    let executor = PaperExecutor::new(commands.clone(), PaperConfig::default()).map_err(|e| anyhow::anyhow!(e))?;
-    {
-        let (sender, ticks) = tokio::sync::mpsc::channel(ledger::execution::TICK_QUEUE);
-        let consumer = spawn_tick_consumer(&kafka, sender, cancel.clone())?;
-        let cancel = cancel.clone();
-        tasks.push(tokio::spawn(async move {
-            executor.run(ticks, cancel).await.context("paper executor")?;
-            consumer.await.context("tick consumer")?;
-            Ok(())
-        }));
-    }
+    let mut tasks = market_tasks(&kafka, &commands, &market, &args, &cancel)?;
 
     // The demo trader's portfolio (the dashboard's), and the bots.
     let mut seeds = StdRng::seed_from_u64(args.seed);
@@ -167,23 +115,7 @@ pub async fn run(
         tasks.push(tokio::spawn(async move { bot.run(rng, cancel).await }));
     }
 
-    let token = keys.issue(DEMO_TRADER, Role::Trader, chrono::Duration::days(7), Utc::now());
-    let admin = keys.issue("demo-admin", Role::Admin, chrono::Duration::days(7), Utc::now());
-    let base = format!("http://{}", running.address);
-    println!();
-    println!("  dashboard   {base}/#token={token}");
-    println!("  GraphiQL    {base}/graphql   (header  Authorization: Bearer <token>)");
-    println!("  metrics     {base}/metrics");
-    println!("  trader token ({DEMO_TRADER}, portfolio {trader}):");
-    println!("    {token}");
-    println!("  admin token:");
-    println!("    {admin}");
-    println!();
-    println!(
-        "{} bots trading, prices every {} ms (seed {}). Ctrl-C stops everything.",
-        args.bots, args.tick_ms, args.seed
-    );
-
+    print_welcome(&keys, &format!("http://{}", running.address), trader, &args);
     crate::shared::shutdown_on_signal().cancelled().await;
     println!("stopping…");
     cancel.cancel();
@@ -198,6 +130,106 @@ pub async fn run(
     drop(embedded);
     println!("stopped");
     Ok(())
+}
+
+/// librdkafka's mock cluster, the demo's broker when none is given.
+type InProcessBroker = MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+
+/// The broker: `KAFKA_BROKERS` when set, else an in-process Kafka-protocol broker (librdkafka's mock cluster,
+/// kept alive by the caller) with the topics created through it.
+fn broker(kafka_args: &ledger_api::options::KafkaArgs) -> anyhow::Result<(Option<InProcessBroker>, String)> {
+    if let Some(brokers) = &kafka_args.brokers {
+        println!("Kafka: brokers {brokers} (KAFKA_BROKERS)");
+        return Ok((None, brokers.clone()));
+    }
+    let cluster = MockCluster::new(1).context("starting the in-process Kafka mock cluster")?;
+    // The mock cluster has no admin API: create the topics through it directly.
+    for topic in [&kafka_args.events_topic, &kafka_args.prices_topic, &kafka_args.dead_letter_topic] {
+        cluster.create_topic(topic, kafka_args.kafka_partitions, 1).context("creating a mock topic")?;
+    }
+    let brokers = cluster.bootstrap_servers();
+    println!("Kafka: KAFKA_BROKERS not set — using an in-process Kafka-protocol broker (librdkafka mock) at {brokers}");
+    Ok((Some(cluster), brokers))
+}
+
+/// The token keys: `--jwt-secret`, or a random secret for this run.
+fn token_keys(args: &DemoArgs) -> anyhow::Result<TokenKeys> {
+    let secret = match &args.jwt_secret {
+        Some(secret) => secret.clone(),
+        None => {
+            let bytes: [u8; 32] = rand::thread_rng().gen();
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        }
+    };
+    TokenKeys::new(secret.into_bytes()).map_err(|e| anyhow::anyhow!(e))
+}
+
+/// The API with every role in the process; `create_topics` off with the mock broker (it has no admin API).
+fn app_config(
+    keys: TokenKeys,
+    kafka: &KafkaConfig,
+    projection_args: &crate::shared::ProjectionArgs,
+    create_topics: bool,
+) -> anyhow::Result<AppConfig> {
+    let mut config = AppConfig::new(keys, Some(kafka.clone()));
+    // The demo is for exploring: introspection and GraphiQL on (off by default in `ledger serve`).
+    config.introspection = true;
+    config.settings = projection_args.settings()?;
+    config.valuation_stale_after = chrono::Duration::milliseconds(projection_args.valuation_stale_after_ms as i64);
+    config.with_relay = true;
+    config.with_process_manager = true;
+    config.with_workers = true;
+    config.relay.create_topics = create_topics;
+    config.workers = projection_args.worker_config()?;
+    config.workers.create_topics = create_topics;
+    Ok(config)
+}
+
+/// Market data (the simulator) and paper execution, until `cancel` fires.
+fn market_tasks(
+    kafka: &KafkaConfig,
+    commands: &Arc<CommandService>,
+    market: &[SymbolSpec],
+    args: &DemoArgs,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<anyhow::Result<()>>>> {
+    let mut tasks = Vec::new();
+    {
+        let (kafka, cancel, seed, tick_ms) = (kafka.clone(), cancel.clone(), args.seed, args.tick_ms);
+        let symbols = Some(market.to_vec());
+        tasks.push(tokio::spawn(async move {
+            crate::roles::publish_simulated(&kafka, seed, tick_ms, symbols, cancel).await
+        }));
+    }
+    let executor = PaperExecutor::new(commands.clone(), PaperConfig::default()).map_err(|e| anyhow::anyhow!(e))?;
+    let (sender, ticks) = tokio::sync::mpsc::channel(ledger::execution::TICK_QUEUE);
+    let consumer = spawn_tick_consumer(kafka, sender, cancel.clone())?;
+    let cancel = cancel.clone();
+    tasks.push(tokio::spawn(async move {
+        executor.run(ticks, cancel).await.context("paper executor")?;
+        consumer.await.context("tick consumer")?;
+        Ok(())
+    }));
+    Ok(tasks)
+}
+
+/// The URLs and the tokens, on stdout.
+fn print_welcome(keys: &TokenKeys, base: &str, trader: PortfolioId, args: &DemoArgs) {
+    let token = keys.issue(DEMO_TRADER, Role::Trader, chrono::Duration::days(DEMO_TOKEN_DAYS), Utc::now());
+    let admin = keys.issue("demo-admin", Role::Admin, chrono::Duration::days(DEMO_TOKEN_DAYS), Utc::now());
+    println!();
+    println!("  dashboard   {base}/#token={token}");
+    println!("  GraphiQL    {base}/graphql   (header  Authorization: Bearer <token>)");
+    println!("  metrics     {base}/metrics");
+    println!("  trader token ({DEMO_TRADER}, portfolio {trader}):");
+    println!("    {token}");
+    println!("  admin token:");
+    println!("    {admin}");
+    println!();
+    println!(
+        "{} bots trading, prices every {} ms (seed {}). Ctrl-C stops everything.",
+        args.bots, args.tick_ms, args.seed
+    );
 }
 
 fn seeded_uuid(rng: &mut StdRng) -> uuid::Uuid {
@@ -249,6 +281,8 @@ const FIRST_TRADE_BUDGET: Decimal = Decimal::from_parts(10_000, 0, 0, false, 0);
 const DEFAULT_LEAD_SYMBOL: &str = "ACME";
 /// How often the demo looks whether the lead symbol has a price yet.
 const PRICE_POLL_MS: u64 = 200;
+/// Validity of the tokens the demo prints.
+const DEMO_TOKEN_DAYS: i64 = 7;
 
 /// Two alerts on the demo trader's portfolio (±1 % from the lead symbol's starting price), so that the alerts
 /// feed has something to show.
