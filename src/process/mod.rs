@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commands::{CommandContext, CommandError, CommandService, Idempotency};
 use crate::domain::order::{OrderRejectReason, RejectCode};
-use crate::domain::values::{Money, OrderId, PortfolioId, Price, Symbol, PRICE_SCALE_MAX};
+use crate::domain::values::{Money, OrderId, PortfolioId, Price, Quantity, Symbol, PRICE_SCALE_MAX};
 use crate::domain::{OrderCommand, OrderError, OrderEvent, OrderType, PortfolioCommand, PortfolioError, Side};
 use crate::leadership::{lock_key, Leadership};
 use crate::log::{event_by_id, load_cursor, save_cursor, LogReader, RecordedEvent};
@@ -289,74 +289,12 @@ impl ProcessManager {
         let order_id = event.aggregate_id.as_str();
         match order_event {
             OrderEvent::OrderPlaced { portfolio_id, symbol, side, order_type, quantity, .. } => {
-                let at = self.commands.clock().now();
                 let order = parse_order_id(order_id)?;
-                let (reserve, protection_price) = match side {
-                    Side::Sell => {
-                        // A market sell may not fill below the last price lowered by the collar.
-                        let protection = match order_type {
-                            OrderType::Limit { .. } => None,
-                            OrderType::Market => match self.market_price(&symbol, Side::Sell).await? {
-                                Some(floor) => Some(floor),
-                                None => {
-                                    let reason = OrderRejectReason {
-                                        code: RejectCode::NoMarketPrice,
-                                        detail: format!("no market price known for {symbol}"),
-                                    };
-                                    return self.reject(event, order, reason).await;
-                                }
-                            },
-                        };
-                        (PortfolioCommand::ReserveQuantity { order_id: order, symbol, quantity, at }, protection)
+                match self.reservation(order, symbol, side, order_type, quantity).await? {
+                    Ok((reserve, protection_price)) => {
+                        self.reserve_then_accept(event, order, portfolio_id, side, reserve, protection_price).await
                     }
-                    Side::Buy => {
-                        let price = match order_type {
-                            OrderType::Limit { limit_price } => limit_price,
-                            OrderType::Market => match self.market_price(&symbol, Side::Buy).await? {
-                                Some(price) => price,
-                                None => {
-                                    let reason = OrderRejectReason {
-                                        code: RejectCode::NoMarketPrice,
-                                        detail: format!("no market price known for {symbol}"),
-                                    };
-                                    return self.reject(event, order, reason).await;
-                                }
-                            },
-                        };
-                        let amount = match self.reservation_amount(quantity.value(), price) {
-                            Some(amount) => amount,
-                            None => {
-                                let reason = OrderRejectReason {
-                                    code: RejectCode::InsufficientFunds,
-                                    detail: "the order's value exceeds the largest amount a portfolio can hold".into(),
-                                };
-                                return self.reject(event, order, reason).await;
-                            }
-                        };
-                        let protection = matches!(order_type, OrderType::Market).then_some(price);
-                        (
-                            PortfolioCommand::ReserveFunds { order_id: order, symbol, quantity, price, amount, at },
-                            protection,
-                        )
-                    }
-                };
-                match self.commands.execute_portfolio(&self.context(event, "reserve")?, portfolio_id, reserve).await {
-                    Ok(outcome) => {
-                        // A replayed buy reservation may have been made at an earlier price: protect at that one.
-                        let protection_price = match (protection_price, side, outcome.duplicate, outcome.events.first())
-                        {
-                            (Some(_), Side::Buy, true, Some(reserved)) => {
-                                self.reserved_price(reserved.event_id).await?
-                            }
-                            _ => protection_price,
-                        };
-                        self.accept(event, order, portfolio_id, protection_price).await
-                    }
-                    Err(CommandError::Portfolio(error)) => {
-                        let reason = OrderRejectReason { code: reject_code(&error), detail: error.to_string() };
-                        self.reject(event, order, reason).await
-                    }
-                    Err(error) => Err(error.into()),
+                    Err(reason) => self.reject(event, order, reason).await,
                 }
             }
             OrderEvent::ExecutionRecorded {
@@ -395,6 +333,84 @@ impl ProcessManager {
                 Ok(())
             }
             OrderEvent::OrderAccepted { .. } | OrderEvent::OrderRejected { .. } => Ok(()),
+        }
+    }
+
+    /// What a placed order reserves on its portfolio — quantity for a sell, funds for a buy (at its limit, or
+    /// the market price raised by the collar) — and the protection price of a market order; or why it is
+    /// rejected before anything is reserved (no market price, a value no portfolio can hold).
+    async fn reservation(
+        &self,
+        order: OrderId,
+        symbol: Symbol,
+        side: Side,
+        order_type: OrderType,
+        quantity: Quantity,
+    ) -> Result<Result<(PortfolioCommand, Option<Price>), OrderRejectReason>, StepError> {
+        let at = self.commands.clock().now();
+        let no_market_price = |symbol: &Symbol| OrderRejectReason {
+            code: RejectCode::NoMarketPrice,
+            detail: format!("no market price known for {symbol}"),
+        };
+        match side {
+            Side::Sell => {
+                // A market sell may not fill below the last price lowered by the collar.
+                let protection = match order_type {
+                    OrderType::Limit { .. } => None,
+                    OrderType::Market => match self.market_price(&symbol, Side::Sell).await? {
+                        Some(floor) => Some(floor),
+                        None => return Ok(Err(no_market_price(&symbol))),
+                    },
+                };
+                Ok(Ok((PortfolioCommand::ReserveQuantity { order_id: order, symbol, quantity, at }, protection)))
+            }
+            Side::Buy => {
+                let price = match order_type {
+                    OrderType::Limit { limit_price } => limit_price,
+                    OrderType::Market => match self.market_price(&symbol, Side::Buy).await? {
+                        Some(price) => price,
+                        None => return Ok(Err(no_market_price(&symbol))),
+                    },
+                };
+                let Some(amount) = self.reservation_amount(quantity.value(), price) else {
+                    return Ok(Err(OrderRejectReason {
+                        code: RejectCode::InsufficientFunds,
+                        detail: "the order's value exceeds the largest amount a portfolio can hold".into(),
+                    }));
+                };
+                let protection = matches!(order_type, OrderType::Market).then_some(price);
+                Ok(Ok((
+                    PortfolioCommand::ReserveFunds { order_id: order, symbol, quantity, price, amount, at },
+                    protection,
+                )))
+            }
+        }
+    }
+
+    /// Reserves on the portfolio, then accepts the order (or rejects it with the portfolio's refusal).
+    async fn reserve_then_accept(
+        &self,
+        event: &RecordedEvent,
+        order: OrderId,
+        portfolio_id: PortfolioId,
+        side: Side,
+        reserve: PortfolioCommand,
+        protection_price: Option<Price>,
+    ) -> Result<(), StepError> {
+        match self.commands.execute_portfolio(&self.context(event, "reserve")?, portfolio_id, reserve).await {
+            Ok(outcome) => {
+                // A replayed buy reservation may have been made at an earlier price: protect at that one.
+                let protection_price = match (protection_price, side, outcome.duplicate, outcome.events.first()) {
+                    (Some(_), Side::Buy, true, Some(reserved)) => self.reserved_price(reserved.event_id).await?,
+                    _ => protection_price,
+                };
+                self.accept(event, order, portfolio_id, protection_price).await
+            }
+            Err(CommandError::Portfolio(error)) => {
+                let reason = OrderRejectReason { code: reject_code(&error), detail: error.to_string() };
+                self.reject(event, order, reason).await
+            }
+            Err(error) => Err(error.into()),
         }
     }
 
