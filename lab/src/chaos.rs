@@ -258,7 +258,7 @@ pub async fn run(database_url: &str, args: ChaosArgs) -> anyhow::Result<()> {
     let mut cluster = cluster_of(crate::support::ledger_binary()?, &url, &brokers, &work, api_ports);
     cluster.start_all()?;
     let bases: Vec<String> = api_ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
-    wait_ready(&bases).await?;
+    crate::support::wait_ready(&bases).await?;
     println!(
         "chaos: {} s of load at {} commands/s with faults; logs in {}",
         args.duration_secs,
@@ -533,23 +533,6 @@ fn schedule_faults(rng: &mut StdRng, duration: Duration, args: &ChaosArgs) -> Ve
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-async fn wait_ready(bases: &[String]) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for base in bases {
-        loop {
-            if client.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("{base} was not ready within 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    Ok(())
 }
 
 /// Sends one mutation, retrying (same key, either instance) until it is answered or refused.

@@ -17,7 +17,7 @@ use sqlx::PgPool;
 /// the `ledger` beside this binary (cargo builds both into the same directory: build them together, so that
 /// the lab never runs an older `ledger`).
 pub fn ledger_binary() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os("LEDGER_BIN") {
+    if let Some(path) = std::env::var_os("LEDGER_BIN").filter(|path| !path.is_empty()) {
         return Ok(PathBuf::from(path));
     }
     let lab = std::env::current_exe().context("locating ledger-lab")?;
@@ -28,6 +28,26 @@ pub fn ledger_binary() -> anyhow::Result<PathBuf> {
         beside.display()
     );
     Ok(beside)
+}
+
+/// How long a `ledger serve` the lab started may take to answer `/readyz` (and a subscription its
+/// acknowledgement), and how often it is asked.
+pub const READY_SECS: u64 = 60;
+const READY_POLL_MS: u64 = 200;
+
+/// Waits until every API at `bases` (`http://host:port`) answers `/readyz` with success.
+pub async fn wait_ready(bases: &[String]) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(READY_SECS);
+    for base in bases {
+        while !client.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
+            if Instant::now() > deadline {
+                bail!("{base} was not ready within {READY_SECS} s");
+            }
+            tokio::time::sleep(Duration::from_millis(READY_POLL_MS)).await;
+        }
+    }
+    Ok(())
 }
 
 /// Connects to `url` (creating and migrating the database) with the default pool size.

@@ -188,9 +188,6 @@ const FANOUT_ADDRESS_RATE: u32 = 100_000;
 
 /// Read buffer of each fan-out client socket (see `ws::WS_READ_BUFFER_BYTES` for why it is small).
 const FANOUT_CLIENT_READ_BUFFER_BYTES: usize = 4 * 1024;
-/// How long `ledger serve` may take to be ready, and how often it is asked.
-const SERVER_READY_SECS: u64 = 60;
-const READY_POLL_MS: u64 = 200;
 /// Warm-up: ticks are published until one reaches a subscriber (each waited for this long), for at most
 /// `WARM_UP_SECS`; then the feed settles before the measured ticks.
 const WARM_UP_SECS: u64 = 30;
@@ -260,7 +257,7 @@ pub async fn fanout(
     }
     drop(sender);
     for _ in 0..subscribers {
-        tokio::time::timeout(Duration::from_secs(SERVER_READY_SECS), ready.recv())
+        tokio::time::timeout(Duration::from_secs(crate::support::READY_SECS), ready.recv())
             .await
             .context("subscriptions acknowledged")?;
     }
@@ -348,14 +345,7 @@ async fn start_server(
         .kill_on_drop(true)
         .spawn()
         .context("starting ledger serve")?;
-    let http = reqwest::Client::new();
-    let ready_until = Instant::now() + Duration::from_secs(SERVER_READY_SECS);
-    while !http.get(format!("http://127.0.0.1:{port}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
-        if Instant::now() > ready_until {
-            bail!("ledger serve was not ready within {SERVER_READY_SECS} s");
-        }
-        tokio::time::sleep(Duration::from_millis(READY_POLL_MS)).await;
-    }
+    crate::support::wait_ready(&[format!("http://127.0.0.1:{port}")]).await?;
     Ok((server, port))
 }
 
