@@ -89,6 +89,22 @@ fn scale_of(value: Decimal) -> u32 {
     value.normalize().scale()
 }
 
+/// The bounds a decimal value type shares: at most so many decimals, at most so large (each with the error that
+/// names the type); the value normalised (no trailing zeros) when within them.
+fn bounded(
+    value: Decimal,
+    (scale_max, scale_error): (u32, fn(Decimal) -> ValueError),
+    (max, too_large): (Decimal, fn(Decimal) -> ValueError),
+) -> Result<Decimal, ValueError> {
+    if scale_of(value) > scale_max {
+        Err(scale_error(value))
+    } else if value > max {
+        Err(too_large(value))
+    } else {
+        Ok(value.normalize())
+    }
+}
+
 macro_rules! decimal_newtype_common {
     ($name:ident) => {
         impl $name {
@@ -127,6 +143,41 @@ macro_rules! decimal_newtype_common {
     };
 }
 
+/// What every checked string newtype has: `as_str`, conversion from a `String` through its check (serde
+/// deserialises through it; `Self::new(value)` unless another check is given), back into a `String`, and
+/// `Display` as the text itself.
+macro_rules! string_newtype_common {
+    ($name:ident) => {
+        string_newtype_common!($name, |value| Self::new(value));
+    };
+    ($name:ident, |$value:ident| $check:expr) => {
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = ValueError;
+            fn try_from($value: String) -> Result<Self, ValueError> {
+                $check
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(value: $name) -> String {
+                value.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
 /// A number of units of an instrument: > 0, at most [`QUANTITY_SCALE_MAX`] decimals, at most [`QUANTITY_MAX`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "Decimal", into = "Decimal")]
@@ -137,13 +188,8 @@ impl Quantity {
         if value <= Decimal::ZERO {
             return Err(ValueError::QuantityNotPositive(value));
         }
-        if scale_of(value) > QUANTITY_SCALE_MAX {
-            return Err(ValueError::QuantityScale(value));
-        }
-        if value > QUANTITY_MAX {
-            return Err(ValueError::QuantityTooLarge(value));
-        }
-        Ok(Self(value.normalize()))
+        bounded(value, (QUANTITY_SCALE_MAX, ValueError::QuantityScale), (QUANTITY_MAX, ValueError::QuantityTooLarge))
+            .map(Self)
     }
 }
 decimal_newtype_common!(Quantity);
@@ -159,13 +205,7 @@ impl Price {
         if value <= Decimal::ZERO {
             return Err(ValueError::PriceNotPositive(value));
         }
-        if scale_of(value) > PRICE_SCALE_MAX {
-            return Err(ValueError::PriceScale(value));
-        }
-        if value > PRICE_MAX {
-            return Err(ValueError::PriceTooLarge(value));
-        }
-        Ok(Self(value.normalize()))
+        bounded(value, (PRICE_SCALE_MAX, ValueError::PriceScale), (PRICE_MAX, ValueError::PriceTooLarge)).map(Self)
     }
 
     /// True when the price is a whole multiple of the tick size.
@@ -211,13 +251,7 @@ impl Money {
         if value.is_sign_negative() && !value.is_zero() {
             return Err(ValueError::MoneyNegative(value));
         }
-        if scale_of(value) > MONEY_SCALE_MAX {
-            return Err(ValueError::MoneyScale(value));
-        }
-        if value > MONEY_MAX {
-            return Err(ValueError::MoneyTooLarge(value));
-        }
-        Ok(Self(value.normalize()))
+        bounded(value, (MONEY_SCALE_MAX, ValueError::MoneyScale), (MONEY_MAX, ValueError::MoneyTooLarge)).map(Self)
     }
 }
 decimal_newtype_common!(Money);
@@ -255,30 +289,9 @@ impl Symbol {
             Err(ValueError::Symbol(echo(&value)))
         }
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
-impl TryFrom<String> for Symbol {
-    type Error = ValueError;
-    fn try_from(value: String) -> Result<Self, ValueError> {
-        Self::new(value)
-    }
-}
-
-impl From<Symbol> for String {
-    fn from(value: Symbol) -> String {
-        value.0
-    }
-}
-
-impl fmt::Display for Symbol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+string_newtype_common!(Symbol);
 
 /// An ISO 4217 currency code (three upper-case letters).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -294,30 +307,9 @@ impl Currency {
             Err(ValueError::Currency(echo(&value)))
         }
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
-impl TryFrom<String> for Currency {
-    type Error = ValueError;
-    fn try_from(value: String) -> Result<Self, ValueError> {
-        Self::new(value)
-    }
-}
-
-impl From<Currency> for String {
-    fn from(value: Currency) -> String {
-        value.0
-    }
-}
-
-impl fmt::Display for Currency {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+string_newtype_common!(Currency);
 
 fn check_external_id(field: &'static str, value: String) -> Result<String, ValueError> {
     let valid = !value.is_empty() && value.len() <= EXTERNAL_ID_LEN_MAX && value.chars().all(|c| !c.is_control());
@@ -339,30 +331,9 @@ macro_rules! external_id {
             pub fn new(value: impl Into<String>) -> Result<Self, ValueError> {
                 check_external_id($field, value.into()).map(Self)
             }
-
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
         }
 
-        impl TryFrom<String> for $name {
-            type Error = ValueError;
-            fn try_from(value: String) -> Result<Self, ValueError> {
-                Self::new(value)
-            }
-        }
-
-        impl From<$name> for String {
-            fn from(value: $name) -> String {
-                value.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
+        string_newtype_common!($name);
     };
 }
 
@@ -399,30 +370,9 @@ impl FreeText {
             Err(ValueError::FreeText { field, value: echo(&value) })
         }
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
-impl TryFrom<String> for FreeText {
-    type Error = ValueError;
-    fn try_from(value: String) -> Result<Self, ValueError> {
-        Self::new("text", value)
-    }
-}
-
-impl From<FreeText> for String {
-    fn from(value: FreeText) -> String {
-        value.0
-    }
-}
-
-impl fmt::Display for FreeText {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+string_newtype_common!(FreeText, |value| Self::new("text", value));
 
 macro_rules! uuid_id {
     ($(#[$doc:meta])* $name:ident) => {

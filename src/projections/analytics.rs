@@ -9,7 +9,6 @@ use async_trait::async_trait;
 use rust_decimal::{Decimal, RoundingStrategy};
 use sqlx::PgConnection;
 
-use super::prices::archive_tick;
 use super::{ApplyError, Projection};
 use crate::market::Tick;
 
@@ -36,7 +35,6 @@ impl Projection for AnalyticsProjection {
     }
 
     async fn apply_tick(&self, conn: &mut PgConnection, tick: &Tick) -> Result<(), ApplyError> {
-        archive_tick(conn, self.name(), tick).await?;
         let symbol = tick.symbol.as_str();
         let price = tick.price.value();
         let longest = self.windows.iter().copied().max().unwrap_or(1) as i64;

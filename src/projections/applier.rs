@@ -46,8 +46,34 @@ enum Input<'a> {
 async fn run(conn: &mut PgConnection, projection: &dyn Projection, input: Input<'_>) -> Result<(), ApplyError> {
     match input {
         Input::Event(event) => projection.apply_event(conn, event).await,
-        Input::Tick(tick) => projection.apply_tick(conn, tick).await,
+        Input::Tick(tick) => {
+            if projection.rebuilds_from_ticks() {
+                archive_tick(conn, projection.name(), tick).await?;
+            }
+            projection.apply_tick(conn, tick).await
+        }
     }
+}
+
+/// Stores the tick in the archive as applied by `projection` (idempotent). Done here, before the projection
+/// applies the tick and in the same transaction, for every projection that is rebuilt from the archive
+/// ([`Projection::rebuilds_from_ticks`]), so that its rebuild replays exactly the ticks it applied.
+async fn archive_tick(conn: &mut PgConnection, projection: &str, tick: &Tick) -> Result<(), ApplyError> {
+    sqlx::query(
+        "insert into public.market_ticks (projection, symbol, ts, seq, price, volume, source)
+         values ($1, $2, $3, $4, $5, $6, $7)
+         on conflict (projection, symbol, ts, seq) do nothing",
+    )
+    .bind(projection)
+    .bind(tick.symbol.as_str())
+    .bind(tick.ts)
+    .bind(tick.seq)
+    .bind(tick.price.value())
+    .bind(tick.volume)
+    .bind(&tick.source)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Applies one input; with `isolate`, under a savepoint so that a poison error can be skipped.

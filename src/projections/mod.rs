@@ -89,7 +89,8 @@ pub trait Projection: Send + Sync + 'static {
     fn consumes_ticks(&self) -> bool {
         false
     }
-    /// Whether a rebuild replays ticks (from the `market_ticks` archive) into its tables.
+    /// Whether a rebuild replays ticks (from the `market_ticks` archive, which the applier fills for such a
+    /// projection before each tick it applies) into its tables.
     fn rebuilds_from_ticks(&self) -> bool {
         self.consumes_ticks()
     }
@@ -131,6 +132,30 @@ pub trait ReplayFold: Send {
     fn held_bytes(&self) -> usize;
     /// Writes the state held to the projection's tables (set-based statements) and forgets it.
     async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ApplyError>;
+}
+
+/// One event of a rebuild's batch, decoded: its aggregate, its log record and its payload.
+pub type Decoded<'a, E> = (uuid::Uuid, &'a RawEvent, E);
+/// One event of a rebuild's batch that could not be decoded: its index in the batch and the reason.
+pub type Skipped = (usize, String);
+
+/// A rebuild batch's events of one aggregate type decoded for a [`ReplayFold`] (payload JSON straight into
+/// `E`): each decoded event with its aggregate and its log record, in log order, and the (index, reason) of
+/// each one that could not be decoded, as [`ReplayFold::fold`] reports them.
+pub fn decode_batch<'a, E: serde::de::DeserializeOwned>(
+    events: &[&'a RawEvent],
+) -> (Vec<Decoded<'a, E>>, Vec<Skipped>) {
+    let mut decoded = Vec::with_capacity(events.len());
+    let mut skipped = Vec::new();
+    for (index, event) in events.iter().enumerate() {
+        let payload =
+            aggregate_uuid(&event.aggregate_id).and_then(|id| Ok((id, serde_json::from_slice::<E>(&event.payload)?)));
+        match payload {
+            Ok((id, payload)) => decoded.push((id, *event, payload)),
+            Err(error) => skipped.push((index, error.to_string())),
+        }
+    }
+    (decoded, skipped)
 }
 
 /// The name of a projection's event progress table.

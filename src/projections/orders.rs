@@ -11,16 +11,16 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;
-use sqlx::{PgConnection, Row};
+use sqlx::{FromRow, PgConnection, Row};
 use uuid::Uuid;
 
-use super::{aggregate_uuid, ApplyError, Projection, ReplayFold};
+use super::{aggregate_uuid, decode_batch, ApplyError, Projection, ReplayFold};
 use crate::domain::{OrderEvent, OrderType};
 use crate::log::{RawEvent, RecordedEvent};
 
 pub struct OrdersProjection;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 struct OrderRow {
     portfolio_id: Uuid,
     client_order_id: String,
@@ -173,11 +173,6 @@ fn decode(event: &RecordedEvent) -> Result<(Uuid, OrderEvent), ApplyError> {
     Ok((aggregate_uuid(&event.aggregate_id)?, OrderEvent::deserialize(&event.payload)?))
 }
 
-/// The order and its event, decoded straight from the payload's JSON text.
-fn decode_raw(event: &RawEvent) -> Result<(Uuid, OrderEvent), ApplyError> {
-    Ok((aggregate_uuid(&event.aggregate_id)?, serde_json::from_slice(&event.payload)?))
-}
-
 async fn load(conn: &mut PgConnection, ids: &[Uuid]) -> Result<BTreeMap<Uuid, OrderRow>, sqlx::Error> {
     let rows = sqlx::query(
         "select order_id, portfolio_id, client_order_id, symbol, side, order_type, limit_price, protection_price,
@@ -188,34 +183,7 @@ async fn load(conn: &mut PgConnection, ids: &[Uuid]) -> Result<BTreeMap<Uuid, Or
     .bind(ids)
     .fetch_all(conn)
     .await?;
-    let mut orders = BTreeMap::new();
-    for row in rows {
-        orders.insert(
-            row.try_get("order_id")?,
-            OrderRow {
-                portfolio_id: row.try_get("portfolio_id")?,
-                client_order_id: row.try_get("client_order_id")?,
-                symbol: row.try_get("symbol")?,
-                side: row.try_get("side")?,
-                order_type: row.try_get("order_type")?,
-                limit_price: row.try_get("limit_price")?,
-                protection_price: row.try_get("protection_price")?,
-                quantity: row.try_get("quantity")?,
-                time_in_force: row.try_get("time_in_force")?,
-                status: row.try_get("status")?,
-                cum_quantity: row.try_get("cum_quantity")?,
-                leaves_quantity: row.try_get("leaves_quantity")?,
-                average_price: row.try_get("average_price")?,
-                fees: row.try_get("fees")?,
-                reject_code: row.try_get("reject_code")?,
-                reject_reason: row.try_get("reject_reason")?,
-                placed_at: row.try_get("placed_at")?,
-                updated_at: row.try_get("updated_at")?,
-                last_position: row.try_get("last_position")?,
-            },
-        );
-    }
-    Ok(orders)
+    rows.iter().map(|row| Ok((row.try_get("order_id")?, OrderRow::from_row(row)?))).collect()
 }
 
 async fn write(
@@ -350,20 +318,13 @@ impl ReplayFold for OrdersFold {
         conn: &mut PgConnection,
         events: &[&RawEvent],
     ) -> Result<Vec<(usize, String)>, ApplyError> {
-        let mut skipped = Vec::new();
-        let mut decoded = Vec::with_capacity(events.len());
-        let mut reload = BTreeSet::new();
-        for (index, event) in events.iter().enumerate() {
-            match decode_raw(event) {
-                Ok((id, order_event)) => {
-                    if !self.orders.contains_key(&id) && self.flushed.contains(&id) {
-                        reload.insert(id);
-                    }
-                    decoded.push((id, *event, order_event));
-                }
-                Err(error) => skipped.push((index, error.to_string())),
-            }
-        }
+        let (decoded, skipped) = decode_batch::<OrderEvent>(events);
+        // Orders flushed earlier and not held since: read back before their events are folded.
+        let reload: BTreeSet<Uuid> = decoded
+            .iter()
+            .map(|(id, ..)| *id)
+            .filter(|id| !self.orders.contains_key(id) && self.flushed.contains(id))
+            .collect();
         if !reload.is_empty() {
             let ids: Vec<Uuid> = reload.into_iter().collect();
             for (id, row) in load(conn, &ids).await? {

@@ -13,16 +13,16 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;
-use sqlx::{PgConnection, Row};
+use sqlx::{FromRow, PgConnection, Row};
 use uuid::Uuid;
 
-use super::{aggregate_uuid, ApplyError, Projection, ReplayFold};
+use super::{aggregate_uuid, decode_batch, ApplyError, Projection, ReplayFold};
 use crate::domain::PortfolioEvent;
 use crate::log::{RawEvent, RecordedEvent};
 
 pub struct PositionsProjection;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 struct PortfolioRow {
     owner: String,
     base_currency: String,
@@ -35,7 +35,7 @@ struct PortfolioRow {
     last_position: i64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 struct PositionRow {
     quantity: Decimal,
     reserved_quantity: Decimal,
@@ -58,7 +58,7 @@ impl PositionRow {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 struct LotRow {
     symbol: String,
     quantity: Decimal,
@@ -216,11 +216,6 @@ fn decode(event: &RecordedEvent) -> Result<(Uuid, PortfolioEvent), ApplyError> {
     Ok((aggregate_uuid(&event.aggregate_id)?, PortfolioEvent::deserialize(&event.payload)?))
 }
 
-/// The portfolio and its event, decoded straight from the payload's JSON text.
-fn decode_raw(event: &RawEvent) -> Result<(Uuid, PortfolioEvent), ApplyError> {
-    Ok((aggregate_uuid(&event.aggregate_id)?, serde_json::from_slice(&event.payload)?))
-}
-
 /// Lots a batch touches: the ones it opens or consumes.
 fn lot_keys(id: Uuid, event: &PortfolioEvent, keys: &mut BTreeSet<(Uuid, String)>) {
     if let PortfolioEvent::ExecutionApplied { lot_opened, lots_consumed, .. } = event {
@@ -240,20 +235,7 @@ async fn load(conn: &mut PgConnection, ids: &[Uuid], lot_keys: &BTreeSet<(Uuid, 
     .fetch_all(&mut *conn)
     .await?
     {
-        rows.portfolios.insert(
-            row.try_get("portfolio_id")?,
-            PortfolioRow {
-                owner: row.try_get("owner")?,
-                base_currency: row.try_get("base_currency")?,
-                cost_basis_method: row.try_get("cost_basis_method")?,
-                cash: row.try_get("cash")?,
-                reserved_cash: row.try_get("reserved_cash")?,
-                realized_pnl: row.try_get("realized_pnl")?,
-                opened_at: row.try_get("opened_at")?,
-                updated_at: row.try_get("updated_at")?,
-                last_position: row.try_get("last_position")?,
-            },
-        );
+        rows.portfolios.insert(row.try_get("portfolio_id")?, PortfolioRow::from_row(&row)?);
     }
     for row in sqlx::query(
         "select portfolio_id, symbol, quantity, reserved_quantity, cost_basis, fifo_cost_basis, realized_pnl, updated_at
@@ -263,17 +245,7 @@ async fn load(conn: &mut PgConnection, ids: &[Uuid], lot_keys: &BTreeSet<(Uuid, 
     .fetch_all(&mut *conn)
     .await?
     {
-        rows.positions.insert(
-            (row.try_get("portfolio_id")?, row.try_get("symbol")?),
-            PositionRow {
-                quantity: row.try_get("quantity")?,
-                reserved_quantity: row.try_get("reserved_quantity")?,
-                cost_basis: row.try_get("cost_basis")?,
-                fifo_cost_basis: row.try_get("fifo_cost_basis")?,
-                realized_pnl: row.try_get("realized_pnl")?,
-                updated_at: row.try_get("updated_at")?,
-            },
-        );
+        rows.positions.insert((row.try_get("portfolio_id")?, row.try_get("symbol")?), PositionRow::from_row(&row)?);
     }
     if !lot_keys.is_empty() {
         let (lot_portfolios, lot_ids): (Vec<Uuid>, Vec<String>) = lot_keys.iter().cloned().unzip();
@@ -290,15 +262,7 @@ async fn load(conn: &mut PgConnection, ids: &[Uuid], lot_keys: &BTreeSet<(Uuid, 
         .fetch_all(&mut *conn)
         .await?
         {
-            rows.lots.insert(
-                (row.try_get("portfolio_id")?, row.try_get("lot_id")?),
-                Some(LotRow {
-                    symbol: row.try_get("symbol")?,
-                    quantity: row.try_get("quantity")?,
-                    cost: row.try_get("cost")?,
-                    acquired_at: row.try_get("acquired_at")?,
-                }),
-            );
+            rows.lots.insert((row.try_get("portfolio_id")?, row.try_get("lot_id")?), Some(LotRow::from_row(&row)?));
         }
     }
     Ok(rows)
@@ -501,26 +465,18 @@ impl ReplayFold for PositionsFold {
         conn: &mut PgConnection,
         events: &[&RawEvent],
     ) -> Result<Vec<(usize, String)>, ApplyError> {
-        let mut skipped = Vec::new();
-        let mut decoded = Vec::with_capacity(events.len());
+        let (decoded, skipped) = decode_batch::<PortfolioEvent>(events);
+        // Portfolios flushed earlier: their rows (once) and the lots their events touch are read back first.
         let (mut reload, mut reload_lots) = (BTreeSet::new(), BTreeSet::new());
-        for (index, event) in events.iter().enumerate() {
-            let (id, portfolio_event) = match decode_raw(event) {
-                Ok(decoded) => decoded,
-                Err(error) => {
-                    skipped.push((index, error.to_string()));
-                    continue;
-                }
-            };
-            if self.flushed.contains(&id) {
-                if !self.reloaded.contains(&id) {
-                    reload.insert(id);
+        for (id, _, portfolio_event) in &decoded {
+            if self.flushed.contains(id) {
+                if !self.reloaded.contains(id) {
+                    reload.insert(*id);
                 }
                 let mut keys = BTreeSet::new();
-                lot_keys(id, &portfolio_event, &mut keys);
+                lot_keys(*id, portfolio_event, &mut keys);
                 reload_lots.extend(keys.into_iter().filter(|key| !self.rows.lots.contains_key(key)));
             }
-            decoded.push((id, *event, portfolio_event));
         }
         if !reload.is_empty() || !reload_lots.is_empty() {
             let ids: Vec<Uuid> = reload.iter().copied().collect();

@@ -1,5 +1,5 @@
-//! Latest price per symbol, the last N ticks per symbol, and one-minute OHLC bars. Also archives every tick in
-//! `market_ticks`, which rebuilds replay.
+//! Latest price per symbol, the last N ticks per symbol, and one-minute OHLC bars. Every tick it applies is
+//! archived in `market_ticks` (by the applier, in the same transaction), which rebuilds replay.
 
 use async_trait::async_trait;
 use chrono::{DurationRound, TimeDelta};
@@ -12,26 +12,6 @@ use crate::market::Tick;
 pub struct PricesProjection {
     /// Ticks kept per symbol in `price_ticks`.
     pub history_ticks: usize,
-}
-
-/// Stores the tick in the archive as applied by `projection` (idempotent). Every tick-driven projection that
-/// is rebuilt from the archive writes it, so that its rebuild replays exactly the ticks it applied.
-pub async fn archive_tick(conn: &mut PgConnection, projection: &str, tick: &Tick) -> Result<(), ApplyError> {
-    sqlx::query(
-        "insert into public.market_ticks (projection, symbol, ts, seq, price, volume, source)
-         values ($1, $2, $3, $4, $5, $6, $7)
-         on conflict (projection, symbol, ts, seq) do nothing",
-    )
-    .bind(projection)
-    .bind(tick.symbol.as_str())
-    .bind(tick.ts)
-    .bind(tick.seq)
-    .bind(tick.price.value())
-    .bind(tick.volume)
-    .bind(&tick.source)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 #[async_trait]
@@ -49,7 +29,6 @@ impl Projection for PricesProjection {
     }
 
     async fn apply_tick(&self, conn: &mut PgConnection, tick: &Tick) -> Result<(), ApplyError> {
-        archive_tick(conn, self.name(), tick).await?;
         let symbol = tick.symbol.as_str();
         let price = tick.price.value();
         sqlx::query(

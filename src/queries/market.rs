@@ -12,9 +12,11 @@ pub const LATEST_PRICES_MAX: i64 = 1_000;
 
 /// A symbol's latest price.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject), graphql(name = "Price"))]
 pub struct PriceRow {
     pub symbol: String,
     pub price: Decimal,
+    /// Time of the tick.
     pub as_of: DateTime<Utc>,
     pub seq: i64,
 }
@@ -43,6 +45,7 @@ pub enum HistoryInterval {
 
 /// One point of a price history: a tick (open = high = low = close) or a bar.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject), graphql(name = "PricePoint"))]
 pub struct PricePointRow {
     pub time: DateTime<Utc>,
     pub open: Decimal,
@@ -78,12 +81,15 @@ pub async fn price_history(
 
 /// An indicator's value for one symbol and window.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject), graphql(name = "Indicator"))]
 pub struct IndicatorRow {
     pub symbol: String,
     /// `SMA` or `EMA`.
     pub indicator: String,
+    /// In ticks.
     pub window_size: i32,
     pub value: Decimal,
+    /// Ticks the value is based on (fewer than the window while it fills).
     pub samples: i32,
     pub as_of: DateTime<Utc>,
 }
@@ -101,18 +107,20 @@ pub async fn indicators(pool: &PgPool, symbol: &str) -> Result<Vec<IndicatorRow>
 
 /// A symbol's move over one trading day.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject), graphql(name = "Mover"))]
 pub struct MoverRow {
     pub symbol: String,
     pub open_price: Decimal,
     pub last_price: Decimal,
     pub high: Decimal,
     pub low: Decimal,
-    /// Change since the day's open, in percent.
+    /// Change since the trading day's open, in percent.
     pub change_pct: Decimal,
 }
 
 /// The top gainers and losers of a trading day.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject), graphql(name = "Movers"))]
 pub struct MoversRows {
     pub trading_day: NaiveDate,
     pub gainers: Vec<MoverRow>,

@@ -63,6 +63,17 @@ fn required(kafka: Option<&KafkaConfig>) -> anyhow::Result<KafkaConfig> {
         .ok_or_else(|| anyhow::anyhow!("set KAFKA_BROKERS (or --kafka-brokers) to the Kafka bootstrap servers"))
 }
 
+/// How long and how often a timed suite runs each of its settings (client or task count).
+#[derive(Debug, clap::Args)]
+pub struct Timed {
+    /// Seconds per run.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Runs per setting; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+}
+
 /// Options of `bench export`.
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
@@ -93,12 +104,8 @@ pub struct CommandsArgs {
     /// Concurrent clients (comma-separated for several runs, e.g. 1,32).
     #[arg(long, value_delimiter = ',', default_value = "1,32")]
     pub clients: Vec<usize>,
-    /// Seconds per run.
-    #[arg(long, default_value_t = 10)]
-    pub seconds: u64,
-    /// Runs per client count; the median is reported.
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
+    #[command(flatten)]
+    pub timed: Timed,
     /// All clients deposit into one portfolio (a hot aggregate) instead of one portfolio each.
     #[arg(long)]
     pub hot: bool,
@@ -112,7 +119,7 @@ pub struct CommandsArgs {
 }
 
 async fn commands(database_url: &str, kafka: Option<&KafkaConfig>, args: CommandsArgs) -> anyhow::Result<()> {
-    let CommandsArgs { clients, seconds, runs, hot, with_system, json } = args;
+    let CommandsArgs { clients, timed: Timed { seconds, runs }, hot, with_system, json } = args;
     let system = if with_system { Some(required(kafka)?) } else { None };
     let options = api::CommandsOptions { hot, system };
     let mut medians = Vec::new();
@@ -175,12 +182,8 @@ pub struct DepositsArgs {
     /// Concurrent tasks (comma-separated for several runs, e.g. 1,16).
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     pub tasks: Vec<usize>,
-    /// Seconds per run.
-    #[arg(long, default_value_t = 10)]
-    pub seconds: u64,
-    /// Runs per task count; the median is reported.
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
+    #[command(flatten)]
+    pub timed: Timed,
     /// Send every command with an idempotency key.
     #[arg(long)]
     pub keyed: bool,
@@ -190,7 +193,7 @@ pub struct DepositsArgs {
 }
 
 async fn deposits(database_url: &str, args: DepositsArgs) -> anyhow::Result<()> {
-    let DepositsArgs { tasks, seconds, runs, keyed, json } = args;
+    let DepositsArgs { tasks, timed: Timed { seconds, runs }, keyed, json } = args;
     let mut medians = Vec::new();
     for task_count in tasks {
         let pgbench = reference(database_url, task_count, seconds, None).await;
@@ -303,19 +306,15 @@ pub struct IntakeArgs {
     /// Deposits per batch (at most 1000).
     #[arg(long, default_value_t = 1_000)]
     pub batch_size: usize,
-    /// Seconds per run.
-    #[arg(long, default_value_t = 10)]
-    pub seconds: u64,
-    /// Runs per client count; the median is reported.
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
+    #[command(flatten)]
+    pub timed: Timed,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
 }
 
 async fn intake(database_url: &str, args: IntakeArgs) -> anyhow::Result<()> {
-    let IntakeArgs { clients, batch_size, seconds, runs, json } = args;
+    let IntakeArgs { clients, batch_size, timed: Timed { seconds, runs }, json } = args;
     let mut medians = Vec::new();
     let duration = std::time::Duration::from_secs(seconds);
     for count in clients {

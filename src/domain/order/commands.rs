@@ -30,7 +30,7 @@ pub struct RecordExecution {
     pub executed_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, strum::IntoStaticStr)]
 #[serde(tag = "type")]
 pub enum OrderCommand {
     PlaceOrder(PlaceOrder),
@@ -58,13 +58,6 @@ pub enum OrderCommand {
 impl OrderCommand {
     /// The command's name, as recorded in event metadata and metrics.
     pub fn name(&self) -> &'static str {
-        match self {
-            Self::PlaceOrder(_) => "PlaceOrder",
-            Self::AcceptOrder { .. } => "AcceptOrder",
-            Self::RejectOrder { .. } => "RejectOrder",
-            Self::RecordExecution(_) => "RecordExecution",
-            Self::CancelOrder { .. } => "CancelOrder",
-            Self::ExpireOrder { .. } => "ExpireOrder",
-        }
+        self.into()
     }
 }

@@ -12,7 +12,7 @@ use crate::domain::values::{ClientOrderId, ExecId, Money, OrderId, PortfolioId, 
 /// Version of every Order event's payload schema; bump with an upcaster when a payload changes shape.
 pub const ORDER_EVENT_VERSION: &str = "1";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, strum::IntoStaticStr)]
 pub enum OrderEvent {
     OrderPlaced {
         order_id: OrderId,
@@ -68,15 +68,7 @@ pub enum OrderEvent {
 
 impl DomainEvent for OrderEvent {
     fn event_type(&self) -> String {
-        match self {
-            Self::OrderPlaced { .. } => "OrderPlaced",
-            Self::OrderAccepted { .. } => "OrderAccepted",
-            Self::OrderRejected { .. } => "OrderRejected",
-            Self::ExecutionRecorded { .. } => "ExecutionRecorded",
-            Self::OrderCanceled { .. } => "OrderCanceled",
-            Self::OrderExpired { .. } => "OrderExpired",
-        }
-        .to_string()
+        <&str>::from(self).to_string()
     }
 
     fn event_version(&self) -> String {

@@ -752,3 +752,13 @@ fn check_invariants_catches_inconsistent_states() {
 
     assert_eq!(Order::default().check_invariants(), Ok(()));
 }
+
+#[test]
+fn command_and_event_names_are_the_serialised_tags() {
+    use cqrs_es::DomainEvent;
+    let command = cancel();
+    assert_eq!(serde_json::to_value(&command).unwrap()["type"], command.name());
+    let event = canceled(dec!(1));
+    let tagged = serde_json::to_value(&event).unwrap();
+    assert!(tagged.get(event.event_type()).is_some(), "{tagged} is not tagged {}", event.event_type());
+}

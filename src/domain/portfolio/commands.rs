@@ -9,7 +9,7 @@ use crate::domain::values::{
     AlertId, Amount, Currency, ExecId, FreeText, Money, OrderId, Owner, PortfolioId, Price, Quantity, Symbol,
 };
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, strum::IntoStaticStr)]
 #[serde(tag = "type")]
 pub enum PortfolioCommand {
     OpenPortfolio {
@@ -81,18 +81,8 @@ pub enum PortfolioCommand {
 }
 
 impl PortfolioCommand {
+    /// The command's name (its variant's), as recorded in event metadata and metrics.
     pub fn name(&self) -> &'static str {
-        match self {
-            Self::OpenPortfolio { .. } => "OpenPortfolio",
-            Self::DepositCash { .. } => "DepositCash",
-            Self::WithdrawCash { .. } => "WithdrawCash",
-            Self::ReserveFunds { .. } => "ReserveFunds",
-            Self::ReserveQuantity { .. } => "ReserveQuantity",
-            Self::ReleaseReservation { .. } => "ReleaseReservation",
-            Self::ApplyExecution { .. } => "ApplyExecution",
-            Self::CreateAlert { .. } => "CreateAlert",
-            Self::CancelAlert { .. } => "CancelAlert",
-            Self::RearmAlert { .. } => "RearmAlert",
-        }
+        self.into()
     }
 }

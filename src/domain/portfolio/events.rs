@@ -27,7 +27,7 @@ pub struct LotConsumed {
 // `ExecutionApplied` is much larger than the other variants; events are serialised right after they are
 // created and never held in bulk, so boxing it would only cost an allocation.
 #[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, strum::IntoStaticStr)]
 pub enum PortfolioEvent {
     PortfolioOpened {
         portfolio_id: PortfolioId,
@@ -139,21 +139,9 @@ pub enum PortfolioEvent {
 }
 
 impl PortfolioEvent {
+    /// The event's name (its variant's, as serde tags it), stored as its `event_type`.
     pub fn name(&self) -> &'static str {
-        match self {
-            Self::PortfolioOpened { .. } => "PortfolioOpened",
-            Self::CashDeposited { .. } => "CashDeposited",
-            Self::CashWithdrawn { .. } => "CashWithdrawn",
-            Self::FundsReserved { .. } => "FundsReserved",
-            Self::QuantityReserved { .. } => "QuantityReserved",
-            Self::ReservationReleased { .. } => "ReservationReleased",
-            Self::ExecutionApplied { .. } => "ExecutionApplied",
-            Self::DeficitIncurred { .. } => "DeficitIncurred",
-            Self::DeficitCovered { .. } => "DeficitCovered",
-            Self::AlertCreated { .. } => "AlertCreated",
-            Self::AlertCanceled { .. } => "AlertCanceled",
-            Self::AlertRearmed { .. } => "AlertRearmed",
-        }
+        self.into()
     }
 }
 

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::{CostBasisMethod, Lot, LotConsumed, Portfolio, PortfolioCommand, PortfolioError, PortfolioEvent};
 use crate::domain::order::Side;
 use crate::domain::values::{
-    Amount, Currency, ExecId, FreeText, Money, OrderId, Owner, PortfolioId, Price, Quantity, Symbol,
+    AlertId, Amount, Currency, ExecId, FreeText, Money, OrderId, Owner, PortfolioId, Price, Quantity, Symbol,
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1105,4 +1105,13 @@ fn check_invariants_catches_inconsistent_states() {
     let position = flat_with_basis.positions.get_mut(&aapl()).unwrap();
     (position.quantity, position.reserved_quantity, position.lots) = (dec!(0), dec!(0), Default::default());
     violation(flat_with_basis, "AAPL: flat position with cost basis 501");
+}
+
+#[test]
+fn command_and_event_names_are_the_serialised_tags() {
+    let command = open(CostBasisMethod::Fifo);
+    assert_eq!(serde_json::to_value(&command).unwrap()["type"], command.name());
+    let event = PortfolioEvent::AlertCanceled { alert_id: AlertId::generate(), at: now() };
+    let tagged = serde_json::to_value(&event).unwrap();
+    assert!(tagged.get(event.name()).is_some(), "{tagged} is not tagged {}", event.name());
 }
