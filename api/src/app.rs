@@ -24,6 +24,8 @@ use crate::http::server::{router, serve, ServerConfig};
 pub struct AppConfig {
     pub keys: TokenKeys,
     pub introspection: bool,
+    /// Market data (`/api/v1/…`, `/ws/prices`) without a token.
+    pub public_market_data: bool,
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
     pub rate_limit_per_address_per_second: u32,
@@ -47,6 +49,7 @@ impl AppConfig {
         Self {
             keys,
             introspection: false,
+            public_market_data: false,
             rate_limit_per_second: 200,
             rate_limit_burst: 400,
             rate_limit_per_address_per_second: 1_000,
@@ -111,6 +114,7 @@ pub async fn start(pool: PgPool, config: AppConfig, listener: tokio::net::TcpLis
         rate_limit_per_address_burst: config.rate_limit_per_address_burst,
         keep_alive: config.keep_alive,
         kafka: config.kafka.clone(),
+        public_market_data: config.public_market_data,
     };
     let (router, server_state) = router(app, server);
     let address = listener.local_addr()?;

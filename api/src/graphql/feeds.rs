@@ -2,7 +2,9 @@
 //!
 //! - **log**: a follower of the PostgreSQL event log (commit-safe reader, woken by `LISTEN`), so a change made
 //!   through any instance — or any process — reaches every instance's subscribers.
-//! - **ticks**: a Kafka consumer of the prices topic (its own group, from the latest offset).
+//! - **ticks**: a Kafka consumer of the prices topic (its own group, from the latest offset). Besides the tick
+//!   itself, each tick is serialised once into the JSON frame of the raw price WebSocket (`/ws/prices`, see
+//!   `crate::http::price_socket`) while any such socket listens: every socket sends the same shared bytes.
 //! - **alerts**: `LISTEN alert_fired` (a trigger on `alert_firings` notifies every instance).
 //! - **progress**: `LISTEN ledger_progress` (projection workers after each batch, the process manager after each
 //!   cursor move): wakes the queries waiting for their writes (`waitFor`) instead of letting them poll.
@@ -61,6 +63,38 @@ pub struct FiringNotice {
     pub fired_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// A tick as the raw price WebSocket sends it, serialised once and shared by every socket (cloning the text
+/// only counts a reference).
+#[derive(Debug)]
+pub struct PriceFrame {
+    pub symbol: String,
+    /// `{"symbol","price","volume","timestamp"}` (decimals as strings, `volume` null when unknown).
+    pub text: axum::extract::ws::Utf8Bytes,
+}
+
+/// The fields of a [`PriceFrame`], in their order on the wire.
+#[derive(serde::Serialize)]
+struct PriceMessage<'a> {
+    symbol: &'a str,
+    price: rust_decimal::Decimal,
+    volume: Option<rust_decimal::Decimal>,
+    timestamp: chrono::DateTime<chrono::Utc>,
+}
+
+impl PriceFrame {
+    pub fn of(tick: &Tick) -> PriceFrame {
+        let message = PriceMessage {
+            symbol: tick.symbol.as_str(),
+            price: tick.price.value(),
+            volume: tick.volume,
+            timestamp: tick.ts,
+        };
+        // Serialising plain strings, decimals and a timestamp cannot fail.
+        let text = serde_json::to_string(&message).unwrap_or_default();
+        PriceFrame { symbol: tick.symbol.as_str().to_string(), text: text.into() }
+    }
+}
+
 /// Why a subscription ended early.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FeedError {
@@ -76,6 +110,10 @@ pub struct Hub {
     pool: PgPool,
     log: broadcast::Sender<Arc<RecordedEvent>>,
     ticks: broadcast::Sender<Arc<Tick>>,
+    /// The ticks as raw price WebSocket frames (filled only while a socket listens).
+    prices: broadcast::Sender<Arc<PriceFrame>>,
+    /// Fires when the API stops: the raw price sockets close.
+    stopping: CancellationToken,
     alerts: broadcast::Sender<Arc<FiringNotice>>,
     progress: broadcast::Sender<()>,
     ticks_available: bool,
@@ -100,12 +138,15 @@ impl Hub {
     ) -> anyhow::Result<Arc<Hub>> {
         let (log, _) = broadcast::channel(FEED_BUFFER);
         let (ticks, _) = broadcast::channel(FEED_BUFFER);
+        let (prices, _) = broadcast::channel(FEED_BUFFER);
         let (alerts, _) = broadcast::channel(FEED_BUFFER);
         let (progress, _) = broadcast::channel(PROGRESS_BUFFER);
         let hub = Arc::new(Hub {
             pool: pool.clone(),
             log,
             ticks,
+            prices,
+            stopping: cancel.clone(),
             alerts,
             progress,
             ticks_available: kafka.is_some(),
@@ -152,6 +193,16 @@ impl Hub {
 
     pub fn subscribe_ticks(&self) -> broadcast::Receiver<Arc<Tick>> {
         self.ticks.subscribe()
+    }
+
+    /// The ticks as raw price WebSocket frames, from now on (see [`PriceFrame`]).
+    pub fn subscribe_prices(&self) -> broadcast::Receiver<Arc<PriceFrame>> {
+        self.prices.subscribe()
+    }
+
+    /// Fires when the API stops.
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.stopping
     }
 
     pub fn subscribe_alerts(&self) -> broadcast::Receiver<Arc<FiringNotice>> {
@@ -429,6 +480,9 @@ async fn follow_ticks(kafka: KafkaConfig, hub: Arc<Hub>, cancel: CancellationTok
                     continue;
                 }
                 if let Some(tick) = message.payload().and_then(|p| Tick::decode(p).ok()) {
+                    if hub.prices.receiver_count() > 0 {
+                        let _ = hub.prices.send(Arc::new(PriceFrame::of(&tick)));
+                    }
                     let _ = hub.ticks.send(Arc::new(tick));
                 }
             }

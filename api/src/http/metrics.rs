@@ -18,6 +18,8 @@ pub struct HttpMetrics {
     pub rate_limited: std::sync::atomic::AtomicU64,
     pub unauthorized: std::sync::atomic::AtomicU64,
     pub request_duration: Histogram,
+    /// Raw price sockets open (`/ws/prices`).
+    pub price_sockets_open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn histogram(out: &mut String, name: &str, help: &str, histogram: &Histogram) {
@@ -122,6 +124,12 @@ pub fn render(state: &AppState, http: &HttpMetrics) -> String {
         "ledger_subscriptions_open",
         "Open GraphQL subscriptions on this instance.",
         &[(String::new(), state.hub.subscriptions.load(Ordering::Relaxed) as f64)],
+    );
+    gauge(
+        &mut out,
+        "ledger_price_sockets_open",
+        "Open raw price WebSockets (/ws/prices) on this instance.",
+        &[(String::new(), http.price_sockets_open.load(Ordering::Relaxed) as f64)],
     );
     let pool = &state.pool;
     gauge(

@@ -1,8 +1,11 @@
-//! The HTTP face of the API: the axum server and its routes, the GraphQL WebSocket protocol, rate limits, the
-//! `/metrics` exposition and the dashboard's static files.
+//! The HTTP face of the API: the axum server and its routes, the GraphQL WebSocket protocol, the public
+//! market-data surface (REST and a raw price WebSocket), rate limits, the `/metrics` exposition and the
+//! dashboard's static files.
 
 pub mod dashboard;
+pub mod market_data;
 pub mod metrics;
+pub mod price_socket;
 pub mod ratelimit;
 pub mod server;
 pub mod ws;

@@ -10,6 +10,8 @@
 //! | `GET /readyz` | database reachable and migrated, broker reachable (when configured) |
 //! | `GET /metrics` | Prometheus text (auditor or admin token; or without a token on `LEDGER_METRICS_LISTEN`) |
 //! | `GET /audit/export` | the sealed audit trail as JSON Lines (auditor or admin; filters as query parameters) |
+//! | `GET /api/v1/…` | market data over REST, and its OpenAPI document (see `market_data`) |
+//! | `GET /ws/prices` | a raw WebSocket of price ticks as JSON (see `price_socket`) |
 //!
 //! Limits: request bodies of at most [`REQUEST_BODY_MAX_BYTES`](super::REQUEST_BODY_MAX_BYTES); a token bucket per client address, checked
 //! before any token is looked at, and a strict one for failed authentications per address; a token bucket per
@@ -61,6 +63,8 @@ pub struct ServerConfig {
     pub keep_alive: crate::http::ws::KeepAlive,
     /// The broker checked by `/readyz`, if any.
     pub kafka: Option<KafkaConfig>,
+    /// Market data (`/api/v1/…`, `/ws/prices`) without a token (rate-limited per client address).
+    pub public_market_data: bool,
 }
 
 pub struct ServerState {
@@ -78,6 +82,7 @@ pub struct ServerState {
     pub kafka: Option<KafkaConfig>,
     pub graphiql: bool,
     pub keep_alive: crate::http::ws::KeepAlive,
+    pub public_market_data: bool,
     /// The database-derived part of `/metrics` and when it was rendered.
     metrics_cache: tokio::sync::Mutex<Option<(Instant, String)>>,
 }
@@ -99,6 +104,7 @@ pub fn router(app: AppState, config: ServerConfig) -> (Router, Arc<ServerState>)
         kafka: config.kafka,
         graphiql: config.introspection,
         keep_alive: config.keep_alive,
+        public_market_data: config.public_market_data,
         metrics_cache: tokio::sync::Mutex::new(None),
     });
     let router = Router::new()
@@ -110,6 +116,8 @@ pub fn router(app: AppState, config: ServerConfig) -> (Router, Arc<ServerState>)
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/audit/export", get(audit_export))
+        .route("/ws/prices", get(crate::http::price_socket::upgrade))
+        .merge(crate::http::market_data::routes())
         // The GraphQL extractor reads the body itself, so axum's DefaultBodyLimit alone would not apply.
         .layer(tower_http::limit::RequestBodyLimitLayer::new(REQUEST_BODY_MAX_BYTES))
         .layer(DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))
@@ -142,24 +150,24 @@ pub async fn serve(
         .await
 }
 
-fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+pub(super) fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
     let body = serde_json::json!({ "errors": [{ "message": message, "extensions": { "code": code } }] });
     (status, axum::Json(body)).into_response()
 }
 
-fn rate_limited(state: &ServerState) -> Response {
+pub(super) fn rate_limited(state: &ServerState) -> Response {
     state.http.rate_limited.fetch_add(1, Ordering::Relaxed);
     error_response(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", "too many requests; slow down")
 }
 
 /// Why a request was refused before it reached its handler.
-enum Refusal {
+pub(super) enum Refusal {
     RateLimited,
     Unauthenticated(AuthError),
 }
 
 impl Refusal {
-    fn response(self, state: &ServerState) -> Response {
+    pub(super) fn response(self, state: &ServerState) -> Response {
         match self {
             Refusal::RateLimited => rate_limited(state),
             Refusal::Unauthenticated(error) => {
@@ -173,7 +181,7 @@ impl Refusal {
 /// Authenticates a request's `Authorization` header, after the per-address checks: too many requests from the
 /// address, or too many failed authentications from it while carrying a token, are refused (429) before the
 /// token is looked at. `Ok(None)`: no token.
-fn authenticate(
+pub(super) fn authenticate(
     state: &ServerState,
     peer: SocketAddr,
     headers: &HeaderMap,

@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod demo;
 mod graphql;
+mod market_data;
 mod security;
 mod subscriptions;
 mod support;

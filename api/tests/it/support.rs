@@ -53,7 +53,7 @@ pub struct Stack {
     pub kafka: KafkaConfig,
     pub instances: Vec<Running>,
     keys: TokenKeys,
-    http: reqwest::Client,
+    pub http: reqwest::Client,
 }
 
 pub fn init_tracing() {

@@ -58,6 +58,8 @@ pub enum Command {
     Token(operations::TokenArgs),
     /// Print the GraphQL schema (SDL), as committed in api/schema.graphql.
     Schema,
+    /// Print the OpenAPI 3 document of the REST market data, as committed in api/openapi.json.
+    Openapi,
     /// Create the database if missing and apply all migrations, then exit.
     Migrate,
     /// Run the process manager (Order ↔ Portfolio coordination) until interrupted (one active per database;
@@ -100,6 +102,10 @@ pub async fn run(args: Cli) -> anyhow::Result<()> {
         Command::Token(token) => operations::token(token),
         Command::Schema => {
             operations::schema();
+            Ok(())
+        }
+        Command::Openapi => {
+            operations::openapi();
             Ok(())
         }
         Command::Migrate => operations::migrate(url).await,

@@ -172,8 +172,10 @@ fn app_config(
     create_topics: bool,
 ) -> anyhow::Result<AppConfig> {
     let mut config = AppConfig::new(keys, Some(kafka.clone()));
-    // The demo is for exploring: introspection and GraphiQL on (off by default in `ledger serve`).
+    // The demo is for exploring: introspection and GraphiQL on, market data without a token (both off by
+    // default in `ledger serve`).
     config.introspection = true;
+    config.public_market_data = true;
     config.settings = projection_args.settings()?;
     config.valuation_stale_after = chrono::Duration::milliseconds(projection_args.valuation_stale_after_ms as i64);
     config.with_relay = true;
@@ -221,6 +223,9 @@ fn print_welcome(keys: &TokenKeys, base: &str, trader: PortfolioId, args: &DemoA
     println!("  dashboard   {base}/#token={token}");
     println!("  GraphiQL    {base}/graphql   (header  Authorization: Bearer <token>)");
     println!("  metrics     {base}/metrics");
+    println!(
+        "  prices      {base}/api/v1/prices   (no token; OpenAPI at /api/v1/openapi.json, live at ws://…/ws/prices)"
+    );
     println!("  trader token ({DEMO_TRADER}, portfolio {trader}):");
     println!("    {token}");
     println!("  admin token:");

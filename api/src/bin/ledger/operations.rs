@@ -1,6 +1,6 @@
-//! Operators' one-shot subcommands: `migrate`, `token`, `schema`, `check`, and `process-failures …` (what an
-//! operator does about steps the process manager could not apply). The work is in the library; this module
-//! parses options and prints one line per item.
+//! Operators' one-shot subcommands: `migrate`, `token`, `schema`, `openapi`, `check`, and `process-failures …`
+//! (what an operator does about steps the process manager could not apply). The work is in the library; this
+//! module parses options and prints one line per item.
 
 use std::sync::Arc;
 
@@ -54,6 +54,11 @@ pub fn token(args: TokenArgs) -> anyhow::Result<()> {
 /// `ledger schema`: the GraphQL SDL, as committed in `api/schema.graphql`.
 pub fn schema() {
     print!("{}", ledger_api::graphql::sdl());
+}
+
+/// `ledger openapi`: the REST market data's OpenAPI 3 document, as committed in `api/openapi.json`.
+pub fn openapi() {
+    print!("{}", ledger_api::http::market_data::openapi_json());
 }
 
 /// Who an operator's actions are recorded as (the OS user running the command).

@@ -18,6 +18,10 @@ pub struct ServeArgs {
     /// as api/schema.graphql).
     #[arg(long, env = "LEDGER_INTROSPECTION", default_value_t = false, action = clap::ArgAction::Set)]
     pub introspection: bool,
+    /// Serve market data (/api/v1/prices…, /ws/prices) without a token, rate-limited per client address (off by
+    /// default: any valid token is needed).
+    #[arg(long, env = "LEDGER_PUBLIC_MARKET_DATA", default_value_t = false, action = clap::ArgAction::Set)]
+    pub public_market_data: bool,
     /// Requests (and WebSocket operations) per second and token subject (or client address without a token).
     #[arg(long, env = "LEDGER_RATE_LIMIT_PER_SECOND", default_value_t = 200)]
     pub rate_limit_per_second: u32,
@@ -59,6 +63,7 @@ pub async fn run(
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let mut config = AppConfig::new(keys, kafka);
     config.introspection = args.introspection;
+    config.public_market_data = args.public_market_data;
     config.rate_limit_per_second = args.rate_limit_per_second;
     config.rate_limit_burst = args.rate_limit_burst;
     config.rate_limit_per_address_per_second = args.rate_limit_per_address_per_second;
@@ -72,7 +77,7 @@ pub async fn run(
     config.workers = projection_args.worker_config()?;
     let running = start(pool, config, listener).await?;
     tracing::info!(address = %running.address, metrics = ?running.metrics_address,
-        "GraphQL API listening (POST /graphql, /graphql/ws, /metrics)");
+        "GraphQL API listening (POST /graphql, /graphql/ws, /api/v1, /ws/prices, /metrics)");
     crate::shared::shutdown_on_signal().cancelled().await;
     running.stop().await
 }
