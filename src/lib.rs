@@ -14,6 +14,7 @@
 //! - [`kafka`]: Kafka settings and topic creation shared by the relay and the consumers.
 //! - [`projections`]: read models built from the log.
 //! - [`audit`]: the hash chain sealed over the log, exports (JSON Lines, CSV, Parquet) and their verification.
+//! - [`webhooks`]: alert delivery by webhook — the endpoints and the delivery outbox.
 //! - [`db`], [`clock`], [`metrics`], [`leadership`], [`trace`], [`retry`]: connections and migrations; where
 //!   time comes from; latency histograms; one active instance of a singleton process (advisory lock); the W3C
 //!   trace context that follows a request into its events and their projection; retry delays.
@@ -37,3 +38,4 @@ pub mod queries;
 pub mod relay;
 pub mod retry;
 pub mod trace;
+pub mod webhooks;

@@ -40,6 +40,9 @@ pub struct AppConfig {
     pub with_relay: bool,
     pub with_process_manager: bool,
     pub with_workers: bool,
+    /// Also deliver alert webhooks (needs no broker).
+    pub with_webhooks: bool,
+    pub webhooks: crate::webhooks::WebhookConfig,
     pub relay: RelayConfig,
     pub workers: WorkerConfig,
 }
@@ -64,6 +67,8 @@ impl AppConfig {
             with_relay: false,
             with_process_manager: false,
             with_workers: false,
+            with_webhooks: false,
+            webhooks: crate::webhooks::WebhookConfig::default(),
             relay: RelayConfig::default(),
             workers: WorkerConfig::default(),
         }
@@ -132,6 +137,11 @@ pub async fn start(pool: PgPool, config: AppConfig, listener: tokio::net::TcpLis
         let (router, cancel) = (crate::http::server::metrics_router(server_state), cancel.clone());
         tasks
             .push(tokio::spawn(async move { serve(metrics_listener, router, cancel).await.context("metrics server") }));
+    }
+    if config.with_webhooks {
+        let deliverer = crate::webhooks::Deliverer::new(pool.clone(), config.webhooks.clone());
+        let cancel = cancel.clone();
+        tasks.push(tokio::spawn(async move { deliverer.run(cancel).await.context("webhooks") }));
     }
     if config.with_process_manager {
         let manager = ProcessManager::new(commands.clone(), ProcessConfig::default());

@@ -9,9 +9,11 @@
 //! | [`graphql`] | the schema: queries, mutations, subscriptions and their feeds |
 //! | [`http`] | the server, its routes, the WebSocket protocol, rate limits, `/metrics`, the dashboard |
 //! | [`options`] | command-line options both binaries take (Kafka) |
+//! | [`webhooks`] | the webhook deliverer: signed POSTs of the alert deliveries the library's outbox holds |
 
 pub mod app;
 pub mod auth;
 pub mod graphql;
 pub mod http;
 pub mod options;
+pub mod webhooks;

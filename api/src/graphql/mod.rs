@@ -7,6 +7,7 @@
 //! | market | `prices`, `priceHistory`, `indicators`, `movers` | — | `priceTicks` |
 //! | log | `log`, aggregate `history`, `deadLetters` | — | `logEvents(after)` |
 //! | operations | `processFailures`, `portfoliosInDeficit` | retry or dismiss a process failure | — |
+//! | webhooks | `webhooks(portfolioId)` with each one's `deliveries` | `createWebhook`, `removeWebhook` | — |
 //!
 //! Limits (named constants below): query depth, complexity, aliases, page size; request size and per-token
 //! rate limits live in the HTTP layer (`crate::http`).
@@ -23,6 +24,7 @@ pub mod scalars;
 pub mod subscription;
 pub mod system;
 pub mod types;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -79,6 +81,7 @@ pub struct QueryRoot(
     market::MarketQuery,
     system::LogQuery,
     operations::OperationsQuery,
+    webhooks::WebhookQuery,
 );
 
 #[derive(MergedObject, Default)]
@@ -88,6 +91,7 @@ pub struct MutationRoot(
     mutation::OrderMutation,
     mutation::AlertMutation,
     operations::OperationsMutation,
+    webhooks::WebhookMutation,
 );
 
 pub type LedgerSchema = Schema<QueryRoot, MutationRoot, subscription::SubscriptionRoot>;

@@ -37,7 +37,7 @@ fn context(ctx: &Context<'_>, principal: &Principal, key: &str, request: &impl S
 /// Fails unless the caller may trade the portfolio. A role that trades nothing is `FORBIDDEN`; a portfolio the
 /// caller may not trade answers exactly like one that does not exist (`PORTFOLIO_NOT_FOUND`), so that ids
 /// cannot be probed.
-async fn authorize_portfolio(state: &AppState, principal: &Principal, portfolio_id: Uuid) -> Result<()> {
+pub(super) async fn authorize_portfolio(state: &AppState, principal: &Principal, portfolio_id: Uuid) -> Result<()> {
     if !principal.can_trade() {
         return Err(forbidden());
     }

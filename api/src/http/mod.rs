@@ -1,7 +1,8 @@
 //! The HTTP face of the API: the axum server and its routes, the GraphQL WebSocket protocol, the public
-//! market-data surface (REST and a raw price WebSocket), rate limits, the `/metrics` exposition and the
-//! dashboard's static files.
+//! market-data surface (REST and a raw price WebSocket), rate limits, the `/metrics` exposition, the
+//! dashboard's static files, and the outgoing POSTs (`client`: webhooks, trace export).
 
+pub mod client;
 pub mod dashboard;
 pub mod market_data;
 pub mod metrics;

@@ -9,3 +9,4 @@ mod market_data;
 mod security;
 mod subscriptions;
 mod support;
+mod webhooks;

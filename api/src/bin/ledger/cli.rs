@@ -74,6 +74,8 @@ pub enum Command {
     Check,
     /// Mirror the event log to Kafka until interrupted (one active relay per topic; others stand by).
     Relay,
+    /// Deliver alert webhooks until SIGINT/SIGTERM (start several to share the work).
+    Webhooks(crate::shared::WebhookArgs),
     /// Run projection workers (one consumer group each) until interrupted.
     Worker(roles::WorkerArgs),
     /// Rebuild read models from the log into shadow tables and swap them in (or, with --verify, compare).
@@ -113,6 +115,7 @@ pub async fn run(args: Cli) -> anyhow::Result<()> {
         Command::ProcessFailures { command } => operations::process_failures(url, command).await,
         Command::Check => operations::check(url).await,
         Command::Relay => roles::relay(url, kafka).await,
+        Command::Webhooks(args) => roles::webhooks(url, args).await,
         Command::Worker(worker) => roles::worker(url, kafka, projections, worker).await,
         Command::Replay(replay) => roles::replay(url, projections, replay).await,
         Command::Simulate(simulate) => roles::simulate(kafka, simulate).await,

@@ -181,6 +181,9 @@ fn app_config(
     config.with_relay = true;
     config.with_process_manager = true;
     config.with_workers = true;
+    config.with_webhooks = true;
+    // Receivers in a demo are on the same machine.
+    config.webhooks.allow_private_targets = true;
     config.relay.create_topics = create_topics;
     config.workers = projection_args.worker_config()?;
     config.workers.create_topics = create_topics;

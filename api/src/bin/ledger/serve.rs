@@ -47,6 +47,11 @@ pub struct ServeArgs {
     /// Also run every projection worker in this process.
     #[arg(long, env = "LEDGER_SERVE_WORKERS")]
     pub with_workers: bool,
+    /// Also deliver alert webhooks from this process (any number of processes may).
+    #[arg(long, env = "LEDGER_SERVE_WEBHOOKS")]
+    pub with_webhooks: bool,
+    #[command(flatten)]
+    pub webhooks: crate::shared::WebhookArgs,
 }
 
 pub async fn run(
@@ -74,6 +79,8 @@ pub async fn run(
     config.with_relay = args.with_relay;
     config.with_process_manager = args.with_process_manager;
     config.with_workers = args.with_workers;
+    config.with_webhooks = args.with_webhooks;
+    config.webhooks = args.webhooks.config();
     config.workers = projection_args.worker_config()?;
     let running = start(pool, config, listener).await?;
     tracing::info!(address = %running.address, metrics = ?running.metrics_address,

@@ -102,3 +102,33 @@ pub fn shutdown_on_signal() -> CancellationToken {
     });
     cancel
 }
+
+/// Settings of alert webhook delivery (`ledger webhooks`, `serve --with-webhooks`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WebhookArgs {
+    /// Deliver to loopback, private and link-local addresses too (off: a portfolio owner cannot make the ledger
+    /// call into its own network).
+    #[arg(long, env = "LEDGER_WEBHOOK_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub webhook_allow_private: bool,
+    /// Wait before a failed delivery's second attempt, in ms (doubling for each further one, up to 10 minutes).
+    #[arg(long, env = "LEDGER_WEBHOOK_RETRY_FIRST_MS", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub webhook_retry_first_ms: u64,
+    /// Hours a failing delivery is retried before it is dead.
+    #[arg(long, env = "LEDGER_WEBHOOK_RETRY_HOURS", default_value_t = 24,
+          value_parser = clap::value_parser!(u32).range(1..=168))]
+    pub webhook_retry_hours: u32,
+}
+
+impl WebhookArgs {
+    pub fn config(&self) -> ledger_api::webhooks::WebhookConfig {
+        ledger_api::webhooks::WebhookConfig {
+            policy: ledger::webhooks::WebhookPolicy {
+                retry_first_delay: chrono::Duration::milliseconds(self.webhook_retry_first_ms as i64),
+                retry_for: chrono::Duration::hours(i64::from(self.webhook_retry_hours)),
+            },
+            allow_private_targets: self.webhook_allow_private,
+            ..Default::default()
+        }
+    }
+}

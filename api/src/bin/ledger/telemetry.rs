@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ledger_api::http::client::{self, Target};
 use serde_json::{json, Value};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -120,62 +121,23 @@ impl OtlpLayer {
 /// The collector's traces endpoint: `<endpoint>/v1/traces` over plain HTTP/1.1 (a collector or agent beside
 /// the ledger; it forwards to hosted back ends with their TLS and credentials).
 #[derive(Debug)]
-struct Collector {
-    host: String,
-    port: u16,
-    /// `host:port` as the `Host` header gives it.
-    authority: String,
-    path: String,
-}
+struct Collector(Target);
 
 impl Collector {
     fn parse(endpoint: &str) -> Result<Collector, String> {
-        let uri: hyper::Uri =
-            format!("{}/v1/traces", endpoint.trim_end_matches('/')).parse().map_err(|e| format!("{e}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some(other) => {
-                return Err(format!("{other}:// is not supported: export over http:// to a collector or agent"))
-            }
-            None => return Err("give the scheme, e.g. http://collector:4318".into()),
-        }
-        let authority = uri.authority().ok_or("no host")?;
-        let path = uri.path_and_query().map_or("/v1/traces", |p| p.as_str()).to_string();
-        Ok(Collector {
-            host: authority.host().trim_start_matches('[').trim_end_matches(']').to_string(),
-            port: authority.port_u16().unwrap_or(80),
-            authority: authority.to_string(),
-            path,
-        })
+        Target::parse(&format!("{}/v1/traces", endpoint.trim_end_matches('/'))).map(Collector)
     }
 
     /// Posts one JSON body on a connection of its own (an export wakes once a second and posts what is queued,
     /// in batches of at most [`EXPORT_BATCH_MAX`] spans); the response's status.
     async fn post(&self, body: Vec<u8>) -> Result<hyper::StatusCode, String> {
-        let exchange = async {
-            let stream =
-                tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await.map_err(|e| e.to_string())?;
-            let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| e.to_string())?;
-            tokio::spawn(connection);
-            let request = hyper::Request::post(&self.path)
-                .header(hyper::header::HOST, &self.authority)
-                .header(hyper::header::CONTENT_TYPE, "application/json")
-                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-                .map_err(|e| e.to_string())?;
-            let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
-            Ok(response.status())
-        };
-        match tokio::time::timeout(Duration::from_millis(EXPORT_TIMEOUT_MS), exchange).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(format!("no answer within {EXPORT_TIMEOUT_MS} ms")),
-        }
+        let address = self.0.resolve().await?[0];
+        client::post(&self.0, address, &[], bytes::Bytes::from(body), Duration::from_millis(EXPORT_TIMEOUT_MS)).await
     }
 }
 
 async fn export_loop(collector: Collector, service: String, receiver: std::sync::mpsc::Receiver<Value>) {
-    let url = format!("http://{}{}", collector.authority, collector.path);
+    let url = format!("http://{}{}", collector.0.authority, collector.0.path);
     let resource = json!({ "attributes": [ { "key": "service.name", "value": { "stringValue": service } } ] });
     let mut failing = false;
     loop {
@@ -282,10 +244,10 @@ mod tests {
 
     #[test]
     fn the_collector_is_an_http_endpoint_with_a_host() {
-        let collector = Collector::parse("http://collector:4318/").unwrap();
+        let Collector(collector) = Collector::parse("http://collector:4318/").unwrap();
         assert_eq!((collector.host.as_str(), collector.port), ("collector", 4318));
         assert_eq!((collector.authority.as_str(), collector.path.as_str()), ("collector:4318", "/v1/traces"));
-        let default_port = Collector::parse("http://[::1]/otlp").unwrap();
+        let Collector(default_port) = Collector::parse("http://[::1]/otlp").unwrap();
         assert_eq!((default_port.host.as_str(), default_port.port), ("::1", 80));
         assert_eq!(default_port.path, "/otlp/v1/traces");
         assert!(Collector::parse("https://collector:4318").unwrap_err().contains("not supported"));
