@@ -109,6 +109,7 @@ pub async fn start(pool: PgPool, config: AppConfig, listener: tokio::net::TcpLis
         hub: hub.clone(),
         clock: Arc::new(SystemClock),
         valuation_stale_after: config.valuation_stale_after,
+        settings: config.settings.clone(),
     };
     let server = ServerConfig {
         keys: config.keys.clone(),

@@ -244,10 +244,25 @@ impl LogReader {
 }
 
 /// One event by its id, if it exists.
-pub async fn event_by_id(pool: &PgPool, event_id: uuid::Uuid) -> Result<Option<RecordedEvent>, sqlx::Error> {
+pub async fn event_by_id<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    event_id: uuid::Uuid,
+) -> Result<Option<RecordedEvent>, sqlx::Error> {
     let row = sqlx::query(&format!("select {SELECT_COLUMNS} from events where event_id = $1"))
         .bind(event_id)
-        .fetch_optional(pool)
+        .fetch_optional(executor)
+        .await?;
+    row.as_ref().map(decode_event).transpose()
+}
+
+/// The event at a global position, if there is one.
+pub async fn event_at<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    global_position: i64,
+) -> Result<Option<RecordedEvent>, sqlx::Error> {
+    let row = sqlx::query(&format!("select {SELECT_COLUMNS} from events where global_position = $1"))
+        .bind(global_position)
+        .fetch_optional(executor)
         .await?;
     row.as_ref().map(decode_event).transpose()
 }

@@ -38,12 +38,18 @@ enum Planned {
 
 /// One input to apply.
 #[derive(Clone, Copy)]
-enum Input<'a> {
+pub(crate) enum Input<'a> {
     Event(&'a RecordedEvent),
     Tick(&'a Tick),
 }
 
-async fn run(conn: &mut PgConnection, projection: &dyn Projection, input: Input<'_>) -> Result<(), ApplyError> {
+/// Applies one input as it is (ticks archived first for a projection rebuilt from them), without the progress
+/// bookkeeping: the callers below do that, and a dead letter's replay needs none.
+pub(crate) async fn run(
+    conn: &mut PgConnection,
+    projection: &dyn Projection,
+    input: Input<'_>,
+) -> Result<(), ApplyError> {
     match input {
         Input::Event(event) => projection.apply_event(conn, event).await,
         Input::Tick(tick) => {

@@ -23,6 +23,7 @@ pub mod alerts;
 pub mod analytics;
 pub mod applier;
 pub mod catch_up;
+pub mod dead_letters;
 pub mod orders;
 pub mod positions;
 pub mod prices;

@@ -306,6 +306,27 @@ async fn malformed_messages_go_to_the_dead_letter_topic_and_the_worker_goes_on()
     }
     assert_equals_rebuild(&db.pool, &["orders"]).await;
     assert!(before.orders.len() + after.orders.len() == 20);
+
+    // Neither can be replayed: the first is no message the ledger wrote, the second names an event the log
+    // does not hold (a replay takes the event from the log). Both stay open.
+    use ledger::projections::dead_letters::{replay, ReplayOutcome};
+    let ids: Vec<i64> = sqlx::query_scalar("select id from dead_letters where projection = 'orders' order by id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let projections = [projection("orders")];
+    let junk = replay(&db.pool, &projections, ids[0], "test").await.unwrap();
+    assert!(
+        matches!(&junk, ReplayOutcome::Refused(r) if r.contains("neither an event envelope nor a tick")),
+        "{junk:?}"
+    );
+    let unknown = replay(&db.pool, &projections, ids[1], "test").await.unwrap();
+    assert_eq!(unknown, ReplayOutcome::Refused("the event is not in the log".into()));
+    let open: i64 = sqlx::query_scalar("select count(*) from dead_letters where resolved_at is null")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(open, 2);
     worker.stop().await;
     relay.stop().await;
     pm.stop().await;

@@ -6,7 +6,7 @@
 //! | orders | `order(id, asOf, atPosition, waitFor)` | place, cancel, record execution | `orderUpdates` |
 //! | market | `prices`, `priceHistory`, `indicators`, `movers` | — | `priceTicks` |
 //! | log | `log`, aggregate `history`, `deadLetters` | — | `logEvents(after)` |
-//! | operations | `processFailures`, `portfoliosInDeficit` | retry or dismiss a process failure | — |
+//! | operations | `processFailures`, `portfoliosInDeficit` | retry or dismiss a process failure; replay or discard a dead letter | — |
 //! | webhooks | `webhooks(portfolioId)` with each one's `deliveries` | `createWebhook`, `removeWebhook` | — |
 //!
 //! Limits (named constants below): query depth, complexity, aliases, page size; request size and per-token
@@ -71,6 +71,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub clock: Arc<dyn Clock>,
     pub valuation_stale_after: chrono::Duration,
+    /// The read models' settings (a dead letter's replay runs its projection as the workers do).
+    pub settings: ledger::projections::ProjectionSettings,
 }
 
 #[derive(MergedObject, Default)]

@@ -1,5 +1,6 @@
 //! What operators watch and act on: process-manager steps that could not be applied (listed for auditors and
-//! admins, retried or dismissed by admins) and portfolios in deficit. Both are also metrics
+//! admins, retried or dismissed by admins), dead letters (replayed or discarded by admins; listed by
+//! `deadLetters`) and portfolios in deficit. Both are also metrics
 //! (`ledger_process_failures`, `ledger_portfolios_in_deficit`); docs/operations.md says what to do about each.
 
 use async_graphql::connection::{Connection, Edge};
@@ -7,6 +8,7 @@ use async_graphql::{Context, Object, Result, SimpleObject};
 use chrono::{DateTime, Utc};
 use ledger::process::failures::{self, ProcessFailure as FailureRow, RetryOutcome};
 use ledger::process::{ProcessConfig, ProcessManager};
+use ledger::projections::dead_letters::{self, ReplayOutcome};
 use ledger::queries::portfolios::{in_deficit, DeficitRow};
 use rust_decimal::Decimal;
 use uuid::Uuid;
@@ -69,6 +71,16 @@ impl From<DeficitRow> for PortfolioDeficit {
             updated_at: row.updated_at,
         }
     }
+}
+
+/// What `replayDeadLetter` did.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct ReplayDeadLetterPayload {
+    /// True when the message was applied to its projection and the dead letter is resolved.
+    pub replayed: bool,
+    /// `REFUSED` (its projection still cannot apply it; it stays open) or `NOT_OPEN`.
+    pub error_code: Option<String>,
+    pub error: Option<String>,
 }
 
 /// What `retryProcessFailure` did.
@@ -181,5 +193,33 @@ impl OperationsMutation {
     async fn dismiss_process_failure(&self, ctx: &Context<'_>, event_id: Uuid) -> Result<bool> {
         let principal = admin(ctx)?;
         failures::dismiss(&state(ctx).pool, event_id, &principal.subject).await.map_err(database)
+    }
+
+    /// Applies a dead letter to its projection once its cause is fixed, and marks it replayed by the caller (in
+    /// one transaction: at most once). Admins only. See docs/operations.md.
+    async fn replay_dead_letter(&self, ctx: &Context<'_>, id: i64) -> Result<ReplayDeadLetterPayload> {
+        let (principal, state) = (admin(ctx)?, state(ctx));
+        let projections = ledger::projections::all(&state.settings);
+        let outcome =
+            dead_letters::replay(&state.pool, &projections, id, &principal.subject).await.map_err(database)?;
+        Ok(match outcome {
+            ReplayOutcome::Applied => ReplayDeadLetterPayload { replayed: true, error_code: None, error: None },
+            ReplayOutcome::NotOpen => ReplayDeadLetterPayload {
+                replayed: false,
+                error_code: Some("NOT_OPEN".into()),
+                error: Some("no open dead letter with this id".into()),
+            },
+            ReplayOutcome::Refused(reason) => {
+                ReplayDeadLetterPayload { replayed: false, error_code: Some("REFUSED".into()), error: Some(reason) }
+            }
+        })
+    }
+
+    /// Marks a dead letter as dealt with, with the reason (it stays listed with its resolution). Admins only.
+    /// Returns false when there was no open dead letter with this id.
+    async fn discard_dead_letter(&self, ctx: &Context<'_>, id: i64, reason: String) -> Result<bool> {
+        let principal = admin(ctx)?;
+        let reason = ledger::domain::values::FreeText::new("reason", reason).map_err(super::errors::value)?;
+        dead_letters::discard(&state(ctx).pool, id, &principal.subject, reason.as_str()).await.map_err(database)
     }
 }

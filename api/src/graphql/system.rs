@@ -6,58 +6,16 @@ use std::sync::{Arc, Mutex};
 use async_graphql::connection::{Connection, ConnectionNameType, Edge, EdgeNameType, EmptyFields};
 use async_graphql::extensions::{Extension, ExtensionContext, ExtensionFactory, NextParseQuery};
 use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
-use async_graphql::{Context, Object, OutputType, Result, ServerError, ServerResult, SimpleObject, Variables};
-use chrono::{DateTime, Utc};
+use async_graphql::{Context, Object, OutputType, Result, ServerError, ServerResult, Variables};
 use ledger::log::LogReader;
 use lru::LruCache;
 
 use super::errors::{database, forbidden, invalid};
-use ledger::queries::operations::{dead_letters, DeadLetterRow};
+use ledger::queries::operations::{dead_letters, DeadLetterRow as DeadLetter};
 
 use super::scalars::LogPosition;
 use super::types::Event;
 use super::{page_size, principal, state};
-
-#[derive(SimpleObject, Clone, Debug)]
-pub struct DeadLetter {
-    pub id: i64,
-    pub projection: String,
-    pub source_topic: String,
-    pub source_partition: i32,
-    pub source_offset: i64,
-    pub message_key: Option<String>,
-    /// The message body as text (bytes outside printable ASCII escaped as `\\ooo`).
-    pub payload: Option<String>,
-    pub error: String,
-    pub recorded_at: DateTime<Utc>,
-}
-
-impl From<DeadLetterRow> for DeadLetter {
-    fn from(row: DeadLetterRow) -> Self {
-        let DeadLetterRow {
-            id,
-            projection,
-            source_topic,
-            source_partition,
-            source_offset,
-            message_key,
-            payload,
-            error,
-            recorded_at,
-        } = row;
-        DeadLetter {
-            id,
-            projection,
-            source_topic,
-            source_partition,
-            source_offset,
-            message_key,
-            payload,
-            error,
-            recorded_at,
-        }
-    }
-}
 
 /// The global log's connection type is `LogConnection` (`EventConnection` is an aggregate's history, whose
 /// cursor is a sequence number rather than a log position).
@@ -104,11 +62,13 @@ impl LogQuery {
         Ok(connection)
     }
 
-    /// Messages the projection workers could not process, newest first. Admins only.
+    /// Messages the projection workers could not process, newest first (`open: true`: only those neither
+    /// replayed nor discarded). Admins only; `replayDeadLetter` and `discardDeadLetter` resolve them.
     #[graphql(complexity = "super::page_size(first) * child_complexity")]
     async fn dead_letters(
         &self,
         ctx: &Context<'_>,
+        #[graphql(default = false)] open: bool,
         first: Option<i32>,
         after: Option<String>,
     ) -> Result<Connection<String, DeadLetter>> {
@@ -117,9 +77,9 @@ impl LogQuery {
         }
         let limit = page_size(first);
         let before: Option<i64> = after.as_deref().map(|a| a.parse().map_err(|_| invalid("bad cursor"))).transpose()?;
-        let rows = dead_letters(&state(ctx).pool, before, limit as i64 + 1).await.map_err(database)?;
+        let rows = dead_letters(&state(ctx).pool, open, before, limit as i64 + 1).await.map_err(database)?;
         let mut connection = Connection::new(after.is_some(), rows.len() > limit);
-        connection.edges.extend(rows.into_iter().take(limit).map(|row| Edge::new(row.id.to_string(), row.into())));
+        connection.edges.extend(rows.into_iter().take(limit).map(|row| Edge::new(row.id.to_string(), row)));
         Ok(connection)
     }
 }

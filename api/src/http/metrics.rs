@@ -163,14 +163,20 @@ pub async fn render_database(pool: &sqlx::PgPool) -> String {
             &[(String::new(), head_age.unwrap_or(0.0))],
         );
     }
-    if let Ok(rows) =
-        sqlx::query_as::<_, (String, i64)>("select projection, count(*) from dead_letters group by projection")
-            .fetch_all(pool)
-            .await
+    if let Ok(rows) = sqlx::query_as::<_, (String, i64)>(
+        "select projection, count(*) from dead_letters where resolved_at is null group by projection",
+    )
+    .fetch_all(pool)
+    .await
     {
         let samples: Vec<(String, f64)> =
             rows.into_iter().map(|(p, n)| (format!("{{projection=\"{p}\"}}"), n as f64)).collect();
-        gauge(&mut out, "ledger_dead_letters", "Messages in the dead-letter table, by projection.", &samples);
+        gauge(
+            &mut out,
+            "ledger_dead_letters",
+            "Open dead letters (neither replayed nor discarded), by projection.",
+            &samples,
+        );
     }
     if let Ok(rows) = ledger::log::cursor_lags(pool).await {
         let label = |name: &str| format!("{{follower=\"{name}\"}}");

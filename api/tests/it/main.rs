@@ -3,6 +3,7 @@
 mod accounting;
 mod cli;
 mod crash;
+mod dead_letters;
 mod demo;
 mod graphql;
 mod market_data;

@@ -65,6 +65,11 @@ pub enum Command {
     /// Run the process manager (Order ↔ Portfolio coordination) until interrupted (one active per database;
     /// others stand by).
     ProcessManager,
+    /// Messages a projection could not apply: list, show, replay (once the cause is fixed) or discard them.
+    DeadLetters {
+        #[command(subcommand)]
+        command: operations::DeadLettersCommand,
+    },
     /// Steps the process manager could not apply: list, retry (once the cause is fixed) or dismiss them.
     ProcessFailures {
         #[command(subcommand)]
@@ -113,6 +118,7 @@ pub async fn run(args: Cli) -> anyhow::Result<()> {
         Command::Migrate => operations::migrate(url).await,
         Command::ProcessManager => roles::process_manager(url).await,
         Command::ProcessFailures { command } => operations::process_failures(url, command).await,
+        Command::DeadLetters { command } => operations::dead_letters(url, projections, command).await,
         Command::Check => operations::check(url).await,
         Command::Relay => roles::relay(url, kafka).await,
         Command::Webhooks(args) => roles::webhooks(url, args).await,

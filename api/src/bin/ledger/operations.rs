@@ -1,6 +1,7 @@
-//! Operators' one-shot subcommands: `migrate`, `token`, `schema`, `openapi`, `check`, and `process-failures …`
-//! (what an operator does about steps the process manager could not apply). The work is in the library; this
-//! module parses options and prints one line per item.
+//! Operators' one-shot subcommands: `migrate`, `token`, `schema`, `openapi`, `check`, `process-failures …`
+//! (what an operator does about steps the process manager could not apply) and `dead-letters …` (messages a
+//! projection could not apply). The work is in the library; this module parses options and prints one line
+//! per item.
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use anyhow::bail;
 use ledger::commands::{CommandConfig, CommandService};
 use ledger::process::failures::{self, RetryOutcome};
 use ledger::process::{ProcessConfig, ProcessManager};
+use ledger::projections::dead_letters::ReplayOutcome;
 use uuid::Uuid;
 
 use crate::shared::connect_and_migrate;
@@ -123,6 +125,87 @@ pub async fn process_failures(database_url: &str, command: ProcessFailuresComman
                 bail!("no open failure for event {event_id}");
             }
             println!("dismissed the failure of event {event_id}");
+            Ok(())
+        }
+    }
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum DeadLettersCommand {
+    /// List dead letters, newest first (the open ones unless --all).
+    List {
+        #[arg(long)]
+        all: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        limit: i64,
+    },
+    /// Print one dead letter in full (its message as text).
+    Show { id: i64 },
+    /// Apply a dead letter to its projection once its cause is fixed, and mark it replayed (at most once; exit 1
+    /// if its projection refuses it again).
+    Replay { id: i64 },
+    /// Mark a dead letter as dealt with, with the reason.
+    Discard {
+        id: i64,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+/// `ledger dead-letters …`.
+pub async fn dead_letters(
+    database_url: &str,
+    projection_args: &crate::shared::ProjectionArgs,
+    command: DeadLettersCommand,
+) -> anyhow::Result<()> {
+    let pool = connect_and_migrate(database_url).await?;
+    match command {
+        DeadLettersCommand::List { all, limit } => {
+            let rows = ledger::queries::operations::dead_letters(&pool, !all, None, limit).await?;
+            for row in &rows {
+                let resolved = match (&row.resolution, &row.resolved_by) {
+                    (Some(how), Some(by)) => format!(" — {how} by {by}"),
+                    _ => String::new(),
+                };
+                println!(
+                    "#{} {} {} from {}[{}]@{}: {}{resolved}",
+                    row.id,
+                    row.recorded_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                    row.projection,
+                    row.source_topic,
+                    row.source_partition,
+                    row.source_offset,
+                    row.error
+                );
+            }
+            println!("{} dead letter(s){}", rows.len(), if all { "" } else { " open" });
+            Ok(())
+        }
+        DeadLettersCommand::Show { id } => {
+            let Some(row) = ledger::queries::operations::dead_letter(&pool, id).await? else {
+                bail!("no dead letter #{id}")
+            };
+            println!("{row:#?}");
+            Ok(())
+        }
+        DeadLettersCommand::Replay { id } => {
+            let projections = ledger::projections::all(&projection_args.settings()?);
+            match ledger::projections::dead_letters::replay(&pool, &projections, id, &operator()).await? {
+                ReplayOutcome::Applied => {
+                    println!("replayed: dead letter #{id} is applied to its projection and resolved");
+                    Ok(())
+                }
+                ReplayOutcome::NotOpen => bail!("no open dead letter #{id}"),
+                ReplayOutcome::Refused(reason) => bail!("refused again: {reason}"),
+            }
+        }
+        DeadLettersCommand::Discard { id, reason } => {
+            let reason = ledger::domain::values::FreeText::new("reason", reason)?;
+            if !ledger::projections::dead_letters::discard(&pool, id, &operator(), reason.as_str()).await? {
+                bail!("no open dead letter #{id}");
+            }
+            println!("discarded dead letter #{id}");
             Ok(())
         }
     }
