@@ -140,7 +140,7 @@ pub async fn start(pool: PgPool, config: AppConfig, listener: tokio::net::TcpLis
             .push(tokio::spawn(async move { serve(metrics_listener, router, cancel).await.context("metrics server") }));
     }
     if config.with_webhooks {
-        let deliverer = crate::webhooks::Deliverer::new(pool.clone(), config.webhooks.clone());
+        let deliverer = crate::webhooks::Deliverer::new(pool.clone(), config.webhooks.clone())?;
         let cancel = cancel.clone();
         tasks.push(tokio::spawn(async move { deliverer.run(cancel).await.context("webhooks") }));
     }

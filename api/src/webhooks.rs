@@ -25,7 +25,7 @@ use sha2::Sha256;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::client::{self, Target};
+use crate::http::client::{Client, Target};
 
 /// Longest wait for an endpoint's answer (connect, send, status line).
 pub const DELIVERY_TIMEOUT_MS: u64 = 10_000;
@@ -46,6 +46,8 @@ pub struct WebhookConfig {
     /// Deliver to loopback, private and link-local addresses too (tests; a ledger inside a trusted network).
     pub allow_private_targets: bool,
     pub poll_interval: Duration,
+    /// Certificates (PEM) trusted for `https://` endpoints besides the Mozilla roots: a private CA's.
+    pub ca_file: Option<std::path::PathBuf>,
     /// How long a claimed delivery is held before another deliverer may attempt it again (a deliverer that
     /// stopped mid-call leaves its deliveries to the lease's end).
     pub lease: Duration,
@@ -57,6 +59,7 @@ impl Default for WebhookConfig {
             policy: WebhookPolicy::default(),
             allow_private_targets: false,
             poll_interval: Duration::from_millis(POLL_INTERVAL_MS),
+            ca_file: None,
             lease: Duration::from_secs(webhooks::LEASE_SECONDS_DEFAULT),
         }
     }
@@ -65,11 +68,14 @@ impl Default for WebhookConfig {
 pub struct Deliverer {
     pool: PgPool,
     config: WebhookConfig,
+    client: Client,
 }
 
 impl Deliverer {
-    pub fn new(pool: PgPool, config: WebhookConfig) -> Self {
-        Self { pool, config }
+    /// Fails if the CA file cannot be read.
+    pub fn new(pool: PgPool, config: WebhookConfig) -> anyhow::Result<Self> {
+        let client = Client::new(config.ca_file.as_deref()).map_err(|e| anyhow::anyhow!("webhooks: {e}"))?;
+        Ok(Self { pool, config, client })
     }
 
     /// Delivers until `cancel` fires (attempts in flight then are left to their lease, and retried).
@@ -136,8 +142,8 @@ impl Deliverer {
             Ok(target) => target,
             Err(error) => return failed(error),
         };
-        let address = match self.address(&target).await {
-            Ok(address) => address,
+        let addresses = match self.addresses(&target).await {
+            Ok(addresses) => addresses,
             Err(error) => return failed(error),
         };
         let timestamp = chrono::Utc::now().timestamp();
@@ -148,22 +154,27 @@ impl Deliverer {
             ("user-agent", concat!("ledger-webhooks/", env!("CARGO_PKG_VERSION")).to_string()),
         ];
         let body = bytes::Bytes::from(due.body.clone());
-        match client::post(&target, address, &headers, body, Duration::from_millis(DELIVERY_TIMEOUT_MS)).await {
+        match self.client.post(&target, &addresses, &headers, body, Duration::from_millis(DELIVERY_TIMEOUT_MS)).await {
             Ok(status) if status.is_success() => Attempt::Delivered { status: status.as_u16() },
             Ok(status) => Attempt::Failed { status: Some(status.as_u16()), error: format!("HTTP {status}") },
             Err(error) => failed(error),
         }
     }
 
-    /// The address to connect to: the first the host resolves to, unless it is not public and that is not allowed.
-    async fn address(&self, target: &Target) -> Result<SocketAddr, String> {
-        let addresses = target.resolve().await?;
-        if self.config.allow_private_targets {
-            return Ok(addresses[0]);
+    /// The addresses to connect to (tried in turn): those the host resolves to, without the non-public ones
+    /// unless they are allowed.
+    async fn addresses(&self, target: &Target) -> Result<Vec<SocketAddr>, String> {
+        let mut addresses = target.resolve().await?;
+        if !self.config.allow_private_targets {
+            addresses.retain(|a| is_public(a.ip()));
         }
-        addresses.iter().copied().find(|a| is_public(a.ip())).ok_or_else(|| {
-            format!("{} resolves only to non-public addresses (LEDGER_WEBHOOK_ALLOW_PRIVATE allows them)", target.host)
-        })
+        if addresses.is_empty() {
+            return Err(format!(
+                "{} resolves only to non-public addresses (LEDGER_WEBHOOK_ALLOW_PRIVATE allows them)",
+                target.host
+            ));
+        }
+        Ok(addresses)
     }
 }
 

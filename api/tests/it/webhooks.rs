@@ -76,7 +76,7 @@ fn config(allow_private_targets: bool) -> WebhookConfig {
 
 fn start(stack: &Stack, config: WebhookConfig) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let cancel = CancellationToken::new();
-    let deliverer = Deliverer::new(stack.pool.clone(), config);
+    let deliverer = Deliverer::new(stack.pool.clone(), config).unwrap();
     (cancel.clone(), tokio::spawn(deliverer.run(cancel)))
 }
 
@@ -214,5 +214,91 @@ async fn deliveries_die_after_their_retry_time_and_private_addresses_are_refused
     let removed = stack.ok(&alice, remove, json!({ "id": id })).await;
     assert!(removed["removeWebhook"]["removedAt"].is_string());
     stack.ok(&alice, CREATE, json!({ "p": portfolio, "url": "http://example.com/x" })).await;
+    stack.stop().await;
+}
+
+/// An axum listener serving TLS with the test's certificate.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((stream, address)) = self.tcp.accept().await else { continue };
+            // A client that does not trust the certificate fails its handshake: wait for the next one.
+            if let Ok(tls) = self.acceptor.accept(stream).await {
+                return (tls, address);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// Serves `receiver` over TLS on a loopback port with a new self-signed certificate for `localhost`; the URL and
+/// a PEM file of the certificate (to trust it).
+async fn serve_tls(receiver: Arc<Receiver>) -> (String, std::path::PathBuf) {
+    use tokio_rustls::rustls::pki_types::PrivateKeyDer;
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let ca_file = std::env::temp_dir().join(format!("ledger-test-ca-{}.pem", uuid::Uuid::new_v4()));
+    std::fs::write(&ca_file, certified.cert.pem()).unwrap();
+    let key = PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+    #[allow(deprecated)] // the client's provider (see `ledger_api::http::client`)
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .unwrap();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let listener = TlsListener { tcp, acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)) };
+    let app = axum::Router::new().route("/hook", axum::routing::post(receive)).with_state(receiver);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("https://localhost:{port}/hook"), ca_file)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn https_endpoints_are_delivered_to_once_their_certificate_is_trusted() {
+    let stack = Stack::start(1).await;
+    let alice = stack.token("alice", Role::Trader);
+    let portfolio = open_funded(&stack, &alice, "100").await;
+    let receiver = Arc::new(Receiver::default());
+    receiver.release.notify_one();
+    let (url, ca_file) = serve_tls(receiver.clone()).await;
+    stack.ok(&alice, CREATE, json!({ "p": portfolio, "url": url })).await;
+
+    // The self-signed certificate is not trusted: the attempt fails in the TLS handshake.
+    let (cancel, untrusting) = start(&stack, config(true));
+    fire_alert(&stack, &alice, &portfolio).await;
+    let refused = eventually(|| async {
+        let log = deliveries(&stack, &alice, &portfolio).await;
+        log.first().is_some_and(|d| d["lastError"].as_str().is_some_and(|e| e.contains("TLS")))
+    })
+    .await;
+    assert!(refused, "no TLS failure: {:?}", deliveries(&stack, &alice, &portfolio).await);
+    cancel.cancel();
+    untrusting.await.unwrap().unwrap();
+    assert!(receiver.received.lock().unwrap().is_empty());
+
+    // Trusted through the CA file: delivered.
+    let (cancel, trusting) = start(&stack, WebhookConfig { ca_file: Some(ca_file.clone()), ..config(true) });
+    let delivered = eventually(|| async {
+        deliveries(&stack, &alice, &portfolio).await.first().is_some_and(|d| d["status"] == "DELIVERED")
+    })
+    .await;
+    assert!(delivered, "never delivered: {:?}", deliveries(&stack, &alice, &portfolio).await);
+    cancel.cancel();
+    trusting.await.unwrap().unwrap();
+    assert_eq!(receiver.received.lock().unwrap().len(), 1);
+    std::fs::remove_file(ca_file).unwrap();
     stack.stop().await;
 }

@@ -92,7 +92,7 @@ pub async fn relay(database_url: &str, kafka: &KafkaArgs) -> anyhow::Result<()> 
 /// `ledger webhooks`: delivers alert webhooks (any number may run: deliveries are leased one by one).
 pub async fn webhooks(database_url: &str, args: crate::shared::WebhookArgs) -> anyhow::Result<()> {
     let pool = connect_and_migrate(database_url).await?;
-    ledger_api::webhooks::Deliverer::new(pool, args.config()).run(shutdown_on_signal()).await
+    ledger_api::webhooks::Deliverer::new(pool, args.config())?.run(shutdown_on_signal()).await
 }
 
 /// `ledger process-manager`: coordinates orders and portfolios.

@@ -118,6 +118,9 @@ pub struct WebhookArgs {
     #[arg(long, env = "LEDGER_WEBHOOK_RETRY_HOURS", default_value_t = 24,
           value_parser = clap::value_parser!(u32).range(1..=168))]
     pub webhook_retry_hours: u32,
+    /// Certificates (PEM) to trust for https:// endpoints besides the Mozilla roots (a private CA's).
+    #[arg(long, env = "LEDGER_WEBHOOK_CA_FILE")]
+    pub webhook_ca_file: Option<std::path::PathBuf>,
 }
 
 impl WebhookArgs {
@@ -128,6 +131,7 @@ impl WebhookArgs {
                 retry_for: chrono::Duration::hours(i64::from(self.webhook_retry_hours)),
             },
             allow_private_targets: self.webhook_allow_private,
+            ca_file: self.webhook_ca_file.clone(),
             ..Default::default()
         }
     }

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ledger_api::http::client::{self, Target};
+use ledger_api::http::client::{Client, Target};
 use serde_json::{json, Value};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -118,26 +118,27 @@ impl OtlpLayer {
     }
 }
 
-/// The collector's traces endpoint: `<endpoint>/v1/traces` over plain HTTP/1.1 (a collector or agent beside
-/// the ledger; it forwards to hosted back ends with their TLS and credentials).
-#[derive(Debug)]
-struct Collector(Target);
+/// The collector's traces endpoint: `<endpoint>/v1/traces` over HTTP/1.1 (a collector or agent beside the
+/// ledger, which forwards to hosted back ends with their credentials).
+struct Collector(Target, Client);
 
 impl Collector {
     fn parse(endpoint: &str) -> Result<Collector, String> {
-        Target::parse(&format!("{}/v1/traces", endpoint.trim_end_matches('/'))).map(Collector)
+        let target = Target::parse(&format!("{}/v1/traces", endpoint.trim_end_matches('/')))?;
+        Ok(Collector(target, Client::new(None)?))
     }
 
     /// Posts one JSON body on a connection of its own (an export wakes once a second and posts what is queued,
     /// in batches of at most [`EXPORT_BATCH_MAX`] spans); the response's status.
     async fn post(&self, body: Vec<u8>) -> Result<hyper::StatusCode, String> {
-        let address = self.0.resolve().await?[0];
-        client::post(&self.0, address, &[], bytes::Bytes::from(body), Duration::from_millis(EXPORT_TIMEOUT_MS)).await
+        let addresses = self.0.resolve().await?;
+        self.1.post(&self.0, &addresses, &[], bytes::Bytes::from(body), Duration::from_millis(EXPORT_TIMEOUT_MS)).await
     }
 }
 
 async fn export_loop(collector: Collector, service: String, receiver: std::sync::mpsc::Receiver<Value>) {
-    let url = format!("http://{}{}", collector.0.authority, collector.0.path);
+    let scheme = if collector.0.tls { "https" } else { "http" };
+    let url = format!("{scheme}://{}{}", collector.0.authority, collector.0.path);
     let resource = json!({ "attributes": [ { "key": "service.name", "value": { "stringValue": service } } ] });
     let mut failing = false;
     loop {
@@ -244,13 +245,14 @@ mod tests {
 
     #[test]
     fn the_collector_is_an_http_endpoint_with_a_host() {
-        let Collector(collector) = Collector::parse("http://collector:4318/").unwrap();
+        let Collector(collector, _) = Collector::parse("http://collector:4318/").unwrap();
         assert_eq!((collector.host.as_str(), collector.port), ("collector", 4318));
         assert_eq!((collector.authority.as_str(), collector.path.as_str()), ("collector:4318", "/v1/traces"));
-        let Collector(default_port) = Collector::parse("http://[::1]/otlp").unwrap();
+        let Collector(default_port, _) = Collector::parse("http://[::1]/otlp").unwrap();
         assert_eq!((default_port.host.as_str(), default_port.port), ("::1", 80));
         assert_eq!(default_port.path, "/otlp/v1/traces");
-        assert!(Collector::parse("https://collector:4318").unwrap_err().contains("not supported"));
+        assert!(Collector::parse("https://collector:4318").is_ok());
+        assert!(Collector::parse("grpc://collector:4317").err().unwrap().contains("not supported"));
         assert!(Collector::parse("collector:4318").is_err());
         assert!(Collector::parse("http://").is_err());
     }
