@@ -3,10 +3,11 @@
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use sqlx::PgPool;
+use sqlx::{FromRow, PgPool, Row};
 use uuid::Uuid;
 
 use crate::domain::Portfolio;
+use crate::log::LogPosition;
 
 /// Portfolios listed per page at most.
 pub const DEFICIT_PAGE_MAX: i64 = 1_000;
@@ -191,6 +192,52 @@ pub struct AlertFiringRow {
     /// The price, % change or P&L that met the condition.
     pub observed_value: Decimal,
     pub fired_at: DateTime<Utc>,
+}
+
+/// Up to `limit` firings after `after` in commit-safe order (see `migrations/0010_alert_firing_order.sql`): only
+/// firings of transactions older than every running one, so none can commit behind the last one returned. All
+/// portfolios' firings, or one portfolio's. Each with its position in that order (`transaction_id:position`).
+pub async fn firings_after(
+    pool: &PgPool,
+    portfolio_id: Option<Uuid>,
+    after: LogPosition,
+    limit: i64,
+) -> Result<Vec<(LogPosition, AlertFiringRow)>, sqlx::Error> {
+    let rows = sqlx::query(
+        "select transaction_id::text as transaction_id_text, position, firing_id, alert_id, portfolio_id, arming,
+                kind, symbol, price, observed_value, fired_at
+           from alert_firings
+          where ($1::uuid is null or portfolio_id = $1)
+            and (transaction_id, position) > ($2::text::xid8, $3)
+            and transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+          order by transaction_id, position limit $4",
+    )
+    .bind(portfolio_id)
+    .bind(after.transaction_id.to_string())
+    .bind(after.global_position)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let position = LogPosition::from_columns(row.try_get("transaction_id_text")?, row.try_get("position")?)?;
+            Ok((position, AlertFiringRow::from_row(row)?))
+        })
+        .collect()
+}
+
+/// The position of the newest firing below the horizon (where a follower that delivers only new firings starts).
+pub async fn firings_head(pool: &PgPool) -> Result<LogPosition, sqlx::Error> {
+    let row: Option<(String, i64)> = sqlx::query_as(
+        "select transaction_id::text, position from alert_firings
+          where transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+          order by transaction_id desc, position desc limit 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    row.map_or(Ok(LogPosition::START), |(transaction_id, position)| {
+        LogPosition::from_columns(&transaction_id, position)
+    })
 }
 
 /// Up to `limit` firings of a portfolio's alerts, newest first.

@@ -5,7 +5,8 @@
 //! - **ticks**: a Kafka consumer of the prices topic (its own group, from the latest offset). Besides the tick
 //!   itself, each tick is serialised once into the JSON frame of the raw price WebSocket (`/ws/prices`, see
 //!   `crate::http::price_socket`) while any such socket listens: every socket sends the same shared bytes.
-//! - **alerts**: `LISTEN alert_fired` (a trigger on `alert_firings` notifies every instance).
+//! - **alerts**: a follower of `alert_firings` in their commit-safe order (woken by `LISTEN alert_fired`, which a
+//!   trigger sends), so `alertFired(after:)` resumes like `logEvents(after:)`.
 //! - **progress**: `LISTEN ledger_progress` (projection workers after each batch, the process manager after each
 //!   cursor move): wakes the queries waiting for their writes (`waitFor`) instead of letting them poll.
 //!
@@ -13,8 +14,8 @@
 //! is told to resync (and resumes from its last position), so a slow client can never make the server hold an
 //! unbounded backlog.
 //!
-//! Resuming the log (`after`): subscribe to the feed first, then read the log from `after` until caught up,
-//! then pass on feed messages newer than the last one delivered. Anything the feed carried before the
+//! Resuming the log or the firings (`after`): subscribe to the feed first, then read the table from `after` until
+//! caught up, then pass on feed messages newer than the last one delivered. Anything the feed carried before the
 //! subscription was committed before the catch-up read, so the catch-up covers it: no gap, no repeat.
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -27,7 +28,6 @@ use ledger::log::{LogPosition, LogReader, RecordedEvent};
 use ledger::market::Tick;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::Message;
-use serde::Deserialize;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::broadcast;
@@ -49,18 +49,11 @@ const LOG_FOLLOW_POLL_MS: u64 = 20;
 /// Pause after an error of the tick consumer (librdkafka reconnects by itself).
 const TICK_ERROR_PAUSE_MS: u64 = 200;
 
-/// One alert firing, as the `alert_fired` notification carries it.
-#[derive(Debug, Clone, Deserialize)]
+/// One alert firing, with its position in the firings' commit-safe order.
+#[derive(Debug, Clone)]
 pub struct FiringNotice {
-    pub firing_id: uuid::Uuid,
-    pub alert_id: uuid::Uuid,
-    pub portfolio_id: uuid::Uuid,
-    pub arming: i32,
-    pub kind: String,
-    pub symbol: String,
-    pub price: rust_decimal::Decimal,
-    pub observed_value: rust_decimal::Decimal,
-    pub fired_at: chrono::DateTime<chrono::Utc>,
+    pub position: LogPosition,
+    pub firing: ledger::queries::portfolios::AlertFiringRow,
 }
 
 /// A tick as the raw price WebSocket sends it, serialised once and shared by every socket (cloning the text
@@ -158,14 +151,8 @@ impl Hub {
         let head = ledger::log::newest_position(&pool, ledger::log::Newest::BelowHorizon).await?;
         *hub.log_position.lock().unwrap_or_else(|p| p.into_inner()) = head;
         tokio::spawn(follow_log(hub.clone(), head, cancel.clone()));
-        tokio::spawn(follow_notifications(pool.clone(), "alert_fired", hub.clone(), cancel.clone(), |hub, payload| {
-            match serde_json::from_str::<FiringNotice>(payload) {
-                Ok(firing) => {
-                    let _ = hub.alerts.send(Arc::new(firing));
-                }
-                Err(error) => tracing::warn!(%error, "undecodable alert_fired notification"),
-            }
-        }));
+        let firings_head = ledger::queries::portfolios::firings_head(&pool).await?;
+        tokio::spawn(follow_firings(hub.clone(), firings_head, cancel.clone()));
         let channel = ledger::log::PROGRESS_CHANNEL;
         tokio::spawn(follow_notifications(pool, channel, hub.clone(), cancel.clone(), |hub, _| {
             let _ = hub.progress.send(());
@@ -205,8 +192,25 @@ impl Hub {
         &self.stopping
     }
 
-    pub fn subscribe_alerts(&self) -> broadcast::Receiver<Arc<FiringNotice>> {
-        self.alerts.subscribe()
+    /// Firings of `portfolio_id`'s alerts after `after` (or from now when `None`), in their commit-safe order,
+    /// resuming without gaps or repeats like [`Hub::log_events`]. Ends with `FeedError::Resync` if the subscriber
+    /// lags.
+    pub fn alert_firings(
+        self: &Arc<Self>,
+        portfolio_id: uuid::Uuid,
+        after: Option<LogPosition>,
+    ) -> impl Stream<Item = Result<Arc<FiringNotice>, FeedError>> + Send + 'static {
+        let live = self.alerts.subscribe();
+        let catch_up =
+            after.map(|after| Box::new(FiringsCatchUp { pool: self.pool.clone(), portfolio_id, after }) as _);
+        resumable(
+            SubscriptionGuard::new(self.clone()),
+            live,
+            after,
+            catch_up,
+            |_| false,
+            move |notice| notice.firing.portfolio_id == portfolio_id,
+        )
     }
 
     /// A future that completes at the next progress notification (a projection applied a batch, the process
@@ -233,8 +237,7 @@ impl Hub {
     where
         F: Fn(&RecordedEvent) -> bool + Send + Sync + 'static,
     {
-        let hub = self.clone();
-        let mut live = self.log.subscribe();
+        let live = self.log.subscribe();
         // Wakes an idle follower.
         self.log_subscribed.notify_one();
         // "From now": events of transactions that had committed when the subscription started (visible in the
@@ -247,56 +250,13 @@ impl Hub {
             })?),
         };
         let guard = SubscriptionGuard::new(self.clone());
-        Ok(spawn_stream(move |sender| async move {
-            let mut last = after;
-            let _guard = guard;
-            if let Some(start) = after {
-                let mut reader = LogReader::new(hub.pool.clone(), start).with_batch_size(CATCH_UP_BATCH);
-                loop {
-                    let batch = match reader.read_batch().await {
-                        Ok(batch) => batch,
-                        Err(error) => {
-                            tracing::warn!(%error, "subscription catch-up failed");
-                            let _ = sender.send(Err(FeedError::Database)).await;
-                            return;
-                        }
-                    };
-                    if batch.is_empty() {
-                        break;
-                    }
-                    for event in batch {
-                        last = Some(event.position);
-                        if filter(&event) && sender.send(Ok(Arc::new(event))).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-            loop {
-                match live.recv().await {
-                    Ok(event) => {
-                        if last.is_some_and(|last| event.position <= last) {
-                            continue; // delivered by the catch-up
-                        }
-                        if before_now.as_ref().is_some_and(|s| s.sees(event.position.transaction_id)) {
-                            continue; // committed before the subscription started
-                        }
-                        last = Some(event.position);
-                        if filter(&event) && sender.send(Ok(event)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let _ = sender.send(Err(FeedError::Resync)).await;
-                        return;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        let _ = sender.send(Err(FeedError::Closed)).await;
-                        return;
-                    }
-                }
-            }
-        }))
+        let catch_up = after.map(|start| {
+            Box::new(LogReader::new(self.pool.clone(), start).with_batch_size(CATCH_UP_BATCH)) as Box<dyn CatchUp<_>>
+        });
+        // "From now": skip what had committed when the subscription started.
+        let skip =
+            move |event: &RecordedEvent| before_now.as_ref().is_some_and(|s| s.sees(event.position.transaction_id));
+        Ok(resumable(guard, live, after, catch_up, skip, filter))
     }
 
     /// A stream over a broadcast feed: ends with `Resync` when lagging.
@@ -317,6 +277,119 @@ impl Hub {
             }
         })
     }
+}
+
+/// What a resumable feed carries: items with a position in a commit-safe order.
+pub trait Positioned: Send + Sync + 'static {
+    fn position(&self) -> LogPosition;
+}
+
+impl Positioned for RecordedEvent {
+    fn position(&self) -> LogPosition {
+        self.position
+    }
+}
+
+impl Positioned for FiringNotice {
+    fn position(&self) -> LogPosition {
+        self.position
+    }
+}
+
+/// Reads what a resuming subscriber missed, batch by batch in the feed's order (empty: caught up).
+#[async_trait::async_trait]
+trait CatchUp<T>: Send {
+    async fn next_batch(&mut self) -> Result<Vec<Arc<T>>, sqlx::Error>;
+}
+
+#[async_trait::async_trait]
+impl CatchUp<RecordedEvent> for LogReader {
+    async fn next_batch(&mut self) -> Result<Vec<Arc<RecordedEvent>>, sqlx::Error> {
+        Ok(self.read_batch().await?.into_iter().map(Arc::new).collect())
+    }
+}
+
+/// One portfolio's firings after a position.
+struct FiringsCatchUp {
+    pool: PgPool,
+    portfolio_id: uuid::Uuid,
+    after: LogPosition,
+}
+
+#[async_trait::async_trait]
+impl CatchUp<FiringNotice> for FiringsCatchUp {
+    async fn next_batch(&mut self) -> Result<Vec<Arc<FiringNotice>>, sqlx::Error> {
+        let rows = ledger::queries::portfolios::firings_after(
+            &self.pool,
+            Some(self.portfolio_id),
+            self.after,
+            CATCH_UP_BATCH as i64,
+        )
+        .await?;
+        if let Some((position, _)) = rows.last() {
+            self.after = *position;
+        }
+        Ok(rows.into_iter().map(|(position, firing)| Arc::new(FiringNotice { position, firing })).collect())
+    }
+}
+
+/// A feed resumed after a position without gaps or repeats: `live` is subscribed first (by the caller), then
+/// `catch_up` reads what was missed until caught up, then live items newer than the last one delivered pass on
+/// (older ones the catch-up delivered). Anything the live feed carried before the subscription was committed
+/// before the catch-up read, so the catch-up covers it. `skip` drops live items (what committed before a "from
+/// now" subscription); `filter` chooses what is delivered. Ends with `Resync` when the subscriber lags.
+fn resumable<T: Positioned>(
+    guard: SubscriptionGuard,
+    mut live: broadcast::Receiver<Arc<T>>,
+    after: Option<LogPosition>,
+    catch_up: Option<Box<dyn CatchUp<T>>>,
+    skip: impl Fn(&T) -> bool + Send + 'static,
+    filter: impl Fn(&T) -> bool + Send + Sync + 'static,
+) -> impl Stream<Item = Result<Arc<T>, FeedError>> + Send + 'static {
+    spawn_stream(move |sender| async move {
+        let _guard = guard;
+        let mut last = after;
+        if let Some(mut catch_up) = catch_up {
+            loop {
+                let batch = match catch_up.next_batch().await {
+                    Ok(batch) if batch.is_empty() => break,
+                    Ok(batch) => batch,
+                    Err(error) => {
+                        tracing::warn!(%error, "subscription catch-up failed");
+                        let _ = sender.send(Err(FeedError::Database)).await;
+                        return;
+                    }
+                };
+                for item in batch {
+                    last = Some(item.position());
+                    if filter(&item) && sender.send(Ok(item)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        loop {
+            match live.recv().await {
+                Ok(item) => {
+                    if last.is_some_and(|last| item.position() <= last) || skip(&item) {
+                        continue; // delivered by the catch-up, or committed before the subscription
+                    }
+                    last = Some(item.position());
+                    if filter(&item) && sender.send(Ok(item)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let _ = sender.send(Err(FeedError::Resync)).await;
+                    return;
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    let _ = sender.send(Err(FeedError::Closed)).await;
+                    return;
+                }
+            }
+        }
+    })
 }
 
 /// Counts a subscription while its stream lives.
@@ -444,6 +517,63 @@ async fn follow_notifications(
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(FEED_RETRY_MS)) => {}
+        }
+    }
+}
+
+/// How often the firings follower looks for new firings besides being woken by `alert_fired`.
+const FIRINGS_POLL_MS: u64 = 250;
+/// Firings the follower reads at once.
+const FIRINGS_BATCH: i64 = 500;
+
+/// Follows `alert_firings` in commit-safe order from `after`, broadcasting each firing; woken by the
+/// `alert_fired` notification, polling as a fallback.
+async fn follow_firings(hub: Arc<Hub>, mut after: LogPosition, cancel: CancellationToken) {
+    let mut listener = None;
+    loop {
+        if listener.is_none() {
+            listener = async {
+                let mut listener = PgListener::connect_with(&hub.pool).await.ok()?;
+                listener.listen("alert_fired").await.ok()?;
+                Some(listener)
+            }
+            .await;
+        }
+        let batch = match ledger::queries::portfolios::firings_after(&hub.pool, None, after, FIRINGS_BATCH).await {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::warn!(%error, "alert feed: reading firings failed; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(FEED_RETRY_MS)) => continue,
+                }
+            }
+        };
+        let full = batch.len() as i64 == FIRINGS_BATCH;
+        for (position, firing) in batch {
+            after = position;
+            let _ = hub.alerts.send(Arc::new(FiringNotice { position, firing }));
+        }
+        if full {
+            continue;
+        }
+        let poll = Duration::from_millis(FIRINGS_POLL_MS);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            woken = async {
+                match listener.as_mut() {
+                    Some(listener) => tokio::time::timeout(poll, listener.recv()).await.ok().map(|r| r.is_ok()),
+                    None => {
+                        tokio::time::sleep(poll).await;
+                        Some(true)
+                    }
+                }
+            } => {
+                // A failed LISTEN connection is made again before the next wait.
+                if woken == Some(false) {
+                    listener = None;
+                }
+            }
         }
     }
 }

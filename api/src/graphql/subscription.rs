@@ -75,6 +75,9 @@ pub struct PortfolioUpdate {
 
 #[derive(SimpleObject, Clone)]
 pub struct AlertFiredUpdate {
+    /// Its position in the firings' own commit-safe order (not the event log's): pass the last one received as
+    /// `alertFired(after:)` to resume without gaps or repeats.
+    pub position: LogPosition,
     pub firing_id: Uuid,
     pub alert_id: Uuid,
     pub portfolio_id: Uuid,
@@ -316,31 +319,31 @@ impl SubscriptionRoot {
         }))
     }
 
-    /// Firings of the portfolio's alerts, as they happen.
+    /// Firings of the portfolio's alerts, as they happen; with `after` (a firing's `position`), first those
+    /// after it that were missed, without gaps or repeats.
     async fn alert_fired(
         &self,
         ctx: &Context<'_>,
         portfolio_id: Uuid,
+        after: Option<LogPosition>,
     ) -> Result<impl Stream<Item = Result<AlertFiredUpdate>>> {
         let state = state(ctx);
         authorize_read(state, ctx, portfolio_id).await?;
-        Ok(state.hub.broadcast_stream(state.hub.subscribe_alerts()).filter_map(move |item| {
-            let message = match item {
-                Ok(firing) if firing.portfolio_id == portfolio_id => Some(Ok(AlertFiredUpdate {
-                    firing_id: firing.firing_id,
-                    alert_id: firing.alert_id,
-                    portfolio_id: firing.portfolio_id,
-                    arming: firing.arming,
-                    kind: firing.kind.clone(),
-                    symbol: firing.symbol.clone(),
-                    price: firing.price,
-                    observed_value: firing.observed_value,
-                    fired_at: firing.fired_at,
-                })),
-                Ok(_) => None,
-                Err(error) => Some(Err(feed_error(error))),
-            };
-            async move { message }
+        Ok(state.hub.alert_firings(portfolio_id, after.map(|a| a.0)).map(|item| {
+            let notice = item.map_err(feed_error)?;
+            let firing = &notice.firing;
+            Ok(AlertFiredUpdate {
+                position: LogPosition(notice.position),
+                firing_id: firing.firing_id,
+                alert_id: firing.alert_id,
+                portfolio_id: firing.portfolio_id,
+                arming: firing.arming,
+                kind: firing.kind.clone(),
+                symbol: firing.symbol.clone(),
+                price: firing.price,
+                observed_value: firing.observed_value,
+                fired_at: firing.fired_at,
+            })
         }))
     }
 }

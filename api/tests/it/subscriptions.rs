@@ -335,3 +335,56 @@ async fn subscriptions_are_authenticated_and_authorized() {
     }
     stack.stop().await;
 }
+
+/// Publishes ACME ticks at `price` until the ledger holds `count` alert firings.
+async fn fire_until(stack: &Stack, price: &str, count: i64, seq: &mut i64) {
+    let fired = eventually(|| {
+        *seq += 1;
+        let seq = *seq;
+        async move {
+            stack.publish_tick("ACME", price, seq).await;
+            let firings: i64 =
+                sqlx::query_scalar("select count(*) from alert_firings").fetch_one(&stack.pool).await.unwrap();
+            firings >= count
+        }
+    })
+    .await;
+    assert!(fired, "the alerts never fired {count} times");
+}
+
+/// `alertFired(after:)` resumes: a subscriber that was away when an alert fired gets it, and not the one it
+/// already had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn alert_fired_resumes_after_the_last_firing_received() {
+    let stack = Stack::start(1).await;
+    let alice = stack.token("alice", Role::Trader);
+    let id = open_funded(&stack, &alice, "100").await;
+    let create = "mutation($p: UUID!, $c: AlertConditionInput!, $k: String!) { createAlert(portfolioId: $p, condition: $c, idempotencyKey: $k) { alertId } }";
+    let mut alerts = Vec::new();
+    for level in ["20", "30"] {
+        let condition = json!({ "kind": "PRICE_ABOVE", "symbol": "ACME", "level": level });
+        let data = stack.ok(&alice, create, json!({ "p": id, "c": condition, "k": level })).await;
+        alerts.push(data["createAlert"]["alertId"].clone());
+    }
+    let query = "subscription($p: UUID!, $a: LogPosition) { alertFired(portfolioId: $p, after: $a) { position alertId price } }";
+    let url = stack.ws_url(0);
+    let mut first = WsSubscription::open(&url, Some(&alice), query, json!({ "p": id })).await.unwrap();
+    stack.wait_subscriptions(0, 1).await;
+    let mut seq = 0;
+    fire_until(&stack, "25", 1, &mut seq).await;
+    let received = first.next(CONDITION_WAIT_MAX).await.expect("the first firing");
+    let received = &received["data"]["alertFired"];
+    assert_eq!(received["alertId"], alerts[0], "{received}");
+    let position = received["position"].clone();
+    first.close().await;
+
+    // Away while the second alert fires; back after the first firing's position.
+    fire_until(&stack, "35", 2, &mut seq).await;
+    let mut back = WsSubscription::open(&url, Some(&alice), query, json!({ "p": id, "a": position })).await.unwrap();
+    let missed = back.next(CONDITION_WAIT_MAX).await.expect("the firing missed while away");
+    let missed = &missed["data"]["alertFired"];
+    assert_eq!((&missed["alertId"], &missed["price"]), (&alerts[1], &json!("35")), "{missed}");
+    assert_ne!(missed["position"], position);
+    back.close().await;
+    stack.stop().await;
+}
