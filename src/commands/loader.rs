@@ -24,11 +24,11 @@ pub(super) async fn load<'e, A: Aggregate>(
     ids: &[String],
     snapshotted: bool,
 ) -> Result<BTreeMap<String, Loaded<A>>, CommandError> {
-    let rows: Vec<(i32, String, i64, i64, Value)> = sqlx::query_as(
-        "select 0, aggregate_id, last_sequence, current_snapshot, payload
+    let rows: Vec<(i32, String, i64, i64, Value, String)> = sqlx::query_as(
+        "select 0, aggregate_id, last_sequence, current_snapshot, payload, ''
            from snapshots where $3 and aggregate_type = $1 and aggregate_id = any($2)
          union all
-         select 1, e.aggregate_id, e.sequence, 0, e.payload
+         select 1, e.aggregate_id, e.sequence, 0, e.payload, e.event_version
            from events e
            left join snapshots s on $3 and s.aggregate_type = e.aggregate_type and s.aggregate_id = e.aggregate_id
           where e.aggregate_type = $1 and e.aggregate_id = any($2) and e.sequence > coalesce(s.last_sequence, 0)
@@ -42,12 +42,14 @@ pub(super) async fn load<'e, A: Aggregate>(
     .map_err(CommandError::store)?;
     let mut loaded: BTreeMap<String, Loaded<A>> =
         ids.iter().map(|id| (id.clone(), Loaded { state: A::default(), sequence: 0, snapshot_number: 0 })).collect();
-    for (part, id, sequence, snapshot_number, payload) in rows {
+    for (part, id, sequence, snapshot_number, mut payload, event_version) in rows {
         let Some(aggregate) = loaded.get_mut(&id) else { continue };
         if part == 0 {
             aggregate.state = serde_json::from_value(payload).map_err(CommandError::store)?;
             aggregate.snapshot_number = snapshot_number;
         } else {
+            // Stored in an older shape: upcast first (see `crate::domain::upcast`).
+            crate::domain::upcast::upcast(A::TYPE, &event_version, &mut payload);
             let event: A::Event = serde_json::from_value(payload).map_err(CommandError::store)?;
             aggregate.state.apply(event);
         }

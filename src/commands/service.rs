@@ -24,6 +24,7 @@ use super::writer::{
 };
 use super::{CommandError, CommandOutcome, AGGREGATE_ID_LEN_MAX};
 use crate::clock::{Clock, SystemClock};
+use crate::domain::upcast::LedgerUpcaster;
 use crate::domain::values::{OrderId, PortfolioId};
 use crate::domain::{Order, OrderCommand, OrderServices, Portfolio, PortfolioCommand};
 
@@ -145,11 +146,13 @@ impl CommandService {
         let metrics: Arc<CommandMetrics> = Arc::default();
         let cache: Arc<AggregateCache> = Arc::default();
         Self {
-            orders: PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone())),
+            orders: PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()))
+                .with_upcasters(vec![Box::new(LedgerUpcaster)]),
             portfolios: PersistedEventStore::new_snapshot_store(
                 PostgresEventRepository::new(pool.clone()),
                 snapshot_every,
-            ),
+            )
+            .with_upcasters(vec![Box::new(LedgerUpcaster)]),
             writer: Writer::new(&pool, cache.clone(), metrics.clone()),
             pool,
             order_services: OrderServices::default(),

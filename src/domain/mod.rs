@@ -6,6 +6,7 @@
 
 pub mod order;
 pub mod portfolio;
+pub mod upcast;
 pub mod values;
 
 pub use order::{

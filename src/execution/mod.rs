@@ -229,9 +229,7 @@ fn apply_recorded(book: &mut PaperBook, event: &RecordedEvent) -> Vec<Action> {
     if event.aggregate_type != "Order" {
         return Vec::new();
     }
-    let (Ok(order_id), Ok(order_event)) =
-        (event.aggregate_id.parse::<OrderId>(), serde_json::from_value::<OrderEvent>(event.payload.clone()))
-    else {
+    let (Ok(order_id), Ok(order_event)) = (event.aggregate_id.parse::<OrderId>(), event.decode::<OrderEvent>()) else {
         tracing::warn!(position = %event.position, "paper executor: skipping an undecodable order event");
         return Vec::new();
     };

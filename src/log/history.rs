@@ -103,14 +103,16 @@ pub async fn replay_as_of<A: Aggregate>(
     as_of: &AsOf,
 ) -> Result<(A, i64), sqlx::Error> {
     let sql = format!(
-        "select payload, global_position from events
+        "select payload, global_position, event_version from events
           where aggregate_type = $1 and aggregate_id = $2 and {AS_OF_FILTER} order by sequence"
     );
     let rows = bind_as_of(sqlx::query(&sql).bind(A::TYPE).bind(aggregate_id), Some(as_of)).fetch_all(pool).await?;
     let mut aggregate = A::default();
     let mut last_position = 0;
     for row in rows {
-        let (payload, position): (serde_json::Value, i64) = (row.try_get(0)?, row.try_get(1)?);
+        let (mut payload, position, version): (serde_json::Value, i64, String) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        crate::domain::upcast::upcast(A::TYPE, &version, &mut payload);
         let event: A::Event = serde_json::from_value(payload).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
         aggregate.apply(event);
         last_position = position;

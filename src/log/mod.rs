@@ -33,6 +33,7 @@ pub use lag::{aggregate_head, count_of_type, cursor_lag, cursor_lags, head, lag_
 pub use reader::{decode_event, event_at, event_by_id, LogReader, ReadOrder, BATCH_SIZE_MAX};
 pub use snapshot::Snapshot;
 
+use crate::domain::upcast::Stored;
 use std::fmt;
 use std::str::FromStr;
 
@@ -157,6 +158,12 @@ impl RecordedEvent {
     pub fn metadata_str(&self, key: &str) -> Option<&str> {
         self.metadata.get(key).and_then(|v| v.as_str())
     }
+
+    /// The payload as the current shape of `E` (an older version upcast first; see `crate::domain::upcast`).
+    /// The event itself keeps what was stored: the audit chain is over that.
+    pub fn decode<E: Stored>(&self) -> Result<E, serde_json::Error> {
+        E::decode_ref(&self.event_version, &self.payload)
+    }
 }
 
 /// An event as a replay reads it ([`LogReader::read_raw_batch`]): its place in the log and its payload as the
@@ -171,6 +178,13 @@ pub struct RawEvent {
     pub event_version: String,
     pub payload: Box<[u8]>,
     pub recorded_at: DateTime<Utc>,
+}
+
+impl RawEvent {
+    /// The payload as the current shape of `E` (an older version upcast first; see `crate::domain::upcast`).
+    pub fn decode<E: Stored>(&self) -> Result<E, serde_json::Error> {
+        E::decode_stored(&self.event_version, &self.payload)
+    }
 }
 
 impl From<&RecordedEvent> for WireEvent {

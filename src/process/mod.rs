@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commands::{CommandContext, CommandError, CommandService, Idempotency};
 use crate::domain::order::{OrderRejectReason, RejectCode};
+use crate::domain::portfolio::ReleaseReason;
 use crate::domain::values::{Money, OrderId, PortfolioId, Price, Quantity, Symbol, PRICE_SCALE_MAX};
 use crate::domain::{OrderCommand, OrderError, OrderEvent, OrderType, PortfolioCommand, PortfolioError, Side};
 use crate::leadership::{lock_key, Leadership};
@@ -280,7 +281,7 @@ impl ProcessManager {
         if event.aggregate_type != "Order" {
             return Ok(());
         }
-        let order_event: OrderEvent = match serde_json::from_value(event.payload.clone()) {
+        let order_event: OrderEvent = match event.decode() {
             Ok(order_event) => order_event,
             Err(error) => {
                 return Err(StepError::Permanent { code: "UNDECODABLE_EVENT".into(), message: error.to_string() })
@@ -322,15 +323,11 @@ impl ProcessManager {
                 self.commands.execute_portfolio(&self.context(event, "apply")?, portfolio_id, command).await?;
                 Ok(())
             }
-            OrderEvent::OrderCanceled { portfolio_id, .. } | OrderEvent::OrderExpired { portfolio_id, .. } => {
-                let order = parse_order_id(order_id)?;
-                let command = PortfolioCommand::ReleaseReservation {
-                    order_id: order,
-                    reason: event.event_type.clone(),
-                    at: self.commands.clock().now(),
-                };
-                self.commands.execute_portfolio(&self.context(event, "release")?, portfolio_id, command).await?;
-                Ok(())
+            OrderEvent::OrderCanceled { portfolio_id, .. } => {
+                self.release(event, order_id, portfolio_id, ReleaseReason::Canceled).await
+            }
+            OrderEvent::OrderExpired { portfolio_id, .. } => {
+                self.release(event, order_id, portfolio_id, ReleaseReason::Expired).await
             }
             OrderEvent::OrderAccepted { .. } | OrderEvent::OrderRejected { .. } => Ok(()),
         }
@@ -428,7 +425,7 @@ impl ProcessManager {
             Err(CommandError::Order(OrderError::Terminal { .. })) => {
                 let release = PortfolioCommand::ReleaseReservation {
                     order_id: order,
-                    reason: "OrderCanceledBeforeAcceptance".into(),
+                    reason: ReleaseReason::CanceledBeforeAcceptance,
                     at: self.commands.clock().now(),
                 };
                 self.commands.execute_portfolio(&self.context(event, "release")?, portfolio_id, release).await?;
@@ -436,6 +433,20 @@ impl ProcessManager {
             }
             Err(error) => Err(error.into()),
         }
+    }
+
+    /// Gives back what the portfolio still reserves for a canceled or expired order.
+    async fn release(
+        &self,
+        event: &RecordedEvent,
+        order_id: &str,
+        portfolio_id: PortfolioId,
+        reason: ReleaseReason,
+    ) -> Result<(), StepError> {
+        let order_id = parse_order_id(order_id)?;
+        let command = PortfolioCommand::ReleaseReservation { order_id, reason, at: self.commands.clock().now() };
+        self.commands.execute_portfolio(&self.context(event, "release")?, portfolio_id, command).await?;
+        Ok(())
     }
 
     async fn reject(&self, event: &RecordedEvent, order: OrderId, reason: OrderRejectReason) -> Result<(), StepError> {
@@ -485,7 +496,7 @@ impl ProcessManager {
     /// The price basis recorded in a `FundsReserved` event.
     async fn reserved_price(&self, event_id: uuid::Uuid) -> Result<Option<Price>, StepError> {
         let event = event_by_id(self.pool(), event_id).await?;
-        Ok(event.and_then(|e| match serde_json::from_value(e.payload) {
+        Ok(event.and_then(|e| match e.decode() {
             Ok(crate::domain::PortfolioEvent::FundsReserved { price, .. }) => Some(price),
             _ => None,
         }))

@@ -103,7 +103,7 @@ impl Projection for AlertsProjection {
         if !event.event_type.starts_with("Alert") && event.event_type != "DeficitIncurred" {
             return Ok(());
         }
-        let portfolio_event: PortfolioEvent = serde_json::from_value(event.payload.clone())?;
+        let portfolio_event: PortfolioEvent = event.decode()?;
         let portfolio = aggregate_uuid(&event.aggregate_id)?;
         match portfolio_event {
             // The owner's notice that a fill left the portfolio in deficit: a firing of its own kind, pushed like

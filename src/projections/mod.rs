@@ -143,14 +143,13 @@ pub type Skipped = (usize, String);
 /// A rebuild batch's events of one aggregate type decoded for a [`ReplayFold`] (payload JSON straight into
 /// `E`): each decoded event with its aggregate and its log record, in log order, and the (index, reason) of
 /// each one that could not be decoded, as [`ReplayFold::fold`] reports them.
-pub fn decode_batch<'a, E: serde::de::DeserializeOwned>(
+pub fn decode_batch<'a, E: crate::domain::upcast::Stored>(
     events: &[&'a RawEvent],
 ) -> (Vec<Decoded<'a, E>>, Vec<Skipped>) {
     let mut decoded = Vec::with_capacity(events.len());
     let mut skipped = Vec::new();
     for (index, event) in events.iter().enumerate() {
-        let payload =
-            aggregate_uuid(&event.aggregate_id).and_then(|id| Ok((id, serde_json::from_slice::<E>(&event.payload)?)));
+        let payload = aggregate_uuid(&event.aggregate_id).and_then(|id| Ok((id, event.decode::<E>()?)));
         match payload {
             Ok((id, payload)) => decoded.push((id, *event, payload)),
             Err(error) => skipped.push((index, error.to_string())),

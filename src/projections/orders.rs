@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use serde::Deserialize;
 use sqlx::{FromRow, PgConnection, Row};
 use uuid::Uuid;
 
@@ -170,7 +169,7 @@ fn apply(
 
 /// The order and its event, decoded from the log's record.
 fn decode(event: &RecordedEvent) -> Result<(Uuid, OrderEvent), ApplyError> {
-    Ok((aggregate_uuid(&event.aggregate_id)?, OrderEvent::deserialize(&event.payload)?))
+    Ok((aggregate_uuid(&event.aggregate_id)?, event.decode::<OrderEvent>()?))
 }
 
 async fn load(conn: &mut PgConnection, ids: &[Uuid]) -> Result<BTreeMap<Uuid, OrderRow>, sqlx::Error> {

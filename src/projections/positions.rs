@@ -12,7 +12,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use serde::Deserialize;
 use sqlx::{FromRow, PgConnection, Row};
 use uuid::Uuid;
 
@@ -213,7 +212,7 @@ impl Rows {
 
 /// The portfolio and its event, decoded from the log's record.
 fn decode(event: &RecordedEvent) -> Result<(Uuid, PortfolioEvent), ApplyError> {
-    Ok((aggregate_uuid(&event.aggregate_id)?, PortfolioEvent::deserialize(&event.payload)?))
+    Ok((aggregate_uuid(&event.aggregate_id)?, event.decode::<PortfolioEvent>()?))
 }
 
 /// Lots a batch touches: the ones it opens or consumes.

@@ -11,4 +11,5 @@ mod log_order;
 mod process_manager;
 mod projections;
 mod relay;
+mod schema_evolution;
 mod support;

@@ -182,7 +182,7 @@ impl Portfolio {
     fn release(
         &self,
         order_id: OrderId,
-        reason: String,
+        reason: super::ReleaseReason,
         at: DateTime<Utc>,
     ) -> Result<Option<PortfolioEvent>, PortfolioError> {
         self.terms()?;

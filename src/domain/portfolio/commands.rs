@@ -50,7 +50,7 @@ pub enum PortfolioCommand {
     /// Releasing an order with nothing reserved is a no-op, so the step can be retried safely.
     ReleaseReservation {
         order_id: OrderId,
-        reason: String,
+        reason: super::ReleaseReason,
         at: DateTime<Utc>,
     },
     /// Book one fill of an order against the portfolio: cash, position, lots and realized P&L.

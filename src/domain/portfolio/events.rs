@@ -14,7 +14,7 @@ use crate::domain::values::{
 };
 
 /// Version of every Portfolio event's payload schema.
-pub const PORTFOLIO_EVENT_VERSION: &str = "1";
+pub const PORTFOLIO_EVENT_VERSION: &str = "2";
 
 /// The part of one lot a sell consumed, at its FIFO cost.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,6 +26,23 @@ pub struct LotConsumed {
 
 // `ExecutionApplied` is much larger than the other variants; events are serialised right after they are
 // created and never held in bulk, so boxing it would only cost an allocation.
+#[allow(clippy::large_enum_variant)]
+/// Why a reservation was given back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ReleaseReason {
+    /// The order was canceled.
+    Canceled,
+    /// The order expired (end of day, IOC/FOK remainder).
+    Expired,
+    /// The order was canceled while the reservation was being made, before it was accepted.
+    CanceledBeforeAcceptance,
+    /// Any other reason (only in events upcast from version 1 with a text this version does not know).
+    Other,
+}
+
+// A fill's event (`ExecutionApplied`, with its lots) is much larger than the others; events live one batch at a
+// time, so boxing it would only add an allocation per fill.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, strum::IntoStaticStr)]
 pub enum PortfolioEvent {
@@ -70,7 +87,9 @@ pub enum PortfolioEvent {
         symbol: Symbol,
         cash_released: Decimal,
         quantity_released: Decimal,
-        reason: String,
+        /// Why (version 2; version 1 stored the process manager's trigger, e.g. `OrderCanceled`, as text: see
+        /// `crate::domain::upcast`).
+        reason: ReleaseReason,
         at: DateTime<Utc>,
     },
     ExecutionApplied {

@@ -27,7 +27,7 @@ mod events;
 pub use aggregate::Portfolio;
 pub use alerts::{AlertCondition, AlertRule, ALERTS_PER_PORTFOLIO_MAX};
 pub use commands::PortfolioCommand;
-pub use events::{LotConsumed, PortfolioEvent, PORTFOLIO_EVENT_VERSION};
+pub use events::{LotConsumed, PortfolioEvent, ReleaseReason, PORTFOLIO_EVENT_VERSION};
 
 use std::collections::{BTreeSet, VecDeque};
 

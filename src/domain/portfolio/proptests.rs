@@ -20,7 +20,7 @@ use proptest::sample::Index;
 use rust_decimal::{Decimal, RoundingStrategy};
 use uuid::Uuid;
 
-use super::{CostBasisMethod, Portfolio, PortfolioCommand, PortfolioError, PortfolioEvent};
+use super::{CostBasisMethod, Portfolio, PortfolioCommand, PortfolioError, PortfolioEvent, ReleaseReason};
 use crate::domain::order::Side;
 use crate::domain::values::{Amount, Currency, ExecId, Money, OrderId, Owner, PortfolioId, Price, Quantity, Symbol};
 
@@ -313,7 +313,7 @@ impl Harness {
                     return None;
                 }
                 let order_id = self.orders[order.index(self.orders.len())].order_id;
-                PortfolioCommand::ReleaseReservation { order_id, reason: "canceled".into(), at: now() }
+                PortfolioCommand::ReleaseReservation { order_id, reason: ReleaseReason::Canceled, at: now() }
             }
             Step::Redeliver { fill } => {
                 if self.applied.is_empty() {

@@ -12,7 +12,9 @@ use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use uuid::Uuid;
 
-use super::{CostBasisMethod, Lot, LotConsumed, Portfolio, PortfolioCommand, PortfolioError, PortfolioEvent};
+use super::{
+    CostBasisMethod, Lot, LotConsumed, Portfolio, PortfolioCommand, PortfolioError, PortfolioEvent, ReleaseReason,
+};
 use crate::domain::order::Side;
 use crate::domain::values::{
     AlertId, Amount, Currency, ExecId, FreeText, Money, OrderId, Owner, PortfolioId, Price, Quantity, Symbol,
@@ -145,7 +147,7 @@ fn quantity_reserved(order_id: OrderId, qty: Decimal, reserved_quantity_after: D
 }
 
 fn release(order_id: OrderId) -> PortfolioCommand {
-    PortfolioCommand::ReleaseReservation { order_id, reason: "canceled".into(), at: now() }
+    PortfolioCommand::ReleaseReservation { order_id, reason: ReleaseReason::Canceled, at: now() }
 }
 
 fn released(order_id: OrderId, cash_released: Decimal, quantity_released: Decimal) -> PortfolioEvent {
@@ -154,7 +156,7 @@ fn released(order_id: OrderId, cash_released: Decimal, quantity_released: Decima
         symbol: aapl(),
         cash_released,
         quantity_released,
-        reason: "canceled".into(),
+        reason: ReleaseReason::Canceled,
         at: now(),
     }
 }
