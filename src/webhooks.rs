@@ -229,6 +229,15 @@ pub async fn deliveries(pool: &PgPool, webhook_id: Uuid, limit: i64) -> Result<V
 /// Claims up to `limit` due deliveries for one attempt each: their lease starts and their attempt is counted
 /// (committed before any is sent, so a crash mid-call shows as an attempt, and the lease's end frees them).
 pub async fn claim_due(pool: &PgPool, limit: i64, lease: std::time::Duration) -> Result<Vec<DueDelivery>, sqlx::Error> {
+    // A firing that committed while its endpoint was being removed left a pending delivery behind: it dies here.
+    sqlx::query(
+        "update webhook_deliveries d
+            set status = 'dead', last_error = 'the webhook was removed', finished_at = now()
+           from webhook_endpoints e
+          where e.webhook_id = d.webhook_id and d.status = 'pending' and e.removed_at is not null",
+    )
+    .execute(pool)
+    .await?;
     sqlx::query_as(
         "with due as (
              select delivery_id from webhook_deliveries
@@ -256,7 +265,8 @@ pub enum Attempt {
 }
 
 /// Records an attempt of a claimed delivery: delivered; or failed, to be retried after the policy's delay, or
-/// dead once the policy's time is up. Returns the delivery's status afterwards.
+/// dead once the policy's time is up. Returns the delivery's status afterwards. Fenced by the attempt number: a
+/// deliverer whose lease ran out (and whose delivery another one claimed again) changes nothing.
 pub async fn record(
     pool: &PgPool,
     due: &DueDelivery,
@@ -277,13 +287,14 @@ pub async fn record(
         "update webhook_deliveries
             set status = $2, last_status = $3, last_error = $4, next_attempt_at = $5, leased_until = null,
                 finished_at = case when $2 = 'pending' then null else now() end
-          where delivery_id = $1 and status = 'pending'",
+          where delivery_id = $1 and status = 'pending' and attempts = $6",
     )
     .bind(due.delivery_id)
     .bind(status)
     .bind(code.map(i32::from))
     .bind(error)
     .bind(next)
+    .bind(due.attempts)
     .execute(pool)
     .await?;
     Ok(status)

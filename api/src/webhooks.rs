@@ -29,9 +29,8 @@ use crate::http::client::{Client, Target};
 
 /// Longest wait for an endpoint's answer (connect, send, status line).
 pub const DELIVERY_TIMEOUT_MS: u64 = 10_000;
-/// Deliveries claimed at once.
-pub const CLAIM_BATCH: i64 = 64;
-/// Deliveries in flight at once per deliverer.
+/// Deliveries in flight at once per deliverer, and claimed at once: each attempt ends within
+/// [`DELIVERY_TIMEOUT_MS`], so a batch ends well within its lease.
 pub const DELIVERIES_IN_FLIGHT_MAX: usize = 16;
 /// How often a deliverer looks for due deliveries besides being woken by a new one (`webhook_due`).
 pub const POLL_INTERVAL_MS: u64 = 500;
@@ -89,7 +88,7 @@ impl Deliverer {
     async fn deliver_forever(&self) {
         let mut wake = self.listen().await;
         loop {
-            match webhooks::claim_due(&self.pool, CLAIM_BATCH, self.config.lease).await {
+            match webhooks::claim_due(&self.pool, DELIVERIES_IN_FLIGHT_MAX as i64, self.config.lease).await {
                 Ok(due) if !due.is_empty() => {
                     futures::stream::iter(due)
                         .for_each_concurrent(DELIVERIES_IN_FLIGHT_MAX, |due| self.deliver(due))
@@ -136,7 +135,16 @@ impl Deliverer {
         }
     }
 
+    /// One attempt, resolving the host included, within [`DELIVERY_TIMEOUT_MS`].
     async fn attempt(&self, due: &DueDelivery) -> Attempt {
+        let limit = Duration::from_millis(DELIVERY_TIMEOUT_MS);
+        match tokio::time::timeout(limit, self.attempt_unbounded(due)).await {
+            Ok(attempt) => attempt,
+            Err(_) => Attempt::Failed { status: None, error: format!("no answer within {DELIVERY_TIMEOUT_MS} ms") },
+        }
+    }
+
+    async fn attempt_unbounded(&self, due: &DueDelivery) -> Attempt {
         let failed = |error: String| Attempt::Failed { status: None, error };
         let target = match Target::parse(&due.url) {
             Ok(target) => target,
@@ -191,12 +199,14 @@ fn hex_string(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Whether an address is on the public internet (not loopback, private, link-local, shared, documentation,
-/// multicast, unspecified, or an IPv4 address mapped into IPv6 that is one of these).
+/// Whether an address is on the public internet: not loopback, private, link-local, shared (CGNAT), reserved,
+/// benchmarking, documentation, multicast, broadcast or unspecified; for IPv6 also not unique-local, site-local,
+/// or one of the forms that carry an IPv4 address (mapped and compatible ones are judged by that address; NAT64
+/// and 6to4 are refused outright, as they could reach any IPv4 address).
 fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             !(v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
@@ -205,19 +215,30 @@ fn is_public(ip: IpAddr) -> bool {
                 || v4.is_multicast()
                 || v4.is_documentation()
                 || a == 0
-                || (a == 100 && (64..128).contains(&b)))
+                || a >= 240
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0 && c == 0)
+                || (a == 198 && (b == 18 || b == 19)))
         }
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => is_public(IpAddr::V4(v4)),
-            None => {
-                let first = v6.segments()[0];
-                !(v6.is_loopback()
-                    || v6.is_unspecified()
-                    || v6.is_multicast()
-                    || (first & 0xfe00) == 0xfc00
-                    || (first & 0xffc0) == 0xfe80)
+        IpAddr::V6(v6) => {
+            let segments = v6.segments();
+            if segments[..6].iter().all(|s| *s == 0) && !v6.is_loopback() && !v6.is_unspecified() {
+                // IPv4-compatible (::a.b.c.d).
+                return is_public(IpAddr::V4(std::net::Ipv4Addr::from(v6.to_bits() as u32)));
             }
-        },
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let first = segments[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || (first & 0xffc0) == 0xfec0
+                || first == 0x2002
+                || (first == 0x0064 && segments[1] == 0xff9b))
+        }
     }
 }
 

@@ -219,13 +219,14 @@ async fn insert_rows(
         });
     sqlx::query(
         "insert into events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-         select 'Portfolio', u.id, u.seq, u.kind, '1', u.payload, '{\"actor\": \"bench\"}'
+         select 'Portfolio', u.id, u.seq, u.kind, $5, u.payload, '{\"actor\": \"bench\"}'
            from unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[]) as u(id, seq, kind, payload)",
     )
     .bind(&ids)
     .bind(&sequences)
     .bind(&types)
     .bind(&payloads)
+    .bind(ledger::domain::portfolio::PORTFOLIO_EVENT_VERSION)
     .execute(pool)
     .await?;
     Ok(count)

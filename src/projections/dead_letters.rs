@@ -5,11 +5,13 @@
 //! it is applied at most once, and a replay that fails again changes nothing (the letter stays open with the
 //! new reason returned). An event is taken from the log by its id (the log is the source of truth; the dead
 //! letter only says which one), or by its global position for one dead-lettered during a catch-up; a tick from
-//! the message itself. The projection's progress is not moved: it passed the message when it was
-//! dead-lettered, so the replay applies its effect now, after the inputs that followed it. That is what a
-//! projection of independent rows wants (prices, alerts, a row the poison message would have created); for a
-//! projection whose rows fold many events in order, rebuilding it (`ledger replay NAME`) applies the log in
-//! order, after which its open dead letters are discarded.
+//! the message itself. The replay runs as a live writer of the projection (a rebuild's swap waits for it) and
+//! holds the progress row of the event's aggregate or the tick's symbol, as the workers' batches do. The
+//! projection's progress is not moved: it passed the message when it was dead-lettered, so the replay applies
+//! its effect now, after the inputs that followed it. A tick is replayed only into a projection that says a late
+//! tick is safe ([`Projection::applies_late_ticks`]: prices, whose rows keep the newest by time); for the others,
+//! and for a projection whose rows fold many events in order, rebuilding it (`ledger replay NAME`) applies the
+//! log in order, after which its open dead letters are discarded.
 
 use std::sync::Arc;
 
@@ -61,6 +63,8 @@ pub async fn replay(
     let Some(projection) = projections.iter().find(|p| p.name() == name) else {
         return Ok(ReplayOutcome::Refused(format!("no projection {name} in this ledger")));
     };
+    // As a live writer: a rebuild's swap waits for the replay (and the replay for the swap).
+    super::catch_up::enter(&mut tx, projection.as_ref(), super::catch_up::Target::Live).await?;
     let input = match input(
         &mut tx,
         &row.try_get::<String, _>("source_topic")?,
@@ -73,8 +77,29 @@ pub async fn replay(
         Err(reason) => return Ok(ReplayOutcome::Refused(reason)),
     };
     let applied = match &input {
-        Replayed::Event(event) => run(&mut tx, projection.as_ref(), Input::Event(event)).await,
-        Replayed::Tick(tick) => run(&mut tx, projection.as_ref(), Input::Tick(tick)).await,
+        Replayed::Event(event) => {
+            // Serialised with the workers on the same aggregate: they lock its progress row for their batch.
+            let table = super::progress_table(projection.as_ref());
+            sqlx::query(&format!("select 1 from {table} where aggregate_id = $1 for update"))
+                .bind(&event.aggregate_id)
+                .execute(&mut *tx)
+                .await?;
+            run(&mut tx, projection.as_ref(), Input::Event(event)).await
+        }
+        Replayed::Tick(_) if !projection.applies_late_ticks() => {
+            return Ok(ReplayOutcome::Refused(format!(
+                "{name} applies ticks in order only (a late one would count as the newest): rebuild it \
+                 (ledger replay {name}) and discard this letter"
+            )));
+        }
+        Replayed::Tick(tick) => {
+            let table = super::tick_progress_table(projection.as_ref());
+            sqlx::query(&format!("select 1 from {table} where symbol = $1 for update"))
+                .bind(tick.symbol.as_str())
+                .execute(&mut *tx)
+                .await?;
+            run(&mut tx, projection.as_ref(), Input::Tick(tick)).await
+        }
     };
     match applied {
         Ok(()) => {}

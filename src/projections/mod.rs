@@ -90,6 +90,11 @@ pub trait Projection: Send + Sync + 'static {
     fn consumes_ticks(&self) -> bool {
         false
     }
+    /// Whether a tick older than those already applied may be applied (a dead letter's replay): true only where
+    /// every row keeps the newest by time whatever the order of arrival.
+    fn applies_late_ticks(&self) -> bool {
+        false
+    }
     /// Whether a rebuild replays ticks (from the `market_ticks` archive, which the applier fills for such a
     /// projection before each tick it applies) into its tables.
     fn rebuilds_from_ticks(&self) -> bool {

@@ -28,6 +28,12 @@ impl Projection for PricesProjection {
         true
     }
 
+    /// `latest_prices` keeps the newest by `(as_of, seq)`, the history trims by time, and a bar's open and close
+    /// are its earliest and latest ticks by `(ts, seq)`: a late tick lands where it belongs.
+    fn applies_late_ticks(&self) -> bool {
+        true
+    }
+
     async fn apply_tick(&self, conn: &mut PgConnection, tick: &Tick) -> Result<(), ApplyError> {
         let symbol = tick.symbol.as_str();
         let price = tick.price.value();
@@ -66,12 +72,18 @@ impl Projection for PricesProjection {
         .await?;
         let minute = tick.ts.duration_trunc(TimeDelta::minutes(1)).map_err(|e| ApplyError::Poison(e.to_string()))?;
         sqlx::query(
-            "insert into price_bars_1m (symbol, minute, open, high, low, close, volume, ticks)
-             values ($1, $2, $3, $3, $3, $3, $4, 1)
+            "insert into price_bars_1m (symbol, minute, open, high, low, close, volume, ticks,
+                                        open_ts, open_seq, close_ts, close_seq)
+             values ($1, $2, $3, $3, $3, $3, $4, 1, $5, $6, $5, $6)
              on conflict (symbol, minute) do update
                 set high = greatest(price_bars_1m.high, excluded.high),
                     low = least(price_bars_1m.low, excluded.low),
-                    close = excluded.close,
+                    open = case when (excluded.open_ts, excluded.open_seq) < (coalesce(price_bars_1m.open_ts, '-infinity'), coalesce(price_bars_1m.open_seq, 0)) then excluded.open else price_bars_1m.open end,
+                    open_ts = case when (excluded.open_ts, excluded.open_seq) < (coalesce(price_bars_1m.open_ts, '-infinity'), coalesce(price_bars_1m.open_seq, 0)) then excluded.open_ts else price_bars_1m.open_ts end,
+                    open_seq = case when (excluded.open_ts, excluded.open_seq) < (coalesce(price_bars_1m.open_ts, '-infinity'), coalesce(price_bars_1m.open_seq, 0)) then excluded.open_seq else price_bars_1m.open_seq end,
+                    close = case when (excluded.close_ts, excluded.close_seq) >= (coalesce(price_bars_1m.close_ts, '-infinity'), coalesce(price_bars_1m.close_seq, 0)) then excluded.close else price_bars_1m.close end,
+                    close_ts = case when (excluded.close_ts, excluded.close_seq) >= (coalesce(price_bars_1m.close_ts, '-infinity'), coalesce(price_bars_1m.close_seq, 0)) then excluded.close_ts else price_bars_1m.close_ts end,
+                    close_seq = case when (excluded.close_ts, excluded.close_seq) >= (coalesce(price_bars_1m.close_ts, '-infinity'), coalesce(price_bars_1m.close_seq, 0)) then excluded.close_seq else price_bars_1m.close_seq end,
                     volume = price_bars_1m.volume + excluded.volume,
                     ticks = price_bars_1m.ticks + 1",
         )
@@ -79,6 +91,8 @@ impl Projection for PricesProjection {
         .bind(minute)
         .bind(price)
         .bind(tick.volume.unwrap_or(Decimal::ZERO))
+        .bind(tick.ts)
+        .bind(tick.seq)
         .execute(conn)
         .await?;
         Ok(())

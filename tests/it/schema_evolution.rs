@@ -71,8 +71,19 @@ async fn an_event_stored_in_version_1_loads_and_projects_like_version_2() {
     let again = PortfolioCommand::DepositCash { amount: Amount::new(dec!(1)).unwrap(), reference: None, at: now };
     commands.execute_portfolio(&keyed("deposit-after"), portfolio, again).await.unwrap();
 
-    // Decodes from the log as the current shape; the log itself keeps what was stored.
-    let events = LogReader::new(db.pool.clone(), LogPosition::START).read_batch().await.unwrap();
+    // Decodes from the log as the current shape; the log itself keeps what was stored. The reader returns only
+    // what lies below every running transaction (other tests' included): read until all six events are there.
+    let mut reader = LogReader::new(db.pool.clone(), LogPosition::START);
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + crate::support::CONDITION_WAIT_MAX;
+    while events.len() < 6 {
+        let batch = reader.read_batch().await.unwrap();
+        if batch.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "only {} events became readable", events.len());
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        events.extend(batch);
+    }
     let stored = events.iter().find(|e| e.event_type == "ReservationReleased").unwrap();
     assert_eq!(
         (stored.event_version.as_str(), &stored.payload["ReservationReleased"]["reason"]),

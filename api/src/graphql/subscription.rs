@@ -106,7 +106,7 @@ async fn order_portfolio(state: &AppState, event: &RecordedEvent, known: &mut Ha
     if let Some(id) = known.get(&event.aggregate_id) {
         return Some(*id);
     }
-    let named = match serde_json::from_value::<OrderEvent>(event.payload.clone()).ok()? {
+    let named = match event.decode::<OrderEvent>().ok()? {
         OrderEvent::OrderPlaced { portfolio_id, .. }
         | OrderEvent::ExecutionRecorded { portfolio_id, .. }
         | OrderEvent::OrderCanceled { portfolio_id, .. }

@@ -21,7 +21,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -187,8 +188,8 @@ impl From<queries::PricePointRow> for PricePoint {
 }
 
 /// Lets a market-data request in: the client address's rate limit first; then, unless market data is public,
-/// a valid token (any role) and its subject's rate limit. Used by the raw price WebSocket too.
-pub(super) fn admit(state: &ServerState, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Refusal> {
+/// a valid token (any role) and its subject's rate limit. Through [`Admitted`] (the raw price WebSocket too).
+fn admit(state: &ServerState, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Refusal> {
     if state.public_market_data {
         return if state.address_limiter.allow(&peer.ip().to_string()) { Ok(()) } else { Err(Refusal::RateLimited) };
     }
@@ -196,6 +197,22 @@ pub(super) fn admit(state: &ServerState, peer: SocketAddr, headers: &HeaderMap) 
         Some((principal, _)) if state.limiter.allow(&principal.subject) => Ok(()),
         Some(_) => Err(Refusal::RateLimited),
         None => Err(Refusal::Unauthenticated(AuthError::Missing)),
+    }
+}
+
+/// A request let in to the market data (see [`admit`]). An extractor, first among a handler's arguments, so that
+/// no handler can forget the check.
+pub(super) struct Admitted;
+
+impl FromRequestParts<Arc<ServerState>> for Admitted {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<ServerState>) -> Result<Self, Response> {
+        // The server is always served with the client's address (`into_make_service_with_connect_info`).
+        let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>().copied() else {
+            return Err(error_response(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "no client address"));
+        };
+        admit(state, peer, &parts.headers).map(|()| Admitted).map_err(|refusal| refusal.response(state))
     }
 }
 
@@ -233,18 +250,9 @@ impl IntoResponse for Failure {
     ),
     security((), ("bearer" = []))
 )]
-async fn prices(
-    State(state): State<Arc<ServerState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(refusal) = admit(&state, peer, &headers) {
-        return refusal.response(&state);
-    }
-    match queries::latest_prices(&state.app.pool, None).await {
-        Ok(rows) => Json(PriceList { prices: rows.into_iter().map(Price::from).collect() }).into_response(),
-        Err(error) => Failure::Database(error).into_response(),
-    }
+async fn prices(_: Admitted, State(state): State<Arc<ServerState>>) -> Result<Json<PriceList>, Failure> {
+    let rows = queries::latest_prices(&state.app.pool, None).await.map_err(Failure::Database)?;
+    Ok(Json(PriceList { prices: rows.into_iter().map(Price::from).collect() }))
 }
 
 /// A symbol's latest price.
@@ -263,18 +271,11 @@ async fn prices(
     security((), ("bearer" = []))
 )]
 async fn price(
+    _: Admitted,
     State(state): State<Arc<ServerState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     Path(symbol): Path<String>,
-) -> Response {
-    if let Err(refusal) = admit(&state, peer, &headers) {
-        return refusal.response(&state);
-    }
-    match latest(&state, &symbol).await {
-        Ok(price) => Json(price).into_response(),
-        Err(failure) => failure.into_response(),
-    }
+) -> Result<Json<Price>, Failure> {
+    latest(&state, &symbol).await.map(Json)
 }
 
 /// The latest price of `symbol`: 400 for what cannot be a symbol, 404 for one without a price.
@@ -302,33 +303,18 @@ async fn latest(state: &ServerState, symbol: &str) -> Result<Price, Failure> {
     security((), ("bearer" = []))
 )]
 async fn price_history(
+    _: Admitted,
     State(state): State<Arc<ServerState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     Path(symbol): Path<String>,
     query: Result<Query<HistoryQuery>, QueryRejection>,
-) -> Response {
-    if let Err(refusal) = admit(&state, peer, &headers) {
-        return refusal.response(&state);
-    }
-    match history(&state, &symbol, query).await {
-        Ok(history) => Json(history).into_response(),
-        Err(failure) => failure.into_response(),
-    }
-}
-
-async fn history(
-    state: &ServerState,
-    symbol: &str,
-    query: Result<Query<HistoryQuery>, QueryRejection>,
-) -> Result<PriceHistory, Failure> {
+) -> Result<Json<PriceHistory>, Failure> {
     let Query(query) = query.map_err(|rejection| Failure::BadRequest(rejection.body_text()))?;
     let limit = query.limit.unwrap_or(HISTORY_POINTS_DEFAULT);
     if !(1..=HISTORY_POINTS_MAX as u32).contains(&limit) {
         return Err(Failure::BadRequest(format!("limit must be 1 to {HISTORY_POINTS_MAX}")));
     }
     let interval = query.interval.unwrap_or(Interval::Tick);
-    let latest = latest(state, symbol).await?;
+    let latest = latest(&state, &symbol).await?;
     let grain = match interval {
         Interval::Tick => HistoryInterval::Tick,
         Interval::Minute => HistoryInterval::Minute,
@@ -336,7 +322,7 @@ async fn history(
     let rows = queries::price_history(&state.app.pool, &latest.symbol, grain, i64::from(limit))
         .await
         .map_err(Failure::Database)?;
-    Ok(PriceHistory { symbol: latest.symbol, interval, points: rows.into_iter().map(PricePoint::from).collect() })
+    Ok(Json(PriceHistory { symbol: latest.symbol, interval, points: rows.into_iter().map(PricePoint::from).collect() }))
 }
 
 /// The symbols with a price.
@@ -351,18 +337,9 @@ async fn history(
     ),
     security((), ("bearer" = []))
 )]
-async fn symbols(
-    State(state): State<Arc<ServerState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(refusal) = admit(&state, peer, &headers) {
-        return refusal.response(&state);
-    }
-    match queries::latest_prices(&state.app.pool, None).await {
-        Ok(rows) => Json(SymbolList { symbols: rows.into_iter().map(|row| row.symbol).collect() }).into_response(),
-        Err(error) => Failure::Database(error).into_response(),
-    }
+async fn symbols(_: Admitted, State(state): State<Arc<ServerState>>) -> Result<Json<SymbolList>, Failure> {
+    let rows = queries::latest_prices(&state.app.pool, None).await.map_err(Failure::Database)?;
+    Ok(Json(SymbolList { symbols: rows.into_iter().map(|row| row.symbol).collect() }))
 }
 
 /// This surface's OpenAPI 3 document (public: it is documentation).

@@ -11,30 +11,38 @@
 //! - **Bounded.** A socket that falls more than [`FEED_BUFFER`](crate::graphql::feeds::FEED_BUFFER) ticks behind the feed is closed with
 //!   [`CLOSE_LAGGED`] (reconnect to resume from the latest ticks): the rule a GraphQL subscription's
 //!   `RESYNC_REQUIRED` follows. At most [`PRICE_SOCKETS_MAX`] sockets per instance and
-//!   [`SYMBOLS_PER_SOCKET_MAX`] symbols per socket; what a client sends is ignored, each message at most
-//!   [`CLIENT_MESSAGE_MAX_BYTES`].
+//!   [`SYMBOLS_PER_SOCKET_MAX`] symbols per socket, [`PRICE_SOCKETS_PER_ADDRESS_MAX`] sockets per client address;
+//!   what a client sends is ignored, each message at most [`CLIENT_MESSAGE_MAX_BYTES`]. A client that does not
+//!   take what is written to it for the keep-alive timeout is dropped.
 //! - **Keep-alive** as on `/graphql/ws`: a ping every interval; a client silent (not even a pong) for the
 //!   timeout is closed. When the API stops, sockets are closed with 1001 (going away).
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use ledger::domain::values::Symbol;
 use tokio::sync::broadcast;
 
+use super::market_data::Admitted;
 use super::server::{error_response, ServerState};
 use crate::graphql::feeds::PriceFrame;
 use crate::http::ws::KeepAlive;
 
 /// Raw price sockets one API instance holds open at once.
 pub const PRICE_SOCKETS_MAX: usize = 20_000;
+/// Raw price sockets one client address may hold open on one instance (clients behind one proxy share its
+/// address).
+pub const PRICE_SOCKETS_PER_ADDRESS_MAX: usize = 2_000;
+/// How long writing the close frame may take (the client may not be reading).
+const CLOSE_WRITE_MS: u64 = 1_000;
 /// Symbols one socket may ask for.
 pub const SYMBOLS_PER_SOCKET_MAX: usize = crate::graphql::market::SYMBOLS_PER_QUERY_MAX;
 /// Largest message a client may send (clients have nothing to say; pongs and close frames are small).
@@ -48,16 +56,13 @@ const CLOSE_SILENT: u16 = 1008;
 
 /// `GET /ws/prices`: checks access and the symbols, subscribes to the feed, then upgrades. The subscription is
 /// made before the handshake is answered, so every tick published after the client sees it is delivered.
-pub async fn upgrade(
+pub(super) async fn upgrade(
+    _: Admitted,
     State(state): State<Arc<ServerState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    if let Err(refusal) = super::market_data::admit(&state, peer, &headers) {
-        return refusal.response(&state);
-    }
     let symbols = match symbols(query.get("symbols").map(String::as_str)) {
         Ok(symbols) => symbols,
         Err(message) => return error_response(StatusCode::BAD_REQUEST, "BAD_REQUEST", &message),
@@ -67,9 +72,9 @@ pub async fn upgrade(
         let message = "no live prices: this server reads no broker";
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", message);
     }
-    let Some(permit) = SocketPermit::acquire(&state.http.price_sockets_open) else {
-        let message = format!("too many price sockets (at most {PRICE_SOCKETS_MAX})");
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", &message);
+    let permit = match SocketPermit::acquire(&state.http.price_sockets_open, &state.price_sockets, peer.ip()) {
+        Ok(permit) => permit,
+        Err(message) => return error_response(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", &message),
     };
     let feed = Feed {
         prices: hub.subscribe_prices(),
@@ -101,22 +106,47 @@ fn symbols(parameter: Option<&str>) -> Result<Option<HashSet<String>>, String> {
     Ok(Some(symbols))
 }
 
-/// One open price socket, counted while it lives.
-struct SocketPermit(Arc<AtomicUsize>);
+/// Price sockets open per client address.
+pub type SocketsByAddress = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// One open price socket, counted (in all and for its client address) while it lives.
+struct SocketPermit {
+    open: Arc<AtomicUsize>,
+    by_address: SocketsByAddress,
+    address: IpAddr,
+}
 
 impl SocketPermit {
-    fn acquire(open: &Arc<AtomicUsize>) -> Option<SocketPermit> {
-        if open.fetch_add(1, Ordering::SeqCst) >= PRICE_SOCKETS_MAX {
-            open.fetch_sub(1, Ordering::SeqCst);
-            return None;
+    /// A socket for `address`, unless the instance or the address holds as many as allowed; why not otherwise.
+    fn acquire(open: &Arc<AtomicUsize>, by_address: &SocketsByAddress, address: IpAddr) -> Result<Self, String> {
+        {
+            let mut counts = by_address.lock().unwrap_or_else(|p| p.into_inner());
+            let count = counts.entry(address).or_default();
+            if *count >= PRICE_SOCKETS_PER_ADDRESS_MAX {
+                return Err(format!(
+                    "too many price sockets from this address (at most {PRICE_SOCKETS_PER_ADDRESS_MAX})"
+                ));
+            }
+            *count += 1;
         }
-        Some(SocketPermit(open.clone()))
+        let permit = SocketPermit { open: open.clone(), by_address: by_address.clone(), address };
+        if open.fetch_add(1, Ordering::SeqCst) >= PRICE_SOCKETS_MAX {
+            return Err(format!("too many price sockets (at most {PRICE_SOCKETS_MAX})"));
+        }
+        Ok(permit)
     }
 }
 
 impl Drop for SocketPermit {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.open.fetch_sub(1, Ordering::SeqCst);
+        let mut counts = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.address);
+            }
+        }
     }
 }
 
@@ -149,7 +179,7 @@ impl Feed {
         loop {
             let outcome = tokio::select! {
                 _ = stopping.cancelled() => Err(close(CLOSE_GOING_AWAY, "the server is stopping")),
-                frame = self.prices.recv() => self.send_ready(&mut sink, frame).await,
+                frame = self.prices.recv() => self.send_bounded(&mut sink, frame, &stopping).await,
                 message = incoming.next() => match message {
                     Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
                     Some(Ok(_)) => {
@@ -170,9 +200,24 @@ impl Feed {
                     Message::Close(Some(frame)) => frame.code,
                     _ => return None,
                 };
-                let _ = sink.send(message).await;
+                let _ = tokio::time::timeout(Duration::from_millis(CLOSE_WRITE_MS), sink.send(message)).await;
                 return Some(code);
             }
+        }
+    }
+
+    /// [`Feed::send_ready`], bounded: a client that does not take what is ready within the keep-alive timeout, or
+    /// an API that stops meanwhile, ends the socket without a close frame (nothing more can be written to it).
+    async fn send_bounded(
+        &mut self,
+        sink: &mut (impl futures::Sink<Message> + Unpin),
+        first: Result<Arc<PriceFrame>, broadcast::error::RecvError>,
+        stopping: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), Message> {
+        let limit = self.keep_alive.timeout;
+        tokio::select! {
+            _ = stopping.cancelled() => Err(Message::Close(None)),
+            sent = tokio::time::timeout(limit, self.send_ready(sink, first)) => sent.unwrap_or(Err(Message::Close(None))),
         }
     }
 

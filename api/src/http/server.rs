@@ -83,6 +83,8 @@ pub struct ServerState {
     pub graphiql: bool,
     pub keep_alive: crate::http::ws::KeepAlive,
     pub public_market_data: bool,
+    /// Raw price sockets open per client address.
+    pub price_sockets: crate::http::price_socket::SocketsByAddress,
     /// The database-derived part of `/metrics` and when it was rendered.
     metrics_cache: tokio::sync::Mutex<Option<(Instant, String)>>,
 }
@@ -105,6 +107,7 @@ pub fn router(app: AppState, config: ServerConfig) -> (Router, Arc<ServerState>)
         graphiql: config.introspection,
         keep_alive: config.keep_alive,
         public_market_data: config.public_market_data,
+        price_sockets: Arc::default(),
         metrics_cache: tokio::sync::Mutex::new(None),
     });
     let router = Router::new()

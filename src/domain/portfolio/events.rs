@@ -24,9 +24,6 @@ pub struct LotConsumed {
     pub cost: Decimal,
 }
 
-// `ExecutionApplied` is much larger than the other variants; events are serialised right after they are
-// created and never held in bulk, so boxing it would only cost an allocation.
-#[allow(clippy::large_enum_variant)]
 /// Why a reservation was given back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -41,8 +38,8 @@ pub enum ReleaseReason {
     Other,
 }
 
-// A fill's event (`ExecutionApplied`, with its lots) is much larger than the others; events live one batch at a
-// time, so boxing it would only add an allocation per fill.
+// `ExecutionApplied` is much larger than the other variants; events are serialised right after they are
+// created and never held in bulk, so boxing it would only cost an allocation.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, strum::IntoStaticStr)]
 pub enum PortfolioEvent {
