@@ -156,6 +156,18 @@ pub struct HistoryQuery {
     pub interval: Option<Interval>,
 }
 
+/// The refusals every market-data route may answer with, before it looks at the request.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // only documents the responses
+enum Refused {
+    /// Market data is not public here and no valid token was given
+    #[response(status = 401)]
+    Unauthenticated(ErrorBody),
+    /// Too many requests from this address (or token)
+    #[response(status = 429)]
+    RateLimited(ErrorBody),
+}
+
 /// The error body of every route (as GraphQL errors are shaped).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
@@ -245,8 +257,7 @@ impl IntoResponse for Failure {
     tag = "market data",
     responses(
         (status = 200, description = "Every symbol's latest price, by symbol (at most 1,000)", body = PriceList),
-        (status = 401, description = "Market data is not public here and no valid token was given", body = ErrorBody),
-        (status = 429, description = "Too many requests from this address (or token)", body = ErrorBody),
+        Refused,
     ),
     security((), ("bearer" = []))
 )]
@@ -264,9 +275,8 @@ async fn prices(_: Admitted, State(state): State<Arc<ServerState>>) -> Result<Js
     responses(
         (status = 200, description = "The symbol's latest price", body = Price),
         (status = 400, description = "Not a symbol", body = ErrorBody),
-        (status = 401, description = "Market data is not public here and no valid token was given", body = ErrorBody),
         (status = 404, description = "The symbol has no price", body = ErrorBody),
-        (status = 429, description = "Too many requests from this address (or token)", body = ErrorBody),
+        Refused,
     ),
     security((), ("bearer" = []))
 )]
@@ -296,9 +306,8 @@ async fn latest(state: &ServerState, symbol: &str) -> Result<Price, Failure> {
     responses(
         (status = 200, description = "The newest points, oldest first", body = PriceHistory),
         (status = 400, description = "Not a symbol, or a limit or interval out of range", body = ErrorBody),
-        (status = 401, description = "Market data is not public here and no valid token was given", body = ErrorBody),
         (status = 404, description = "The symbol has no price", body = ErrorBody),
-        (status = 429, description = "Too many requests from this address (or token)", body = ErrorBody),
+        Refused,
     ),
     security((), ("bearer" = []))
 )]
@@ -332,8 +341,7 @@ async fn price_history(
     tag = "market data",
     responses(
         (status = 200, description = "Every symbol with a price, in order (at most 1,000)", body = SymbolList),
-        (status = 401, description = "Market data is not public here and no valid token was given", body = ErrorBody),
-        (status = 429, description = "Too many requests from this address (or token)", body = ErrorBody),
+        Refused,
     ),
     security((), ("bearer" = []))
 )]

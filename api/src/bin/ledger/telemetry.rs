@@ -131,8 +131,11 @@ impl Collector {
     /// Posts one JSON body on a connection of its own (an export wakes once a second and posts what is queued,
     /// in batches of at most [`EXPORT_BATCH_MAX`] spans); the response's status.
     async fn post(&self, body: Vec<u8>) -> Result<hyper::StatusCode, String> {
-        let addresses = self.0.resolve().await?;
-        self.1.post(&self.0, &addresses, &[], bytes::Bytes::from(body), Duration::from_millis(EXPORT_TIMEOUT_MS)).await
+        let limit = Duration::from_millis(EXPORT_TIMEOUT_MS);
+        let addresses = tokio::time::timeout(limit, self.0.resolve())
+            .await
+            .map_err(|_| format!("{} not resolved within {EXPORT_TIMEOUT_MS} ms", self.0.host))??;
+        self.1.post(&self.0, &addresses, &[], bytes::Bytes::from(body), limit).await
     }
 }
 
