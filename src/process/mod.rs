@@ -53,11 +53,11 @@ pub const PROCESS_MANAGER: &str = "process-manager";
 const LOCK_NAME: &str = "ledger.process-manager";
 /// First wait before running a step again after a transient failure (then doubling up to
 /// `retry_backoff_max_ms`).
-const STEP_RETRY_FIRST_DELAY_MS: u64 = 20;
+const STEP_RETRY_FIRST_DELAY: Duration = Duration::from_millis(20);
 /// First wait before saving the cursor again.
-const CURSOR_RETRY_FIRST_DELAY_MS: u64 = 50;
+const CURSOR_RETRY_FIRST_DELAY: Duration = Duration::from_millis(50);
 /// Wait before reading the log again after a failed read.
-const LOG_READ_RETRY_MS: u64 = 500;
+const LOG_READ_RETRY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
 pub struct ProcessConfig {
@@ -198,7 +198,7 @@ impl ProcessManager {
                     tracing::warn!(%error, "reading the log failed; retrying");
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(ActiveExit::Cancelled),
-                        _ = tokio::time::sleep(Duration::from_millis(LOG_READ_RETRY_MS)) => continue,
+                        _ = tokio::time::sleep(LOG_READ_RETRY) => continue,
                     }
                 }
             };
@@ -253,7 +253,7 @@ impl ProcessManager {
 
     /// Handles one event, retrying transient failures with backoff. Returns false if cancelled first.
     async fn handle_with_retry(&self, event: &RecordedEvent, cancel: &CancellationToken) -> bool {
-        let mut backoff = Backoff::new(Duration::from_millis(STEP_RETRY_FIRST_DELAY_MS), self.retry_max());
+        let mut backoff = Backoff::new(STEP_RETRY_FIRST_DELAY, self.retry_max());
         loop {
             match self.handle(event).await {
                 Ok(()) => return true,
@@ -529,7 +529,7 @@ impl ProcessManager {
         position: crate::log::LogPosition,
         cancel: &CancellationToken,
     ) -> Result<(), sqlx::Error> {
-        let mut backoff = Backoff::new(Duration::from_millis(CURSOR_RETRY_FIRST_DELAY_MS), self.retry_max());
+        let mut backoff = Backoff::new(CURSOR_RETRY_FIRST_DELAY, self.retry_max());
         loop {
             match save_cursor(self.pool(), PROCESS_MANAGER, position).await {
                 Ok(()) => {

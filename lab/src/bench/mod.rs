@@ -63,6 +63,14 @@ fn required(kafka: Option<&KafkaConfig>) -> anyhow::Result<KafkaConfig> {
         .ok_or_else(|| anyhow::anyhow!("set KAFKA_BROKERS (or --kafka-brokers) to the Kafka bootstrap servers"))
 }
 
+/// Where a suite writes its results besides the terminal.
+#[derive(Debug, clap::Args)]
+pub struct Output {
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
 /// How long and how often a timed suite runs each of its settings (client or task count).
 #[derive(Debug, clap::Args)]
 pub struct Timed {
@@ -82,12 +90,12 @@ pub struct ExportArgs {
     /// Export formats to measure (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "jsonl,csv,parquet", value_parser = |s: &str| s.parse::<ledger::audit::ExportFormat>())]
     pub formats: Vec<ledger::audit::ExportFormat>,
-    #[arg(long)]
-    pub json: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub output: Output,
 }
 
 async fn export(database_url: &str, args: ExportArgs) -> anyhow::Result<()> {
-    let ExportArgs { events, formats, json } = args;
+    let ExportArgs { events, formats, output: Output { json } } = args;
     let results = export::run(database_url, events, &formats).await?;
     let single = reference(database_url, 1, 10, None).await;
     let mut report = Vec::new();
@@ -113,13 +121,12 @@ pub struct CommandsArgs {
     /// KAFKA_BROKERS); waits for them to reach the log's head first, and reports how far the relay was behind.
     #[arg(long)]
     pub with_system: bool,
-    /// Write the results as JSON to this file.
-    #[arg(long)]
-    pub json: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub output: Output,
 }
 
 async fn commands(database_url: &str, kafka: Option<&KafkaConfig>, args: CommandsArgs) -> anyhow::Result<()> {
-    let CommandsArgs { clients, timed: Timed { seconds, runs }, hot, with_system, json } = args;
+    let CommandsArgs { clients, timed: Timed { seconds, runs }, hot, with_system, output: Output { json } } = args;
     let system = if with_system { Some(required(kafka)?) } else { None };
     let options = api::CommandsOptions { hot, system };
     let mut medians = Vec::new();
@@ -149,13 +156,12 @@ pub struct FanoutArgs {
     /// Runs per subscriber count; the run with the median p99 is reported.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// Write the results as JSON to this file.
-    #[arg(long)]
-    pub json: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub output: Output,
 }
 
 async fn fanout(database_url: &str, kafka: Option<&KafkaConfig>, args: FanoutArgs) -> anyhow::Result<()> {
-    let FanoutArgs { subscribers, ticks, rate, runs, json } = args;
+    let FanoutArgs { subscribers, ticks, rate, runs, output: Output { json } } = args;
     let kafka = required(kafka)?;
     let single = reference(database_url, 1, 10, None).await;
     let mut results = Vec::new();
@@ -187,13 +193,12 @@ pub struct DepositsArgs {
     /// Send every command with an idempotency key.
     #[arg(long)]
     pub keyed: bool,
-    /// Write the results as JSON to this file.
-    #[arg(long)]
-    pub json: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub output: Output,
 }
 
 async fn deposits(database_url: &str, args: DepositsArgs) -> anyhow::Result<()> {
-    let DepositsArgs { tasks, timed: Timed { seconds, runs }, keyed, json } = args;
+    let DepositsArgs { tasks, timed: Timed { seconds, runs }, keyed, output: Output { json } } = args;
     let mut medians = Vec::new();
     for task_count in tasks {
         let pgbench = reference(database_url, task_count, seconds, None).await;
@@ -216,12 +221,12 @@ pub struct ReplayArgs {
     pub events: usize,
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    #[arg(long)]
-    pub json: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub output: Output,
 }
 
 async fn replay(database_url: &str, args: ReplayArgs) -> anyhow::Result<()> {
-    let ReplayArgs { events, runs, json } = args;
+    let ReplayArgs { events, runs, output: Output { json } } = args;
     let mut results = library::replay(database_url, events, runs).await?;
     results.sort_by(|a, b| a.events_per_second.total_cmp(&b.events_per_second));
     let median = &results[results.len() / 2];
@@ -238,12 +243,12 @@ pub struct E2eArgs {
     pub rate: u64,
     #[arg(long, default_value_t = 20)]
     pub seconds: u64,
-    #[arg(long)]
-    pub json: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub output: Output,
 }
 
 async fn e2e(database_url: &str, kafka: Option<&KafkaConfig>, args: E2eArgs) -> anyhow::Result<()> {
-    let E2eArgs { rate, seconds, json } = args;
+    let E2eArgs { rate, seconds, output: Output { json } } = args;
     let kafka = required(kafka)?;
     let result = library::end_to_end(database_url, &kafka, rate, seconds).await?;
     let paced = reference(database_url, 1, 10, Some(rate)).await;
@@ -276,12 +281,12 @@ pub struct ValuationArgs {
     pub portfolios: usize,
     #[arg(long, default_value_t = 200)]
     pub ticks: usize,
-    #[arg(long)]
-    pub json: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub output: Output,
 }
 
 async fn valuation(database_url: &str, kafka: Option<&KafkaConfig>, args: ValuationArgs) -> anyhow::Result<()> {
-    let ValuationArgs { portfolios, ticks, json } = args;
+    let ValuationArgs { portfolios, ticks, output: Output { json } } = args;
     let kafka = required(kafka)?;
     let result = library::valuation(database_url, &kafka, portfolios, ticks).await?;
     let single = reference(database_url, 1, 10, None).await;
@@ -308,13 +313,12 @@ pub struct IntakeArgs {
     pub batch_size: usize,
     #[command(flatten)]
     pub timed: Timed,
-    /// Write the results as JSON to this file.
-    #[arg(long)]
-    pub json: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub output: Output,
 }
 
 async fn intake(database_url: &str, args: IntakeArgs) -> anyhow::Result<()> {
-    let IntakeArgs { clients, batch_size, timed: Timed { seconds, runs }, json } = args;
+    let IntakeArgs { clients, batch_size, timed: Timed { seconds, runs }, output: Output { json } } = args;
     let mut medians = Vec::new();
     let duration = std::time::Duration::from_secs(seconds);
     for count in clients {
@@ -350,13 +354,12 @@ pub struct RelayArgs {
     /// Seconds of the latency run.
     #[arg(long, default_value_t = 20)]
     pub seconds: u64,
-    /// Write the results as JSON to this file.
-    #[arg(long)]
-    pub json: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub output: Output,
 }
 
 async fn relay(database_url: &str, kafka: Option<&KafkaConfig>, args: RelayArgs) -> anyhow::Result<()> {
-    let RelayArgs { events, batch_sizes, runs, linger_ms, rate, seconds, json } = args;
+    let RelayArgs { events, batch_sizes, runs, linger_ms, rate, seconds, output: Output { json } } = args;
     let kafka = required(kafka)?;
     let single = reference(database_url, 1, 10, None).await;
     let mut report = Vec::new();
