@@ -17,13 +17,11 @@
 //! with `BAD_REQUEST` (400), `UNAUTHENTICATED` (401), `NOT_FOUND` (404), `RATE_LIMITED` (429) or `INTERNAL`
 //! (500).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
-use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -35,8 +33,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
-use super::server::{authenticate, error_response, Refusal, ServerState};
-use crate::auth::AuthError;
+use super::access::{error_response, Admitted};
+use super::state::ServerState;
 use crate::graphql::market::HISTORY_POINTS_MAX;
 
 /// Points a history answers with when no `limit` is given.
@@ -196,35 +194,6 @@ impl From<queries::PricePointRow> for PricePoint {
     fn from(row: queries::PricePointRow) -> Self {
         let queries::PricePointRow { time, open, high, low, close, volume, ticks } = row;
         PricePoint { time, open, high, low, close, volume, ticks }
-    }
-}
-
-/// Lets a market-data request in: the client address's rate limit first; then, unless market data is public,
-/// a valid token (any role) and its subject's rate limit. Through [`Admitted`] (the raw price WebSocket too).
-fn admit(state: &ServerState, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Refusal> {
-    if state.public_market_data {
-        return if state.address_limiter.allow(&peer.ip().to_string()) { Ok(()) } else { Err(Refusal::RateLimited) };
-    }
-    match authenticate(state, peer, headers)? {
-        Some((principal, _)) if state.limiter.allow(&principal.subject) => Ok(()),
-        Some(_) => Err(Refusal::RateLimited),
-        None => Err(Refusal::Unauthenticated(AuthError::Missing)),
-    }
-}
-
-/// A request let in to the market data (see [`admit`]). An extractor, first among a handler's arguments, so that
-/// no handler can forget the check.
-pub(super) struct Admitted;
-
-impl FromRequestParts<Arc<ServerState>> for Admitted {
-    type Rejection = Response;
-
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<ServerState>) -> Result<Self, Response> {
-        // The server is always served with the client's address (`into_make_service_with_connect_info`).
-        let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>().copied() else {
-            return Err(error_response(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "no client address"));
-        };
-        admit(state, peer, &parts.headers).map(|()| Admitted).map_err(|refusal| refusal.response(state))
     }
 }
 

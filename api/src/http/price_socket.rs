@@ -20,7 +20,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -31,8 +31,9 @@ use futures::{SinkExt, StreamExt};
 use ledger::domain::values::Symbol;
 use tokio::sync::broadcast;
 
-use super::market_data::Admitted;
-use super::server::{error_response, ServerState};
+use super::access::{error_response, Admitted};
+use super::state::ServerState;
+pub use super::state::SocketsByAddress;
 use crate::graphql::feeds::PriceFrame;
 use crate::http::ws::KeepAlive;
 
@@ -56,7 +57,7 @@ const CLOSE_SILENT: u16 = 1008;
 
 /// `GET /ws/prices`: checks access and the symbols, subscribes to the feed, then upgrades. The subscription is
 /// made before the handshake is answered, so every tick published after the client sees it is delivered.
-pub(super) async fn upgrade(
+pub async fn upgrade(
     _: Admitted,
     State(state): State<Arc<ServerState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -105,9 +106,6 @@ fn symbols(parameter: Option<&str>) -> Result<Option<HashSet<String>>, String> {
     }
     Ok(Some(symbols))
 }
-
-/// Price sockets open per client address.
-pub type SocketsByAddress = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
 /// One open price socket, counted (in all and for its client address) while it lives.
 struct SocketPermit {

@@ -34,12 +34,14 @@ use axum::Router;
 use ledger::kafka::KafkaConfig;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{AuthError, TokenKeys};
-use crate::graphql::{build_schema, AppState, LedgerSchema, RequestIds, SchemaOptions};
+use crate::auth::TokenKeys;
+use crate::graphql::{build_schema, AppState, RequestIds, SchemaOptions};
 use crate::http::metrics::HttpMetrics;
 use crate::http::ratelimit::RateLimiter;
 use tracing::Instrument;
 
+use super::access::{authenticate, error_response, rate_limited};
+pub use super::state::ServerState;
 use super::REQUEST_BODY_MAX_BYTES;
 
 /// How long readiness checks may take.
@@ -65,28 +67,6 @@ pub struct ServerConfig {
     pub kafka: Option<KafkaConfig>,
     /// Market data (`/api/v1/…`, `/ws/prices`) without a token (rate-limited per client address).
     pub public_market_data: bool,
-}
-
-pub struct ServerState {
-    pub schema: LedgerSchema,
-    pub app: AppState,
-    pub keys: TokenKeys,
-    /// Per token subject: HTTP requests and WebSocket operations.
-    pub limiter: Arc<RateLimiter>,
-    /// Per client address, before any token is looked at.
-    pub address_limiter: RateLimiter,
-    /// Failed authentications per client address.
-    pub auth_failures: RateLimiter,
-    pub subjects: Arc<crate::http::ws::SubjectCounts>,
-    pub http: HttpMetrics,
-    pub kafka: Option<KafkaConfig>,
-    pub graphiql: bool,
-    pub keep_alive: crate::http::ws::KeepAlive,
-    pub public_market_data: bool,
-    /// Raw price sockets open per client address.
-    pub price_sockets: crate::http::price_socket::SocketsByAddress,
-    /// The database-derived part of `/metrics` and when it was rendered.
-    metrics_cache: tokio::sync::Mutex<Option<(Instant, String)>>,
 }
 
 pub fn router(app: AppState, config: ServerConfig) -> (Router, Arc<ServerState>) {
@@ -151,60 +131,6 @@ pub async fn serve(
     axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
-}
-
-pub(super) fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = serde_json::json!({ "errors": [{ "message": message, "extensions": { "code": code } }] });
-    (status, axum::Json(body)).into_response()
-}
-
-pub(super) fn rate_limited(state: &ServerState) -> Response {
-    state.http.rate_limited.fetch_add(1, Ordering::Relaxed);
-    error_response(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", "too many requests; slow down")
-}
-
-/// Why a request was refused before it reached its handler.
-pub(super) enum Refusal {
-    RateLimited,
-    Unauthenticated(AuthError),
-}
-
-impl Refusal {
-    pub(super) fn response(self, state: &ServerState) -> Response {
-        match self {
-            Refusal::RateLimited => rate_limited(state),
-            Refusal::Unauthenticated(error) => {
-                state.http.unauthorized.fetch_add(1, Ordering::Relaxed);
-                error_response(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", &error.to_string())
-            }
-        }
-    }
-}
-
-/// Authenticates a request's `Authorization` header, after the per-address checks: too many requests from the
-/// address, or too many failed authentications from it while carrying a token, are refused (429) before the
-/// token is looked at. `Ok(None)`: no token.
-pub(super) fn authenticate(
-    state: &ServerState,
-    peer: SocketAddr,
-    headers: &HeaderMap,
-) -> Result<Option<(crate::auth::Principal, chrono::DateTime<chrono::Utc>)>, Refusal> {
-    let address = peer.ip().to_string();
-    if !state.address_limiter.allow(&address) {
-        return Err(Refusal::RateLimited);
-    }
-    let authorization = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    if authorization.is_some() && state.auth_failures.exhausted(&address) {
-        return Err(Refusal::RateLimited);
-    }
-    match state.keys.verify_header_until(authorization, state.app.clock.now()) {
-        Ok(verified) => Ok(Some(verified)),
-        Err(AuthError::Missing) => Ok(None),
-        Err(error) => {
-            state.auth_failures.allow(&address);
-            Err(Refusal::Unauthenticated(error))
-        }
-    }
 }
 
 async fn graphiql(State(state): State<Arc<ServerState>>) -> Response {
