@@ -2,6 +2,7 @@
 //! who may in: `access`), the GraphQL WebSocket protocol, the public market-data surface (REST and a raw price
 //! WebSocket), rate limits, the `/metrics` exposition, the dashboard's static files, and the outgoing POSTs
 //! (`client`: webhooks, trace export).
+
 pub mod access;
 pub mod client;
 pub mod dashboard;

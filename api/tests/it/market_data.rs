@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{error_code, eventually, Stack, CONDITION_WAIT_MAX};
+use crate::support::{error_code, eventually, flood_rounds, without_keep_alive, Stack, CONDITION_WAIT_MAX};
 
 /// Clients of the raw price WebSocket in the fan-out test.
 const PRICE_CLIENTS: usize = 1_000;
@@ -204,21 +204,15 @@ async fn a_thousand_price_socket_clients_receive_every_tick_of_a_burst() {
     stack.stop().await;
 }
 
-/// Ticks per round of the flood below: well under the feed's buffer, so the client that reads keeps up.
-const FLOOD_ROUND: i64 = 500;
 /// Ticks of the flood: their frames (~100 bytes each) are several times what the loopback sockets and the feed
 /// buffer of the client that does not read can hold.
 const FLOOD_TICKS: i64 = 100_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_price_socket_that_stops_reading_is_closed_while_another_gets_every_tick() {
-    // No keep-alive cut-off during the flood: the client that does not read answers no pings either.
     let stack = Stack::start_with(1, |config| {
         config.public_market_data = true;
-        config.keep_alive = ledger_api::http::ws::KeepAlive {
-            ping_interval: std::time::Duration::from_secs(3_600),
-            timeout: std::time::Duration::from_secs(3_600),
-        }
+        without_keep_alive(config);
     })
     .await;
     let hub = &stack.instances[0].hub;
@@ -227,26 +221,13 @@ async fn a_price_socket_that_stops_reading_is_closed_while_another_gets_every_ti
     let (mut slow, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
     let (mut reader, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
     let publisher = ledger::market::TickPublisher::new(&stack.kafka).unwrap();
-    let mut next_seq = 1;
-    while next_seq <= FLOOD_TICKS {
-        let round: Vec<_> = (next_seq..next_seq + FLOOD_ROUND)
-            .map(|seq| ledger::market::Tick {
-                version: ledger::market::TICK_VERSION,
-                symbol: ledger::domain::values::Symbol::new("FLOOD").unwrap(),
-                price: ledger::domain::values::Price::new(rust_decimal::Decimal::from(seq)).unwrap(),
-                ts: chrono::Utc::now(),
-                seq,
-                volume: None,
-                source: "test".into(),
-            })
-            .collect();
+    for round in flood_rounds("FLOOD", FLOOD_TICKS) {
         publisher.publish_all(&round).await.unwrap();
         // The reader gets the whole round, in order, before the next one is published.
-        for seq in next_seq..next_seq + FLOOD_ROUND {
+        for seq in round.iter().map(|tick| tick.seq) {
             let tick = next_tick(&mut reader).await.unwrap_or_else(|| panic!("tick {seq} never came"));
             assert_eq!(tick["price"], seq.to_string(), "{tick}");
         }
-        next_seq += FLOOD_ROUND;
     }
     // Every tick was offered to both; the one that read nothing is closed with 4000 once it reads.
     let mut received = 0;

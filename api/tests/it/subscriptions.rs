@@ -11,7 +11,9 @@ use ledger_api::auth::Role;
 use serde_json::{json, Value};
 
 use crate::graphql::{fill, open_funded, place, DEPOSIT};
-use crate::support::{error_code, eventually, Stack, WsSubscription, CONDITION_WAIT_MAX};
+use crate::support::{
+    error_code, eventually, flood_rounds, without_keep_alive, Stack, WsSubscription, CONDITION_WAIT_MAX,
+};
 
 /// A subscription run by Node with the npm `graphql-ws` client; its output lines arrive on a channel.
 struct NodeSubscriber {
@@ -244,9 +246,6 @@ async fn a_slow_subscriber_is_told_to_resync() {
     stack.stop().await;
 }
 
-/// Ticks published per round of `a_tick_subscriber_that_stops_reading_is_cut_off_while_another_gets_every_tick`:
-/// well under the feed's buffer, so the subscriber that reads never falls behind whatever the machine's speed.
-const TICK_ROUND: i64 = 500;
 /// Ticks in all: their frames (~150 bytes each) are several times what the loopback sockets and the feed buffer
 /// of the subscriber that does not read can hold.
 const TICK_FLOOD: i64 = 80_000;
@@ -255,14 +254,7 @@ const TICK_FLOOD: i64 = 80_000;
 /// and is cut off with `RESYNC_REQUIRED`; the other, on the same feed, receives every tick in order meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tick_subscriber_that_stops_reading_is_cut_off_while_another_gets_every_tick() {
-    // No keep-alive cut-off during the flood: the client that does not read answers no pings either.
-    let stack = Stack::start_with(1, |config| {
-        config.keep_alive = ledger_api::http::ws::KeepAlive {
-            ping_interval: Duration::from_secs(3_600),
-            timeout: Duration::from_secs(3_600),
-        }
-    })
-    .await;
+    let stack = Stack::start_with(1, without_keep_alive).await;
     let query = "subscription { priceTicks(symbols: [\"FLOOD\"]) { symbol price ts seq volume } }";
     let url = stack.ws_url(0);
     let mut slow =
@@ -273,26 +265,13 @@ async fn a_tick_subscriber_that_stops_reading_is_cut_off_while_another_gets_ever
     let hub = &stack.instances[0].hub;
     assert!(eventually(|| async { hub.ticks_live() }).await, "the tick feed never became live");
     let publisher = ledger::market::TickPublisher::new(&stack.kafka).unwrap();
-    let mut next_seq = 1;
-    while next_seq <= TICK_FLOOD {
-        let round: Vec<_> = (next_seq..next_seq + TICK_ROUND)
-            .map(|seq| ledger::market::Tick {
-                version: ledger::market::TICK_VERSION,
-                symbol: ledger::domain::values::Symbol::new("FLOOD").unwrap(),
-                price: ledger::domain::values::Price::new(rust_decimal::Decimal::ONE_HUNDRED).unwrap(),
-                ts: chrono::Utc::now(),
-                seq,
-                volume: None,
-                source: "test".into(),
-            })
-            .collect();
+    for round in flood_rounds("FLOOD", TICK_FLOOD) {
         publisher.publish_all(&round).await.unwrap();
         // The reader gets the whole round, in order, before the next one is published.
-        for seq in next_seq..next_seq + TICK_ROUND {
+        for seq in round.iter().map(|tick| tick.seq) {
             let message = reader.next(CONDITION_WAIT_MAX).await.unwrap_or_else(|| panic!("tick {seq} never came"));
             assert_eq!(message["data"]["priceTicks"]["seq"], seq, "{message}");
         }
-        next_seq += TICK_ROUND;
     }
     // Every tick was offered to both; the one that read nothing is told to resync once it reads.
     let (received, last) = read_to_the_end(&mut slow).await;

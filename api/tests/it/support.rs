@@ -392,3 +392,31 @@ impl WsClient {
         }
     }
 }
+
+/// Ticks per round of a flood: well under the feeds' buffer, so a client that reads keeps up whatever the
+/// machine's speed.
+pub const FLOOD_ROUND: i64 = 500;
+
+/// No keep-alive deadline on the sockets: in a flood, the client that does not read answers no pings either.
+pub fn without_keep_alive(config: &mut AppConfig) {
+    let never = Duration::from_secs(3_600);
+    config.keep_alive = ledger_api::http::ws::KeepAlive { ping_interval: never, timeout: never };
+}
+
+/// `total` ticks of `symbol` in rounds of [`FLOOD_ROUND`], numbered from 1 and priced at their number.
+pub fn flood_rounds(symbol: &str, total: i64) -> impl Iterator<Item = Vec<Tick>> + '_ {
+    (0..total / FLOOD_ROUND).map(move |round| {
+        let first = round * FLOOD_ROUND + 1;
+        (first..first + FLOOD_ROUND)
+            .map(|seq| Tick {
+                version: TICK_VERSION,
+                symbol: ledger::domain::values::Symbol::new(symbol).unwrap(),
+                price: ledger::domain::values::Price::new(rust_decimal::Decimal::from(seq)).unwrap(),
+                ts: chrono::Utc::now(),
+                seq,
+                volume: None,
+                source: "test".into(),
+            })
+            .collect()
+    })
+}
