@@ -229,24 +229,22 @@ pub async fn deliveries(pool: &PgPool, webhook_id: Uuid, limit: i64) -> Result<V
 /// Claims up to `limit` due deliveries for one attempt each: their lease starts and their attempt is counted
 /// (committed before any is sent, so a crash mid-call shows as an attempt, and the lease's end frees them).
 pub async fn claim_due(pool: &PgPool, limit: i64, lease: std::time::Duration) -> Result<Vec<DueDelivery>, sqlx::Error> {
-    // A firing that committed while its endpoint was being removed left a pending delivery behind: it dies here.
-    sqlx::query(
-        "update webhook_deliveries d
-            set status = 'dead', last_error = 'the webhook was removed', finished_at = now()
-           from webhook_endpoints e
-          where e.webhook_id = d.webhook_id and d.status = 'pending' and e.removed_at is not null",
-    )
-    .execute(pool)
-    .await?;
+    // One statement: the due deliveries of live endpoints are leased; those of a removed endpoint (a firing
+    // that committed while the endpoint was being removed) die instead.
     sqlx::query_as(
         "with due as (
              select delivery_id from webhook_deliveries
               where status = 'pending' and next_attempt_at <= now() and (leased_until is null or leased_until < now())
-              order by next_attempt_at limit $1 for update skip locked)
+              order by next_attempt_at limit $1 for update skip locked),
+         removed as (
+             update webhook_deliveries d
+                set status = 'dead', last_error = 'the webhook was removed', finished_at = now()
+               from due, webhook_endpoints e
+              where d.delivery_id = due.delivery_id and e.webhook_id = d.webhook_id and e.removed_at is not null)
          update webhook_deliveries d
             set attempts = d.attempts + 1, leased_until = now() + make_interval(secs => $2)
            from due, webhook_endpoints e
-          where d.delivery_id = due.delivery_id and e.webhook_id = d.webhook_id
+          where d.delivery_id = due.delivery_id and e.webhook_id = d.webhook_id and e.removed_at is null
          returning d.delivery_id, e.url, e.secret, d.body, d.attempts, d.created_at",
     )
     .bind(limit)

@@ -63,6 +63,17 @@ pub fn openapi() {
     print!("{}", ledger_api::http::market_data::openapi_json());
 }
 
+/// How listings print a time.
+const LISTED_TIME: &str = "%Y-%m-%dT%H:%M:%SZ";
+
+/// " — <how> by <who>" for an item an operator resolved, nothing for an open one.
+fn resolved(resolution: Option<&str>, by: Option<&str>) -> String {
+    match (resolution, by) {
+        (Some(how), Some(by)) => format!(" — {how} by {by}"),
+        _ => String::new(),
+    }
+}
+
 /// Who an operator's actions are recorded as (the OS user running the command).
 fn operator() -> String {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
@@ -92,13 +103,10 @@ pub async fn process_failures(database_url: &str, command: ProcessFailuresComman
         ProcessFailuresCommand::List { all, limit } => {
             let rows = failures::list(&pool, !all, None, limit).await?;
             for row in &rows {
-                let resolved = match (&row.resolution, &row.resolved_by) {
-                    (Some(how), Some(by)) => format!(" — {how} by {by}"),
-                    _ => String::new(),
-                };
+                let resolved = resolved(row.resolution.as_deref(), row.resolved_by.as_deref());
                 println!(
                     "{} event {} at position {}: {} {}{resolved}",
-                    row.recorded_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                    row.recorded_at.format(LISTED_TIME),
                     row.event_id,
                     row.global_position,
                     row.error_code,
@@ -164,14 +172,11 @@ pub async fn dead_letters(
         DeadLettersCommand::List { all, limit } => {
             let rows = ledger::queries::operations::dead_letters(&pool, !all, None, limit).await?;
             for row in &rows {
-                let resolved = match (&row.resolution, &row.resolved_by) {
-                    (Some(how), Some(by)) => format!(" — {how} by {by}"),
-                    _ => String::new(),
-                };
+                let resolved = resolved(row.resolution.as_deref(), row.resolved_by.as_deref());
                 println!(
                     "#{} {} {} from {}[{}]@{}: {}{resolved}",
                     row.id,
-                    row.recorded_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                    row.recorded_at.format(LISTED_TIME),
                     row.projection,
                     row.source_topic,
                     row.source_partition,
