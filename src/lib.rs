@@ -10,6 +10,7 @@
 //!   order.
 //! - [`process`]: the process manager that coordinates Order and Portfolio through the log.
 //! - [`execution`]: the paper-trading executor (fills, IOC/FOK cancels, Day expiry) through the broker's commands.
+//! - [`import`]: statement import — a broker's trade history (CSV) booked on a portfolio, each row exactly once.
 //! - [`relay`]: mirrors the log to Kafka (`ledger.events`), at least once, in per-aggregate order.
 //! - [`kafka`]: Kafka settings and topic creation shared by the relay and the consumers.
 //! - [`projections`]: read models built from the log.
@@ -27,6 +28,7 @@ pub mod commands;
 pub mod db;
 pub mod domain;
 pub mod execution;
+pub mod import;
 pub mod kafka;
 pub mod leadership;
 pub mod log;

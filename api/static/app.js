@@ -77,6 +77,40 @@ function lineChart(canvas, label, color) {
   });
 }
 
+// The equity chart: equity (left axis) and the time-weighted return in % (right axis) from the `performance`
+// query on load, then equity as the portfolio changes live.
+function equityLineChart(canvas) {
+  const chart = lineChart(canvas, "equity", "#3fb950");
+  chart.data.datasets.push({ label: "return %", data: [], borderColor: "#d29922", borderWidth: 1, pointRadius: 0,
+    tension: 0.1, yAxisID: "returns" });
+  chart.options.scales.returns = { position: "right", grid: { drawOnChartArea: false },
+    ticks: { color: "#d29922", callback: (v) => `${v}%` } };
+  chart.options.plugins.legend = { display: true, labels: { color: "#8b98a5", boxHeight: 2 } };
+  chart.update("none");
+  return chart;
+}
+
+// The portfolio's equity curve (a point a minute, the last ~8 hours) and its return since the curve's start.
+// A portfolio the read model has not seen yet answers null: look again shortly.
+async function loadPerformance(id) {
+  const { performance } = await gql(`query($id: UUID!) { performance(portfolioId: $id, interval: MINUTE) {
+    to timeWeightedReturn points { at equity cumulativeReturn } } }`, { id });
+  if (state.portfolio !== id) return;
+  if (!performance) {
+    setTimeout(() => state.portfolio === id && loadPerformance(id).catch(() => {}), 2000);
+    return;
+  }
+  const live = equityChart.data.datasets[0].data.filter((p) => p.x > Date.parse(performance.to));
+  equityChart.data.datasets[0].data = performance.points.map((p) => ({ x: Date.parse(p.at), y: Number(p.equity) }))
+    .concat(live);
+  equityChart.data.datasets[1].data =
+    performance.points.map((p) => ({ x: Date.parse(p.at), y: Number(p.cumulativeReturn) * 100 }));
+  equityChart.update("none");
+  $("equity-chart").dataset.performancePoints = String(performance.points.length);
+  const twr = performance.timeWeightedReturn;
+  $("equity-return").textContent = twr === null ? "" : `return ${fmt(Number(twr) * 100)} % (time-weighted)`;
+}
+
 function pushPoint(chart, x, y) {
   const data = chart.data.datasets[0].data;
   data.push({ x, y: Number(y) });
@@ -183,7 +217,9 @@ async function selectPortfolio(id) {
   $("order-submit").disabled = false;
   state.orders.clear();
   $("orders").tBodies[0].innerHTML = "";
-  equityChart.data.datasets[0].data = [];
+  equityChart.data.datasets.forEach((d) => { d.data = []; });
+  delete $("equity-chart").dataset.performancePoints;
+  loadPerformance(id).catch((error) => { $("equity-return").textContent = `no performance: ${error.message}`; });
   const { portfolio } = await gql(`query($id: UUID!) { portfolio(id: $id) { ${PORTFOLIO_FIELDS}
     orders(first: 50) { edges { node { ${ORDER_FIELDS} } } } } }`, { id });
   if (!portfolio) return;
@@ -332,7 +368,9 @@ async function start() {
   $("app").hidden = false;
   $("order-submit").disabled = true; // until a portfolio is selected
   priceChart = lineChart($("price-chart"), "price", "#58a6ff");
-  equityChart = lineChart($("equity-chart"), "equity", "#3fb950");
+  equityChart = equityLineChart($("equity-chart"));
+  // The curve again every minute (a new point a minute; the live points in between are equity as it changes).
+  setInterval(() => state.portfolio && loadPerformance(state.portfolio).catch(() => {}), 60000);
   state.ws = graphqlWs.createClient({
     url: `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/graphql/ws`,
     connectionParams: { authorization: `Bearer ${state.token}` },

@@ -7,6 +7,7 @@
 //! | `prices` | ticks | `latest_prices`, `price_ticks`, `price_bars_1m` |
 //! | `analytics` | ticks | `rm_indicators`, `rm_daily_stats`, `analytics_window` |
 //! | `alerts` | Portfolio events (rules), ticks (firings) | `rm_alert_rules` (firings are kept across rebuilds) |
+//! | `performance` | Portfolio events | `rm_portfolio_flows` (with `price_bars_1m`: equity and returns over time) |
 //!
 //! Valuations are the view `rm_position_valuations` (positions × latest prices): a tick updates one row of
 //! `latest_prices` instead of one row per portfolio holding the symbol.
@@ -25,6 +26,7 @@ pub mod applier;
 pub mod catch_up;
 pub mod dead_letters;
 pub mod orders;
+pub mod performance;
 pub mod positions;
 pub mod prices;
 pub mod rebuild;
@@ -208,6 +210,7 @@ pub fn all(settings: &ProjectionSettings) -> Vec<Arc<dyn Projection>> {
         Arc::new(prices::PricesProjection { history_ticks: settings.price_history_ticks }),
         Arc::new(analytics::AnalyticsProjection { windows: settings.indicator_windows.clone() }),
         Arc::new(alerts::AlertsProjection),
+        Arc::new(performance::PerformanceProjection),
     ]
 }
 
@@ -217,4 +220,4 @@ pub fn by_name(name: &str, settings: &ProjectionSettings) -> Option<Arc<dyn Proj
 }
 
 /// The names accepted by [`by_name`].
-pub const NAMES: [&str; 5] = ["orders", "positions", "prices", "analytics", "alerts"];
+pub const NAMES: [&str; 6] = ["orders", "positions", "prices", "analytics", "alerts", "performance"];

@@ -29,12 +29,14 @@ pub enum ReadModel {
     Portfolio,
     /// `orders`: an order's blotter row and executions.
     Order,
+    /// `performance`: a portfolio's flows.
+    Performance,
 }
 
 impl ReadModel {
     fn aggregate_type(self) -> &'static str {
         match self {
-            Self::Portfolio => "Portfolio",
+            Self::Portfolio | Self::Performance => "Portfolio",
             Self::Order => "Order",
         }
     }
@@ -43,6 +45,9 @@ impl ReadModel {
         match self {
             Self::Portfolio => "select coalesce(max(last_sequence), 0) from positions_progress where aggregate_id = $1",
             Self::Order => "select coalesce(max(last_sequence), 0) from orders_progress where aggregate_id = $1",
+            Self::Performance => {
+                "select coalesce(max(last_sequence), 0) from performance_progress where aggregate_id = $1"
+            }
         }
     }
 }

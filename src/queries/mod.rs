@@ -10,8 +10,10 @@
 //! | [`orders`] | `rm_orders`, `rm_executions` |
 //! | [`market`] | `latest_prices`, `price_ticks`, `price_bars_1m`, `rm_indicators`, `rm_daily_stats`, `market_ticks` |
 //! | [`operations`] | `dead_letters` |
+//! | [`performance`] | `rm_portfolio_flows`, `price_bars_1m` |
 
 pub mod market;
 pub mod operations;
 pub mod orders;
+pub mod performance;
 pub mod portfolios;

@@ -2,7 +2,7 @@
 //!
 //! | area | queries | mutations | subscriptions |
 //! |------|---------|-----------|---------------|
-//! | portfolios | `myPortfolios`, `portfolio(id, asOf, atPosition, waitFor)` | open, deposit, withdraw, alerts | `portfolioUpdates`, `alertFired` |
+//! | portfolios | `myPortfolios`, `portfolio(id, asOf, atPosition, waitFor)`, `performance(portfolioId, from, to, interval)` | open, deposit, withdraw, alerts, importStatement | `portfolioUpdates`, `alertFired` |
 //! | orders | `order(id, asOf, atPosition, waitFor)` | place, cancel, record execution | `orderUpdates` |
 //! | market | `prices`, `priceHistory`, `indicators`, `movers` | — | `priceTicks` |
 //! | log | `log`, aggregate `history`, `deadLetters` | — | `logEvents(after)` |

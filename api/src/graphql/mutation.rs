@@ -18,12 +18,14 @@ use ledger::domain::values::{
     Symbol,
 };
 use ledger::domain::{Order as OrderAggregate, OrderCommand, OrderStatus, OrderType, PortfolioCommand};
+use ledger::import::{import, LineError, Statement};
 use rust_decimal::Decimal;
 use serde::Serialize;
 use uuid::Uuid;
 
 use super::errors::{command, forbidden, invalid, not_found, order_not_found, portfolio_not_found, value};
 use super::orders::portfolio_owner;
+use super::scalars::LogPosition;
 use super::types::{CommandResult, CostBasisMethodGql, OrderStatusGql, OrderTypeGql, SideGql, TimeInForceGql};
 use super::{principal, state, AppState, ACCEPTANCE_POLL_MS, ACCEPTANCE_WAIT_MS_MAX};
 use crate::auth::{Principal, Role};
@@ -249,6 +251,54 @@ impl PortfolioMutation {
             .map(batch_answer);
         Ok(early.into_iter().map(|e| e.unwrap_or_else(|| answers.next().expect("one answer per item"))).collect())
     }
+
+    /// Imports a broker's statement into a portfolio, as `ledger import` does (see README "Statement import"):
+    /// `csv` holds trade rows `date,symbol,side,quantity,price,fee` and cash rows `date,type,amount` (at most
+    /// the request size, 256 KiB). Each row is booked once however often the statement is imported, by anyone
+    /// (its key derives from the portfolio and the row); a line that cannot be read or that the portfolio
+    /// refuses is listed in `errors` and applies nothing, every other line is applied. Rows are applied in date
+    /// order. No idempotency key: the rows carry their own.
+    async fn import_statement(&self, ctx: &Context<'_>, portfolio_id: Uuid, csv: String) -> Result<ImportResult> {
+        let principal = principal(ctx)?;
+        let state = state(ctx);
+        authorize_portfolio(state, principal, portfolio_id).await?;
+        let statement = Statement::parse(&csv, state.clock.now()).map_err(command)?;
+        // As in `cashBatch`: checked against the aggregate, again at every batch.
+        let authorize = |portfolio: &ledger::domain::Portfolio| match &portfolio.terms {
+            Some(terms) if principal.can_trade() && principal.can_trade_portfolio(terms.owner.as_str()) => Ok(()),
+            _ => Err(ledger::commands::CommandError::Refused {
+                code: "PORTFOLIO_NOT_FOUND",
+                message: "no such portfolio".into(),
+            }),
+        };
+        let requested = super::command_context(ctx, principal);
+        let report = import(&state.commands, &requested, PortfolioId(portfolio_id), statement, authorize, |_, _| {})
+            .await
+            .map_err(command)?;
+        Ok(ImportResult {
+            rows: report.rows,
+            applied: report.applied,
+            already_imported: report.already_imported,
+            errors: report.errors,
+            last_position: report.last_position.map(LogPosition),
+        })
+    }
+}
+
+/// What `importStatement` did.
+#[derive(SimpleObject)]
+pub struct ImportResult {
+    /// Data lines, readable or not (headers, comments and blank lines not counted): `applied +
+    /// alreadyImported + errors`.
+    pub rows: usize,
+    /// Rows booked by this import.
+    pub applied: usize,
+    /// Rows an earlier import had already booked (nothing written for them).
+    pub already_imported: usize,
+    /// Lines not applied (nothing of them was), in line order.
+    pub errors: Vec<LineError>,
+    /// Position of the last event this import wrote: pass it as `waitFor` to read the imported state.
+    pub last_position: Option<LogPosition>,
 }
 
 /// A cash movement of a batch.

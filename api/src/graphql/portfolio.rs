@@ -9,6 +9,7 @@ use ledger::domain::Portfolio as PortfolioAggregate;
 use ledger::log::AsOf;
 use ledger::queries::market::prices_as_of;
 use ledger::queries::orders::{portfolio_executions, portfolio_orders, OrderFilter};
+use ledger::queries::performance::{performance, Interval, Performance, PerformanceError};
 use ledger::queries::portfolios::{alert_firings, alert_rules, portfolios, PortfolioRow};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
@@ -330,5 +331,42 @@ impl PortfolioQuery {
             None => load_live(state, id, wait_for.map(|w| w.0)).await?,
         };
         Ok(portfolio.filter(|p| principal.can_read_portfolio(&p.row.owner)))
+    }
+
+    /// A portfolio's performance from `from` to `to` (default: now), a point every `interval` (default `DAY`)
+    /// and one at `to`: equity, cash, market value, net deposits and the time-weighted return so far at each
+    /// point; for the period the time-weighted return (deposits and withdrawals taken out), the money-weighted
+    /// return (XIRR) and the maximum drawdown, defined with a worked example in docs/performance.md. `from`
+    /// defaults to 500 intervals before `to`, not before the portfolio opened; at most 2,000 points
+    /// (`INVALID_INPUT` beyond). Prices at a time are the last one-minute bar closed by then (or the portfolio's
+    /// own later fill). `waitFor` as for `portfolio`. Null for an unknown portfolio, one the token may not
+    /// read, or one the read model has not seen yet.
+    async fn performance(
+        &self,
+        ctx: &Context<'_>,
+        portfolio_id: Uuid,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+        #[graphql(default_with = "Interval::Day")] interval: Interval,
+        wait_for: Option<LogPosition>,
+    ) -> Result<Option<Performance>> {
+        let principal = principal(ctx)?;
+        if !principal.can_read_portfolios() {
+            return Err(forbidden());
+        }
+        let state = state(ctx);
+        match super::orders::portfolio_owner(state, portfolio_id).await? {
+            Some(owner) if principal.can_read_portfolio(&owner) => {}
+            _ => return Ok(None),
+        }
+        if let Some(position) = wait_for {
+            super::wait_visible(state, ReadModel::Performance, &portfolio_id.to_string(), position.0).await?;
+        }
+        let now = state.clock.now();
+        match performance(&state.pool, portfolio_id, from, to, interval, now).await {
+            Ok(answer) => Ok(answer),
+            Err(PerformanceError::Invalid(reason)) => Err(invalid(reason)),
+            Err(PerformanceError::Database(error)) => Err(database(error)),
+        }
     }
 }

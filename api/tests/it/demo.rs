@@ -202,8 +202,8 @@ async fn without_postgresql_the_demo_exits_1_with_one_line_saying_how_to_start_i
     assert!(stderr.contains("start it"), "{stderr}");
 }
 
-/// The dashboard in headless Chromium (playwright-core): prices update, a market order placed in the form fills,
-/// and its position appears. The screenshot is kept in `artifacts/dashboard.png`.
+/// The dashboard in headless Chromium (playwright-core): prices update, the equity chart has points from the
+/// `performance` query on first load, a market order placed in the form fills, and its position appears. The screenshot is kept in `artifacts/dashboard.png`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_live_prices_and_a_placed_order_filling_in_chromium() {
     let modules = std::env::var("LEDGER_NODE_MODULES")

@@ -179,11 +179,16 @@ impl Stack {
     }
 
     pub async fn publish_tick(&self, symbol: &str, price: &str, seq: i64) {
+        self.publish_tick_at(symbol, price, seq, chrono::Utc::now()).await;
+    }
+
+    /// A tick of `symbol` stamped `ts`.
+    pub async fn publish_tick_at(&self, symbol: &str, price: &str, seq: i64, ts: chrono::DateTime<chrono::Utc>) {
         let tick = Tick {
             version: TICK_VERSION,
             symbol: ledger::domain::values::Symbol::new(symbol).unwrap(),
             price: ledger::domain::values::Price::new(price.parse().unwrap()).unwrap(),
-            ts: chrono::Utc::now(),
+            ts,
             seq,
             volume: None,
             source: "test".into(),

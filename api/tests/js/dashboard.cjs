@@ -1,7 +1,8 @@
 // Browser test of the dashboard in headless Chromium (Debian's /usr/bin/chromium, driven by playwright-core):
 //   node dashboard.cjs DASHBOARD_URL SCREENSHOT_PATH
-// Opens the dashboard of a running `ledger demo`, sees prices update, places a market order, sees it fill and
-// the position appear, and saves a screenshot. Exits 0 on success; prints the failing step and exits 1.
+// Opens the dashboard of a running `ledger demo`, sees prices update and the equity chart drawn from the
+// `performance` query, places a market order, sees it fill and the position appear, and saves a screenshot.
+// Exits 0 on success; prints the failing step and exits 1.
 const { chromium } = require('playwright-core');
 
 const [url, screenshot] = process.argv.slice(2);
@@ -31,6 +32,9 @@ const STEP_MS = 180000;
 
     step = 'see the portfolio selected';
     await page.waitForFunction(() => document.querySelector('#portfolio').value !== '' && !document.querySelector('#order-submit').disabled, null, { timeout: STEP_MS });
+
+    step = 'see the equity chart drawn from the performance query';
+    await page.waitForFunction(() => Number(document.querySelector('#equity-chart').dataset.performancePoints || 0) > 0, null, { timeout: STEP_MS });
 
     step = 'place a market order';
     await page.waitForFunction(() => [...document.querySelectorAll('#order-symbol option')].some((o) => o.value === 'GLOBEX'), null, { timeout: STEP_MS });

@@ -16,6 +16,12 @@ use super::{
 use crate::domain::order::Side;
 use crate::domain::values::{AlertId, Currency, ExecId, Money, OrderId, Owner, PortfolioId, Price, Quantity, Symbol};
 
+/// The order id an external trade's `ExecutionApplied` carries: a UUID (version 5) derived from the portfolio and
+/// the trade id, so the same trade always books under the same id. It names no Order aggregate.
+pub fn external_order_id(portfolio_id: PortfolioId, trade_id: &ExecId) -> OrderId {
+    OrderId(uuid::Uuid::new_v5(&portfolio_id.0, trade_id.as_str().as_bytes()))
+}
+
 /// The facts fixed when the portfolio was opened.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PortfolioTerms {
@@ -201,8 +207,9 @@ impl Portfolio {
         }))
     }
 
+    /// Books a fill of one of this portfolio's orders against the order's reservation.
     fn apply_fill(&self, fill: Fill) -> Result<Option<PortfolioEvent>, PortfolioError> {
-        let method = self.terms()?.cost_basis_method;
+        self.terms()?;
         let reservation = self.reservations.get(&fill.order_id).ok_or(PortfolioError::NoReservation(fill.order_id))?;
         if reservation.applied_exec_ids.contains(&fill.exec_id) {
             return Ok(None); // a redelivered execution: already booked
@@ -214,6 +221,31 @@ impl Portfolio {
         if quantity > reservation.open_quantity {
             return Err(PortfolioError::ExceedsReservation { quantity, open: reservation.open_quantity });
         }
+        self.book(fill, Some(reservation)).map(Some)
+    }
+
+    /// Books a trade made outside the ledger: no order, no reservation; a sell may only take units no open
+    /// order has reserved.
+    fn book_external(&self, fill: Fill) -> Result<Option<PortfolioEvent>, PortfolioError> {
+        self.terms()?;
+        if fill.side == Side::Sell {
+            let available = self.positions.get(&fill.symbol).map(Position::free_quantity).unwrap_or_default();
+            if fill.quantity.value() > available {
+                return Err(PortfolioError::InsufficientQuantity {
+                    symbol: fill.symbol,
+                    requested: fill.quantity.value(),
+                    available,
+                });
+            }
+        }
+        self.book(fill, None).map(Some)
+    }
+
+    /// The `ExecutionApplied` of a fill: cash, lots, cost basis and realized P&L, releasing what `reservation`
+    /// (if the fill has one) set aside for it.
+    fn book(&self, fill: Fill, reservation: Option<&Reservation>) -> Result<PortfolioEvent, PortfolioError> {
+        let method = self.terms()?.cost_basis_method;
+        let quantity = fill.quantity.value();
         let gross = round_money(quantity * fill.price.value());
         let fee = fill.fee.value();
         let position = self.positions.get(&fill.symbol).cloned().unwrap_or_default();
@@ -224,7 +256,8 @@ impl Portfolio {
                 // Booked whatever it costs: the fill has happened. If it costs more than its reservation and the
                 // free cash, the portfolio goes into deficit (see `deficit_transition`).
                 let cost = gross + fee;
-                let release = proportional_share(reservation.cash, quantity, reservation.open_quantity);
+                let release =
+                    reservation.map(|r| proportional_share(r.cash, quantity, r.open_quantity)).unwrap_or_default();
                 PortfolioEvent::ExecutionApplied {
                     order_id: fill.order_id,
                     exec_id: fill.exec_id,
@@ -271,7 +304,7 @@ impl Portfolio {
                     cash_delta: proceeds,
                     cash_after: self.cash + proceeds,
                     reserved_cash_released: Decimal::ZERO,
-                    reserved_quantity_released: quantity,
+                    reserved_quantity_released: if reservation.is_some() { quantity } else { Decimal::ZERO },
                     lot_opened: None,
                     lots_consumed,
                     cost_basis_removed: removed,
@@ -282,7 +315,7 @@ impl Portfolio {
                 }
             }
         };
-        Ok(Some(event))
+        Ok(event)
     }
 
     fn decide(&self, command: PortfolioCommand) -> Result<Option<PortfolioEvent>, PortfolioError> {
@@ -325,6 +358,19 @@ impl Portfolio {
             PortfolioCommand::ReleaseReservation { order_id, reason, at } => self.release(order_id, reason, at),
             PortfolioCommand::ApplyExecution { order_id, exec_id, symbol, side, quantity, price, fee, executed_at } => {
                 self.apply_fill(Fill { order_id, exec_id, symbol, side, quantity, price, fee, executed_at })
+            }
+            PortfolioCommand::BookExternalTrade { trade_id, symbol, side, quantity, price, fee, executed_at } => {
+                let order_id = external_order_id(self.terms()?.portfolio_id, &trade_id);
+                self.book_external(Fill {
+                    order_id,
+                    exec_id: trade_id,
+                    symbol,
+                    side,
+                    quantity,
+                    price,
+                    fee,
+                    executed_at,
+                })
             }
             PortfolioCommand::CreateAlert { alert_id, condition, at } => {
                 self.terms()?;

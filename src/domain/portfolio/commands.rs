@@ -64,6 +64,19 @@ pub enum PortfolioCommand {
         fee: Money,
         executed_at: DateTime<Utc>,
     },
+    /// Book a trade made outside the ledger (a row of a broker's statement): cash, position, lots and realized
+    /// P&L as for a fill, but with no order and no reservation. It is recorded as an `ExecutionApplied` whose
+    /// `exec_id` is `trade_id` and whose `order_id` is [`super::external_order_id`] (naming no Order). A
+    /// buy is booked whatever it costs (into deficit if need be); a sell only of units no open order reserved.
+    BookExternalTrade {
+        trade_id: ExecId,
+        symbol: Symbol,
+        side: Side,
+        quantity: Quantity,
+        price: Price,
+        fee: Money,
+        executed_at: DateTime<Utc>,
+    },
     CreateAlert {
         alert_id: AlertId,
         condition: AlertCondition,

@@ -24,7 +24,7 @@ pub mod alerts;
 mod commands;
 mod events;
 
-pub use aggregate::Portfolio;
+pub use aggregate::{external_order_id, Portfolio};
 pub use alerts::{AlertCondition, AlertRule, ALERTS_PER_PORTFOLIO_MAX};
 pub use commands::PortfolioCommand;
 pub use events::{LotConsumed, PortfolioEvent, ReleaseReason, PORTFOLIO_EVENT_VERSION};

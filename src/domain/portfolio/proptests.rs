@@ -147,6 +147,16 @@ enum Step {
         move_bps: i64,
         fee: Decimal,
     },
+    /// A trade made elsewhere (a statement import's): a buy of `quantity`, or a sell of `quarters`/4 of the
+    /// symbol's free units (5: more than is free, refused).
+    External {
+        symbol: usize,
+        sell: bool,
+        quantity: Decimal,
+        quarters: u32,
+        price: Decimal,
+        fee: Decimal,
+    },
     /// Release any order ever placed, open or not.
     Release {
         order: Index,
@@ -173,6 +183,15 @@ fn step() -> impl Strategy<Value = Step> {
         8 => (any::<Index>(), quarters(), -1_500i64..=1_500, 0i64..=200_000_000).prop_map(
             |(order, quarters, move_bps, fee)| Step::Fill { order, quarters, move_bps, fee: Decimal::new(fee, 8) }
         ),
+        2 => (0..SYMBOLS.len(), any::<bool>(), 1i64..=100_000, quarters(), 1_000_000i64..=200_000_000, 0i64..=200_000_000)
+            .prop_map(|(symbol, sell, quantity, quarters, price, fee)| Step::External {
+                symbol,
+                sell,
+                quantity: Decimal::new(quantity, QUANTITY_SCALE),
+                quarters,
+                price: Decimal::new(price, PRICE_SCALE),
+                fee: Decimal::new(fee, 8),
+            }),
         1 => any::<Index>().prop_map(|order| Step::Release { order }),
         1 => any::<Index>().prop_map(|fill| Step::Redeliver { fill }),
     ]
@@ -308,6 +327,25 @@ impl Harness {
                     executed_at: now(),
                 }
             }
+            Step::External { symbol, sell, quantity, quarters, price, fee } => {
+                let symbol = Symbol::new(SYMBOLS[*symbol]).unwrap();
+                let quantity = if *sell {
+                    let free = self.portfolio.positions.get(&symbol).map_or(Decimal::ZERO, |p| p.free_quantity());
+                    quarters_of(free, *quarters)
+                } else {
+                    self.last_price.insert(symbol.clone(), *price);
+                    Quantity::new(*quantity).unwrap()
+                };
+                PortfolioCommand::BookExternalTrade {
+                    trade_id: ExecId::new(format!("import:{}", self.fresh_id())).unwrap(),
+                    symbol,
+                    side: if *sell { Side::Sell } else { Side::Buy },
+                    quantity,
+                    price: Price::new(*price).unwrap(),
+                    fee: Money::new(*fee).unwrap(),
+                    executed_at: now(),
+                }
+            }
             Step::Release { order } => {
                 if self.orders.is_empty() {
                     return None;
@@ -363,7 +401,10 @@ impl Harness {
                         deficit
                     ),
                     [PortfolioEvent::DeficitIncurred { increase, deficit: after, .. }] => {
-                        let by_a_fill = matches!(command, PortfolioCommand::ApplyExecution { .. });
+                        let by_a_fill = matches!(
+                            command,
+                            PortfolioCommand::ApplyExecution { .. } | PortfolioCommand::BookExternalTrade { .. }
+                        );
                         prop_assert!(by_a_fill, "a deficit incurred by {:?}", command);
                         prop_assert_eq!(*after, deficit);
                         prop_assert_eq!(*increase, deficit - before.deficit());
@@ -395,8 +436,11 @@ impl Harness {
                 let price = self.last_price.get(symbol).copied().unwrap_or(Decimal::ONE_HUNDRED);
                 self.orders.push(PlacedOrder { order_id: *order_id, symbol: symbol.clone(), side: Side::Sell, price });
             }
-            PortfolioCommand::ApplyExecution { symbol, side, quantity, price, fee, .. } => {
-                self.applied.push(command.clone());
+            PortfolioCommand::ApplyExecution { symbol, side, quantity, price, fee, .. }
+            | PortfolioCommand::BookExternalTrade { symbol, side, quantity, price, fee, .. } => {
+                if matches!(command, PortfolioCommand::ApplyExecution { .. }) {
+                    self.applied.push(command.clone());
+                }
                 let (quantity, price, fee) = (quantity.value(), price.value(), fee.value());
                 let PortfolioEvent::ExecutionApplied { realized_pnl, .. } = event else {
                     return Err(TestCaseError::fail(format!("{event:?} for an execution")));

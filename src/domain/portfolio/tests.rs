@@ -13,7 +13,8 @@ use rust_decimal_macros::dec;
 use uuid::Uuid;
 
 use super::{
-    CostBasisMethod, Lot, LotConsumed, Portfolio, PortfolioCommand, PortfolioError, PortfolioEvent, ReleaseReason,
+    external_order_id, CostBasisMethod, Lot, LotConsumed, Portfolio, PortfolioCommand, PortfolioError, PortfolioEvent,
+    ReleaseReason,
 };
 use crate::domain::order::Side;
 use crate::domain::values::{
@@ -339,6 +340,7 @@ fn every_command_on_an_unopened_portfolio_is_not_found() {
         reserve_quantity(order(0x51), dec!(1)),
         release(order(0xB1)),
         b1_fill().command(),
+        external(&buy(order(0), "import:1", dec!(1), dec!(10), dec!(0))),
     ];
     for command in commands {
         let name = command.name();
@@ -1116,4 +1118,68 @@ fn command_and_event_names_are_the_serialised_tags() {
     let event = PortfolioEvent::AlertCanceled { alert_id: AlertId::generate(), at: now() };
     let tagged = serde_json::to_value(&event).unwrap();
     assert!(tagged.get(event.name()).is_some(), "{tagged} is not tagged {}", event.name());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// BookExternalTrade
+
+/// The `BookExternalTrade` of `fill` (its exec id is the trade id; its order id is not used).
+fn external(fill: &TestFill) -> PortfolioCommand {
+    PortfolioCommand::BookExternalTrade {
+        trade_id: ExecId::new(fill.exec_id).unwrap(),
+        symbol: fill.symbol.clone(),
+        side: fill.side,
+        quantity: quantity(fill.quantity),
+        price: price(fill.price),
+        fee: money(fill.fee),
+        executed_at: now(),
+    }
+}
+
+/// The fill an external trade is booked as: under the order id derived from the portfolio and the trade id.
+fn external_fill(side: Side, trade: &'static str, qty: Decimal, fill_price: Decimal, fee: Decimal) -> TestFill {
+    let order_id = external_order_id(portfolio_id(), &ExecId::new(trade).unwrap());
+    TestFill { side, ..buy(order_id, trade, qty, fill_price, fee) }
+}
+
+#[test]
+fn an_external_buy_is_booked_like_a_fill_without_a_reservation() {
+    let fill = external_fill(Side::Buy, "import:t1", dec!(4), dec!(25), dec!(1));
+    framework().given(funded()).when(external(&fill)).then_expect_events(vec![bought(
+        &fill,
+        dec!(0),
+        dec!(899),
+        (dec!(4), dec!(101)),
+    )]);
+    // The derived order id is stable and differs between trades.
+    assert_eq!(fill.order_id, external_fill(Side::Buy, "import:t1", dec!(1), dec!(1), dec!(0)).order_id);
+    assert_ne!(fill.order_id, external_fill(Side::Buy, "import:t2", dec!(1), dec!(1), dec!(0)).order_id);
+}
+
+#[test]
+fn an_external_sell_takes_only_units_no_open_order_reserved() {
+    // 10 held, 4 promised to sell order 0x51: 6 are free.
+    let history = with(holding_ten(CostBasisMethod::Fifo), [quantity_reserved(order(0x51), dec!(4), dec!(4))]);
+    let too_many = external_fill(Side::Sell, "import:s1", dec!(7), dec!(60), dec!(0));
+    let result = framework().given(history.clone()).when(external(&too_many)).inspect_result();
+    assert_eq!(
+        result,
+        Err(PortfolioError::InsufficientQuantity { symbol: aapl(), requested: dec!(7), available: dec!(6) })
+    );
+    // Six at 60 (fee 2): proceeds 358 against 6/10 of the 501 lot (300.6); the sell reservation is untouched.
+    let six = external_fill(Side::Sell, "import:s2", dec!(6), dec!(60), dec!(2));
+    let mut expected = sold(
+        &six,
+        vec![b1_fill().consumed(dec!(6), dec!(300.6))],
+        dec!(300.6),
+        dec!(57.4),
+        dec!(857),
+        (dec!(4), dec!(200.4)),
+    );
+    if let PortfolioEvent::ExecutionApplied { reserved_quantity_released, .. } = &mut expected {
+        *reserved_quantity_released = Decimal::ZERO;
+    }
+    framework().given(history.clone()).when(external(&six)).then_expect_events(vec![expected.clone()]);
+    let after = state_after(&with(history, [expected]));
+    assert_eq!(after.positions[&aapl()].reserved_quantity, dec!(4));
 }

@@ -9,11 +9,10 @@ use std::time::Instant;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use indicatif::{ProgressBar, ProgressStyle};
 use ledger::audit::{ExportFilter, ExportFormat, ExportOptions, Sealer, SealerConfig};
 use uuid::Uuid;
 
-use crate::shared::{connect_and_migrate, shutdown_on_signal};
+use crate::shared::{connect_and_migrate, progress_bar, shutdown_on_signal};
 
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
@@ -66,18 +65,6 @@ fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
 
 fn parse_portfolio(text: &str) -> Result<Uuid, String> {
     Uuid::parse_str(text).map_err(|_| format!("{text:?} is not a portfolio id (a UUID)"))
-}
-
-fn progress_bar(unit: &str) -> ProgressBar {
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "{{msg:>8}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{per_sec}}  ETA {{eta}}"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar
 }
 
 /// `ledger seal`: seals the log until SIGINT/SIGTERM.

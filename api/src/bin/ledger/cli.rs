@@ -8,7 +8,7 @@ use ledger_api::options::KafkaArgs;
 
 use crate::shared::ProjectionArgs;
 use crate::telemetry::LogFormat;
-use crate::{audit, demo, operations, roles, serve};
+use crate::{audit, demo, operations, roles, serve, statement};
 
 #[derive(Debug, Parser)]
 #[command(name = "ledger", version, about = "Event-sourced CQRS trading ledger")]
@@ -75,6 +75,9 @@ pub enum Command {
         #[command(subcommand)]
         command: operations::ProcessFailuresCommand,
     },
+    /// Import a broker's statement (CSV trades and cash movements) into a portfolio; each row once, however
+    /// often the file is imported. Lists the lines not applied (and exits 1 if any).
+    Import(statement::ImportArgs),
     /// Check that every order agrees with its portfolio (fills booked, reservations released); exit 1 if not.
     Check,
     /// Mirror the event log to Kafka until interrupted (one active relay per topic; others stand by).
@@ -120,6 +123,7 @@ pub async fn run(args: Cli) -> anyhow::Result<()> {
         Command::ProcessFailures { command } => operations::process_failures(url, command).await,
         Command::DeadLetters { command } => operations::dead_letters(url, projections, command).await,
         Command::Check => operations::check(url).await,
+        Command::Import(import) => statement::run(url, import).await,
         Command::Relay => roles::relay(url, kafka).await,
         Command::Webhooks(args) => roles::webhooks(url, args).await,
         Command::Worker(worker) => roles::worker(url, kafka, projections, worker).await,

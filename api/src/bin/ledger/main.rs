@@ -19,6 +19,7 @@ mod operations;
 mod roles;
 mod serve;
 mod shared;
+mod statement;
 mod telemetry;
 
 use clap::Parser;

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use indicatif::{ProgressBar, ProgressStyle};
 use ledger::commands::{CommandConfig, CommandService};
 use ledger::kafka::KafkaConfig;
 use ledger::market::{read_csv, Simulator, SimulatorConfig, SymbolSpec, TickPublisher};
@@ -19,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use ledger_api::options::KafkaArgs;
 
-use crate::shared::{connect_and_migrate, shutdown_on_signal, ProjectionArgs, SymbolList};
+use crate::shared::{connect_and_migrate, progress_bar, shutdown_on_signal, ProjectionArgs, SymbolList};
 
 #[derive(Debug, clap::Args)]
 pub struct WorkerArgs {
@@ -184,12 +183,7 @@ async fn rebuild_each(pool: &PgPool, projections: Vec<Arc<dyn Projection>>, veri
     let mode = if verify { RebuildMode::Verify } else { RebuildMode::Swap };
     let mut differing = Vec::new();
     for projection in projections {
-        let bar = ProgressBar::new(0).with_message(projection.name());
-        bar.set_style(
-            ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} inputs  {per_sec}  ETA {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
+        let bar = progress_bar("inputs").with_message(projection.name());
         let report = rebuild(pool, projection.as_ref(), mode, &mut |done, total| {
             bar.set_length(total);
             bar.set_position(done);

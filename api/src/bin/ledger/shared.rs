@@ -1,5 +1,5 @@
 //! What every subcommand family shares: the read-model options, the database connection (with the
-//! pool size of `--db-connections`) and the shutdown signal.
+//! pool size of `--db-connections`), the shutdown signal and the progress bar.
 
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -135,4 +135,17 @@ impl WebhookArgs {
             ..Default::default()
         }
     }
+}
+
+/// A progress bar counting `unit`s with their rate and the time left; its message names the work.
+pub fn progress_bar(unit: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{msg:>10}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{per_sec}}  ETA {{eta}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar
 }
