@@ -333,7 +333,8 @@ async function placeOrder(event) {
     quantity: $("order-quantity").value.trim(),
     timeInForce: $("order-tif").value,
   };
-  if (type === "LIMIT") input.limitPrice = $("order-limit").value.trim();
+  if (type === "LIMIT" || type === "STOP_LIMIT") input.limitPrice = $("order-limit").value.trim();
+  if (type === "STOP" || type === "STOP_LIMIT") input.stopPrice = $("order-stop").value.trim();
   $("order-result").textContent = "placing…";
   try {
     const { placeOrder } = await gql(`mutation($input: PlaceOrderInput!, $k: String!) {
@@ -398,7 +399,10 @@ async function start() {
 $("symbol").onchange = (e) => selectSymbol(e.target.value);
 $("portfolio").onchange = (e) => selectPortfolio(e.target.value);
 $("order-form").onsubmit = placeOrder;
-$("order-type").onchange = (e) => { $("order-limit").disabled = e.target.value !== "LIMIT"; };
+$("order-type").onchange = (e) => {
+  $("order-limit").disabled = !["LIMIT", "STOP_LIMIT"].includes(e.target.value);
+  $("order-stop").disabled = !["STOP", "STOP_LIMIT"].includes(e.target.value);
+};
 $("login-form").onsubmit = (e) => {
   e.preventDefault();
   localStorage.setItem("ledger.token", $("token-input").value.trim());

@@ -9,6 +9,8 @@
 //! - a **limit** order fills only when the tick's price reaches its limit (buy: at or below, sell: at or above);
 //! - the **quantity** is the order's leaves, or less when the tick carries a volume: at most
 //!   `volume × participation` per tick (partial fills);
+//! - a **stop** (stop-limit) order works only once a tick reaches its stop (buy: at or above, sell: at or below):
+//!   the book asks for the trigger with that tick, then fills it from the same tick as a market (limit) order;
 //! - **IOC** orders take what the first price after acceptance offers and cancel the rest; **FOK** orders fill
 //!   completely from that price or are cancelled; **Day** orders still working at the day's end (a configured
 //!   UTC time) expire; **GTC** orders work until filled or cancelled.
@@ -21,6 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{DateTime, Days, NaiveTime, Utc};
 use rust_decimal::{Decimal, RoundingStrategy};
 
+use crate::domain::order::TickRef;
 use crate::domain::values::{ExecId, Money, OrderId, Price, Quantity, Symbol};
 use crate::domain::{OrderEvent, OrderStatus, OrderType, Side, TimeInForce};
 use crate::market::Tick;
@@ -75,15 +78,35 @@ impl PaperConfig {
 /// What the book wants done.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    Fill { order_id: OrderId, exec_id: ExecId, quantity: Quantity, price: Price, fee: Money },
-    Cancel { order_id: OrderId, reason: &'static str },
-    Expire { order_id: OrderId },
+    /// A tick reached a stop order's stop.
+    Trigger {
+        order_id: OrderId,
+        price: Price,
+        tick: TickRef,
+    },
+    Fill {
+        order_id: OrderId,
+        exec_id: ExecId,
+        quantity: Quantity,
+        price: Price,
+        fee: Money,
+    },
+    Cancel {
+        order_id: OrderId,
+        reason: &'static str,
+    },
+    Expire {
+        order_id: OrderId,
+    },
 }
 
 impl Action {
     pub fn order_id(&self) -> OrderId {
         match self {
-            Action::Fill { order_id, .. } | Action::Cancel { order_id, .. } | Action::Expire { order_id } => *order_id,
+            Action::Trigger { order_id, .. }
+            | Action::Fill { order_id, .. }
+            | Action::Cancel { order_id, .. }
+            | Action::Expire { order_id } => *order_id,
         }
     }
 }
@@ -97,6 +120,8 @@ struct Working {
     leaves: Decimal,
     placed_at: DateTime<Utc>,
     accepted: bool,
+    /// False for a stop order until its stop is reached (true for the other types).
+    triggered: bool,
     protection: Option<Price>,
     /// Number of the next paper execution id.
     next_exec: u64,
@@ -134,6 +159,7 @@ impl PaperBook {
                     leaves: quantity.value(),
                     placed_at: *placed_at,
                     accepted: false,
+                    triggered: order_type.stop_price().is_none(),
                     protection: None,
                     next_exec: 1,
                     closing: false,
@@ -148,6 +174,21 @@ impl PaperBook {
                     Some(tick) => self.evaluate(order_id, &tick),
                     None => Vec::new(),
                 }
+            }
+            OrderEvent::OrderAmended { order_type, protection_price, leaves_quantity, .. } => {
+                if let Some(order) = self.orders.get_mut(&order_id) {
+                    order.order_type = *order_type;
+                    order.protection = *protection_price;
+                    order.leaves = *leaves_quantity;
+                }
+                Vec::new()
+            }
+            OrderEvent::OrderAmendRequested { .. } | OrderEvent::OrderAmendRejected { .. } => Vec::new(),
+            OrderEvent::OrderTriggered { .. } => {
+                if let Some(order) = self.orders.get_mut(&order_id) {
+                    order.triggered = true;
+                }
+                Vec::new()
             }
             OrderEvent::ExecutionRecorded { exec_id, leaves_quantity, status, .. } => {
                 if let Some(order) = self.orders.get_mut(&order_id) {
@@ -205,6 +246,7 @@ impl PaperBook {
     pub fn action_failed(&mut self, action: &Action) {
         let Some(order) = self.orders.get_mut(&action.order_id()) else { return };
         match action {
+            Action::Trigger { .. } => order.triggered = false,
             Action::Fill { quantity, .. } => order.leaves += quantity.value(),
             Action::Cancel { .. } | Action::Expire { .. } => order.closing = false,
         }
@@ -216,13 +258,20 @@ impl PaperBook {
         if !order.accepted || order.closing || order.leaves <= Decimal::ZERO {
             return Vec::new();
         }
+        let mut actions = Vec::new();
+        if !order.triggered {
+            if !order.order_type.triggered_by(order.side, tick.price) {
+                return actions;
+            }
+            order.triggered = true;
+            actions.push(Action::Trigger { order_id, price: tick.price, tick: TickRef { ts: tick.ts, seq: tick.seq } });
+        }
         let price = execution_price(&config, order, tick.price.value());
         let available = tick
             .volume
             .map(|volume| (volume * config.participation).round_dp_with_strategy(8, RoundingStrategy::ToZero))
             .unwrap_or(order.leaves);
         let quantity = order.leaves.min(available);
-        let mut actions = Vec::new();
         let fill = |order: &mut Working, quantity: Decimal, price: Decimal| -> Option<Action> {
             let exec_id = ExecId::new(format!("{EXEC_ID_PREFIX}{}", order.next_exec)).ok()?;
             let quantity_value = Quantity::new(quantity).ok()?;
@@ -579,5 +628,50 @@ mod tests {
         assert!(PaperConfig { participation: d("0"), ..PaperConfig::default() }.validate().is_err());
         assert!(PaperConfig { slippage_bps: 5_000, ..PaperConfig::default() }.validate().is_err());
         assert!(PaperConfig { fee_min: d("-1"), ..PaperConfig::default() }.validate().is_err());
+    }
+
+    fn triggers(actions: &[Action]) -> Vec<Decimal> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Trigger { price, .. } => Some(price.value()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A buy stop waits below its stop; the first tick at or above it triggers it and fills it at once, capped
+    /// by the protection price, and it is not triggered twice.
+    #[test]
+    fn a_buy_stop_is_triggered_by_the_first_tick_at_its_stop_and_fills_from_it() {
+        let config = PaperConfig { slippage_bps: 0, fee_bps: 0, ..PaperConfig::default() };
+        let stop = OrderType::Stop { stop_price: Price::new(d("100")).unwrap() };
+        let (mut book, id, actions) =
+            accepted(config, Side::Buy, stop, "3", TimeInForce::Gtc, Some(tick("99", 1, None)), Some("105"));
+        assert!(actions.is_empty(), "below the stop: nothing");
+        assert!(book.on_tick(&tick("99.99", 2, None)).is_empty());
+        let actions = book.on_tick(&tick("100.5", 3, None));
+        assert_eq!(triggers(&actions), vec![d("100.5")]);
+        assert!(matches!(&actions[0], Action::Trigger { order_id, tick, .. } if *order_id == id && tick.seq == 3));
+        assert_eq!(fills(&actions), vec![("P1".to_string(), d("3"), d("100.5"), d("0"))]);
+        // A trigger the ledger refused is asked for again on the next tick.
+        book.action_failed(&actions[0]);
+        book.action_failed(&actions[1]);
+        assert_eq!(triggers(&book.on_tick(&tick("101", 4, None))), vec![d("101")]);
+    }
+
+    /// A sell stop-limit triggered by a fall through its stop sells only at its limit or better.
+    #[test]
+    fn a_triggered_sell_stop_limit_waits_for_its_limit() {
+        let config = PaperConfig { slippage_bps: 0, fee_bps: 0, ..PaperConfig::default() };
+        let stop_limit = OrderType::StopLimit {
+            stop_price: Price::new(d("90")).unwrap(),
+            limit_price: Price::new(d("89")).unwrap(),
+        };
+        let (mut book, _, _) = accepted(config, Side::Sell, stop_limit, "2", TimeInForce::Gtc, None, None);
+        let actions = book.on_tick(&tick("88", 1, None));
+        assert_eq!((triggers(&actions), fills(&actions).len()), (vec![d("88")], 0), "triggered, not filled below 89");
+        assert!(book.on_tick(&tick("88.5", 2, None)).is_empty());
+        assert_eq!(fills(&book.on_tick(&tick("89.2", 3, None))), vec![("P1".to_string(), d("2"), d("89.2"), d("0"))]);
     }
 }

@@ -4,7 +4,7 @@
 //! - [`book`]: the pure matching rules (execution price, slippage, fees, partial fills, IOC/FOK/Day/GTC).
 //! - [`PaperExecutor`]: follows the order events in the log and the ticks of `market.prices`, and turns the
 //!   book's actions into commands with idempotency keys `paper:<order>:<exec id>` (fills),
-//!   `paper:<order>:cancel` and `paper:<order>:expire`.
+//!   `paper:<order>:trigger` (stop orders), `paper:<order>:cancel` and `paper:<order>:expire`.
 //!
 //! On start the executor reads the order events of the whole log to rebuild its book (orders still working and
 //! the execution ids already used), then follows the log's head. It keeps no state of its own, so a restart is
@@ -56,6 +56,8 @@ const TICK_ERROR_PAUSE_MS: u64 = 100;
 pub struct PaperStatus {
     /// Ticks handled (counted once the fills and cancels they caused are recorded).
     pub ticks: AtomicU64,
+    /// Stop orders triggered.
+    pub triggers: AtomicU64,
     pub fills: AtomicU64,
     pub cancels: AtomicU64,
     pub expiries: AtomicU64,
@@ -158,6 +160,11 @@ impl PaperExecutor {
                     executed_at: now,
                 }),
             ),
+            Action::Trigger { order_id, price, tick } => (
+                format!("paper:{order_id}:trigger"),
+                "trigger".into(),
+                OrderCommand::TriggerOrder { price: *price, tick: Some(*tick), triggered_at: now },
+            ),
             Action::Cancel { order_id, reason } => {
                 let Ok(reason) = FreeText::new("reason", *reason) else {
                     tracing::error!(%order_id, reason, "paper executor: a cancel reason it cannot record");
@@ -191,6 +198,7 @@ impl PaperExecutor {
                 Ok(outcome) if outcome.duplicate => return true,
                 Ok(_) => {
                     let counter = match action {
+                        Action::Trigger { .. } => &self.status.triggers,
                         Action::Fill { .. } => &self.status.fills,
                         Action::Cancel { .. } => &self.status.cancels,
                         Action::Expire { .. } => &self.status.expiries,

@@ -6,6 +6,10 @@
 //! | `OrderPlaced` (sell) | `ReserveQuantity` (market: last price − collar) | `AcceptOrder`, or `RejectOrder(why)`  |
 //! | `ExecutionRecorded`  | `ApplyExecution`                                |                                       |
 //! | `OrderCanceled/Expired` | `ReleaseReservation`                         |                                       |
+//! | `OrderAmendRequested` | `AdjustReservation` (growth first, shrinking after) | `ConfirmAmend`, or `RejectAmend(why)` |
+//!
+//! Stop orders reserve like market orders at their stop price (or the last price, if already beyond it) moved
+//! by the collar, stop-limit orders like limit orders; their trigger needs no step.
 //!
 //! # One active instance
 //! Run several for availability: one holds the advisory lock `ledger.process-manager` and works, the others
@@ -38,7 +42,9 @@ use tokio_util::sync::CancellationToken;
 use crate::commands::{CommandContext, CommandError, CommandService, Idempotency};
 use crate::domain::order::{OrderRejectReason, RejectCode};
 use crate::domain::portfolio::ReleaseReason;
-use crate::domain::values::{Money, OrderId, PortfolioId, Price, Quantity, Symbol, PRICE_SCALE_MAX};
+use crate::domain::values::{
+    FreeText, Money, OrderId, PortfolioId, Price, Quantity, Symbol, FREE_TEXT_LEN_MAX, PRICE_SCALE_MAX,
+};
 use crate::domain::{OrderCommand, OrderError, OrderEvent, OrderType, PortfolioCommand, PortfolioError, Side};
 use crate::leadership::{lock_key, Leadership};
 use crate::log::{event_by_id, load_cursor, save_cursor, LogReader, RecordedEvent};
@@ -87,6 +93,18 @@ impl Default for ProcessConfig {
             standby_poll_ms: 500,
         }
     }
+}
+
+/// An amendment the process manager carries out (from `OrderAmendRequested`).
+struct AmendRequest {
+    order: OrderId,
+    portfolio_id: PortfolioId,
+    symbol: Symbol,
+    side: Side,
+    quantity_delta: Decimal,
+    order_type: OrderType,
+    previous_order_type: OrderType,
+    previous_protection_price: Option<Price>,
 }
 
 /// What a process manager is doing (for tests and metrics).
@@ -329,7 +347,34 @@ impl ProcessManager {
             OrderEvent::OrderExpired { portfolio_id, .. } => {
                 self.release(event, order_id, portfolio_id, ReleaseReason::Expired).await
             }
-            OrderEvent::OrderAccepted { .. } | OrderEvent::OrderRejected { .. } => Ok(()),
+            OrderEvent::OrderAmendRequested {
+                portfolio_id,
+                symbol,
+                side,
+                quantity,
+                order_type,
+                previous_quantity,
+                previous_order_type,
+                previous_protection_price,
+                ..
+            } => {
+                let request = AmendRequest {
+                    order: parse_order_id(order_id)?,
+                    portfolio_id,
+                    symbol,
+                    side,
+                    quantity_delta: quantity.value() - previous_quantity,
+                    order_type,
+                    previous_order_type,
+                    previous_protection_price,
+                };
+                self.amend(event, request).await
+            }
+            OrderEvent::OrderAccepted { .. }
+            | OrderEvent::OrderRejected { .. }
+            | OrderEvent::OrderTriggered { .. }
+            | OrderEvent::OrderAmended { .. }
+            | OrderEvent::OrderAmendRejected { .. } => Ok(()),
         }
     }
 
@@ -353,18 +398,24 @@ impl ProcessManager {
             Side::Sell => {
                 // A market sell may not fill below the last price lowered by the collar.
                 let protection = match order_type {
-                    OrderType::Limit { .. } => None,
+                    OrderType::Limit { .. } | OrderType::StopLimit { .. } => None,
                     OrderType::Market => match self.market_price(&symbol, Side::Sell).await? {
                         Some(floor) => Some(floor),
                         None => return Ok(Err(no_market_price(&symbol))),
                     },
+                    OrderType::Stop { stop_price } => self.stop_protection(stop_price, &symbol, Side::Sell).await?,
                 };
                 Ok(Ok((PortfolioCommand::ReserveQuantity { order_id: order, symbol, quantity, at }, protection)))
             }
             Side::Buy => {
                 let price = match order_type {
-                    OrderType::Limit { limit_price } => limit_price,
+                    OrderType::Limit { limit_price } | OrderType::StopLimit { limit_price, .. } => limit_price,
                     OrderType::Market => match self.market_price(&symbol, Side::Buy).await? {
+                        Some(price) => price,
+                        None => return Ok(Err(no_market_price(&symbol))),
+                    },
+                    OrderType::Stop { stop_price } => match self.stop_protection(stop_price, &symbol, Side::Buy).await?
+                    {
                         Some(price) => price,
                         None => return Ok(Err(no_market_price(&symbol))),
                     },
@@ -375,7 +426,7 @@ impl ProcessManager {
                         detail: "the order's value exceeds the largest amount a portfolio can hold".into(),
                     }));
                 };
-                let protection = matches!(order_type, OrderType::Market).then_some(price);
+                let protection = order_type.is_protected().then_some(price);
                 Ok(Ok((
                     PortfolioCommand::ReserveFunds { order_id: order, symbol, quantity, price, amount, at },
                     protection,
@@ -435,6 +486,87 @@ impl ProcessManager {
         }
     }
 
+    /// Carries out an amendment request: what grows (more units, a higher buy price) is reserved before the order
+    /// takes the new terms, what shrinks is given back after — so that the reservation always covers every fill
+    /// the order accepts, the ones under the old terms still on their way included. A portfolio that cannot
+    /// cover the growth turns the amendment down; if the order can no longer take it (filled or cancelled
+    /// meanwhile) the growth is given back and the amendment turned down.
+    async fn amend(&self, event: &RecordedEvent, request: AmendRequest) -> Result<(), StepError> {
+        let at = self.commands.clock().now();
+        let AmendRequest { order, portfolio_id, side, quantity_delta, .. } = request;
+        // The protection price of a market order stays; a stop order's follows its stop; a limit protects the
+        // others. A buy reserves at its limit or its protection price.
+        let protection = match request.order_type {
+            OrderType::Stop { stop_price } if request.order_type != request.previous_order_type => {
+                self.stop_protection(stop_price, &request.symbol, side).await?
+            }
+            order_type if order_type.is_protected() => request.previous_protection_price,
+            _ => None,
+        };
+        let (before, after) = match side {
+            Side::Buy => (
+                request.previous_order_type.limit_price().or(request.previous_protection_price),
+                request.order_type.limit_price().or(protection),
+            ),
+            Side::Sell => (None, None),
+        };
+        let (raised, lowered) = match (before, after) {
+            (Some(before), Some(after)) => (after > before, after < before),
+            _ => (false, false),
+        };
+        let grow = quantity_delta.max(Decimal::ZERO);
+        let grows = grow > Decimal::ZERO || raised;
+        let adjust = |quantity_delta: Decimal, price: Option<Price>| PortfolioCommand::AdjustReservation {
+            order_id: order,
+            quantity_delta,
+            price,
+            at,
+        };
+        if grows {
+            let up = adjust(grow, after.filter(|_| raised));
+            match self.commands.execute_portfolio(&self.context(event, "adjust-up")?, portfolio_id, up).await {
+                Ok(_) => {}
+                Err(CommandError::Portfolio(refusal)) => return self.reject_amend(event, order, &refusal).await,
+                Err(error) => return Err(error.into()),
+            }
+        }
+        let confirm = OrderCommand::ConfirmAmend { protection_price: protection, confirmed_at: at };
+        match self.commands.execute_order(&self.context(event, "confirm-amend")?, order, confirm).await {
+            Ok(_) => {}
+            Err(CommandError::Order(refusal)) => {
+                if grows {
+                    let undo = adjust(-grow, before.filter(|_| raised));
+                    self.commands.execute_portfolio(&self.context(event, "adjust-undo")?, portfolio_id, undo).await?;
+                }
+                return self.reject_amend(event, order, &refusal).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+        let shrink = quantity_delta.min(Decimal::ZERO);
+        if shrink < Decimal::ZERO || lowered {
+            let down = adjust(shrink, after.filter(|_| lowered));
+            self.commands.execute_portfolio(&self.context(event, "adjust-down")?, portfolio_id, down).await?;
+        }
+        Ok(())
+    }
+
+    async fn reject_amend(
+        &self,
+        event: &RecordedEvent,
+        order: OrderId,
+        why: &(dyn std::fmt::Display + Sync),
+    ) -> Result<(), StepError> {
+        let mut text = why.to_string();
+        while text.len() > FREE_TEXT_LEN_MAX {
+            text.pop();
+        }
+        let reason = FreeText::new("reason", text)
+            .map_err(|e| StepError::Permanent { code: "INVALID_REASON".into(), message: e.to_string() })?;
+        let command = OrderCommand::RejectAmend { reason, rejected_at: self.commands.clock().now() };
+        self.commands.execute_order(&self.context(event, "reject-amend")?, order, command).await?;
+        Ok(())
+    }
+
     /// Gives back what the portfolio still reserves for a canceled or expired order.
     async fn release(
         &self,
@@ -476,21 +608,40 @@ impl ProcessManager {
     /// sell (below a cent: to 8 decimals, so that a sub-penny price never rounds to zero); `None` when no price
     /// was ever seen.
     async fn market_price(&self, symbol: &Symbol, side: Side) -> Result<Option<Price>, StepError> {
-        let last: Option<Decimal> = sqlx::query_scalar("select price from latest_prices where symbol = $1")
+        Ok(self.last_price(symbol).await?.and_then(|price| self.collared(price, side)))
+    }
+
+    /// The protection price of a stop order: it becomes a market order at a price at or beyond its stop, so it is
+    /// protected (and a buy reserved) at the stop, or at the last price if that is already beyond it, moved by
+    /// the collar.
+    async fn stop_protection(&self, stop: Price, symbol: &Symbol, side: Side) -> Result<Option<Price>, StepError> {
+        let basis = match (side, self.last_price(symbol).await?) {
+            (Side::Buy, Some(last)) => stop.value().max(last),
+            (Side::Sell, Some(last)) => stop.value().min(last),
+            (_, None) => stop.value(),
+        };
+        Ok(self.collared(basis, side))
+    }
+
+    /// The symbol's last price (`latest_prices`), if one was seen.
+    async fn last_price(&self, symbol: &Symbol) -> Result<Option<Decimal>, StepError> {
+        Ok(sqlx::query_scalar("select price from latest_prices where symbol = $1")
             .bind(symbol.as_str())
             .fetch_optional(self.pool())
-            .await?;
+            .await?)
+    }
+
+    /// `price` moved against the side by the collar (a buy's ceiling, a sell's floor).
+    fn collared(&self, price: Decimal, side: Side) -> Option<Price> {
         let collar = Decimal::new(self.config.market_collar_bps.into(), 4);
-        Ok(last.and_then(|price| {
-            let (moved, rounding) = match side {
-                Side::Buy => (price * (Decimal::ONE + collar), RoundingStrategy::AwayFromZero),
-                Side::Sell => (price * (Decimal::ONE - collar), RoundingStrategy::ToZero),
-            };
-            // To the cent; below a cent (a sub-penny instrument), to the finest price scale instead of zero.
-            let cents = moved.round_dp_with_strategy(2, rounding);
-            let rounded = if cents.is_zero() { moved.round_dp_with_strategy(PRICE_SCALE_MAX, rounding) } else { cents };
-            Price::new(rounded).ok()
-        }))
+        let (moved, rounding) = match side {
+            Side::Buy => (price * (Decimal::ONE + collar), RoundingStrategy::AwayFromZero),
+            Side::Sell => (price * (Decimal::ONE - collar), RoundingStrategy::ToZero),
+        };
+        // To the cent; below a cent (a sub-penny instrument), to the finest price scale instead of zero.
+        let cents = moved.round_dp_with_strategy(2, rounding);
+        let rounded = if cents.is_zero() { moved.round_dp_with_strategy(PRICE_SCALE_MAX, rounding) } else { cents };
+        Price::new(rounded).ok()
     }
 
     /// The price basis recorded in a `FundsReserved` event.

@@ -14,7 +14,7 @@ use sqlx::{FromRow, PgConnection, Row};
 use uuid::Uuid;
 
 use super::{aggregate_uuid, decode_batch, ApplyError, Projection, ReplayFold};
-use crate::domain::{OrderEvent, OrderType};
+use crate::domain::OrderEvent;
 use crate::log::{RawEvent, RecordedEvent};
 
 pub struct OrdersProjection;
@@ -27,6 +27,7 @@ struct OrderRow {
     side: String,
     order_type: String,
     limit_price: Option<Decimal>,
+    stop_price: Option<Decimal>,
     protection_price: Option<Decimal>,
     quantity: Decimal,
     time_in_force: String,
@@ -37,6 +38,8 @@ struct OrderRow {
     fees: Decimal,
     reject_code: Option<String>,
     reject_reason: Option<String>,
+    triggered_at: Option<DateTime<Utc>>,
+    trigger_price: Option<Decimal>,
     placed_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     last_position: i64,
@@ -82,17 +85,14 @@ fn apply(
             placed_at,
             ..
         } => {
-            let (kind, limit) = match order_type {
-                OrderType::Market => ("Market", None),
-                OrderType::Limit { limit_price } => ("Limit", Some(limit_price.value())),
-            };
             orders.entry(id).or_insert_with(|| OrderRow {
                 portfolio_id: portfolio_id.0,
                 client_order_id: client_order_id.to_string(),
                 symbol: symbol.to_string(),
                 side: side.as_str().into(),
-                order_type: kind.to_string(),
-                limit_price: limit,
+                order_type: order_type.as_str().to_string(),
+                limit_price: order_type.limit_price().map(|p| p.value()),
+                stop_price: order_type.stop_price().map(|p| p.value()),
                 protection_price: None,
                 quantity: quantity.value(),
                 time_in_force: time_in_force.as_str().into(),
@@ -103,6 +103,8 @@ fn apply(
                 fees: Decimal::ZERO,
                 reject_code: None,
                 reject_reason: None,
+                triggered_at: None,
+                trigger_price: None,
                 placed_at,
                 updated_at: placed_at,
                 last_position: position,
@@ -123,6 +125,33 @@ fn apply(
                 row.reject_code = Some(reason.code.as_str().to_string());
                 row.reject_reason = Some(reason.detail);
                 row.updated_at = rejected_at;
+                row.last_position = position;
+            }
+        }
+        OrderEvent::OrderAmended { quantity, order_type, protection_price, leaves_quantity, amended_at, .. } => {
+            if let Some(row) = orders.get_mut(&id) {
+                row.quantity = quantity.value();
+                row.order_type = order_type.as_str().to_string();
+                row.limit_price = order_type.limit_price().map(|p| p.value());
+                row.stop_price = order_type.stop_price().map(|p| p.value());
+                row.protection_price = protection_price.map(|p| p.value());
+                row.leaves_quantity = leaves_quantity;
+                row.updated_at = amended_at;
+                row.last_position = position;
+            }
+        }
+        OrderEvent::OrderAmendRequested { requested_at: at, .. }
+        | OrderEvent::OrderAmendRejected { rejected_at: at, .. } => {
+            if let Some(row) = orders.get_mut(&id) {
+                row.updated_at = at;
+                row.last_position = position;
+            }
+        }
+        OrderEvent::OrderTriggered { trigger_price, triggered_at, .. } => {
+            if let Some(row) = orders.get_mut(&id) {
+                row.triggered_at = Some(triggered_at);
+                row.trigger_price = Some(trigger_price.value());
+                row.updated_at = triggered_at;
                 row.last_position = position;
             }
         }
@@ -174,9 +203,9 @@ fn decode(event: &RecordedEvent) -> Result<(Uuid, OrderEvent), ApplyError> {
 
 async fn load(conn: &mut PgConnection, ids: &[Uuid]) -> Result<BTreeMap<Uuid, OrderRow>, sqlx::Error> {
     let rows = sqlx::query(
-        "select order_id, portfolio_id, client_order_id, symbol, side, order_type, limit_price, protection_price,
-                quantity, time_in_force, status, cum_quantity, leaves_quantity, average_price, fees, reject_code,
-                reject_reason, placed_at, updated_at, last_position
+        "select order_id, portfolio_id, client_order_id, symbol, side, order_type, limit_price, stop_price,
+                protection_price, quantity, time_in_force, status, cum_quantity, leaves_quantity, average_price, fees,
+                reject_code, reject_reason, triggered_at, trigger_price, placed_at, updated_at, last_position
            from rm_orders where order_id = any($1)",
     )
     .bind(ids)
@@ -196,16 +225,21 @@ async fn write(
         sqlx::query(
             "insert into rm_orders (order_id, portfolio_id, client_order_id, symbol, side, order_type, limit_price,
                     protection_price, quantity, time_in_force, status, cum_quantity, leaves_quantity, average_price,
-                    fees, reject_code, reject_reason, placed_at, updated_at, last_position)
+                    fees, reject_code, reject_reason, placed_at, updated_at, last_position, stop_price,
+                    triggered_at, trigger_price)
              select * from unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[],
                                   $7::numeric[], $8::numeric[], $9::numeric[], $10::text[], $11::text[], $12::numeric[],
                                   $13::numeric[], $14::numeric[], $15::numeric[], $16::text[], $17::text[],
-                                  $18::timestamptz[], $19::timestamptz[], $20::bigint[])
+                                  $18::timestamptz[], $19::timestamptz[], $20::bigint[], $21::numeric[],
+                                  $22::timestamptz[], $23::numeric[])
              on conflict (order_id) do update
-                set protection_price = excluded.protection_price, status = excluded.status,
+                set order_type = excluded.order_type, limit_price = excluded.limit_price,
+                    stop_price = excluded.stop_price, quantity = excluded.quantity,
+                    protection_price = excluded.protection_price, status = excluded.status,
                     cum_quantity = excluded.cum_quantity, leaves_quantity = excluded.leaves_quantity,
                     average_price = excluded.average_price, fees = excluded.fees, reject_code = excluded.reject_code,
-                    reject_reason = excluded.reject_reason, updated_at = excluded.updated_at,
+                    reject_reason = excluded.reject_reason, triggered_at = excluded.triggered_at,
+                    trigger_price = excluded.trigger_price, updated_at = excluded.updated_at,
                     last_position = excluded.last_position",
         )
         .bind(rows.iter().map(|(id, _)| **id).collect::<Vec<_>>())
@@ -228,6 +262,9 @@ async fn write(
         .bind(rows.iter().map(|(_, r)| r.placed_at).collect::<Vec<_>>())
         .bind(rows.iter().map(|(_, r)| r.updated_at).collect::<Vec<_>>())
         .bind(rows.iter().map(|(_, r)| r.last_position).collect::<Vec<_>>())
+        .bind(column(&|r| r.stop_price))
+        .bind(rows.iter().map(|(_, r)| r.triggered_at).collect::<Vec<_>>())
+        .bind(column(&|r| r.trigger_price))
         .execute(&mut *conn)
         .await?;
     }

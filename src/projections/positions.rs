@@ -138,6 +138,26 @@ impl Rows {
                 row.updated_at = at;
                 self.touch(id, at, position);
             }
+            PortfolioEvent::ReservationAdjusted {
+                symbol,
+                quantity_delta,
+                reserved_cash_after,
+                reserved_quantity_after,
+                at,
+                ..
+            } => {
+                if let Some(row) = self.touch(id, at, position) {
+                    row.reserved_cash = reserved_cash_after;
+                }
+                if !quantity_delta.is_zero() {
+                    let key = (id, symbol.to_string());
+                    if let Some(row) = self.positions.get_mut(&key) {
+                        row.reserved_quantity = reserved_quantity_after;
+                        row.updated_at = at;
+                        self.touched_positions.insert(key);
+                    }
+                }
+            }
             PortfolioEvent::ReservationReleased { symbol, cash_released, quantity_released, at, .. } => {
                 if let Some(row) = self.touch(id, at, position) {
                     row.reserved_cash -= cash_released;

@@ -6,7 +6,7 @@ use rust_decimal::Decimal;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::domain::{Order, OrderType};
+use crate::domain::Order;
 
 /// One row of the order blotter.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -18,6 +18,7 @@ pub struct OrderRow {
     pub side: String,
     pub order_type: String,
     pub limit_price: Option<Decimal>,
+    pub stop_price: Option<Decimal>,
     pub protection_price: Option<Decimal>,
     pub quantity: Decimal,
     pub time_in_force: String,
@@ -28,32 +29,32 @@ pub struct OrderRow {
     pub fees: Decimal,
     pub reject_code: Option<String>,
     pub reject_reason: Option<String>,
+    /// When a stop order was triggered, and at which price.
+    pub triggered_at: Option<DateTime<Utc>>,
+    pub trigger_price: Option<Decimal>,
     pub placed_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub last_position: i64,
 }
 
 const ORDER_COLUMNS: &str = "order_id, portfolio_id, client_order_id, symbol, side, order_type, limit_price,
-    protection_price, quantity, time_in_force, status, cum_quantity, leaves_quantity, average_price, fees,
-    reject_code, reject_reason, placed_at, updated_at, last_position";
+    stop_price, protection_price, quantity, time_in_force, status, cum_quantity, leaves_quantity, average_price,
+    fees, reject_code, reject_reason, triggered_at, trigger_price, placed_at, updated_at, last_position";
 
 impl OrderRow {
     /// The row of an aggregate's state (`None` before the order was placed); `last_position` is the global
     /// position of the last event it reflects.
     pub fn of_aggregate(id: Uuid, order: &Order, last_position: i64) -> Option<OrderRow> {
         let terms = order.terms.as_ref()?;
-        let (order_type, limit_price) = match terms.order_type {
-            OrderType::Market => ("Market", None),
-            OrderType::Limit { limit_price } => ("Limit", Some(limit_price.value())),
-        };
         Some(OrderRow {
             order_id: id,
             portfolio_id: terms.portfolio_id.0,
             client_order_id: terms.client_order_id.to_string(),
             symbol: terms.symbol.to_string(),
             side: terms.side.as_str().into(),
-            order_type: order_type.into(),
-            limit_price,
+            order_type: terms.order_type.as_str().into(),
+            limit_price: terms.order_type.limit_price().map(|p| p.value()),
+            stop_price: terms.order_type.stop_price().map(|p| p.value()),
             protection_price: order.protection_price.map(|p| p.value()),
             quantity: terms.quantity,
             time_in_force: terms.time_in_force.as_str().into(),
@@ -64,6 +65,8 @@ impl OrderRow {
             fees: order.fees,
             reject_code: order.reject_reason.as_ref().map(|r| r.code.as_str().to_string()),
             reject_reason: order.reject_reason.as_ref().map(|r| r.detail.clone()),
+            triggered_at: order.triggered.map(|(at, _)| at),
+            trigger_price: order.triggered.map(|(_, price)| price.value()),
             placed_at: terms.placed_at,
             updated_at: order.updated_at.unwrap_or(terms.placed_at),
             last_position,

@@ -11,6 +11,7 @@ use ledger::domain::values::{ExecId, Money, OrderId, PortfolioId};
 use ledger::domain::{CostBasisMethod, Order, OrderCommand, OrderStatus, Portfolio, Side};
 use ledger::process::{ProcessConfig, ProcessManager};
 use rand::{Rng, SeedableRng};
+use rust_decimal::Decimal;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
@@ -418,5 +419,82 @@ async fn an_order_cancelled_while_pending_is_never_left_reserved() {
     assert_eq!(state.reserved_cash, dec("0"));
     assert!(state.reservations.is_empty());
     assert_eq!(order_state(&commands, order_id).await.status, OrderStatus::Canceled);
+    db.drop().await;
+}
+
+fn amend(quantity: Option<&str>, limit: Option<&str>) -> OrderCommand {
+    OrderCommand::AmendOrder {
+        quantity: quantity.map(qty),
+        limit_price: limit.map(price),
+        stop_price: None,
+        requested_at: chrono::Utc::now(),
+    }
+}
+
+/// The order's reservation on its portfolio: open quantity and cash.
+async fn reservation(
+    commands: &CommandService,
+    portfolio: PortfolioId,
+    order_id: OrderId,
+) -> Option<(Decimal, Decimal)> {
+    let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
+    state.reservations.get(&order_id).map(|r| (r.open_quantity, r.cash))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amendment_resizes_the_reservation_before_it_takes_effect_or_is_turned_down() {
+    let db = TestDb::new().await;
+    let commands = db.commands();
+    let pm = start_process_manager(commands.clone());
+    let portfolio = open_portfolio(&commands, "1000", CostBasisMethod::Fifo).await;
+    let (order_id, place_cmd) = place(portfolio, "ACME", Side::Buy, "10", Some("50"));
+    commands.execute_order(&ctx(), order_id, place_cmd).await.unwrap();
+    wait_for_status(&commands, order_id, |s| s == OrderStatus::New).await;
+    assert_eq!(reservation(&commands, portfolio, order_id).await, Some((dec("10"), dec("505"))));
+
+    // Raise the quantity to 15: 5 more reserved (252.5), then the order takes the terms as version 1.
+    commands.execute_order(&ctx(), order_id, amend(Some("15"), None)).await.unwrap();
+    wait_process_manager_idle(&db.pool).await;
+    let order = order_state(&commands, order_id).await;
+    let terms = order.terms.as_ref().unwrap();
+    assert_eq!(
+        (terms.quantity, order.leaves_quantity, order.amendments, order.pending_amend),
+        (dec("15"), dec("15"), 1, None)
+    );
+    assert_eq!(reservation(&commands, portfolio, order_id).await, Some((dec("15"), dec("757.5"))));
+
+    // 4 filled at 50 (booked: 757.5 × 4/15 = 202 of the reservation released); an amendment to 3 is refused at
+    // once.
+    commands.execute_order(&ctx(), order_id, fill("b1", "4", "50", "0")).await.unwrap();
+    let refused = commands.execute_order(&ctx(), order_id, amend(Some("3"), None)).await.unwrap_err();
+    assert_eq!(refused.code(), "AMEND_BELOW_FILLED");
+    wait_process_manager_idle(&db.pool).await;
+    assert_eq!(reservation(&commands, portfolio, order_id).await, Some((dec("11"), dec("555.5"))));
+
+    // 96 open at 50 needs 4,292.5 more than the 1000 − 200 − 555.5 = 244.5 free: turned down, nothing changes.
+    commands.execute_order(&ctx(), order_id, amend(Some("100"), None)).await.unwrap();
+    wait_process_manager_idle(&db.pool).await;
+    let order = order_state(&commands, order_id).await;
+    assert_eq!((order.terms.as_ref().unwrap().quantity, order.pending_amend, order.amendments), (dec("15"), None, 1));
+    let rejected: Option<String> = sqlx::query_scalar(
+        "select payload -> 'OrderAmendRejected' ->> 'reason' from events where aggregate_id = $1 and event_type = 'OrderAmendRejected'",
+    )
+    .bind(order_id.to_string())
+    .fetch_optional(&db.pool)
+    .await
+    .unwrap();
+    assert!(rejected.is_some_and(|r| r.starts_with("insufficient funds")), "the rejection names the refusal");
+    assert_eq!(reservation(&commands, portfolio, order_id).await, Some((dec("11"), dec("555.5"))));
+
+    // Down to 8 at a limit of 40: the order takes the terms first, then 7 units and the price drop come back
+    // (4 open × 40 × 1.01 = 161.6).
+    commands.execute_order(&ctx(), order_id, amend(Some("8"), Some("40"))).await.unwrap();
+    wait_process_manager_idle(&db.pool).await;
+    let order = order_state(&commands, order_id).await;
+    assert_eq!((order.leaves_quantity, order.amendments), (dec("4"), 2));
+    assert_eq!(reservation(&commands, portfolio, order_id).await, Some((dec("4"), dec("161.6"))));
+    let disagreements = ledger::process::agreement::check(&commands).await.unwrap();
+    assert!(disagreements.is_empty(), "{disagreements:?}");
+    pm.stop().await;
     db.drop().await;
 }

@@ -359,8 +359,10 @@ pub struct PlaceOrderInput {
     #[serde(skip)]
     pub order_type: OrderTypeGql,
     pub quantity: Decimal,
-    /// Required for limit orders, refused for market orders.
+    /// Required for limit and stop-limit orders, refused for the others.
     pub limit_price: Option<Decimal>,
+    /// Required for stop and stop-limit orders (the price that triggers them), refused for the others.
+    pub stop_price: Option<Decimal>,
     #[graphql(default_with = "TimeInForceGql::Day")]
     #[serde(skip)]
     pub time_in_force: TimeInForceGql,
@@ -409,11 +411,26 @@ impl OrderMutation {
         let described =
             (format!("{:?}", input.side), format!("{:?}", input.order_type), format!("{:?}", input.time_in_force));
         let ctx_command = context(ctx, principal, &idempotency_key, &("placeOrder", &input, &described))?;
-        let order_type = match (input.order_type, input.limit_price) {
-            (OrderTypeGql::Limit, Some(limit)) => OrderType::Limit { limit_price: Price::new(limit).map_err(value)? },
-            (OrderTypeGql::Limit, None) => return Err(invalid("a limit order needs limitPrice")),
-            (OrderTypeGql::Market, None) => OrderType::Market,
-            (OrderTypeGql::Market, Some(_)) => return Err(invalid("a market order takes no limitPrice")),
+        let price = |amount: Option<Decimal>| amount.map(Price::new).transpose().map_err(value);
+        let (limit, stop) = (price(input.limit_price)?, price(input.stop_price)?);
+        let order_type = match (input.order_type, limit, stop) {
+            (OrderTypeGql::Market, None, None) => OrderType::Market,
+            (OrderTypeGql::Limit, Some(limit_price), None) => OrderType::Limit { limit_price },
+            (OrderTypeGql::Stop, None, Some(stop_price)) => OrderType::Stop { stop_price },
+            (OrderTypeGql::StopLimit, Some(limit_price), Some(stop_price)) => {
+                OrderType::StopLimit { stop_price, limit_price }
+            }
+            (order_type, ..) => {
+                return Err(invalid(format!(
+                    "{order_type:?} orders take {}",
+                    match order_type {
+                        OrderTypeGql::Market => "neither limitPrice nor stopPrice",
+                        OrderTypeGql::Limit => "limitPrice and no stopPrice",
+                        OrderTypeGql::Stop => "stopPrice and no limitPrice",
+                        OrderTypeGql::StopLimit => "both stopPrice and limitPrice",
+                    }
+                )))
+            }
         };
         let order_id = OrderId::generate();
         let client_order_id =
@@ -461,6 +478,47 @@ impl OrderMutation {
         let ctx_command = context(ctx, principal, &idempotency_key, &("cancelOrder", order_id, &reason))?;
         let reason = FreeText::new("reason", reason.unwrap_or_else(|| "client".into())).map_err(value)?;
         let command = OrderCommand::CancelOrder { reason, canceled_at: state.clock.now() };
+        let outcome = on_order(state, &ctx_command, order_id, command).await?;
+        Ok(outcome.into())
+    }
+
+    /// Amends an open order (FIX OrderCancelReplaceRequest): a new total `quantity` (above what is filled:
+    /// `AMEND_BELOW_FILLED` otherwise), a new `limitPrice` (limit and stop-limit orders) and/or `stopPrice` (stop
+    /// and stop-limit orders not triggered yet). The request is recorded at once (`OrderAmendRequested`); the
+    /// process manager then adjusts the reservation and the order takes the new terms (`OrderAmended`, a new
+    /// version in its history), or the amendment is turned down (`OrderAmendRejected`, e.g. when the portfolio
+    /// cannot cover a larger order) and the order keeps its terms. Pass the answer's `lastPosition` as `waitFor`
+    /// to `order` to read the outcome. Refused for a done order (`ORDER_TERMINAL`), one not accepted yet, or
+    /// while another amendment is pending (`AMEND_PENDING`).
+    async fn amend_order(
+        &self,
+        ctx: &Context<'_>,
+        order_id: Uuid,
+        quantity: Option<Decimal>,
+        limit_price: Option<Decimal>,
+        stop_price: Option<Decimal>,
+        idempotency_key: String,
+    ) -> Result<CommandResult> {
+        let principal = principal(ctx)?;
+        let state = state(ctx);
+        if !principal.can_trade() {
+            return Err(forbidden());
+        }
+        let (order, _) =
+            state.commands.load::<OrderAggregate>(&order_id.to_string()).await.map_err(super::errors::command)?;
+        let Some(terms) = order.terms else { return Err(order_not_found()) };
+        let owner = portfolio_owner(state, terms.portfolio_id.0).await?;
+        if !owner.is_some_and(|owner| principal.can_trade_portfolio(&owner)) {
+            return Err(order_not_found());
+        }
+        let request = ("amendOrder", order_id, quantity, limit_price, stop_price);
+        let ctx_command = context(ctx, principal, &idempotency_key, &request)?;
+        let command = OrderCommand::AmendOrder {
+            quantity: quantity.map(Quantity::new).transpose().map_err(value)?,
+            limit_price: limit_price.map(Price::new).transpose().map_err(value)?,
+            stop_price: stop_price.map(Price::new).transpose().map_err(value)?,
+            requested_at: state.clock.now(),
+        };
         let outcome = on_order(state, &ctx_command, order_id, command).await?;
         Ok(outcome.into())
     }

@@ -99,7 +99,22 @@ impl Order {
         self.record.limit_price
     }
 
-    /// For an accepted market order: a buy's ceiling (the last price + 5 %, rounded up to the cent, also what it
+    /// For a stop or stop-limit order: the price that triggers it (a buy's at or above, a sell's at or below).
+    async fn stop_price(&self) -> Option<Decimal> {
+        self.record.stop_price
+    }
+
+    /// When a stop or stop-limit order was triggered (null until then, and for other types).
+    async fn triggered_at(&self) -> Option<DateTime<Utc>> {
+        self.record.triggered_at
+    }
+
+    /// The price that triggered a stop order: the tick's, or a broker's fill's when the broker triggered it.
+    async fn trigger_price(&self) -> Option<Decimal> {
+        self.record.trigger_price
+    }
+
+    /// For an accepted market or stop order: a buy's ceiling (the last price + 5 %, rounded up to the cent, also what it
     /// reserved at) or a sell's floor (the last price − 5 %, rounded down); a fill beyond it is refused.
     async fn protection_price(&self) -> Option<Decimal> {
         self.record.protection_price

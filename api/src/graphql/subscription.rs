@@ -106,13 +106,7 @@ async fn order_portfolio(state: &AppState, event: &RecordedEvent, known: &mut Ha
     if let Some(id) = known.get(&event.aggregate_id) {
         return Some(*id);
     }
-    let named = match event.decode::<OrderEvent>().ok()? {
-        OrderEvent::OrderPlaced { portfolio_id, .. }
-        | OrderEvent::ExecutionRecorded { portfolio_id, .. }
-        | OrderEvent::OrderCanceled { portfolio_id, .. }
-        | OrderEvent::OrderExpired { portfolio_id, .. } => Some(portfolio_id.0),
-        OrderEvent::OrderAccepted { .. } | OrderEvent::OrderRejected { .. } => None,
-    };
+    let named = event.decode::<OrderEvent>().ok()?.portfolio_id().map(|id| id.0);
     let id = match named {
         Some(id) => id,
         None => state.commands.load::<OrderAggregate>(&event.aggregate_id).await.ok()?.0.terms?.portfolio_id.0,

@@ -52,6 +52,10 @@ impl SideGql {
 pub enum OrderTypeGql {
     Market,
     Limit,
+    /// FIX OrdType 3: a market order once a price reaches `stopPrice` (a buy's at or above, a sell's at or below).
+    Stop,
+    /// FIX OrdType 4: a limit order (at `limitPrice`) once a price reaches `stopPrice`.
+    StopLimit,
 }
 
 #[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
@@ -159,6 +163,8 @@ impl OrderTypeGql {
         match text {
             "Market" => Ok(Self::Market),
             "Limit" => Ok(Self::Limit),
+            "Stop" => Ok(Self::Stop),
+            "StopLimit" => Ok(Self::StopLimit),
             _ => Err(unknown("order type", text)),
         }
     }
@@ -526,11 +532,18 @@ mod tests {
         for method in [domain::CostBasisMethod::Fifo, domain::CostBasisMethod::AverageCost] {
             assert_eq!(domain::CostBasisMethod::from(CostBasisMethodGql::parse(method.as_str()).unwrap()), method);
         }
-        assert_eq!(OrderTypeGql::parse("Limit"), Ok(OrderTypeGql::Limit));
-        assert_eq!(OrderTypeGql::parse("Market"), Ok(OrderTypeGql::Market));
+        let limit = ledger::domain::values::Price::new(Decimal::ONE).unwrap();
+        for (order_type, expected) in [
+            (domain::OrderType::Market, OrderTypeGql::Market),
+            (domain::OrderType::Limit { limit_price: limit }, OrderTypeGql::Limit),
+            (domain::OrderType::Stop { stop_price: limit }, OrderTypeGql::Stop),
+            (domain::OrderType::StopLimit { stop_price: limit, limit_price: limit }, OrderTypeGql::StopLimit),
+        ] {
+            assert_eq!(OrderTypeGql::parse(order_type.as_str()), Ok(expected));
+        }
         assert!(SideGql::parse("sell").is_err() && SideGql::parse("").is_err());
         assert!(OrderStatusGql::parse("Done").is_err());
         assert!(CostBasisMethodGql::parse("Lifo").is_err());
-        assert!(OrderTypeGql::parse("Stop").is_err());
+        assert!(OrderTypeGql::parse("Trailing").is_err());
     }
 }

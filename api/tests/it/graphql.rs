@@ -463,6 +463,28 @@ async fn business_refusals_are_typed_and_bad_input_is_invalid_input() {
     let no_limit = json!({ "portfolioId": id, "symbol": "ACME", "side": "BUY", "type": "LIMIT", "quantity": "1" });
     let response = stack.gql(&alice, PLACE, json!({ "input": no_limit, "key": "nolimit" })).await;
     assert_eq!(error_code(&response).as_deref(), Some("INVALID_INPUT"));
+    for (kind, prices) in [
+        ("STOP", json!({ "limitPrice": "10" })),
+        ("STOP_LIMIT", json!({ "stopPrice": "10" })),
+        ("MARKET", json!({ "stopPrice": "10" })),
+    ] {
+        let mut input = json!({ "portfolioId": id, "symbol": "ACME", "side": "BUY", "type": kind, "quantity": "1" });
+        input.as_object_mut().unwrap().extend(prices.as_object().unwrap().clone());
+        let response = stack.gql(&alice, PLACE, json!({ "input": input, "key": format!("stop-{kind}") })).await;
+        assert_eq!(error_code(&response).as_deref(), Some("INVALID_INPUT"), "{kind}: {response}");
+    }
+    // A stop order needs no market price: accepted, waiting for its trigger, its stop shown.
+    let stop = json!({ "portfolioId": id, "symbol": "NOPRICE", "side": "BUY", "type": "STOP", "quantity": "0.5", "stopPrice": "10" });
+    let placed = stack.ok(&alice, PLACE, json!({ "input": stop, "key": "stop" })).await["placeOrder"].clone();
+    assert_eq!(placed["status"], "NEW", "{placed}");
+    let query = "query($id: UUID!, $w: LogPosition) {
+        order(id: $id, waitFor: $w) { type stopPrice limitPrice triggeredAt protectionPrice } }";
+    let variables = json!({ "id": placed["orderId"], "w": placed["result"]["lastPosition"] });
+    let order = stack.ok_visible(&alice, query, variables).await["order"].clone();
+    assert_eq!(
+        order,
+        json!({ "type": "STOP", "stopPrice": "10", "limitPrice": null, "triggeredAt": null, "protectionPrice": "10.5" })
+    );
     let missing = stack.gql(&alice, DEPOSIT, json!({ "id": uuid::Uuid::now_v7(), "amount": "1", "key": "k" })).await;
     assert_eq!(error_code(&missing).as_deref(), Some("PORTFOLIO_NOT_FOUND"));
     stack.stop().await;
@@ -680,5 +702,54 @@ async fn cash_batches_answer_per_movement_and_repeat_idempotently() {
     let metrics = stack.metrics().await;
     let batches = metrics.lines().find(|l| l.starts_with("ledger_command_batches_total")).unwrap_or_default();
     assert!(batches.ends_with(" 2"), "two batches ran: {batches}");
+    stack.stop().await;
+}
+
+const AMEND: &str = "mutation($id: UUID!, $q: Decimal, $limit: Decimal, $key: String!) {
+    amendOrder(orderId: $id, quantity: $q, limitPrice: $limit, idempotencyKey: $key) { lastPosition }
+}";
+
+/// `amendOrder` over HTTP: a larger order's reservation grows with it and the order shows the new version in
+/// its history; an amendment below the filled quantity and one on someone else's order are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_amended_over_http_shows_its_new_terms_and_reservation() {
+    let stack = Stack::start(1).await;
+    let alice = stack.token("alice", Role::Trader);
+    let broker = stack.token("gateway", Role::Broker);
+    let id = open_funded(&stack, &alice, "1000").await;
+    let buy = json!({ "portfolioId": id, "symbol": "ACME", "side": "BUY", "type": "LIMIT", "quantity": "10", "limitPrice": "50" });
+    let (order, status) = place(&stack, &alice, buy).await;
+    assert_eq!(status, "NEW");
+
+    let amended = stack.ok(&alice, AMEND, json!({ "id": order, "q": "15", "key": "amend-1" })).await;
+    let query = "query($o: UUID!, $w: LogPosition) {
+        order(id: $o, waitFor: $w) { quantity leavesQuantity limitPrice history(first: 10) { edges { node { eventType } } } } }";
+    let w = amended["amendOrder"]["lastPosition"].clone();
+    let data = stack.ok_visible(&alice, query, json!({ "o": order, "w": w })).await;
+    assert_eq!(
+        (dec(&data["order"]["quantity"]), dec(&data["order"]["leavesQuantity"])),
+        (dec(&json!("15")), dec(&json!("15")))
+    );
+    let events: Vec<&str> = data["order"]["history"]["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["node"]["eventType"].as_str().unwrap())
+        .collect();
+    assert_eq!(events, ["OrderPlaced", "OrderAccepted", "OrderAmendRequested", "OrderAmended"]);
+    // 15 × 50 × 1.01 reserved (the portfolio read model may trail the order's: asked again until it shows it).
+    let reserved = eventually(|| async {
+        let p = stack.ok(&alice, "query($id: UUID!) { portfolio(id: $id) { reserved } }", json!({ "id": id })).await;
+        p["portfolio"]["reserved"].as_str().and_then(|r| r.parse::<Decimal>().ok()) == Some("757.5".parse().unwrap())
+    })
+    .await;
+    assert!(reserved, "the reservation should grow to 757.5");
+
+    fill(&stack, &broker, &order, "x1", "6", "50", "0").await;
+    let below = stack.gql(&alice, AMEND, json!({ "id": order, "q": "5", "key": "amend-2" })).await;
+    assert_eq!(error_code(&below).as_deref(), Some("AMEND_BELOW_FILLED"), "{below}");
+    let bob = stack.token("bob", Role::Trader);
+    let foreign = stack.gql(&bob, AMEND, json!({ "id": order, "q": "20", "key": "amend-3" })).await;
+    assert_eq!(error_code(&foreign).as_deref(), Some("ORDER_NOT_FOUND"), "{foreign}");
     stack.stop().await;
 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     OrderCommand, OrderError, OrderEvent, OrderStatus, OrderType, PlaceOrder, RecordExecution, Side, TimeInForce,
 };
-use crate::domain::values::{ClientOrderId, ExecId, OrderId, PortfolioId, Price, Symbol, TickSize};
+use crate::domain::values::{ClientOrderId, ExecId, OrderId, PortfolioId, Price, Quantity, Symbol, TickSize};
 
 /// Decimal places kept for the average fill price.
 pub const AVERAGE_PRICE_SCALE: u32 = 8;
@@ -62,6 +62,15 @@ pub struct Order {
     pub exec_ids: BTreeSet<ExecId>,
     pub reject_reason: Option<super::OrderRejectReason>,
     pub updated_at: Option<DateTime<Utc>>,
+    /// When a stop order was triggered, and at which price.
+    #[serde(default)]
+    pub triggered: Option<(DateTime<Utc>, Price)>,
+    /// The terms an amendment asks for while it is pending: quantity and type.
+    #[serde(default)]
+    pub pending_amend: Option<(Decimal, OrderType)>,
+    /// Amendments that took effect (the terms' version).
+    #[serde(default)]
+    pub amendments: u32,
 }
 
 impl Order {
@@ -121,10 +130,10 @@ impl Order {
         if self.terms.is_some() {
             return Err(OrderError::AlreadyExists);
         }
-        if let Some(limit) = cmd.order_type.limit_price() {
-            let tick = services.tick_size(&cmd.symbol);
-            if !limit.is_on_tick(tick) {
-                return Err(OrderError::PriceOffTick { price: limit.value(), tick });
+        let tick = services.tick_size(&cmd.symbol);
+        for price in [cmd.order_type.limit_price(), cmd.order_type.stop_price()].into_iter().flatten() {
+            if !price.is_on_tick(tick) {
+                return Err(OrderError::PriceOffTick { price: price.value(), tick });
             }
         }
         Ok(OrderEvent::OrderPlaced {
@@ -178,7 +187,135 @@ impl Order {
         })
     }
 
-    fn decide(&self, command: OrderCommand, services: &OrderServices) -> Result<OrderEvent, OrderError> {
+    /// A stop order accepted and not triggered yet.
+    fn awaits_trigger(&self, terms: &OrderTerms) -> bool {
+        terms.order_type.stop_price().is_some() && self.triggered.is_none() && self.status != OrderStatus::PendingNew
+    }
+
+    fn trigger(
+        &self,
+        price: Price,
+        tick: Option<super::TickRef>,
+        triggered_at: DateTime<Utc>,
+    ) -> Result<OrderEvent, OrderError> {
+        let terms = self.live_terms()?;
+        let Some(stop) = terms.order_type.stop_price() else { return Err(OrderError::NotAStopOrder) };
+        if self.status == OrderStatus::PendingNew {
+            return Err(OrderError::NotAccepted);
+        }
+        if self.triggered.is_some() {
+            return Err(OrderError::AlreadyTriggered);
+        }
+        if !terms.order_type.triggered_by(terms.side, price) {
+            return Err(OrderError::StopNotReached { price: price.value(), stop: stop.value() });
+        }
+        Ok(OrderEvent::OrderTriggered { portfolio_id: terms.portfolio_id, trigger_price: price, tick, triggered_at })
+    }
+
+    fn amend(
+        &self,
+        quantity: Option<Quantity>,
+        limit_price: Option<Price>,
+        stop_price: Option<Price>,
+        requested_at: DateTime<Utc>,
+        services: &OrderServices,
+    ) -> Result<OrderEvent, OrderError> {
+        let terms = self.live_terms()?;
+        if self.status == OrderStatus::PendingNew {
+            return Err(OrderError::NotAccepted);
+        }
+        if self.pending_amend.is_some() {
+            return Err(OrderError::AmendPending);
+        }
+        let not_applicable = |what| OrderError::AmendNotApplicable { order_type: terms.order_type.as_str(), what };
+        if limit_price.is_some() && terms.order_type.limit_price().is_none() {
+            return Err(not_applicable("limit price"));
+        }
+        if stop_price.is_some() && terms.order_type.stop_price().is_none() {
+            return Err(not_applicable("stop price"));
+        }
+        if stop_price.is_some() && self.triggered.is_some() {
+            return Err(not_applicable("stop price once triggered"));
+        }
+        let order_type = match terms.order_type {
+            OrderType::Market => OrderType::Market,
+            OrderType::Limit { limit_price: current } => {
+                OrderType::Limit { limit_price: limit_price.unwrap_or(current) }
+            }
+            OrderType::Stop { stop_price: current } => OrderType::Stop { stop_price: stop_price.unwrap_or(current) },
+            OrderType::StopLimit { stop_price: stop, limit_price: limit } => OrderType::StopLimit {
+                stop_price: stop_price.unwrap_or(stop),
+                limit_price: limit_price.unwrap_or(limit),
+            },
+        };
+        let tick = services.tick_size(&terms.symbol);
+        for price in [limit_price, stop_price].into_iter().flatten() {
+            if !price.is_on_tick(tick) {
+                return Err(OrderError::PriceOffTick { price: price.value(), tick });
+            }
+        }
+        let new_quantity = quantity.map_or(terms.quantity, |q| q.value());
+        if new_quantity == terms.quantity && order_type == terms.order_type {
+            return Err(OrderError::AmendUnchanged);
+        }
+        if new_quantity <= self.cum_quantity {
+            return Err(OrderError::AmendBelowFilled { quantity: new_quantity, filled: self.cum_quantity });
+        }
+        Ok(OrderEvent::OrderAmendRequested {
+            portfolio_id: terms.portfolio_id,
+            symbol: terms.symbol.clone(),
+            side: terms.side,
+            quantity: Quantity::new(new_quantity).map_err(|e| OrderError::InvariantViolated(e.to_string()))?,
+            order_type,
+            previous_quantity: terms.quantity,
+            previous_order_type: terms.order_type,
+            previous_protection_price: self.protection_price,
+            requested_at,
+        })
+    }
+
+    fn confirm_amend(
+        &self,
+        protection_price: Option<Price>,
+        confirmed_at: DateTime<Utc>,
+    ) -> Result<OrderEvent, OrderError> {
+        let terms = self.live_terms()?;
+        let Some((quantity, order_type)) = self.pending_amend else { return Err(OrderError::NoAmendPending) };
+        // Fills under the old terms may have come in since the request.
+        if quantity <= self.cum_quantity {
+            return Err(OrderError::AmendBelowFilled { quantity, filled: self.cum_quantity });
+        }
+        Ok(OrderEvent::OrderAmended {
+            portfolio_id: terms.portfolio_id,
+            quantity: Quantity::new(quantity).map_err(|e| OrderError::InvariantViolated(e.to_string()))?,
+            order_type,
+            protection_price: if order_type.is_protected() { protection_price.or(self.protection_price) } else { None },
+            leaves_quantity: quantity - self.cum_quantity,
+            version: self.amendments + 1,
+            amended_at: confirmed_at,
+        })
+    }
+
+    /// The events a command makes: one, or for an execution on a stop order not triggered yet (a broker
+    /// triggered it in its own book) the trigger at the fill's price and then the execution.
+    fn decide(&self, command: OrderCommand, services: &OrderServices) -> Result<Vec<OrderEvent>, OrderError> {
+        if let OrderCommand::RecordExecution(cmd) = &command {
+            if self.terms.as_ref().is_some_and(|terms| self.awaits_trigger(terms)) && !self.status.is_terminal() {
+                let triggered = OrderEvent::OrderTriggered {
+                    portfolio_id: self.live_terms()?.portfolio_id,
+                    trigger_price: cmd.price,
+                    tick: None,
+                    triggered_at: cmd.executed_at,
+                };
+                let mut after = self.clone();
+                after.apply(triggered.clone());
+                return Ok(vec![triggered, after.decide_one(command, services)?]);
+            }
+        }
+        Ok(vec![self.decide_one(command, services)?])
+    }
+
+    fn decide_one(&self, command: OrderCommand, services: &OrderServices) -> Result<OrderEvent, OrderError> {
         match command {
             OrderCommand::PlaceOrder(cmd) => self.place(cmd, services),
             OrderCommand::AcceptOrder { protection_price, accepted_at } => {
@@ -186,11 +323,9 @@ impl Order {
                 if self.status != OrderStatus::PendingNew {
                     return Err(OrderError::AlreadyAccepted);
                 }
-                // A limit order is protected by its limit; only market orders carry a protection price.
-                let protection_price = match terms.order_type {
-                    OrderType::Market => protection_price,
-                    OrderType::Limit { .. } => None,
-                };
+                // A limit (or stop-limit) order is protected by its limit; only market and stop orders carry a
+                // protection price.
+                let protection_price = protection_price.filter(|_| terms.order_type.is_protected());
                 Ok(OrderEvent::OrderAccepted { protection_price, accepted_at })
             }
             OrderCommand::RejectOrder { reason, rejected_at } => {
@@ -199,6 +334,25 @@ impl Order {
                     return Err(OrderError::AlreadyAccepted);
                 }
                 Ok(OrderEvent::OrderRejected { reason, rejected_at })
+            }
+            OrderCommand::TriggerOrder { price, tick, triggered_at } => self.trigger(price, tick, triggered_at),
+            OrderCommand::AmendOrder { quantity, limit_price, stop_price, requested_at } => {
+                self.amend(quantity, limit_price, stop_price, requested_at, services)
+            }
+            OrderCommand::ConfirmAmend { protection_price, confirmed_at } => {
+                self.confirm_amend(protection_price, confirmed_at)
+            }
+            OrderCommand::RejectAmend { reason, rejected_at } => {
+                // Also once the order is done: a pending request is closed either way.
+                let terms = self.terms.as_ref().ok_or(OrderError::NotFound)?;
+                if self.pending_amend.is_none() {
+                    return Err(OrderError::NoAmendPending);
+                }
+                Ok(OrderEvent::OrderAmendRejected {
+                    portfolio_id: terms.portfolio_id,
+                    reason: reason.into(),
+                    rejected_at,
+                })
             }
             OrderCommand::RecordExecution(cmd) => self.execute(cmd),
             OrderCommand::CancelOrder { reason, canceled_at } => {
@@ -231,11 +385,15 @@ impl Aggregate for Order {
         services: &Self::Services,
         sink: &EventSink<Self>,
     ) -> Result<(), Self::Error> {
-        let event = self.decide(command, services)?;
+        let events = self.decide(command, services)?;
         let mut next = self.clone();
-        next.apply(event.clone());
-        next.check_invariants()?;
-        sink.write(event, self).await;
+        for event in &events {
+            next.apply(event.clone());
+            next.check_invariants()?;
+        }
+        for event in events {
+            sink.write(event, self).await;
+        }
         Ok(())
     }
 
@@ -277,6 +435,37 @@ impl Aggregate for Order {
                 self.reject_reason = Some(reason);
                 self.leaves_quantity = Decimal::ZERO;
                 self.updated_at = Some(rejected_at);
+            }
+            OrderEvent::OrderAmendRequested { quantity, order_type, requested_at, .. } => {
+                self.pending_amend = Some((quantity.value(), order_type));
+                self.updated_at = Some(requested_at);
+            }
+            OrderEvent::OrderAmended {
+                quantity,
+                order_type,
+                protection_price,
+                leaves_quantity,
+                version,
+                amended_at,
+                ..
+            } => {
+                if let Some(terms) = self.terms.as_mut() {
+                    terms.quantity = quantity.value();
+                    terms.order_type = order_type;
+                }
+                self.protection_price = protection_price;
+                self.leaves_quantity = leaves_quantity;
+                self.pending_amend = None;
+                self.amendments = version;
+                self.updated_at = Some(amended_at);
+            }
+            OrderEvent::OrderAmendRejected { rejected_at, .. } => {
+                self.pending_amend = None;
+                self.updated_at = Some(rejected_at);
+            }
+            OrderEvent::OrderTriggered { trigger_price, triggered_at, .. } => {
+                self.triggered = Some((triggered_at, trigger_price));
+                self.updated_at = Some(triggered_at);
             }
             OrderEvent::ExecutionRecorded {
                 exec_id,

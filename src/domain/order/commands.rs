@@ -30,6 +30,13 @@ pub struct RecordExecution {
     pub executed_at: DateTime<Utc>,
 }
 
+/// The tick a trigger was decided on: its time and sequence number on the prices topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TickRef {
+    pub ts: DateTime<Utc>,
+    pub seq: i64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, strum::IntoStaticStr)]
 #[serde(tag = "type")]
 pub enum OrderCommand {
@@ -45,7 +52,35 @@ pub enum OrderCommand {
         reason: OrderRejectReason,
         rejected_at: DateTime<Utc>,
     },
+    /// A price reached an accepted stop order's stop: from now on it works as a market (stop) or limit (stop
+    /// limit) order. Refused unless `price` is at or beyond the stop. (An execution recorded on a stop order
+    /// not triggered yet — a broker that triggered it in its own book — triggers it at the fill's price.)
+    TriggerOrder {
+        price: Price,
+        tick: Option<TickRef>,
+        triggered_at: DateTime<Utc>,
+    },
     RecordExecution(RecordExecution),
+    /// FIX OrderCancelReplaceRequest: a new total quantity and/or limit or stop price for an open order. It is
+    /// requested here and takes effect once the process manager has adjusted the reservation
+    /// (`ConfirmAmend`), or is turned down (`RejectAmend`); fills meanwhile follow the current terms.
+    AmendOrder {
+        quantity: Option<Quantity>,
+        limit_price: Option<Price>,
+        stop_price: Option<Price>,
+        requested_at: DateTime<Utc>,
+    },
+    /// The reservation covers the requested amendment: apply it. `protection_price` is the new bound of a
+    /// market or stop order (ignored for the others).
+    ConfirmAmend {
+        protection_price: Option<Price>,
+        confirmed_at: DateTime<Utc>,
+    },
+    /// The requested amendment does not take effect (e.g. the portfolio cannot cover it).
+    RejectAmend {
+        reason: FreeText,
+        rejected_at: DateTime<Utc>,
+    },
     CancelOrder {
         reason: FreeText,
         canceled_at: DateTime<Utc>,

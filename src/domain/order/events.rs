@@ -6,7 +6,7 @@ use cqrs_es::DomainEvent;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::{OrderRejectReason, OrderStatus, OrderType, Side, TimeInForce};
+use super::{OrderRejectReason, OrderStatus, OrderType, Side, TickRef, TimeInForce};
 use crate::domain::values::{ClientOrderId, ExecId, Money, OrderId, PortfolioId, Price, Quantity, Symbol};
 
 /// Version of every Order event's payload schema; bump with an upcaster when a payload changes shape.
@@ -33,6 +33,14 @@ pub enum OrderEvent {
         reason: OrderRejectReason,
         rejected_at: DateTime<Utc>,
     },
+    /// A stop order's stop was reached: by `tick` (the price stream) at `trigger_price`, or by a broker's
+    /// execution at its price (`tick` absent).
+    OrderTriggered {
+        portfolio_id: PortfolioId,
+        trigger_price: Price,
+        tick: Option<TickRef>,
+        triggered_at: DateTime<Utc>,
+    },
     ExecutionRecorded {
         /// The order's portfolio, symbol and side, repeated so that consumers need no lookup.
         portfolio_id: PortfolioId,
@@ -52,6 +60,36 @@ pub enum OrderEvent {
         /// `PartiallyFilled` or `Filled`.
         status: OrderStatus,
     },
+    /// An amendment was requested: the terms it asks for and the current ones. Nothing changes until
+    /// `OrderAmended` (or `OrderAmendRejected`).
+    OrderAmendRequested {
+        portfolio_id: PortfolioId,
+        symbol: Symbol,
+        side: Side,
+        quantity: Quantity,
+        order_type: OrderType,
+        previous_quantity: Decimal,
+        previous_order_type: OrderType,
+        /// The protection price of a market or stop order now (its reservation's price for a buy).
+        previous_protection_price: Option<Price>,
+        requested_at: DateTime<Utc>,
+    },
+    /// The amendment took effect: the order's terms are now these (a new version of the order).
+    OrderAmended {
+        portfolio_id: PortfolioId,
+        quantity: Quantity,
+        order_type: OrderType,
+        protection_price: Option<Price>,
+        leaves_quantity: Decimal,
+        /// 1 for the first amendment, then 2, …
+        version: u32,
+        amended_at: DateTime<Utc>,
+    },
+    OrderAmendRejected {
+        portfolio_id: PortfolioId,
+        reason: String,
+        rejected_at: DateTime<Utc>,
+    },
     OrderCanceled {
         portfolio_id: PortfolioId,
         /// The open quantity the cancel removed.
@@ -64,6 +102,23 @@ pub enum OrderEvent {
         expired_quantity: Decimal,
         expired_at: DateTime<Utc>,
     },
+}
+
+impl OrderEvent {
+    /// The order's portfolio, when the event names it (acceptances and rejections of the placement do not).
+    pub fn portfolio_id(&self) -> Option<PortfolioId> {
+        match self {
+            Self::OrderPlaced { portfolio_id, .. }
+            | Self::OrderTriggered { portfolio_id, .. }
+            | Self::ExecutionRecorded { portfolio_id, .. }
+            | Self::OrderAmendRequested { portfolio_id, .. }
+            | Self::OrderAmended { portfolio_id, .. }
+            | Self::OrderAmendRejected { portfolio_id, .. }
+            | Self::OrderCanceled { portfolio_id, .. }
+            | Self::OrderExpired { portfolio_id, .. } => Some(*portfolio_id),
+            Self::OrderAccepted { .. } | Self::OrderRejected { .. } => None,
+        }
+    }
 }
 
 impl DomainEvent for OrderEvent {

@@ -1,7 +1,10 @@
 //! The Order aggregate: one client order and its life cycle, aligned with FIX.
 //!
 //! States follow FIX OrdStatus. An order starts `PendingNew` when placed; the process manager reserves what it
-//! needs on the portfolio and then accepts it (`New`) or rejects it. Fills move it through `PartiallyFilled` to
+//! needs on the portfolio and then accepts it (`New`) or rejects it. A stop or stop-limit order then waits for
+//! its trigger (`OrderTriggered`, with the tick that caused it) before it can fill. An open order may be amended
+//! (quantity, limit or stop price: `OrderAmendRequested`, then `OrderAmended` once the process manager has
+//! adjusted the reservation, or `OrderAmendRejected`); each amendment is a new version of its terms. Fills move it through `PartiallyFilled` to
 //! `Filled`; `Canceled`, `Rejected`, `Expired` and `Filled` are terminal and accept no command.
 //!
 //! Invariants, checked before every event is written and again after it is applied:
@@ -13,7 +16,7 @@ mod commands;
 mod events;
 
 pub use aggregate::{Order, OrderServices};
-pub use commands::{OrderCommand, PlaceOrder, RecordExecution};
+pub use commands::{OrderCommand, PlaceOrder, RecordExecution, TickRef};
 pub use events::{OrderEvent, ORDER_EVENT_VERSION};
 
 use rust_decimal::Decimal;
@@ -37,18 +40,54 @@ impl Side {
     }
 }
 
+/// FIX OrdType 1 (market), 2 (limit), 3 (stop) and 4 (stop limit). A stop order works only once triggered: by
+/// a price at or beyond its stop (a buy's at or above, a sell's at or below); then a stop order is a market order
+/// and a stop-limit order a limit order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind")]
 pub enum OrderType {
     Market,
     Limit { limit_price: Price },
+    Stop { stop_price: Price },
+    StopLimit { stop_price: Price, limit_price: Price },
 }
 
 impl OrderType {
     pub fn limit_price(&self) -> Option<Price> {
         match self {
-            Self::Market => None,
-            Self::Limit { limit_price } => Some(*limit_price),
+            Self::Market | Self::Stop { .. } => None,
+            Self::Limit { limit_price } | Self::StopLimit { limit_price, .. } => Some(*limit_price),
+        }
+    }
+
+    pub fn stop_price(&self) -> Option<Price> {
+        match self {
+            Self::Market | Self::Limit { .. } => None,
+            Self::Stop { stop_price } | Self::StopLimit { stop_price, .. } => Some(*stop_price),
+        }
+    }
+
+    /// Whether fills are bounded by a protection price (no limit of its own): market and stop orders.
+    pub fn is_protected(&self) -> bool {
+        self.limit_price().is_none()
+    }
+
+    /// The name read models store (stable: a rename here would need a migration of their rows).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Market => "Market",
+            Self::Limit { .. } => "Limit",
+            Self::Stop { .. } => "Stop",
+            Self::StopLimit { .. } => "StopLimit",
+        }
+    }
+
+    /// Whether a price triggers a stop order on `side` with this type (false for other types).
+    pub fn triggered_by(&self, side: Side, price: Price) -> bool {
+        match (self.stop_price(), side) {
+            (Some(stop), Side::Buy) => price >= stop,
+            (Some(stop), Side::Sell) => price <= stop,
+            (None, _) => false,
         }
     }
 }
@@ -168,6 +207,22 @@ pub enum OrderError {
     ProtectionBreached { price: Decimal, protection: Decimal },
     #[error("limit price {price} is not a multiple of the tick size {tick}")]
     PriceOffTick { price: Decimal, tick: TickSize },
+    #[error("the order is not a stop order")]
+    NotAStopOrder,
+    #[error("the stop order was already triggered")]
+    AlreadyTriggered,
+    #[error("price {price} does not reach the stop price {stop}")]
+    StopNotReached { price: Decimal, stop: Decimal },
+    #[error("an amendment of this order is still pending")]
+    AmendPending,
+    #[error("no amendment of this order is pending")]
+    NoAmendPending,
+    #[error("the amendment changes nothing")]
+    AmendUnchanged,
+    #[error("a {order_type} order has no {what} to amend")]
+    AmendNotApplicable { order_type: &'static str, what: &'static str },
+    #[error("quantity {quantity} is not above the {filled} already filled: cancel the order instead")]
+    AmendBelowFilled { quantity: Decimal, filled: Decimal },
     #[error("a fill-or-kill order must fill {order_quantity} at once, not {quantity}")]
     FillOrKillPartial { quantity: Decimal, order_quantity: Decimal },
     #[error("internal invariant violated: {0}")]
@@ -188,6 +243,14 @@ impl OrderError {
             Self::LimitBreached { .. } => "LIMIT_PRICE_BREACHED",
             Self::ProtectionBreached { .. } => "PROTECTION_PRICE_BREACHED",
             Self::PriceOffTick { .. } => "PRICE_OFF_TICK",
+            Self::NotAStopOrder => "ORDER_NOT_STOP",
+            Self::AlreadyTriggered => "ORDER_ALREADY_TRIGGERED",
+            Self::StopNotReached { .. } => "STOP_NOT_REACHED",
+            Self::AmendPending => "AMEND_PENDING",
+            Self::NoAmendPending => "NO_AMEND_PENDING",
+            Self::AmendUnchanged => "AMEND_UNCHANGED",
+            Self::AmendNotApplicable { .. } => "AMEND_NOT_APPLICABLE",
+            Self::AmendBelowFilled { .. } => "AMEND_BELOW_FILLED",
             Self::FillOrKillPartial { .. } => "FOK_PARTIAL_FILL",
             Self::InvariantViolated(_) => "INVARIANT_VIOLATED",
         }

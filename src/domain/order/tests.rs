@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::{
     Order, OrderCommand, OrderError, OrderEvent, OrderRejectReason, OrderServices, OrderStatus, OrderType, PlaceOrder,
-    RecordExecution, RejectCode, Side, TimeInForce,
+    RecordExecution, RejectCode, Side, TickRef, TimeInForce,
 };
 use crate::domain::values::{
     ClientOrderId, ExecId, FreeText, Money, OrderId, PortfolioId, Price, Quantity, Symbol, TickSize,
@@ -186,7 +186,14 @@ fn expired(expired_quantity: Decimal) -> OrderEvent {
 
 /// Every command that acts on an existing order (all but `PlaceOrder`).
 fn commands_on_existing_order() -> Vec<OrderCommand> {
-    vec![accept(None), reject(), execute(fill("late", dec!(1), dec!(100))), cancel(), expire()]
+    vec![
+        accept(None),
+        reject(),
+        trigger(dec!(100), None),
+        execute(fill("late", dec!(1), dec!(100))),
+        cancel(),
+        expire(),
+    ]
 }
 
 /// The state after `events`, to check what `apply` derives.
@@ -761,4 +768,260 @@ fn command_and_event_names_are_the_serialised_tags() {
     let event = canceled(dec!(1));
     let tagged = serde_json::to_value(&event).unwrap();
     assert!(tagged.get(event.event_type()).is_some(), "{tagged} is not tagged {}", event.event_type());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Stop and stop-limit orders
+
+fn stop(stop_price: Decimal) -> OrderType {
+    OrderType::Stop { stop_price: price(stop_price) }
+}
+
+fn stop_limit(stop_price: Decimal, limit_price: Decimal) -> OrderType {
+    OrderType::StopLimit { stop_price: price(stop_price), limit_price: price(limit_price) }
+}
+
+fn tick_ref() -> TickRef {
+    TickRef { ts: at(2), seq: 42 }
+}
+
+fn trigger(at_price: Decimal, tick: Option<TickRef>) -> OrderCommand {
+    OrderCommand::TriggerOrder { price: price(at_price), tick, triggered_at: at(2) }
+}
+
+fn triggered(at_price: Decimal, tick: Option<TickRef>, triggered_at: DateTime<Utc>) -> OrderEvent {
+    OrderEvent::OrderTriggered { portfolio_id: portfolio_id(), trigger_price: price(at_price), tick, triggered_at }
+}
+
+#[test]
+fn a_stop_is_triggered_by_a_price_at_or_beyond_it_and_records_the_tick() {
+    let buy_stop = vec![placed(Side::Buy, stop(dec!(100)), dec!(10), TimeInForce::Gtc), accepted(Some(dec!(105)))];
+    framework().given(buy_stop.clone()).when(trigger(dec!(100), Some(tick_ref()))).then_expect_events(vec![triggered(
+        dec!(100),
+        Some(tick_ref()),
+        at(2),
+    )]);
+    framework()
+        .given(buy_stop.clone())
+        .when(trigger(dec!(99.99), Some(tick_ref())))
+        .then_expect_error(OrderError::StopNotReached { price: dec!(99.99), stop: dec!(100) });
+    let sell_stop = vec![placed(Side::Sell, stop(dec!(90)), dec!(10), TimeInForce::Gtc), accepted(Some(dec!(85.5)))];
+    framework().given(sell_stop.clone()).when(trigger(dec!(89), None)).then_expect_events(vec![triggered(
+        dec!(89),
+        None,
+        at(2),
+    )]);
+    framework()
+        .given(sell_stop)
+        .when(trigger(dec!(90.01), None))
+        .then_expect_error(OrderError::StopNotReached { price: dec!(90.01), stop: dec!(90) });
+    // Once, only for accepted stop orders.
+    framework()
+        .given(vec![buy_stop[0].clone(), buy_stop[1].clone(), triggered(dec!(100), None, at(2))])
+        .when(trigger(dec!(101), None))
+        .then_expect_error(OrderError::AlreadyTriggered);
+    framework()
+        .given(vec![buy_stop[0].clone()])
+        .when(trigger(dec!(101), None))
+        .then_expect_error(OrderError::NotAccepted);
+    framework()
+        .given(vec![placed_limit_buy(dec!(10), dec!(100)), accepted(None)])
+        .when(trigger(dec!(101), None))
+        .then_expect_error(OrderError::NotAStopOrder);
+}
+
+#[test]
+fn a_triggered_stop_fills_like_a_market_order_within_its_protection() {
+    let history = vec![
+        placed(Side::Buy, stop(dec!(100)), dec!(10), TimeInForce::Gtc),
+        accepted(Some(dec!(105))),
+        triggered(dec!(100), Some(tick_ref()), at(2)),
+    ];
+    let within = fill("x1", dec!(10), dec!(104.5));
+    framework().given(history.clone()).when(execute(within.clone())).then_expect_events(vec![recorded(
+        Side::Buy,
+        within,
+        dec!(10),
+        dec!(0),
+        dec!(104.5),
+        OrderStatus::Filled,
+    )]);
+    framework()
+        .given(history)
+        .when(execute(fill("x1", dec!(10), dec!(105.01))))
+        .then_expect_error(OrderError::ProtectionBreached { price: dec!(105.01), protection: dec!(105) });
+}
+
+/// A broker that triggered the stop in its own book just reports the fill: the ledger records the trigger at
+/// the fill's price, then the fill.
+#[test]
+fn an_execution_on_a_stop_not_triggered_yet_triggers_it_first() {
+    let history = vec![placed(Side::Buy, stop(dec!(100)), dec!(10), TimeInForce::Gtc), accepted(Some(dec!(105)))];
+    let report = fill("b1", dec!(4), dec!(101));
+    framework().given(history.clone()).when(execute(report.clone())).then_expect_events(vec![
+        triggered(dec!(101), None, at(2)),
+        recorded(Side::Buy, report, dec!(4), dec!(6), dec!(101), OrderStatus::PartiallyFilled),
+    ]);
+    let state = state_after(vec![history[0].clone(), history[1].clone(), triggered(dec!(101), None, at(2))]);
+    assert_eq!(state.triggered, Some((at(2), price(dec!(101)))));
+}
+
+#[test]
+fn a_triggered_stop_limit_never_fills_beyond_its_limit() {
+    // A sell stop-limit: triggered at 90 or below, then sells at 89 or better. An accepted stop-limit carries no
+    // protection price: its limit protects it.
+    let history = vec![
+        placed(Side::Sell, stop_limit(dec!(90), dec!(89)), dec!(5), TimeInForce::Gtc),
+        accepted(None),
+        triggered(dec!(88), Some(tick_ref()), at(2)),
+    ];
+    framework().given(vec![history[0].clone()]).when(accept(Some(dec!(85)))).then_expect_events(vec![accepted(None)]);
+    framework()
+        .given(history.clone())
+        .when(execute(fill("x1", dec!(5), dec!(88))))
+        .then_expect_error(OrderError::LimitBreached { price: dec!(88), limit: dec!(89) });
+    let at_limit = fill("x1", dec!(5), dec!(89));
+    framework().given(history).when(execute(at_limit.clone())).then_expect_events(vec![recorded(
+        Side::Sell,
+        at_limit,
+        dec!(5),
+        dec!(0),
+        dec!(89),
+        OrderStatus::Filled,
+    )]);
+}
+
+#[test]
+fn a_stop_price_off_the_tick_size_is_refused() {
+    framework()
+        .given_no_previous_events()
+        .when(OrderCommand::PlaceOrder(place(Side::Buy, stop(dec!(100.005)), dec!(1), TimeInForce::Gtc)))
+        .then_expect_error(OrderError::PriceOffTick { price: dec!(100.005), tick: TickSize::CENT });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Amendments (cancel/replace)
+
+fn amend(qty: Option<Decimal>, limit_price: Option<Decimal>, stop_price: Option<Decimal>) -> OrderCommand {
+    OrderCommand::AmendOrder {
+        quantity: qty.map(quantity),
+        limit_price: limit_price.map(price),
+        stop_price: stop_price.map(price),
+        requested_at: at(5),
+    }
+}
+
+fn amend_requested(qty: Decimal, order_type: OrderType, previous_quantity: Decimal, previous: OrderType) -> OrderEvent {
+    OrderEvent::OrderAmendRequested {
+        portfolio_id: portfolio_id(),
+        symbol: aapl(),
+        side: Side::Buy,
+        quantity: quantity(qty),
+        order_type,
+        previous_quantity,
+        previous_order_type: previous,
+        previous_protection_price: None,
+        requested_at: at(5),
+    }
+}
+
+fn confirm_amend() -> OrderCommand {
+    OrderCommand::ConfirmAmend { protection_price: None, confirmed_at: at(6) }
+}
+
+/// A limit buy of 10 at 100, accepted, 4 filled at 99.
+fn partly_filled_limit_buy() -> Vec<OrderEvent> {
+    let first = fill("x1", dec!(4), dec!(99));
+    vec![
+        placed_limit_buy(dec!(10), dec!(100)),
+        accepted(None),
+        recorded(Side::Buy, first, dec!(4), dec!(6), dec!(99), OrderStatus::PartiallyFilled),
+    ]
+}
+
+#[test]
+fn an_amendment_is_requested_then_confirmed_as_a_new_version() {
+    let request = amend_requested(dec!(15), limit(dec!(101)), dec!(10), limit(dec!(100)));
+    framework()
+        .given(partly_filled_limit_buy())
+        .when(amend(Some(dec!(15)), Some(dec!(101)), None))
+        .then_expect_events(vec![request.clone()]);
+    let pending = [partly_filled_limit_buy(), vec![request.clone()]].concat();
+    framework().given(pending.clone()).when(confirm_amend()).then_expect_events(vec![OrderEvent::OrderAmended {
+        portfolio_id: portfolio_id(),
+        quantity: quantity(dec!(15)),
+        order_type: limit(dec!(101)),
+        protection_price: None,
+        leaves_quantity: dec!(11),
+        version: 1,
+        amended_at: at(6),
+    }]);
+    // While pending: a second request is refused; fills follow the old terms (the limit is still 100).
+    framework()
+        .given(pending.clone())
+        .when(amend(Some(dec!(20)), None, None))
+        .then_expect_error(OrderError::AmendPending);
+    framework()
+        .given(pending)
+        .when(execute(fill("x2", dec!(1), dec!(100.5))))
+        .then_expect_error(OrderError::LimitBreached { price: dec!(100.5), limit: dec!(100) });
+}
+
+#[test]
+fn an_amendment_at_or_below_the_filled_quantity_is_refused_also_when_fills_came_in_meanwhile() {
+    framework()
+        .given(partly_filled_limit_buy())
+        .when(amend(Some(dec!(3)), None, None))
+        .then_expect_error(OrderError::AmendBelowFilled { quantity: dec!(3), filled: dec!(4) });
+    framework()
+        .given(partly_filled_limit_buy())
+        .when(amend(Some(dec!(4)), None, None))
+        .then_expect_error(OrderError::AmendBelowFilled { quantity: dec!(4), filled: dec!(4) });
+    // Requested at 5, then 2 more filled under the old terms: 6 filled, so 5 can no longer be the quantity.
+    let second = fill("x2", dec!(2), dec!(99));
+    let history = [
+        partly_filled_limit_buy(),
+        vec![
+            amend_requested(dec!(5), limit(dec!(100)), dec!(10), limit(dec!(100))),
+            recorded(Side::Buy, second, dec!(6), dec!(4), dec!(99), OrderStatus::PartiallyFilled),
+        ],
+    ]
+    .concat();
+    framework()
+        .given(history.clone())
+        .when(confirm_amend())
+        .then_expect_error(OrderError::AmendBelowFilled { quantity: dec!(5), filled: dec!(6) });
+    let reason = FreeText::new("reason", "filled meanwhile").unwrap();
+    framework().given(history).when(OrderCommand::RejectAmend { reason, rejected_at: at(6) }).then_expect_events(vec![
+        OrderEvent::OrderAmendRejected {
+            portfolio_id: portfolio_id(),
+            reason: "filled meanwhile".into(),
+            rejected_at: at(6),
+        },
+    ]);
+}
+
+#[test]
+fn an_amendment_must_change_something_that_the_order_type_has() {
+    let open = vec![placed_market_buy(dec!(10)), accepted(Some(dec!(105)))];
+    framework()
+        .given(open.clone())
+        .when(amend(Some(dec!(10)), None, None))
+        .then_expect_error(OrderError::AmendUnchanged);
+    framework()
+        .given(open.clone())
+        .when(amend(None, Some(dec!(100)), None))
+        .then_expect_error(OrderError::AmendNotApplicable { order_type: "Market", what: "limit price" });
+    framework()
+        .given(vec![placed_limit_buy(dec!(10), dec!(100)), accepted(None)])
+        .when(amend(None, None, Some(dec!(100))))
+        .then_expect_error(OrderError::AmendNotApplicable { order_type: "Limit", what: "stop price" });
+    framework()
+        .given(vec![placed_limit_buy(dec!(10), dec!(100))])
+        .when(amend(Some(dec!(12)), None, None))
+        .then_expect_error(OrderError::NotAccepted);
+    framework()
+        .given(vec![placed_limit_buy(dec!(10), dec!(100)), accepted(None), canceled(dec!(10))])
+        .when(amend(Some(dec!(12)), None, None))
+        .then_expect_error(OrderError::Terminal { status: OrderStatus::Canceled });
 }

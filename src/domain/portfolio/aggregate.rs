@@ -207,6 +207,72 @@ impl Portfolio {
         }))
     }
 
+    fn adjust(
+        &self,
+        order_id: OrderId,
+        quantity_delta: Decimal,
+        price: Option<Price>,
+        at: DateTime<Utc>,
+    ) -> Result<Option<PortfolioEvent>, PortfolioError> {
+        self.terms()?;
+        let reservation = self.reservations.get(&order_id).ok_or(PortfolioError::NoReservation(order_id))?;
+        let open_after = reservation.open_quantity + quantity_delta;
+        if open_after <= Decimal::ZERO {
+            return Err(PortfolioError::ExceedsReservation {
+                quantity: -quantity_delta,
+                open: reservation.open_quantity,
+            });
+        }
+        let position = self.positions.get(&reservation.symbol).cloned().unwrap_or_default();
+        let (cash_delta, price) = match reservation.side {
+            Side::Sell => {
+                if quantity_delta > position.free_quantity() {
+                    return Err(PortfolioError::InsufficientQuantity {
+                        symbol: reservation.symbol.clone(),
+                        requested: quantity_delta,
+                        available: position.free_quantity(),
+                    });
+                }
+                (Decimal::ZERO, reservation.price)
+            }
+            Side::Buy => {
+                let price = price.or(reservation.price);
+                // The cash per unit and price stays what it was (the fee allowance included), rounded up;
+                // multiplied out before dividing, so that exact proportions stay exact.
+                let (numerator, denominator) = match (reservation.price, price) {
+                    (Some(before), Some(after)) => {
+                        (reservation.cash * open_after * after.value(), reservation.open_quantity * before.value())
+                    }
+                    _ => (reservation.cash * open_after, reservation.open_quantity),
+                };
+                let cash_after = round_up(numerator / denominator);
+                let delta = cash_after - reservation.cash;
+                if delta > Decimal::ZERO {
+                    self.check_available(delta)?;
+                }
+                (delta, price)
+            }
+        };
+        if quantity_delta.is_zero() && cash_delta.is_zero() && price == reservation.price {
+            return Ok(None);
+        }
+        let reserved_quantity_after = match reservation.side {
+            Side::Sell => position.reserved_quantity + quantity_delta,
+            Side::Buy => position.reserved_quantity,
+        };
+        Ok(Some(PortfolioEvent::ReservationAdjusted {
+            order_id,
+            symbol: reservation.symbol.clone(),
+            quantity_delta,
+            cash_delta,
+            price,
+            open_quantity_after: open_after,
+            reserved_cash_after: self.reserved_cash + cash_delta,
+            reserved_quantity_after,
+            at,
+        }))
+    }
+
     /// Books a fill of one of this portfolio's orders against the order's reservation.
     fn apply_fill(&self, fill: Fill) -> Result<Option<PortfolioEvent>, PortfolioError> {
         self.terms()?;
@@ -358,6 +424,9 @@ impl Portfolio {
             PortfolioCommand::ReleaseReservation { order_id, reason, at } => self.release(order_id, reason, at),
             PortfolioCommand::ApplyExecution { order_id, exec_id, symbol, side, quantity, price, fee, executed_at } => {
                 self.apply_fill(Fill { order_id, exec_id, symbol, side, quantity, price, fee, executed_at })
+            }
+            PortfolioCommand::AdjustReservation { order_id, quantity_delta, price, at } => {
+                self.adjust(order_id, quantity_delta, price, at)
             }
             PortfolioCommand::BookExternalTrade { trade_id, symbol, side, quantity, price, fee, executed_at } => {
                 let order_id = external_order_id(self.terms()?.portfolio_id, &trade_id);
@@ -515,6 +584,25 @@ impl Aggregate for Portfolio {
                     }
                 }
             }
+            PortfolioEvent::ReservationAdjusted {
+                order_id,
+                symbol,
+                quantity_delta,
+                cash_delta,
+                price,
+                reserved_quantity_after,
+                ..
+            } => {
+                self.reserved_cash += cash_delta;
+                if let Some(reservation) = self.reservations.get_mut(&order_id) {
+                    reservation.open_quantity += quantity_delta;
+                    reservation.cash += cash_delta;
+                    reservation.price = price;
+                    if reservation.side == Side::Sell {
+                        self.positions.entry(symbol).or_default().reserved_quantity = reserved_quantity_after;
+                    }
+                }
+            }
             PortfolioEvent::DeficitIncurred { at, .. } => {
                 self.deficit_since.get_or_insert(at);
             }
@@ -536,6 +624,11 @@ impl Aggregate for Portfolio {
             }
         }
     }
+}
+
+/// Up to 8 decimals, rounding up (what a reservation sets aside is never short by a rounding).
+fn round_up(value: Decimal) -> Decimal {
+    value.round_dp_with_strategy(8, rust_decimal::RoundingStrategy::AwayFromZero)
 }
 
 /// The deficit marker an event calls for, from the states before and after it: `DeficitIncurred` when a fill
@@ -571,6 +664,7 @@ fn event_time(event: &PortfolioEvent) -> DateTime<Utc> {
         | PortfolioEvent::CashWithdrawn { at, .. }
         | PortfolioEvent::FundsReserved { at, .. }
         | PortfolioEvent::QuantityReserved { at, .. }
+        | PortfolioEvent::ReservationAdjusted { at, .. }
         | PortfolioEvent::ReservationReleased { at, .. }
         | PortfolioEvent::DeficitIncurred { at, .. }
         | PortfolioEvent::DeficitCovered { at, .. }

@@ -1,6 +1,7 @@
 //! Commands accepted by the Portfolio aggregate.
 
 use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use super::{AlertCondition, CostBasisMethod};
@@ -51,6 +52,15 @@ pub enum PortfolioCommand {
     ReleaseReservation {
         order_id: OrderId,
         reason: super::ReleaseReason,
+        at: DateTime<Utc>,
+    },
+    /// Resize an open order's reservation for an amendment: its open quantity by `quantity_delta` and, for a
+    /// buy, its cash in proportion to open quantity × price, at `price` when given (else the reservation's
+    /// price). Growing takes from buying power (a buy) or free units (a sell) and is refused beyond them.
+    AdjustReservation {
+        order_id: OrderId,
+        quantity_delta: Decimal,
+        price: Option<Price>,
         at: DateTime<Utc>,
     },
     /// Book one fill of an order against the portfolio: cash, position, lots and realized P&L.

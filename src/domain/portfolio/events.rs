@@ -89,6 +89,19 @@ pub enum PortfolioEvent {
         reason: ReleaseReason,
         at: DateTime<Utc>,
     },
+    /// An open order's reservation resized for an amendment: `quantity_delta` more (or fewer) units open,
+    /// `cash_delta` more (or less) cash set aside (buys), at the reservation price `price` from now on.
+    ReservationAdjusted {
+        order_id: OrderId,
+        symbol: Symbol,
+        quantity_delta: Decimal,
+        cash_delta: Decimal,
+        price: Option<Price>,
+        open_quantity_after: Decimal,
+        reserved_cash_after: Decimal,
+        reserved_quantity_after: Decimal,
+        at: DateTime<Utc>,
+    },
     ExecutionApplied {
         order_id: OrderId,
         exec_id: ExecId,

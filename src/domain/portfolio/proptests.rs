@@ -157,6 +157,14 @@ enum Step {
         price: Decimal,
         fee: Decimal,
     },
+    /// Resize an open order's reservation by `quarters`/4 of its open quantity, more or fewer (fewer by 4 or 5
+    /// quarters: refused), a buy's at its price moved by `move_bps`.
+    Adjust {
+        order: Index,
+        quarters: u32,
+        grow: bool,
+        move_bps: i64,
+    },
     /// Release any order ever placed, open or not.
     Release {
         order: Index,
@@ -192,6 +200,8 @@ fn step() -> impl Strategy<Value = Step> {
                 price: Decimal::new(price, PRICE_SCALE),
                 fee: Decimal::new(fee, 8),
             }),
+        2 => (any::<Index>(), quarters(), any::<bool>(), -1_500i64..=1_500)
+            .prop_map(|(order, quarters, grow, move_bps)| Step::Adjust { order, quarters, grow, move_bps }),
         1 => any::<Index>().prop_map(|order| Step::Release { order }),
         1 => any::<Index>().prop_map(|fill| Step::Redeliver { fill }),
     ]
@@ -346,6 +356,27 @@ impl Harness {
                     executed_at: now(),
                 }
             }
+            Step::Adjust { order, quarters, grow, move_bps } => {
+                let open: Vec<_> =
+                    self.orders.iter().filter(|o| self.portfolio.reservations.contains_key(&o.order_id)).collect();
+                if open.is_empty() {
+                    return None;
+                }
+                let order = open[order.index(open.len())].clone();
+                let by = quarters_of(self.portfolio.reservations[&order.order_id].open_quantity, *quarters).value();
+                let price = (order.side == Side::Buy).then(|| {
+                    let moved = (order.price * Decimal::from(10_000 + move_bps) / Decimal::from(10_000))
+                        .round_dp_with_strategy(PRICE_SCALE, RoundingStrategy::MidpointNearestEven)
+                        .max(Decimal::new(1, PRICE_SCALE));
+                    Price::new(moved).unwrap()
+                });
+                PortfolioCommand::AdjustReservation {
+                    order_id: order.order_id,
+                    quantity_delta: if *grow { by } else { -by },
+                    price,
+                    at: now(),
+                }
+            }
             Step::Release { order } => {
                 if self.orders.is_empty() {
                     return None;
@@ -461,6 +492,7 @@ impl Harness {
                 }
             }
             PortfolioCommand::OpenPortfolio { .. }
+            | PortfolioCommand::AdjustReservation { .. }
             | PortfolioCommand::ReleaseReservation { .. }
             | PortfolioCommand::CreateAlert { .. }
             | PortfolioCommand::CancelAlert { .. }

@@ -1183,3 +1183,86 @@ fn an_external_sell_takes_only_units_no_open_order_reserved() {
     let after = state_after(&with(history, [expected]));
     assert_eq!(after.positions[&aapl()].reserved_quantity, dec!(4));
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// AdjustReservation (order amendments)
+
+fn adjust(order_id: OrderId, quantity_delta: Decimal, at_price: Option<Decimal>) -> PortfolioCommand {
+    PortfolioCommand::AdjustReservation { order_id, quantity_delta, price: at_price.map(price), at: now() }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn adjusted(
+    order_id: OrderId,
+    quantity_delta: Decimal,
+    cash_delta: Decimal,
+    at_price: Option<Decimal>,
+    open_quantity_after: Decimal,
+    reserved_cash_after: Decimal,
+    reserved_quantity_after: Decimal,
+) -> PortfolioEvent {
+    PortfolioEvent::ReservationAdjusted {
+        order_id,
+        symbol: aapl(),
+        quantity_delta,
+        cash_delta,
+        price: at_price.map(price),
+        open_quantity_after,
+        reserved_cash_after,
+        reserved_quantity_after,
+        at: now(),
+    }
+}
+
+/// Funded with 1000; buy order 0xB2 for 10 AAPL at 50 reserved 505 (1 % fee allowance).
+fn reserved_buy() -> Vec<PortfolioEvent> {
+    with(funded(), [funds_reserved(order(0xB2), dec!(10), dec!(50), dec!(505), dec!(505))])
+}
+
+#[test]
+fn a_buy_reservation_grows_and_shrinks_in_proportion_to_quantity_and_price() {
+    // 15 at 50: 505 × 15/10 = 757.5.
+    framework().given(reserved_buy()).when(adjust(order(0xB2), dec!(5), None)).then_expect_events(vec![adjusted(
+        order(0xB2),
+        dec!(5),
+        dec!(252.5),
+        Some(dec!(50)),
+        dec!(15),
+        dec!(757.5),
+        dec!(0),
+    )]);
+    // 10 at 40: 505 × 40/50 = 404, 101 back.
+    framework().given(reserved_buy()).when(adjust(order(0xB2), dec!(0), Some(dec!(40)))).then_expect_events(vec![
+        adjusted(order(0xB2), dec!(0), dec!(-101), Some(dec!(40)), dec!(10), dec!(404), dec!(0)),
+    ]);
+    let grown = adjusted(order(0xB2), dec!(5), dec!(252.5), Some(dec!(50)), dec!(15), dec!(757.5), dec!(0));
+    let state = state_after(&with(reserved_buy(), [grown]));
+    assert_eq!((state.reserved_cash, state.reservations[&order(0xB2)].open_quantity), (dec!(757.5), dec!(15)));
+}
+
+#[test]
+fn a_reservation_grows_only_within_buying_power_or_free_units_and_never_to_nothing() {
+    // 495 free: 10 more at 50 (505) is refused.
+    framework()
+        .given(reserved_buy())
+        .when(adjust(order(0xB2), dec!(10), None))
+        .then_expect_error(PortfolioError::InsufficientFunds { requested: dec!(505), available: dec!(495) });
+    framework()
+        .given(reserved_buy())
+        .when(adjust(order(0xB2), dec!(-10), None))
+        .then_expect_error(PortfolioError::ExceedsReservation { quantity: dec!(10), open: dec!(10) });
+    // 10 held, 4 promised to sell order 0x51: 6 more may be promised, not 7.
+    let selling = with(holding_ten(CostBasisMethod::Fifo), [quantity_reserved(order(0x51), dec!(4), dec!(4))]);
+    framework().given(selling.clone()).when(adjust(order(0x51), dec!(7), None)).then_expect_error(
+        PortfolioError::InsufficientQuantity { symbol: aapl(), requested: dec!(7), available: dec!(6) },
+    );
+    framework().given(selling).when(adjust(order(0x51), dec!(6), None)).then_expect_events(vec![adjusted(
+        order(0x51),
+        dec!(6),
+        dec!(0),
+        None,
+        dec!(10),
+        dec!(0),
+        dec!(10),
+    )]);
+}
