@@ -11,7 +11,8 @@
 //! Each row becomes one command through the batch path ([`CommandService::execute_batch`], up to
 //! [`BATCH_COMMANDS_MAX`] rows per commit): a trade is `BookExternalTrade` (booked like a fill, with no order
 //! and no reservation), cash is `DepositCash` or `WithdrawCash`, each at the row's date. Rows are applied in
-//! date order, rows of one date in file order, so a newest-first export books like an oldest-first one.
+//! date order — a file whose last row is older than its first is read backwards first — so a newest-first export
+//! books like an oldest-first one, one date's rows in their order of execution.
 //!
 //! **Exactly once.** A row's idempotency key (and a trade's id) is derived from the portfolio, the row's
 //! normalised content and how many identical rows came before it in the file (two equal trades on one day are
@@ -81,7 +82,7 @@ pub struct ImportReport {
 }
 
 /// A statement row, read and checked.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 enum Row {
     Trade { symbol: Symbol, side: Side, quantity: Quantity, price: Price, fee: Money },
     Deposit { amount: Amount },
@@ -116,7 +117,7 @@ impl Statement {
         let mut record = csv::StringRecord::new();
         for (index, text) in text.lines().enumerate() {
             let line = index as u64 + 1;
-            let text = text.trim();
+            let text = text.trim_start_matches('\u{feff}').trim(); // a byte-order mark (spreadsheet exports)
             if text.is_empty() || text.starts_with('#') {
                 continue;
             }
@@ -136,7 +137,14 @@ impl Statement {
                 Err(reason) => statement.errors.push(LineError { line, code: "INVALID_LINE".into(), reason }),
             }
         }
-        statement.rows.sort_by_key(|row| row.at); // stable: one date's rows stay in file order
+        // Newest first (the file ends earlier than it starts): read it backwards, so that one date's rows keep
+        // their order of execution; then by date, stably.
+        if let (Some(first), Some(last)) = (statement.rows.first(), statement.rows.last()) {
+            if first.at > last.at {
+                statement.rows.reverse();
+            }
+        }
+        statement.rows.sort_by_key(|row| row.at);
         Ok(statement)
     }
 
@@ -200,15 +208,37 @@ fn read_date(text: &str) -> Result<DateTime<Utc>, String> {
         .map_err(|_| format!("date {text:?} is neither YYYY-MM-DD nor an RFC 3339 time"))
 }
 
+impl Dated {
+    /// The row as canonical text: its time (RFC 3339, UTC, to the microsecond) and normalised fields. What
+    /// identifies it, so it must never change: written out here rather than left to a serialisation format.
+    fn canonical(&self) -> String {
+        let at = self.at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        match &self.row {
+            Row::Trade { symbol, side, quantity, price, fee } => format!(
+                "trade|{at}|{symbol}|{}|{}|{}|{}",
+                side.as_str(),
+                quantity.value().normalize(),
+                price.value().normalize(),
+                fee.value().normalize()
+            ),
+            Row::Deposit { amount } => format!("deposit|{at}|{}", amount.value().normalize()),
+            Row::Withdrawal { amount } => format!("withdrawal|{at}|{}", amount.value().normalize()),
+        }
+    }
+}
+
 /// The row's key: the same for the same portfolio, content and occurrence, whatever its line or spelling
 /// (`1.50` and `1.5` are one price).
-fn row_key(portfolio_id: PortfolioId, row: &Dated, occurrence: usize) -> Result<(String, Idempotency), CommandError> {
-    let content = serde_json::to_vec(&(row.at, &row.row)).map_err(|e| CommandError::Invalid(e.to_string()))?;
+fn row_key(
+    portfolio_id: PortfolioId,
+    canonical: &str,
+    occurrence: usize,
+) -> Result<(String, Idempotency), CommandError> {
     let mut digest = Sha256::new();
     digest.update(portfolio_id.0.as_bytes());
-    digest.update(&content);
+    digest.update(canonical.as_bytes());
     let key = format!("import:{}:{occurrence}", &hex::encode(digest.finalize())[..32]);
-    let idempotency = Idempotency::new(key.clone(), &("importStatement", row.at, &row.row))?;
+    let idempotency = Idempotency::new(key.clone(), &("importStatement", canonical))?;
     Ok((key, idempotency))
 }
 
@@ -235,15 +265,15 @@ pub async fn import(
         rows = statement.rows.len(), "statement import");
     let (total, rows) = (statement.rows.len(), statement.rows.len() + statement.errors.len());
     let mut report = ImportReport { rows, errors: statement.errors, ..Default::default() };
-    let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
     let reference = FreeText::new("reference", CASH_REFERENCE).map_err(|e| CommandError::Invalid(e.to_string()))?;
     let mut done = 0;
     for chunk in statement.rows.chunks(BATCH_COMMANDS_MAX) {
         let mut items = Vec::with_capacity(chunk.len());
         for row in chunk {
-            let identity = serde_json::to_vec(&(row.at, &row.row)).map_err(|e| CommandError::Invalid(e.to_string()))?;
-            let occurrence = seen.entry(identity).and_modify(|n| *n += 1).or_insert(1);
-            let (key, idempotency) = row_key(portfolio_id, row, *occurrence)?;
+            let canonical = row.canonical();
+            let occurrence = *seen.entry(canonical.clone()).and_modify(|n| *n += 1).or_insert(1);
+            let (key, idempotency) = row_key(portfolio_id, &canonical, occurrence)?;
             let command = match &row.row {
                 Row::Trade { symbol, side, quantity, price, fee } => PortfolioCommand::BookExternalTrade {
                     trade_id: ExecId::new(key).map_err(|e| CommandError::Invalid(e.to_string()))?,
@@ -297,12 +327,12 @@ mod tests {
     fn keys(text: &str) -> Vec<String> {
         let statement = Statement::parse(text, now()).unwrap();
         let portfolio = PortfolioId(uuid::Uuid::from_u128(7));
-        let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut seen: HashMap<String, usize> = HashMap::new();
         let mut keys = Vec::new();
         for row in &statement.rows {
-            let identity = serde_json::to_vec(&(row.at, &row.row)).unwrap();
-            let occurrence = seen.entry(identity).and_modify(|n| *n += 1).or_insert(1);
-            keys.push(row_key(portfolio, row, *occurrence).unwrap().0);
+            let canonical = row.canonical();
+            let occurrence = *seen.entry(canonical.clone()).and_modify(|n| *n += 1).or_insert(1);
+            keys.push(row_key(portfolio, &canonical, occurrence).unwrap().0);
         }
         keys
     }

@@ -4,8 +4,8 @@
 //!
 //! Fill rules, per tick of the order's symbol:
 //! - the **execution price** is the tick's price moved against the order by the slippage (buys pay more,
-//!   sells get less), rounded to the cent against the order, then capped by the order's limit or, for market
-//!   buys, by the protection price the portfolio reserved at;
+//!   sells get less), rounded to the cent against the order, then bounded by the order's limit or, for market
+//!   and stop orders, by their protection price (a buy's ceiling, a sell's floor);
 //! - a **limit** order fills only when the tick's price reaches its limit (buy: at or below, sell: at or above);
 //! - the **quantity** is the order's leaves, or less when the tick carries a volume: at most
 //!   `volume × participation` per tick (partial fills);
@@ -332,7 +332,8 @@ fn execution_price(config: &PaperConfig, order: &Working, market: Decimal) -> Op
         }
         Side::Sell => {
             let mut price = (market * (Decimal::ONE - slip)).round_dp_with_strategy(2, RoundingStrategy::ToZero);
-            if let Some(floor) = order.order_type.limit_price().map(|p| p.value()) {
+            let floor = order.order_type.limit_price().or(order.protection).map(|p| p.value());
+            if let Some(floor) = floor {
                 if market < floor {
                     return None;
                 }
@@ -673,5 +674,16 @@ mod tests {
         assert_eq!((triggers(&actions), fills(&actions).len()), (vec![d("88")], 0), "triggered, not filled below 89");
         assert!(book.on_tick(&tick("88.5", 2, None)).is_empty());
         assert_eq!(fills(&book.on_tick(&tick("89.2", 3, None))), vec![("P1".to_string(), d("2"), d("89.2"), d("0"))]);
+    }
+
+    /// A market or stop sell never fills below its protection floor (the order would refuse it).
+    #[test]
+    fn a_protected_sell_does_not_fill_below_its_floor() {
+        let config = PaperConfig { slippage_bps: 0, fee_bps: 0, ..PaperConfig::default() };
+        let (mut book, _, actions) =
+            accepted(config, Side::Sell, OrderType::Market, "1", TimeInForce::Gtc, None, Some("95"));
+        assert!(actions.is_empty());
+        assert!(fills(&book.on_tick(&tick("94.99", 1, None))).is_empty());
+        assert_eq!(fills(&book.on_tick(&tick("95", 2, None))), vec![("P1".to_string(), d("1"), d("95"), d("0"))]);
     }
 }

@@ -6,7 +6,8 @@
 //! | `OrderPlaced` (sell) | `ReserveQuantity` (market: last price − collar) | `AcceptOrder`, or `RejectOrder(why)`  |
 //! | `ExecutionRecorded`  | `ApplyExecution`                                |                                       |
 //! | `OrderCanceled/Expired` | `ReleaseReservation`                         |                                       |
-//! | `OrderAmendRequested` | `AdjustReservation` (growth first, shrinking after) | `ConfirmAmend`, or `RejectAmend(why)` |
+//! | `OrderAmendRequested` | `AdjustReservation` (what grows)              | `ConfirmAmend`, or `RejectAmend(why)` |
+//! | `OrderAmended`       | `AdjustReservation` (what shrinks)              |                                       |
 //!
 //! Stop orders reserve like market orders at their stop price (or the last price, if already beyond it) moved
 //! by the collar, stop-limit orders like limit orders; their trigger needs no step.
@@ -95,16 +96,29 @@ impl Default for ProcessConfig {
     }
 }
 
-/// An amendment the process manager carries out (from `OrderAmendRequested`).
-struct AmendRequest {
+/// An amendment's terms, old and new, as its events state them.
+struct AmendTerms {
     order: OrderId,
     portfolio_id: PortfolioId,
-    symbol: Symbol,
     side: Side,
     quantity_delta: Decimal,
     order_type: OrderType,
+    protection_price: Option<Price>,
     previous_order_type: OrderType,
     previous_protection_price: Option<Price>,
+}
+
+impl AmendTerms {
+    /// A buy's reservation price before and after: its limit, or its protection price (none for a sell).
+    fn reservation_prices(&self) -> (Option<Price>, Option<Price>) {
+        match self.side {
+            Side::Buy => (
+                self.previous_order_type.limit_price().or(self.previous_protection_price),
+                self.order_type.limit_price().or(self.protection_price),
+            ),
+            Side::Sell => (None, None),
+        }
+    }
 }
 
 /// What a process manager is doing (for tests and metrics).
@@ -349,7 +363,7 @@ impl ProcessManager {
             }
             OrderEvent::OrderAmendRequested {
                 portfolio_id,
-                symbol,
+                request,
                 side,
                 quantity,
                 order_type,
@@ -358,22 +372,49 @@ impl ProcessManager {
                 previous_protection_price,
                 ..
             } => {
-                let request = AmendRequest {
+                let terms = AmendTerms {
                     order: parse_order_id(order_id)?,
                     portfolio_id,
-                    symbol,
+                    side,
+                    quantity_delta: quantity.value() - previous_quantity,
+                    previous_order_type,
+                    previous_protection_price,
+                    protection_price: self.amended_protection(
+                        side,
+                        order_type,
+                        previous_order_type,
+                        previous_protection_price,
+                    ),
+                    order_type,
+                };
+                self.amend(event, request, terms).await
+            }
+            OrderEvent::OrderAmended {
+                portfolio_id,
+                side,
+                quantity,
+                order_type,
+                protection_price,
+                previous_quantity,
+                previous_order_type,
+                previous_protection_price,
+                ..
+            } => {
+                let terms = AmendTerms {
+                    order: parse_order_id(order_id)?,
+                    portfolio_id,
                     side,
                     quantity_delta: quantity.value() - previous_quantity,
                     order_type,
                     previous_order_type,
                     previous_protection_price,
+                    protection_price,
                 };
-                self.amend(event, request).await
+                self.give_back(event, terms).await
             }
             OrderEvent::OrderAccepted { .. }
             | OrderEvent::OrderRejected { .. }
             | OrderEvent::OrderTriggered { .. }
-            | OrderEvent::OrderAmended { .. }
             | OrderEvent::OrderAmendRejected { .. } => Ok(()),
         }
     }
@@ -486,66 +527,81 @@ impl ProcessManager {
         }
     }
 
-    /// Carries out an amendment request: what grows (more units, a higher buy price) is reserved before the order
-    /// takes the new terms, what shrinks is given back after — so that the reservation always covers every fill
-    /// the order accepts, the ones under the old terms still on their way included. A portfolio that cannot
-    /// cover the growth turns the amendment down; if the order can no longer take it (filled or cancelled
-    /// meanwhile) the growth is given back and the amendment turned down.
-    async fn amend(&self, event: &RecordedEvent, request: AmendRequest) -> Result<(), StepError> {
-        let at = self.commands.clock().now();
-        let AmendRequest { order, portfolio_id, side, quantity_delta, .. } = request;
-        // The protection price of a market order stays; a stop order's follows its stop; a limit protects the
-        // others. A buy reserves at its limit or its protection price.
-        let protection = match request.order_type {
-            OrderType::Stop { stop_price } if request.order_type != request.previous_order_type => {
-                self.stop_protection(stop_price, &request.symbol, side).await?
+    /// The protection price an amended order will have: a stop order's follows a new stop (the stop moved by
+    /// the collar: from the event alone, so that a step run again decides the same), a market order's stays, a
+    /// limit protects the others.
+    fn amended_protection(
+        &self,
+        side: Side,
+        order_type: OrderType,
+        previous_order_type: OrderType,
+        previous_protection_price: Option<Price>,
+    ) -> Option<Price> {
+        match order_type {
+            OrderType::Stop { stop_price } if previous_order_type.stop_price() != Some(stop_price) => {
+                self.collared(stop_price.value(), side).or(previous_protection_price)
             }
-            order_type if order_type.is_protected() => request.previous_protection_price,
+            order_type if order_type.is_protected() => previous_protection_price,
             _ => None,
-        };
-        let (before, after) = match side {
-            Side::Buy => (
-                request.previous_order_type.limit_price().or(request.previous_protection_price),
-                request.order_type.limit_price().or(protection),
-            ),
-            Side::Sell => (None, None),
-        };
-        let (raised, lowered) = match (before, after) {
-            (Some(before), Some(after)) => (after > before, after < before),
-            _ => (false, false),
-        };
-        let grow = quantity_delta.max(Decimal::ZERO);
+        }
+    }
+
+    /// Carries out an amendment request (`request`): what grows — more units, a higher buy price — is reserved
+    /// before the order takes the new terms; what shrinks is given back once it has (on `OrderAmended`, by
+    /// when every fill under the old terms is booked). So the reservation always covers the fills the order
+    /// accepts. A portfolio that cannot cover the growth turns the amendment down; if the order can no longer
+    /// take it (filled, cancelled or triggered meanwhile) the growth is given back and the amendment turned down.
+    async fn amend(&self, event: &RecordedEvent, request: u32, terms: AmendTerms) -> Result<(), StepError> {
+        let at = self.commands.clock().now();
+        let (before, after) = terms.reservation_prices();
+        let raised = matches!((before, after), (Some(before), Some(after)) if after > before);
+        let grow = terms.quantity_delta.max(Decimal::ZERO);
         let grows = grow > Decimal::ZERO || raised;
         let adjust = |quantity_delta: Decimal, price: Option<Price>| PortfolioCommand::AdjustReservation {
-            order_id: order,
+            order_id: terms.order,
             quantity_delta,
             price,
             at,
         };
+        let portfolio_id = terms.portfolio_id;
         if grows {
             let up = adjust(grow, after.filter(|_| raised));
             match self.commands.execute_portfolio(&self.context(event, "adjust-up")?, portfolio_id, up).await {
                 Ok(_) => {}
-                Err(CommandError::Portfolio(refusal)) => return self.reject_amend(event, order, &refusal).await,
+                Err(CommandError::Portfolio(refusal)) => {
+                    return self.reject_amend(event, terms.order, request, &refusal).await
+                }
                 Err(error) => return Err(error.into()),
             }
         }
-        let confirm = OrderCommand::ConfirmAmend { protection_price: protection, confirmed_at: at };
-        match self.commands.execute_order(&self.context(event, "confirm-amend")?, order, confirm).await {
-            Ok(_) => {}
+        let confirm =
+            OrderCommand::ConfirmAmend { request, protection_price: terms.protection_price, confirmed_at: at };
+        match self.commands.execute_order(&self.context(event, "confirm-amend")?, terms.order, confirm).await {
+            Ok(_) => Ok(()),
             Err(CommandError::Order(refusal)) => {
                 if grows {
                     let undo = adjust(-grow, before.filter(|_| raised));
                     self.commands.execute_portfolio(&self.context(event, "adjust-undo")?, portfolio_id, undo).await?;
                 }
-                return self.reject_amend(event, order, &refusal).await;
+                self.reject_amend(event, terms.order, request, &refusal).await
             }
-            Err(error) => return Err(error.into()),
+            Err(error) => Err(error.into()),
         }
-        let shrink = quantity_delta.min(Decimal::ZERO);
+    }
+
+    /// On `OrderAmended`: gives back what the amendment shrank (fewer units, a lower buy price).
+    async fn give_back(&self, event: &RecordedEvent, terms: AmendTerms) -> Result<(), StepError> {
+        let (before, after) = terms.reservation_prices();
+        let lowered = matches!((before, after), (Some(before), Some(after)) if after < before);
+        let shrink = terms.quantity_delta.min(Decimal::ZERO);
         if shrink < Decimal::ZERO || lowered {
-            let down = adjust(shrink, after.filter(|_| lowered));
-            self.commands.execute_portfolio(&self.context(event, "adjust-down")?, portfolio_id, down).await?;
+            let down = PortfolioCommand::AdjustReservation {
+                order_id: terms.order,
+                quantity_delta: shrink,
+                price: after.filter(|_| lowered),
+                at: self.commands.clock().now(),
+            };
+            self.commands.execute_portfolio(&self.context(event, "adjust-down")?, terms.portfolio_id, down).await?;
         }
         Ok(())
     }
@@ -554,6 +610,7 @@ impl ProcessManager {
         &self,
         event: &RecordedEvent,
         order: OrderId,
+        request: u32,
         why: &(dyn std::fmt::Display + Sync),
     ) -> Result<(), StepError> {
         let mut text = why.to_string();
@@ -562,9 +619,12 @@ impl ProcessManager {
         }
         let reason = FreeText::new("reason", text)
             .map_err(|e| StepError::Permanent { code: "INVALID_REASON".into(), message: e.to_string() })?;
-        let command = OrderCommand::RejectAmend { reason, rejected_at: self.commands.clock().now() };
-        self.commands.execute_order(&self.context(event, "reject-amend")?, order, command).await?;
-        Ok(())
+        let command = OrderCommand::RejectAmend { request, reason, rejected_at: self.commands.clock().now() };
+        match self.commands.execute_order(&self.context(event, "reject-amend")?, order, command).await {
+            // Already decided (a step run again after a crash): nothing left to do.
+            Ok(_) | Err(CommandError::Order(OrderError::NoAmendPending)) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// Gives back what the portfolio still reserves for a canceled or expired order.

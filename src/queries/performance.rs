@@ -24,6 +24,10 @@ pub const POINTS_MAX: usize = 2_000;
 pub const POINTS_DEFAULT: i32 = 500;
 /// Most times equity is evaluated at for one answer (points plus deposits and withdrawals inside the period).
 pub const EVALUATIONS_MAX: usize = 20_000;
+/// Most deposits, withdrawals and fills inside one period.
+pub const PERIOD_FLOWS_MAX: usize = 100_000;
+/// Most (time, symbol) prices looked up for one answer.
+pub const PRICE_LOOKUPS_MAX: usize = 200_000;
 /// Decimal places of the returns and the drawdown.
 pub const RATIO_SCALE: u32 = 8;
 
@@ -121,21 +125,44 @@ pub async fn performance(
     now: DateTime<Utc>,
 ) -> Result<Option<Performance>, PerformanceError> {
     let to = to.unwrap_or(now);
+    let first: Option<DateTime<Utc>> =
+        sqlx::query_scalar("select min(at) from rm_portfolio_flows where portfolio_id = $1 and at <= $2")
+            .bind(portfolio_id)
+            .bind(to)
+            .fetch_one(pool)
+            .await?;
+    let Some(first) = first else { return Ok(None) };
+    let from = from.unwrap_or_else(|| (to - interval.step() * POINTS_DEFAULT).max(first));
+    let grid = grid(from, to, interval)?;
+    // The portfolio at `from`, summed in the database; then the flows of the period one by one.
+    let start = Holdings::at(pool, portfolio_id, from).await?;
     let flows: Vec<FlowRow> = sqlx::query_as(
         "select at, cash_delta, deposit_delta, symbol, quantity_delta, price from rm_portfolio_flows
-          where portfolio_id = $1 and at <= $2 order by at, sequence",
+          where portfolio_id = $1 and at > $2 and at <= $3 order by at, sequence limit $4",
     )
     .bind(portfolio_id)
+    .bind(from)
     .bind(to)
+    .bind(PERIOD_FLOWS_MAX as i64 + 1)
     .fetch_all(pool)
     .await?;
-    let Some(first) = flows.first() else { return Ok(None) };
-    let from = from.unwrap_or_else(|| (to - interval.step() * POINTS_DEFAULT).max(first.at));
-    let grid = grid(from, to, interval)?;
+    if flows.len() > PERIOD_FLOWS_MAX {
+        return Err(PerformanceError::Invalid(format!(
+            "more than {PERIOD_FLOWS_MAX} deposits, withdrawals and fills in the period: shorten it"
+        )));
+    }
     let times = evaluation_times(&grid, &flows, from, to)?;
-    let mut symbols: Vec<String> = flows.iter().filter_map(|f| f.symbol.clone()).collect();
+    let mut symbols: Vec<String> = start.held().chain(flows.iter().filter_map(|f| f.symbol.clone())).collect();
     symbols.sort();
     symbols.dedup();
+    if times.len().saturating_mul(symbols.len()) > PRICE_LOOKUPS_MAX {
+        return Err(PerformanceError::Invalid(format!(
+            "{} times × {} symbols: at most {PRICE_LOOKUPS_MAX} prices per answer (shorten the period or widen the \
+             interval)",
+            times.len(),
+            symbols.len()
+        )));
+    }
     let rows: Vec<(i64, String, Decimal, DateTime<Utc>)> = sqlx::query_as(
         "select e.i, s.symbol, b.close, b.closed_at
            from unnest($1::timestamptz[]) with ordinality as e(t, i)
@@ -153,7 +180,7 @@ pub async fn performance(
     for (index, symbol, close, closed_at) in rows {
         bars.insert((index as usize - 1, symbol), (close, closed_at));
     }
-    Ok(Some(compute(&flows, &grid, &times, &bars, from, to)))
+    Ok(Some(compute(start, &flows, &grid, &times, &bars, from, to)))
 }
 
 /// `from`, then every `interval` after it, and `to`.
@@ -162,8 +189,8 @@ fn grid(from: DateTime<Utc>, to: DateTime<Utc>, interval: Interval) -> Result<Ve
         return Err(PerformanceError::Invalid(format!("from ({from}) is after to ({to})")));
     }
     let step = interval.step();
-    let (span, seconds) = ((to - from).num_seconds(), step.num_seconds());
-    let count = (span + seconds - 1) / seconds + 1;
+    let (span, nanos) = ((to - from).num_nanoseconds().unwrap_or(i64::MAX), step.num_nanoseconds().unwrap_or(1));
+    let count = span / nanos + i64::from(span % nanos != 0) + 1;
     if count as usize > POINTS_MAX {
         return Err(PerformanceError::Invalid(format!(
             "{count} points: at most {POINTS_MAX} per answer (shorten the period or widen the interval)"
@@ -195,8 +222,8 @@ fn evaluation_times(
 }
 
 /// The portfolio as the flows up to a time make it.
-#[derive(Default)]
-struct Holdings {
+#[derive(Debug, Default)]
+pub struct Holdings {
     cash: Decimal,
     net_deposits: Decimal,
     /// Per symbol: quantity and the last fill's price and time.
@@ -204,6 +231,42 @@ struct Holdings {
 }
 
 impl Holdings {
+    /// The portfolio at `at`: every flow up to it, summed in the database.
+    pub async fn at(pool: &PgPool, portfolio_id: Uuid, at: DateTime<Utc>) -> Result<Holdings, sqlx::Error> {
+        let (cash, net_deposits): (Option<Decimal>, Option<Decimal>) = sqlx::query_as(
+            "select sum(cash_delta), sum(deposit_delta) from rm_portfolio_flows where portfolio_id = $1 and at <= $2",
+        )
+        .bind(portfolio_id)
+        .bind(at)
+        .fetch_one(pool)
+        .await?;
+        let positions: Vec<(String, Decimal, Decimal, DateTime<Utc>)> = sqlx::query_as(
+            "select symbol, sum(quantity_delta), (array_agg(price order by at desc, sequence desc))[1], max(at)
+               from rm_portfolio_flows where portfolio_id = $1 and at <= $2 and symbol is not null group by symbol",
+        )
+        .bind(portfolio_id)
+        .bind(at)
+        .fetch_all(pool)
+        .await?;
+        Ok(Holdings {
+            cash: cash.unwrap_or_default(),
+            net_deposits: net_deposits.unwrap_or_default(),
+            positions: positions.into_iter().map(|(symbol, q, price, at)| (symbol, (q, price, at))).collect(),
+        })
+    }
+
+    /// The flows folded, in order.
+    pub fn of<'a>(flows: impl IntoIterator<Item = &'a FlowRow>) -> Holdings {
+        let mut holdings = Holdings::default();
+        flows.into_iter().for_each(|flow| holdings.apply(flow));
+        holdings
+    }
+
+    /// The symbols held (a quantity other than zero).
+    fn held(&self) -> impl Iterator<Item = String> + '_ {
+        self.positions.iter().filter(|(_, (quantity, ..))| !quantity.is_zero()).map(|(symbol, _)| symbol.clone())
+    }
+
     fn apply(&mut self, flow: &FlowRow) {
         self.cash += flow.cash_delta;
         self.net_deposits += flow.deposit_delta;
@@ -234,9 +297,10 @@ fn ratio(value: Decimal) -> Decimal {
     value.round_dp_with_strategy(RATIO_SCALE, RoundingStrategy::MidpointNearestEven).normalize()
 }
 
-/// The curve and the figures from flows sorted by time, the grid, the evaluation times (the grid and the
-/// flows' times, sorted) and the bar prices at each evaluation time.
+/// The curve and the figures from the portfolio at `from` (`start`), the flows after it sorted by time, the
+/// grid, the evaluation times (the grid and the flows' times, sorted) and the bar prices at each of them.
 pub fn compute(
+    start: Holdings,
     flows: &[FlowRow],
     grid: &[DateTime<Utc>],
     times: &[DateTime<Utc>],
@@ -244,13 +308,13 @@ pub fn compute(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Performance {
-    let mut holdings = Holdings::default();
+    let mut holdings = start;
     let mut next = 0;
     let mut points = Vec::with_capacity(grid.len());
     let mut grid_at = grid.iter().peekable();
     // Time-weighted index: the product of (equity − flows) / previous equity between evaluations.
     let (mut index, mut peak, mut max_drawdown) = (Decimal::ONE, Decimal::ONE, Decimal::ZERO);
-    let mut invested = false;
+    let (mut invested, mut overflowed) = (false, false);
     let mut previous: Option<Decimal> = None;
     let mut cash_flows: Vec<(DateTime<Utc>, f64)> = Vec::new();
     let (mut start_equity, mut end_equity, mut net_flows) = (Decimal::ZERO, Decimal::ZERO, Decimal::ZERO);
@@ -277,11 +341,17 @@ pub fn compute(
                 if !flowed.is_zero() {
                     cash_flows.push((*t, -flowed.to_f64().unwrap_or_default()));
                 }
-                if before > Decimal::ZERO {
+                if before > Decimal::ZERO && !overflowed {
                     invested = true;
-                    index *= (equity - flowed) / before;
+                    // A tiny equity before a sub-period can make the factor huge: no figure rather than a panic.
+                    match (equity - flowed).checked_div(before).and_then(|factor| index.checked_mul(factor)) {
+                        Some(next) => index = next,
+                        None => overflowed = true,
+                    }
                     peak = peak.max(index);
-                    max_drawdown = max_drawdown.max((peak - index) / peak);
+                    if peak > Decimal::ZERO {
+                        max_drawdown = max_drawdown.max((peak - index) / peak);
+                    }
                 }
             }
         }
@@ -309,7 +379,7 @@ pub fn compute(
         start_equity,
         end_equity,
         net_flows,
-        time_weighted_return: invested.then(|| ratio(index - Decimal::ONE)),
+        time_weighted_return: (invested && !overflowed).then(|| ratio(index - Decimal::ONE)),
         money_weighted_return: xirr(&cash_flows).and_then(Decimal::from_f64).map(ratio),
         max_drawdown: ratio(max_drawdown),
     }
@@ -411,7 +481,8 @@ mod tests {
         let (from, to) = (day("2021-01-01"), day("2023-01-01"));
         let grid = grid(from, to, Interval::Day).unwrap();
         assert_eq!(grid.len(), 731);
-        let times = evaluation_times(&grid, &flows, from, to).unwrap();
+        let (before, period): (Vec<_>, Vec<_>) = flows.into_iter().partition(|f| f.at <= from);
+        let times = evaluation_times(&grid, &period, from, to).unwrap();
         assert_eq!(times, grid, "the deposit inside the period is on a grid point");
         // The market: 80 from mid-2021, 110 at the turn of the year, 121 at the end.
         let mut bars = HashMap::new();
@@ -429,7 +500,7 @@ mod tests {
                 bars.insert((i, "ACME".to_string()), price);
             }
         }
-        let performance = compute(&flows, &grid, &times, &bars, from, to);
+        let performance = compute(Holdings::of(&before), &period, &grid, &times, &bars, from, to);
         assert_eq!(performance.start_equity, dec("1000"));
         assert_eq!(performance.end_equity, dec("2420"));
         assert_eq!(performance.net_flows, dec("1100"));
@@ -448,7 +519,7 @@ mod tests {
         let flows = vec![cash("2021-01-01", "0")];
         let (from, to) = (day("2021-01-01"), day("2021-01-03"));
         let grid = grid(from, to, Interval::Day).unwrap();
-        let performance = compute(&flows, &grid, &grid, &HashMap::new(), from, to);
+        let performance = compute(Holdings::of(&flows), &[], &grid, &grid, &HashMap::new(), from, to);
         assert_eq!(performance.time_weighted_return, None);
         assert_eq!(performance.money_weighted_return, None);
         assert_eq!(performance.max_drawdown, Decimal::ZERO);

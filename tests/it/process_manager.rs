@@ -498,3 +498,49 @@ async fn an_amendment_resizes_the_reservation_before_it_takes_effect_or_is_turne
     pm.stop().await;
     db.drop().await;
 }
+
+/// The events after `reader`'s position, handed to the process manager as one batch each call.
+async fn next_events(reader: &mut ledger::log::LogReader) -> Vec<ledger::log::RecordedEvent> {
+    reader.read_batch().await.unwrap()
+}
+
+/// A lower limit is given back on `OrderAmended`, after the fills recorded under the old terms are booked, not
+/// on the request: in between, the cash still covers those fills (none of it is free to withdraw or reserve).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lower_price_is_given_back_only_after_the_fills_under_the_old_terms_are_booked() {
+    let db = TestDb::new().await;
+    let commands = db.commands();
+    let manager = ProcessManager::new(commands.clone(), ProcessConfig::default());
+    let mut reader = ledger::log::LogReader::new(db.pool.clone(), ledger::log::LogPosition::START);
+    let portfolio = open_portfolio(&commands, "1010", CostBasisMethod::Fifo).await;
+    let (order_id, place_cmd) = place(portfolio, "ACME", Side::Buy, "10", Some("100"));
+    commands.execute_order(&ctx(), order_id, place_cmd).await.unwrap();
+    let cancel = CancellationToken::new();
+    // Placement: reserved 1010 and accepted (then the reservation and acceptance, which need no step).
+    assert!(manager.handle_batch(next_events(&mut reader).await, &cancel).await);
+    assert_eq!(order_state(&commands, order_id).await.status, OrderStatus::New);
+    assert!(manager.handle_batch(next_events(&mut reader).await, &cancel).await);
+    assert_eq!(reservation(&commands, portfolio, order_id).await, Some((dec("10"), dec("1010"))));
+
+    // The trader lowers the limit to 90; the broker reports 5 filled at 100 under the old terms.
+    commands.execute_order(&ctx(), order_id, amend(None, Some("90"))).await.unwrap();
+    commands.execute_order(&ctx(), order_id, fill("b1", "5", "100", "0")).await.unwrap();
+    let events = next_events(&mut reader).await;
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, ["OrderAmendRequested", "ExecutionRecorded"]);
+    let (request, fill_event) = (events[0].clone(), events[1].clone());
+
+    // The request alone: confirmed, and nothing given back yet.
+    assert!(manager.handle_batch(vec![request], &cancel).await);
+    assert_eq!(order_state(&commands, order_id).await.amendments, 1);
+    assert_eq!(reservation(&commands, portfolio, order_id).await, Some((dec("10"), dec("1010"))));
+    // The fill (booked against the old reservation: 505 released for 500), then the amendment: 5 open at 90.
+    assert!(manager.handle_batch(vec![fill_event], &cancel).await);
+    let amended = next_events(&mut reader).await;
+    assert_eq!(amended.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>(), ["OrderAmended", "ExecutionApplied"]);
+    assert!(manager.handle_batch(amended, &cancel).await);
+    assert_eq!(reservation(&commands, portfolio, order_id).await, Some((dec("5"), dec("454.5"))));
+    let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
+    assert_eq!((state.cash, state.deficit()), (dec("510"), dec("0")));
+    db.drop().await;
+}

@@ -65,12 +65,23 @@ pub struct Order {
     /// When a stop order was triggered, and at which price.
     #[serde(default)]
     pub triggered: Option<(DateTime<Utc>, Price)>,
-    /// The terms an amendment asks for while it is pending: quantity and type.
+    /// The amendment pending, if one is.
     #[serde(default)]
-    pub pending_amend: Option<(Decimal, OrderType)>,
+    pub pending_amend: Option<PendingAmend>,
+    /// Amendments requested so far (the last request's number).
+    #[serde(default)]
+    pub amend_requests: u32,
     /// Amendments that took effect (the terms' version).
     #[serde(default)]
     pub amendments: u32,
+}
+
+/// An amendment requested and not decided yet: its number and the terms it asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PendingAmend {
+    pub request: u32,
+    pub quantity: Decimal,
+    pub order_type: OrderType,
 }
 
 impl Order {
@@ -263,6 +274,7 @@ impl Order {
         }
         Ok(OrderEvent::OrderAmendRequested {
             portfolio_id: terms.portfolio_id,
+            request: self.amend_requests + 1,
             symbol: terms.symbol.clone(),
             side: terms.side,
             quantity: Quantity::new(new_quantity).map_err(|e| OrderError::InvariantViolated(e.to_string()))?,
@@ -274,23 +286,38 @@ impl Order {
         })
     }
 
+    /// The pending amendment numbered `request` (refused if another one, or none, is pending).
+    fn pending(&self, request: u32) -> Result<PendingAmend, OrderError> {
+        self.pending_amend.filter(|pending| pending.request == request).ok_or(OrderError::NoAmendPending)
+    }
+
     fn confirm_amend(
         &self,
+        request: u32,
         protection_price: Option<Price>,
         confirmed_at: DateTime<Utc>,
     ) -> Result<OrderEvent, OrderError> {
         let terms = self.live_terms()?;
-        let Some((quantity, order_type)) = self.pending_amend else { return Err(OrderError::NoAmendPending) };
-        // Fills under the old terms may have come in since the request.
+        let PendingAmend { quantity, order_type, .. } = self.pending(request)?;
+        // Fills under the old terms may have come in since the request, and a trigger may have too.
         if quantity <= self.cum_quantity {
             return Err(OrderError::AmendBelowFilled { quantity, filled: self.cum_quantity });
         }
+        if self.triggered.is_some() && order_type.stop_price() != terms.order_type.stop_price() {
+            let what = "stop price once triggered";
+            return Err(OrderError::AmendNotApplicable { order_type: terms.order_type.as_str(), what });
+        }
         Ok(OrderEvent::OrderAmended {
             portfolio_id: terms.portfolio_id,
+            request,
+            side: terms.side,
             quantity: Quantity::new(quantity).map_err(|e| OrderError::InvariantViolated(e.to_string()))?,
             order_type,
             protection_price: if order_type.is_protected() { protection_price.or(self.protection_price) } else { None },
             leaves_quantity: quantity - self.cum_quantity,
+            previous_quantity: terms.quantity,
+            previous_order_type: terms.order_type,
+            previous_protection_price: self.protection_price,
             version: self.amendments + 1,
             amended_at: confirmed_at,
         })
@@ -339,20 +366,15 @@ impl Order {
             OrderCommand::AmendOrder { quantity, limit_price, stop_price, requested_at } => {
                 self.amend(quantity, limit_price, stop_price, requested_at, services)
             }
-            OrderCommand::ConfirmAmend { protection_price, confirmed_at } => {
-                self.confirm_amend(protection_price, confirmed_at)
+            OrderCommand::ConfirmAmend { request, protection_price, confirmed_at } => {
+                self.confirm_amend(request, protection_price, confirmed_at)
             }
-            OrderCommand::RejectAmend { reason, rejected_at } => {
+            OrderCommand::RejectAmend { request, reason, rejected_at } => {
                 // Also once the order is done: a pending request is closed either way.
                 let terms = self.terms.as_ref().ok_or(OrderError::NotFound)?;
-                if self.pending_amend.is_none() {
-                    return Err(OrderError::NoAmendPending);
-                }
-                Ok(OrderEvent::OrderAmendRejected {
-                    portfolio_id: terms.portfolio_id,
-                    reason: reason.into(),
-                    rejected_at,
-                })
+                self.pending(request)?;
+                let portfolio_id = terms.portfolio_id;
+                Ok(OrderEvent::OrderAmendRejected { portfolio_id, request, reason: reason.into(), rejected_at })
             }
             OrderCommand::RecordExecution(cmd) => self.execute(cmd),
             OrderCommand::CancelOrder { reason, canceled_at } => {
@@ -436,8 +458,9 @@ impl Aggregate for Order {
                 self.leaves_quantity = Decimal::ZERO;
                 self.updated_at = Some(rejected_at);
             }
-            OrderEvent::OrderAmendRequested { quantity, order_type, requested_at, .. } => {
-                self.pending_amend = Some((quantity.value(), order_type));
+            OrderEvent::OrderAmendRequested { request, quantity, order_type, requested_at, .. } => {
+                self.pending_amend = Some(PendingAmend { request, quantity: quantity.value(), order_type });
+                self.amend_requests = request;
                 self.updated_at = Some(requested_at);
             }
             OrderEvent::OrderAmended {

@@ -73,11 +73,14 @@ pub enum OrderCommand {
     /// The reservation covers the requested amendment: apply it. `protection_price` is the new bound of a
     /// market or stop order (ignored for the others).
     ConfirmAmend {
+        /// The request answered (`OrderAmendRequested.request`): refused if another one is pending.
+        request: u32,
         protection_price: Option<Price>,
         confirmed_at: DateTime<Utc>,
     },
     /// The requested amendment does not take effect (e.g. the portfolio cannot cover it).
     RejectAmend {
+        request: u32,
         reason: FreeText,
         rejected_at: DateTime<Utc>,
     },

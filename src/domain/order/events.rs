@@ -64,6 +64,8 @@ pub enum OrderEvent {
     /// `OrderAmended` (or `OrderAmendRejected`).
     OrderAmendRequested {
         portfolio_id: PortfolioId,
+        /// The order's request number (1, 2, …): what `ConfirmAmend` and `RejectAmend` answer.
+        request: u32,
         symbol: Symbol,
         side: Side,
         quantity: Quantity,
@@ -74,19 +76,26 @@ pub enum OrderEvent {
         previous_protection_price: Option<Price>,
         requested_at: DateTime<Utc>,
     },
-    /// The amendment took effect: the order's terms are now these (a new version of the order).
+    /// The amendment took effect: the order's terms are now these (a new version of the order), and were the
+    /// `previous_…` ones until now.
     OrderAmended {
         portfolio_id: PortfolioId,
+        request: u32,
+        side: Side,
         quantity: Quantity,
         order_type: OrderType,
         protection_price: Option<Price>,
         leaves_quantity: Decimal,
+        previous_quantity: Decimal,
+        previous_order_type: OrderType,
+        previous_protection_price: Option<Price>,
         /// 1 for the first amendment, then 2, …
         version: u32,
         amended_at: DateTime<Utc>,
     },
     OrderAmendRejected {
         portfolio_id: PortfolioId,
+        request: u32,
         reason: String,
         rejected_at: DateTime<Utc>,
     },

@@ -15,7 +15,7 @@ mod aggregate;
 mod commands;
 mod events;
 
-pub use aggregate::{Order, OrderServices};
+pub use aggregate::{Order, OrderServices, PendingAmend};
 pub use commands::{OrderCommand, PlaceOrder, RecordExecution, TickRef};
 pub use events::{OrderEvent, ORDER_EVENT_VERSION};
 

@@ -914,6 +914,7 @@ fn amend(qty: Option<Decimal>, limit_price: Option<Decimal>, stop_price: Option<
 fn amend_requested(qty: Decimal, order_type: OrderType, previous_quantity: Decimal, previous: OrderType) -> OrderEvent {
     OrderEvent::OrderAmendRequested {
         portfolio_id: portfolio_id(),
+        request: 1,
         symbol: aapl(),
         side: Side::Buy,
         quantity: quantity(qty),
@@ -926,7 +927,7 @@ fn amend_requested(qty: Decimal, order_type: OrderType, previous_quantity: Decim
 }
 
 fn confirm_amend() -> OrderCommand {
-    OrderCommand::ConfirmAmend { protection_price: None, confirmed_at: at(6) }
+    OrderCommand::ConfirmAmend { request: 1, protection_price: None, confirmed_at: at(6) }
 }
 
 /// A limit buy of 10 at 100, accepted, 4 filled at 99.
@@ -949,13 +950,23 @@ fn an_amendment_is_requested_then_confirmed_as_a_new_version() {
     let pending = [partly_filled_limit_buy(), vec![request.clone()]].concat();
     framework().given(pending.clone()).when(confirm_amend()).then_expect_events(vec![OrderEvent::OrderAmended {
         portfolio_id: portfolio_id(),
+        request: 1,
+        side: Side::Buy,
         quantity: quantity(dec!(15)),
         order_type: limit(dec!(101)),
         protection_price: None,
         leaves_quantity: dec!(11),
+        previous_quantity: dec!(10),
+        previous_order_type: limit(dec!(100)),
+        previous_protection_price: None,
         version: 1,
         amended_at: at(6),
     }]);
+    // A confirmation answers its own request only (a step run again after another request was made).
+    framework()
+        .given(pending.clone())
+        .when(OrderCommand::ConfirmAmend { request: 2, protection_price: None, confirmed_at: at(6) })
+        .then_expect_error(OrderError::NoAmendPending);
     // While pending: a second request is refused; fills follow the old terms (the limit is still 100).
     framework()
         .given(pending.clone())
@@ -992,13 +1003,15 @@ fn an_amendment_at_or_below_the_filled_quantity_is_refused_also_when_fills_came_
         .when(confirm_amend())
         .then_expect_error(OrderError::AmendBelowFilled { quantity: dec!(5), filled: dec!(6) });
     let reason = FreeText::new("reason", "filled meanwhile").unwrap();
-    framework().given(history).when(OrderCommand::RejectAmend { reason, rejected_at: at(6) }).then_expect_events(vec![
-        OrderEvent::OrderAmendRejected {
+    framework()
+        .given(history)
+        .when(OrderCommand::RejectAmend { request: 1, reason, rejected_at: at(6) })
+        .then_expect_events(vec![OrderEvent::OrderAmendRejected {
             portfolio_id: portfolio_id(),
+            request: 1,
             reason: "filled meanwhile".into(),
             rejected_at: at(6),
-        },
-    ]);
+        }]);
 }
 
 #[test]
@@ -1024,4 +1037,30 @@ fn an_amendment_must_change_something_that_the_order_type_has() {
         .given(vec![placed_limit_buy(dec!(10), dec!(100)), accepted(None), canceled(dec!(10))])
         .when(amend(Some(dec!(12)), None, None))
         .then_expect_error(OrderError::Terminal { status: OrderStatus::Canceled });
+}
+
+/// A stop change requested before the stop triggered does not take effect after it did.
+#[test]
+fn a_stop_change_is_not_confirmed_once_the_order_has_triggered() {
+    let history = vec![
+        placed(Side::Buy, stop(dec!(100)), dec!(10), TimeInForce::Gtc),
+        accepted(Some(dec!(105))),
+        OrderEvent::OrderAmendRequested {
+            portfolio_id: portfolio_id(),
+            request: 1,
+            symbol: aapl(),
+            side: Side::Buy,
+            quantity: quantity(dec!(10)),
+            order_type: stop(dec!(150)),
+            previous_quantity: dec!(10),
+            previous_order_type: stop(dec!(100)),
+            previous_protection_price: Some(price(dec!(105))),
+            requested_at: at(5),
+        },
+        triggered(dec!(100), None, at(5)),
+    ];
+    framework()
+        .given(history)
+        .when(confirm_amend())
+        .then_expect_error(OrderError::AmendNotApplicable { order_type: "Stop", what: "stop price once triggered" });
 }

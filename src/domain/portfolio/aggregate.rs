@@ -239,13 +239,21 @@ impl Portfolio {
                 let price = price.or(reservation.price);
                 // The cash per unit and price stays what it was (the fee allowance included), rounded up;
                 // multiplied out before dividing, so that exact proportions stay exact.
-                let (numerator, denominator) = match (reservation.price, price) {
+                let (after_factor, before_factor) = match (reservation.price, price) {
                     (Some(before), Some(after)) => {
-                        (reservation.cash * open_after * after.value(), reservation.open_quantity * before.value())
+                        (open_after.checked_mul(after.value()), reservation.open_quantity.checked_mul(before.value()))
                     }
-                    _ => (reservation.cash * open_after, reservation.open_quantity),
+                    _ => (Some(open_after), Some(reservation.open_quantity)),
                 };
-                let cash_after = round_up(numerator / denominator);
+                let cash_after = after_factor
+                    .zip(before_factor)
+                    .and_then(|(after, before)| reservation.cash.checked_mul(after)?.checked_div(before))
+                    .map(round_up)
+                    .filter(|cash| *cash <= crate::domain::values::MONEY_MAX)
+                    .ok_or(PortfolioError::InsufficientFunds {
+                        requested: crate::domain::values::MONEY_MAX,
+                        available: self.buying_power(),
+                    })?;
                 let delta = cash_after - reservation.cash;
                 if delta > Decimal::ZERO {
                     self.check_available(delta)?;
@@ -294,6 +302,12 @@ impl Portfolio {
     /// order has reserved.
     fn book_external(&self, fill: Fill) -> Result<Option<PortfolioEvent>, PortfolioError> {
         self.terms()?;
+        // Lots are kept in the order they were acquired (FIFO consumes the oldest first): a trade dated before
+        // the newest open lot of its symbol would be booked out of order.
+        let newest = self.positions.get(&fill.symbol).and_then(|p| p.lots.back()).map(|lot| lot.acquired_at);
+        if let Some(newest) = newest.filter(|newest| fill.executed_at < *newest) {
+            return Err(PortfolioError::BeforeNewestLot { symbol: fill.symbol, at: fill.executed_at, newest });
+        }
         if fill.side == Side::Sell {
             let available = self.positions.get(&fill.symbol).map(Position::free_quantity).unwrap_or_default();
             if fill.quantity.value() > available {

@@ -128,6 +128,8 @@ pub enum PortfolioError {
     ReservationMismatch(OrderId),
     #[error("a fill of {quantity} exceeds the order's open quantity {open}")]
     ExceedsReservation { quantity: Decimal, open: Decimal },
+    #[error("a trade of {symbol} dated {at} is older than the newest open lot ({newest}): lots are booked in order")]
+    BeforeNewestLot { symbol: Symbol, at: DateTime<Utc>, newest: DateTime<Utc> },
     #[error("alert {0} already exists")]
     AlertExists(AlertId),
     #[error("no alert {0} on this portfolio")]
@@ -155,6 +157,7 @@ impl PortfolioError {
             Self::NoReservation(_) => "NO_RESERVATION",
             Self::ReservationMismatch(_) => "RESERVATION_MISMATCH",
             Self::ExceedsReservation { .. } => "EXCEEDS_RESERVATION",
+            Self::BeforeNewestLot { .. } => "TRADE_BEFORE_NEWEST_LOT",
             Self::AlertExists(_) => "ALERT_EXISTS",
             Self::AlertNotFound(_) => "ALERT_NOT_FOUND",
             Self::AlertCanceled(_) => "ALERT_CANCELED",

@@ -1266,3 +1266,16 @@ fn a_reservation_grows_only_within_buying_power_or_free_units_and_never_to_nothi
         dec!(10),
     )]);
 }
+
+/// FIFO consumes lots in the order they were acquired: an external trade older than the newest open lot of its
+/// symbol would be booked out of order.
+#[test]
+fn an_external_trade_older_than_the_newest_lot_is_refused() {
+    let mut command = external(&external_fill(Side::Buy, "import:old", dec!(1), dec!(10), dec!(0)));
+    if let PortfolioCommand::BookExternalTrade { executed_at, .. } = &mut command {
+        *executed_at = now() - chrono::Duration::days(1);
+    }
+    framework().given(holding_ten(CostBasisMethod::Fifo)).when(command).then_expect_error(
+        PortfolioError::BeforeNewestLot { symbol: aapl(), at: now() - chrono::Duration::days(1), newest: now() },
+    );
+}
