@@ -32,6 +32,27 @@ fn start_executor(commands: Arc<CommandService>, kafka: &ledger::kafka::KafkaCon
     (running, status)
 }
 
+/// A database with the process manager running, a fresh prices topic and a portfolio holding 100,000.
+struct PaperMarket {
+    db: TestDb,
+    commands: Arc<CommandService>,
+    kafka: ledger::kafka::KafkaConfig,
+    publisher: TickPublisher,
+    pm: Running,
+    portfolio: PortfolioId,
+}
+
+async fn paper_market() -> PaperMarket {
+    let db = TestDb::new().await;
+    let commands = db.commands();
+    let kafka = fresh_config(&brokers());
+    kafka.ensure_topics().await.unwrap();
+    let publisher = TickPublisher::new(&kafka).unwrap();
+    let pm = start_process_manager(commands.clone());
+    let portfolio = open_portfolio(&commands, "100000", CostBasisMethod::Fifo).await;
+    PaperMarket { db, commands, kafka, publisher, pm, portfolio }
+}
+
 fn tick(symbol: &str, price: &str, seq: i64, volume: Option<&str>) -> Tick {
     Tick {
         version: TICK_VERSION,
@@ -85,14 +106,8 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ticks_from_kafka_fill_limit_orders_and_ioc_remainders_are_cancelled() {
-    let db = TestDb::new().await;
-    let commands = db.commands();
-    let kafka = fresh_config(&brokers());
-    kafka.ensure_topics().await.unwrap();
-    let publisher = TickPublisher::new(&kafka).unwrap();
-    let pm = start_process_manager(commands.clone());
+    let PaperMarket { db, commands, kafka, publisher, pm, portfolio } = paper_market().await;
     let (executor, status) = start_executor(commands.clone(), &kafka);
-    let portfolio = open_portfolio(&commands, "100000", CostBasisMethod::Fifo).await;
 
     // A limit buy below the market waits; a tick at its limit fills it in full at the limit.
     let patient = place_order(&commands, portfolio, Side::Buy, "10", "99", TimeInForce::Gtc).await;
@@ -203,14 +218,8 @@ async fn order_at(pool: &sqlx::PgPool, id: OrderId, sequence: i64) -> Order {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stop_is_triggered_by_a_tick_and_filled_and_a_stop_limit_never_fills_beyond_its_limit() {
-    let db = TestDb::new().await;
-    let commands = db.commands();
-    let kafka = fresh_config(&brokers());
-    kafka.ensure_topics().await.unwrap();
-    let publisher = TickPublisher::new(&kafka).unwrap();
-    let pm = start_process_manager(commands.clone());
+    let PaperMarket { db, commands, kafka, publisher, pm, portfolio } = paper_market().await;
     let (executor, status) = start_executor(commands.clone(), &kafka);
-    let portfolio = open_portfolio(&commands, "100000", CostBasisMethod::Fifo).await;
     let price_of = |p: &str| Price::new(dec(p)).unwrap();
 
     // A buy stop at 101 with the market at 100: accepted (reserved at the stop + 5 %), it waits.

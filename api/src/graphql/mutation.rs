@@ -49,6 +49,21 @@ pub(super) async fn authorize_portfolio(state: &AppState, principal: &Principal,
     }
 }
 
+/// Fails unless the caller may trade the order's portfolio: `FORBIDDEN` for a role that trades nothing, and
+/// another owner's order answers exactly like an unknown one (`ORDER_NOT_FOUND`).
+async fn authorize_order(state: &AppState, principal: &Principal, order_id: Uuid) -> Result<()> {
+    if !principal.can_trade() {
+        return Err(forbidden());
+    }
+    let (order, _) =
+        state.commands.load::<OrderAggregate>(&order_id.to_string()).await.map_err(super::errors::command)?;
+    let Some(terms) = order.terms else { return Err(order_not_found()) };
+    match portfolio_owner(state, terms.portfolio_id.0).await? {
+        Some(owner) if principal.can_trade_portfolio(&owner) => Ok(()),
+        _ => Err(order_not_found()),
+    }
+}
+
 /// What every mutation on an existing portfolio does: the caller may trade it (see [`authorize_portfolio`]),
 /// the request is keyed over `request`, `command` builds the command (its input errors answered as such), the
 /// command runs, and a refusal is answered with its code.
@@ -462,19 +477,8 @@ impl OrderMutation {
         reason: Option<String>,
         idempotency_key: String,
     ) -> Result<CommandResult> {
-        let principal = principal(ctx)?;
-        let state = state(ctx);
-        if !principal.can_trade() {
-            return Err(forbidden());
-        }
-        let (order, _) =
-            state.commands.load::<OrderAggregate>(&order_id.to_string()).await.map_err(super::errors::command)?;
-        let Some(terms) = order.terms else { return Err(order_not_found()) };
-        // Another owner's order answers like an unknown one.
-        let owner = portfolio_owner(state, terms.portfolio_id.0).await?;
-        if !owner.is_some_and(|owner| principal.can_trade_portfolio(&owner)) {
-            return Err(order_not_found());
-        }
+        let (principal, state) = (principal(ctx)?, state(ctx));
+        authorize_order(state, principal, order_id).await?;
         let ctx_command = context(ctx, principal, &idempotency_key, &("cancelOrder", order_id, &reason))?;
         let reason = FreeText::new("reason", reason.unwrap_or_else(|| "client".into())).map_err(value)?;
         let command = OrderCommand::CancelOrder { reason, canceled_at: state.clock.now() };
@@ -499,18 +503,8 @@ impl OrderMutation {
         stop_price: Option<Decimal>,
         idempotency_key: String,
     ) -> Result<CommandResult> {
-        let principal = principal(ctx)?;
-        let state = state(ctx);
-        if !principal.can_trade() {
-            return Err(forbidden());
-        }
-        let (order, _) =
-            state.commands.load::<OrderAggregate>(&order_id.to_string()).await.map_err(super::errors::command)?;
-        let Some(terms) = order.terms else { return Err(order_not_found()) };
-        let owner = portfolio_owner(state, terms.portfolio_id.0).await?;
-        if !owner.is_some_and(|owner| principal.can_trade_portfolio(&owner)) {
-            return Err(order_not_found());
-        }
+        let (principal, state) = (principal(ctx)?, state(ctx));
+        authorize_order(state, principal, order_id).await?;
         let request = ("amendOrder", order_id, quantity, limit_price, stop_price);
         let ctx_command = context(ctx, principal, &idempotency_key, &request)?;
         let command = OrderCommand::AmendOrder {
