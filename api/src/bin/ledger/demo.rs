@@ -409,14 +409,25 @@ impl Bot {
         if quantity < Decimal::ONE {
             return Ok(());
         }
-        let (order_type, time_in_force) = if rng.gen_bool(0.5) {
-            (OrderType::Market, TimeInForce::Day)
-        } else {
-            // A limit within ±0.5 % of the last price: some fill at once, some wait, some never fill.
-            let offset = Decimal::new(rng.gen_range(-50..=50), 4);
-            let limit = (last * (Decimal::ONE + offset)).round_dp(2);
-            let tif = [TimeInForce::Day, TimeInForce::Gtc, TimeInForce::Ioc][rng.gen_range(0..3)];
-            (OrderType::Limit { limit_price: Price::new(limit)? }, tif)
+        let (order_type, time_in_force) = match rng.gen_range(0..10) {
+            0..=3 => (OrderType::Market, TimeInForce::Day),
+            4..=7 => {
+                // A limit within ±0.5 % of the last price: some fill at once, some wait, some never fill.
+                let offset = Decimal::new(rng.gen_range(-50..=50), 4);
+                let limit = (last * (Decimal::ONE + offset)).round_dp(2);
+                let tif = [TimeInForce::Day, TimeInForce::Gtc, TimeInForce::Ioc][rng.gen_range(0..3)];
+                (OrderType::Limit { limit_price: Price::new(limit)? }, tif)
+            }
+            _ => {
+                // A stop 0.05–0.3 % beyond the last price (a breakout buy, a stop-loss sell): the price stream
+                // triggers some of them.
+                let offset = Decimal::new(rng.gen_range(5..=30), 4);
+                let stop = match side {
+                    Side::Buy => last * (Decimal::ONE + offset),
+                    Side::Sell => last * (Decimal::ONE - offset),
+                };
+                (OrderType::Stop { stop_price: Price::new(stop.round_dp(2))? }, TimeInForce::Day)
+            }
         };
         let order_id = OrderId::generate();
         let command = OrderCommand::PlaceOrder(PlaceOrder {
