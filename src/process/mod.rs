@@ -364,6 +364,7 @@ impl ProcessManager {
             OrderEvent::OrderAmendRequested {
                 portfolio_id,
                 request,
+                symbol,
                 side,
                 quantity,
                 order_type,
@@ -379,12 +380,9 @@ impl ProcessManager {
                     quantity_delta: quantity.value() - previous_quantity,
                     previous_order_type,
                     previous_protection_price,
-                    protection_price: self.amended_protection(
-                        side,
-                        order_type,
-                        previous_order_type,
-                        previous_protection_price,
-                    ),
+                    protection_price: self
+                        .amended_protection(side, &symbol, order_type, previous_order_type, previous_protection_price)
+                        .await?,
                     order_type,
                 };
                 self.amend(event, request, terms).await
@@ -527,23 +525,24 @@ impl ProcessManager {
         }
     }
 
-    /// The protection price an amended order will have: a stop order's follows a new stop (the stop moved by
-    /// the collar: from the event alone, so that a step run again decides the same), a market order's stays, a
-    /// limit protects the others.
-    fn amended_protection(
+    /// The protection price an amended order will have: a stop order's follows a new stop as at placement (the
+    /// stop, or the last price if already beyond it, moved by the collar), a market order's stays, a limit
+    /// protects the others.
+    async fn amended_protection(
         &self,
         side: Side,
+        symbol: &Symbol,
         order_type: OrderType,
         previous_order_type: OrderType,
         previous_protection_price: Option<Price>,
-    ) -> Option<Price> {
-        match order_type {
+    ) -> Result<Option<Price>, StepError> {
+        Ok(match order_type {
             OrderType::Stop { stop_price } if previous_order_type.stop_price() != Some(stop_price) => {
-                self.collared(stop_price.value(), side).or(previous_protection_price)
+                self.stop_protection(stop_price, symbol, side).await?.or(previous_protection_price)
             }
             order_type if order_type.is_protected() => previous_protection_price,
             _ => None,
-        }
+        })
     }
 
     /// Carries out an amendment request (`request`): what grows — more units, a higher buy price — is reserved
@@ -551,7 +550,7 @@ impl ProcessManager {
     /// when every fill under the old terms is booked). So the reservation always covers the fills the order
     /// accepts. A portfolio that cannot cover the growth turns the amendment down; if the order can no longer
     /// take it (filled, cancelled or triggered meanwhile) the growth is given back and the amendment turned down.
-    async fn amend(&self, event: &RecordedEvent, request: u32, terms: AmendTerms) -> Result<(), StepError> {
+    async fn amend(&self, event: &RecordedEvent, request: u32, mut terms: AmendTerms) -> Result<(), StepError> {
         let at = self.commands.clock().now();
         let (before, after) = terms.reservation_prices();
         let raised = matches!((before, after), (Some(before), Some(after)) if after > before);
@@ -567,6 +566,14 @@ impl ProcessManager {
         if grows {
             let up = adjust(grow, after.filter(|_| raised));
             match self.commands.execute_portfolio(&self.context(event, "adjust-up")?, portfolio_id, up).await {
+                // A growth replayed after a crash was made at its first run's price (the last price may have
+                // moved since): a market or stop buy is protected at that one.
+                Ok(outcome) if outcome.duplicate && terms.side == Side::Buy && terms.order_type.is_protected() => {
+                    if let Some(adjusted) = outcome.events.first() {
+                        terms.protection_price =
+                            self.reserved_price(adjusted.event_id).await?.or(terms.protection_price);
+                    }
+                }
                 Ok(_) => {}
                 Err(CommandError::Portfolio(refusal)) => {
                     return self.reject_amend(event, terms.order, request, &refusal).await
@@ -601,7 +608,12 @@ impl ProcessManager {
                 price: after.filter(|_| lowered),
                 at: self.commands.clock().now(),
             };
-            self.commands.execute_portfolio(&self.context(event, "adjust-down")?, terms.portfolio_id, down).await?;
+            match self.commands.execute_portfolio(&self.context(event, "adjust-down")?, terms.portfolio_id, down).await
+            {
+                // The reservation is gone (the order is done): nothing left to give back.
+                Ok(_) | Err(CommandError::Portfolio(PortfolioError::NoReservation(_))) => {}
+                Err(error) => return Err(error.into()),
+            }
         }
         Ok(())
     }
@@ -704,11 +716,12 @@ impl ProcessManager {
         Price::new(rounded).ok()
     }
 
-    /// The price basis recorded in a `FundsReserved` event.
+    /// The price basis recorded in a `FundsReserved` or `ReservationAdjusted` event.
     async fn reserved_price(&self, event_id: uuid::Uuid) -> Result<Option<Price>, StepError> {
         let event = event_by_id(self.pool(), event_id).await?;
         Ok(event.and_then(|e| match e.decode() {
             Ok(crate::domain::PortfolioEvent::FundsReserved { price, .. }) => Some(price),
+            Ok(crate::domain::PortfolioEvent::ReservationAdjusted { price, .. }) => price,
             _ => None,
         }))
     }

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{DateTime, Duration, Utc};
 use rust_decimal::prelude::{FromPrimitive, ToPrimitive};
 use rust_decimal::{Decimal, RoundingStrategy};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 /// Most points one answer holds.
@@ -125,17 +125,20 @@ pub async fn performance(
     now: DateTime<Utc>,
 ) -> Result<Option<Performance>, PerformanceError> {
     let to = to.unwrap_or(now);
+    // One snapshot for all the reads: a statement imported meanwhile is in all of them or in none.
+    let mut tx = pool.begin().await?;
+    sqlx::query("set transaction isolation level repeatable read, read only").execute(&mut *tx).await?;
     let first: Option<DateTime<Utc>> =
         sqlx::query_scalar("select min(at) from rm_portfolio_flows where portfolio_id = $1 and at <= $2")
             .bind(portfolio_id)
             .bind(to)
-            .fetch_one(pool)
+            .fetch_one(&mut *tx)
             .await?;
     let Some(first) = first else { return Ok(None) };
     let from = from.unwrap_or_else(|| (to - interval.step() * POINTS_DEFAULT).max(first));
     let grid = grid(from, to, interval)?;
     // The portfolio at `from`, summed in the database; then the flows of the period one by one.
-    let start = Holdings::at(pool, portfolio_id, from).await?;
+    let start = Holdings::at(&mut tx, portfolio_id, from).await?;
     let flows: Vec<FlowRow> = sqlx::query_as(
         "select at, cash_delta, deposit_delta, symbol, quantity_delta, price from rm_portfolio_flows
           where portfolio_id = $1 and at > $2 and at <= $3 order by at, sequence limit $4",
@@ -144,7 +147,7 @@ pub async fn performance(
     .bind(from)
     .bind(to)
     .bind(PERIOD_FLOWS_MAX as i64 + 1)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
     if flows.len() > PERIOD_FLOWS_MAX {
         return Err(PerformanceError::Invalid(format!(
@@ -174,8 +177,9 @@ pub async fn performance(
     )
     .bind(&times)
     .bind(&symbols)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     let mut bars = HashMap::with_capacity(rows.len());
     for (index, symbol, close, closed_at) in rows {
         bars.insert((index as usize - 1, symbol), (close, closed_at));
@@ -232,13 +236,13 @@ pub struct Holdings {
 
 impl Holdings {
     /// The portfolio at `at`: every flow up to it, summed in the database.
-    pub async fn at(pool: &PgPool, portfolio_id: Uuid, at: DateTime<Utc>) -> Result<Holdings, sqlx::Error> {
+    pub async fn at(conn: &mut PgConnection, portfolio_id: Uuid, at: DateTime<Utc>) -> Result<Holdings, sqlx::Error> {
         let (cash, net_deposits): (Option<Decimal>, Option<Decimal>) = sqlx::query_as(
             "select sum(cash_delta), sum(deposit_delta) from rm_portfolio_flows where portfolio_id = $1 and at <= $2",
         )
         .bind(portfolio_id)
         .bind(at)
-        .fetch_one(pool)
+        .fetch_one(&mut *conn)
         .await?;
         let positions: Vec<(String, Decimal, Decimal, DateTime<Utc>)> = sqlx::query_as(
             "select symbol, sum(quantity_delta), (array_agg(price order by at desc, sequence desc))[1], max(at)
@@ -246,7 +250,7 @@ impl Holdings {
         )
         .bind(portfolio_id)
         .bind(at)
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await?;
         Ok(Holdings {
             cash: cash.unwrap_or_default(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use ledger::commands::CommandService;
 use ledger::domain::order::{OrderRejectReason, RecordExecution, RejectCode};
 use ledger::domain::values::{ExecId, Money, OrderId, PortfolioId};
-use ledger::domain::{CostBasisMethod, Order, OrderCommand, OrderStatus, Portfolio, Side};
+use ledger::domain::{CostBasisMethod, Order, OrderCommand, OrderStatus, OrderType, Portfolio, Side};
 use ledger::process::{ProcessConfig, ProcessManager};
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
@@ -555,5 +555,40 @@ async fn a_lower_price_is_given_back_only_after_the_fills_under_the_old_terms_ar
     assert_eq!(reservation(&commands, portfolio, order_id).await, Some((dec("5"), dec("454.5"))));
     let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
     assert_eq!((state.cash, state.deficit()), (dec("510"), dec("0")));
+    db.drop().await;
+}
+
+/// An amended stop is protected as at placement: from the stop, or from the last price when the market is
+/// already beyond it — never at a price below the market that would refuse every fill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amended_stop_is_protected_from_the_last_price_when_the_market_is_beyond_its_stop() {
+    let db = TestDb::new().await;
+    let commands = db.commands();
+    set_price(&db, "ACME", "120").await;
+    let pm = start_process_manager(commands.clone());
+    let portfolio = open_portfolio(&commands, "1000", CostBasisMethod::Fifo).await;
+    let (order_id, mut place_cmd) = place(portfolio, "ACME", Side::Buy, "1", None);
+    if let OrderCommand::PlaceOrder(order) = &mut place_cmd {
+        order.order_type = OrderType::Stop { stop_price: price("130") };
+    }
+    commands.execute_order(&ctx(), order_id, place_cmd).await.unwrap();
+    let order = wait_for_status(&commands, order_id, |s| s == OrderStatus::New).await;
+    // 130 × 1.05 = 136.5, reserved with the 1 % allowance: 137.865.
+    assert_eq!(order.protection_price, Some(price("136.5")));
+    assert_eq!(reservation(&commands, portfolio, order_id).await, Some((dec("1"), dec("137.865"))));
+
+    // The stop down to 110 with the market at 120: protected at 120 × 1.05 = 126 (not 115.5), reserved 127.26.
+    let amend_stop = OrderCommand::AmendOrder {
+        quantity: None,
+        limit_price: None,
+        stop_price: Some(price("110")),
+        requested_at: chrono::Utc::now(),
+    };
+    commands.execute_order(&ctx(), order_id, amend_stop).await.unwrap();
+    wait_process_manager_idle(&db.pool).await;
+    let order = order_state(&commands, order_id).await;
+    assert_eq!((order.amendments, order.protection_price), (1, Some(price("126"))));
+    assert_eq!(reservation(&commands, portfolio, order_id).await, Some((dec("1"), dec("127.26"))));
+    pm.stop().await;
     db.drop().await;
 }
