@@ -123,6 +123,7 @@ impl Statement {
             }
             // One row per line (quoting as CSV allows, but no line breaks inside a field).
             let mut reader = csv::ReaderBuilder::new()
+                .buffer_capacity(text.len() + 1) // not the default 8 KiB per line
                 .has_headers(false)
                 .flexible(true)
                 .trim(csv::Trim::All)

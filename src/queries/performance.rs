@@ -102,6 +102,9 @@ pub enum PerformanceError {
     Database(#[from] sqlx::Error),
 }
 
+/// Per symbol, the last bar closed by each evaluation time (by its index): close and closing time.
+pub type Bars = HashMap<String, Vec<Option<(Decimal, DateTime<Utc>)>>>;
+
 /// One row of `rm_portfolio_flows`.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct FlowRow {
@@ -180,9 +183,9 @@ pub async fn performance(
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
-    let mut bars = HashMap::with_capacity(rows.len());
+    let mut bars: Bars = HashMap::with_capacity(symbols.len());
     for (index, symbol, close, closed_at) in rows {
-        bars.insert((index as usize - 1, symbol), (close, closed_at));
+        bars.entry(symbol).or_insert_with(|| vec![None; times.len()])[index as usize - 1] = Some((close, closed_at));
     }
     Ok(Some(compute(start, &flows, &grid, &times, &bars, from, to)))
 }
@@ -281,14 +284,14 @@ impl Holdings {
     }
 
     /// Σ quantity × the later of the bar price and the last fill price at evaluation `index`.
-    fn market_value(&self, index: usize, bars: &HashMap<(usize, String), (Decimal, DateTime<Utc>)>) -> Decimal {
+    fn market_value(&self, index: usize, bars: &Bars) -> Decimal {
         let mut value = Decimal::ZERO;
         for (symbol, (quantity, fill_price, filled_at)) in &self.positions {
             if quantity.is_zero() {
                 continue;
             }
-            let price = match bars.get(&(index, symbol.clone())) {
-                Some((close, closed_at)) if closed_at > filled_at => *close,
+            let price = match bars.get(symbol).and_then(|closes| closes[index]) {
+                Some((close, closed_at)) if closed_at > *filled_at => close,
                 _ => *fill_price,
             };
             value += quantity * price;
@@ -308,7 +311,7 @@ pub fn compute(
     flows: &[FlowRow],
     grid: &[DateTime<Utc>],
     times: &[DateTime<Utc>],
-    bars: &HashMap<(usize, String), (Decimal, DateTime<Utc>)>,
+    bars: &Bars,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Performance {
@@ -489,7 +492,7 @@ mod tests {
         let times = evaluation_times(&grid, &period, from, to).unwrap();
         assert_eq!(times, grid, "the deposit inside the period is on a grid point");
         // The market: 80 from mid-2021, 110 at the turn of the year, 121 at the end.
-        let mut bars = HashMap::new();
+        let mut closes = vec![None; times.len()];
         for (i, t) in times.iter().enumerate() {
             let price = if *t >= day("2023-01-01") {
                 Some((dec("121"), day("2023-01-01")))
@@ -501,9 +504,10 @@ mod tests {
                 None
             };
             if let Some(price) = price {
-                bars.insert((i, "ACME".to_string()), price);
+                closes[i] = Some(price);
             }
         }
+        let bars = HashMap::from([("ACME".to_string(), closes)]);
         let performance = compute(Holdings::of(&before), &period, &grid, &times, &bars, from, to);
         assert_eq!(performance.start_equity, dec("1000"));
         assert_eq!(performance.end_equity, dec("2420"));

@@ -49,6 +49,22 @@ pub(super) async fn authorize_portfolio(state: &AppState, principal: &Principal,
     }
 }
 
+/// Whether the caller may trade `portfolio`, as a batch's `authorize` asks it of the aggregate: a role that trades
+/// nothing is `FORBIDDEN`; another owner's portfolio (or none) answers like an unknown one.
+fn may_trade(
+    principal: &Principal,
+    portfolio: &ledger::domain::Portfolio,
+) -> Result<(), ledger::commands::CommandError> {
+    use ledger::commands::CommandError;
+    match &portfolio.terms {
+        _ if !principal.can_trade() => {
+            Err(CommandError::Refused { code: "FORBIDDEN", message: "not allowed for this token".into() })
+        }
+        Some(terms) if principal.can_trade_portfolio(terms.owner.as_str()) => Ok(()),
+        _ => Err(CommandError::Refused { code: "PORTFOLIO_NOT_FOUND", message: "no such portfolio".into() }),
+    }
+}
+
 /// Fails unless the caller may trade the order's portfolio: `FORBIDDEN` for a role that trades nothing, and
 /// another owner's order answers exactly like an unknown one (`ORDER_NOT_FOUND`).
 async fn authorize_order(state: &AppState, principal: &Principal, order_id: Uuid) -> Result<()> {
@@ -249,13 +265,7 @@ impl PortfolioMutation {
         }
         // As for single commands: a role that trades nothing is FORBIDDEN; another owner's portfolio answers
         // like an unknown one.
-        let authorize = |portfolio: &ledger::domain::Portfolio| match &portfolio.terms {
-            _ if !principal.can_trade() => {
-                Err(CommandError::Refused { code: "FORBIDDEN", message: "not allowed for this token".into() })
-            }
-            Some(terms) if principal.can_trade_portfolio(terms.owner.as_str()) => Ok(()),
-            _ => Err(CommandError::Refused { code: "PORTFOLIO_NOT_FOUND", message: "no such portfolio".into() }),
-        };
+        let authorize = |portfolio: &ledger::domain::Portfolio| may_trade(principal, portfolio);
         let command_ctx = super::command_context(ctx, principal);
         let mut answers = state
             .commands
@@ -276,16 +286,9 @@ impl PortfolioMutation {
     async fn import_statement(&self, ctx: &Context<'_>, portfolio_id: Uuid, csv: String) -> Result<ImportResult> {
         let principal = principal(ctx)?;
         let state = state(ctx);
-        authorize_portfolio(state, principal, portfolio_id).await?;
         let statement = Statement::parse(&csv, state.clock.now()).map_err(command)?;
-        // As in `cashBatch`: checked against the aggregate, again at every batch.
-        let authorize = |portfolio: &ledger::domain::Portfolio| match &portfolio.terms {
-            Some(terms) if principal.can_trade() && principal.can_trade_portfolio(terms.owner.as_str()) => Ok(()),
-            _ => Err(ledger::commands::CommandError::Refused {
-                code: "PORTFOLIO_NOT_FOUND",
-                message: "no such portfolio".into(),
-            }),
-        };
+        // As in `cashBatch`, checked against the aggregate: before the first row, then at every batch.
+        let authorize = |portfolio: &ledger::domain::Portfolio| may_trade(principal, portfolio);
         let requested = super::command_context(ctx, principal);
         let report = import(&state.commands, &requested, PortfolioId(portfolio_id), statement, authorize, |_, _| {})
             .await
