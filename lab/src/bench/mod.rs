@@ -12,6 +12,7 @@ pub mod api;
 pub mod export;
 pub mod intake;
 pub mod library;
+pub mod process;
 
 use clap::Subcommand;
 use ledger::kafka::KafkaConfig;
@@ -38,6 +39,8 @@ pub enum BenchSuite {
     Intake(IntakeArgs),
     /// Relay throughput (pre-filled log → fresh topic) and commit → acknowledgement delay. Needs KAFKA_BROKERS.
     Relay(RelayArgs),
+    /// The process manager working through a backlog: orders reserved and accepted/s, fills booked/s.
+    Process(ProcessArgs),
 }
 
 /// Runs one suite against `database_url` (and the broker of `kafka`, for the suites that need one).
@@ -53,6 +56,7 @@ pub async fn run(database_url: &str, kafka: Option<KafkaConfig>, suite: BenchSui
         BenchSuite::Valuation(args) => valuation(database_url, kafka, args).await,
         BenchSuite::Intake(args) => intake(database_url, args).await,
         BenchSuite::Relay(args) => relay(database_url, kafka, args).await,
+        BenchSuite::Process(args) => process(database_url, args).await,
     }
 }
 
@@ -397,4 +401,43 @@ async fn relay(database_url: &str, kafka: Option<&KafkaConfig>, args: RelayArgs)
         std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
     }
     Ok(())
+}
+
+/// Options of `bench process`.
+#[derive(Debug, clap::Args)]
+pub struct ProcessArgs {
+    /// Portfolios the orders are spread over.
+    #[arg(long, default_value_t = 100)]
+    pub portfolios: usize,
+    /// Limit buys placed (each reserved and accepted by the process manager).
+    #[arg(long, default_value_t = 20_000)]
+    pub orders: usize,
+    /// Executions per order (each booked by the process manager).
+    #[arg(long, default_value_t = 2)]
+    pub fills: usize,
+    /// Runs; the median of each rate is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+async fn process(database_url: &str, args: ProcessArgs) -> anyhow::Result<()> {
+    let ProcessArgs { portfolios, orders, fills, runs, output: Output { json } } = args;
+    let results = repeat(runs, || process::run(database_url, portfolios, orders, fills), process::print).await?;
+    let median = |key: fn(&process::ProcessResult) -> f64| {
+        let mut values: Vec<f64> = results.iter().map(key).collect();
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let (placements, fills_booked) = (median(|r| r.placements_per_second), median(|r| r.fills_per_second));
+    let single = reference(database_url, 1, 10, None).await;
+    println!("median: {placements:.0} orders reserved and accepted/s{}", throughput_ratio(single, placements));
+    println!("median: {fills_booked:.0} fills booked/s{}", throughput_ratio(single, fills_booked));
+    let report = serde_json::json!({
+        "runs": results,
+        "median_placements_per_second": placements,
+        "median_fills_per_second": fills_booked,
+    });
+    write_json(json, &with_reference(report, single, |p| fills_booked / p.tps))
 }
