@@ -292,7 +292,12 @@ pub async fn import(
                     PortfolioCommand::WithdrawCash { amount: *amount, reference: Some(reference.clone()), at: row.at }
                 }
             };
-            items.push(BatchItem { aggregate_id: portfolio_id.to_string(), command, idempotency: Some(idempotency) });
+            items.push(BatchItem {
+                aggregate_id: portfolio_id.to_string(),
+                command,
+                idempotency: Some(idempotency),
+                cause: None,
+            });
         }
         let answers = commands.execute_batch::<Portfolio>(&ctx, items, &authorize).await?;
         for (row, answer) in chunk.iter().zip(answers) {

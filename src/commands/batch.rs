@@ -7,7 +7,9 @@
 //! 2. The in-process locks of every aggregate touched, taken in sorted order (no deadlock with other batches
 //!    or single commands); the aggregates not in the cache loaded with one statement.
 //! 3. Each command in order against the state in memory; a refused command (or one its `authorize` check
-//!    refuses) gets its error and leaves no trace, the others see each other's effects.
+//!    refuses) gets its error and leaves no trace, the others see each other's effects. The state is copied
+//!    out of the cache once per aggregate and batch (not once per command: a portfolio with thousands of open
+//!    lots is large), and the cache takes the result when every command is decided.
 //! 4. The commands that write go to the writer together (one group commit for up to
 //!    [`super::GROUP_COMMANDS_MAX`] of them).
 //! 5. A refusal stands once the log confirms the state it was made on: a later command of the batch on the
@@ -15,6 +17,7 @@
 //!    batch found it. A command whose commit conflicted (another writer got in) runs again through
 //!    [`CommandService::execute`], as does a refusal the log does not confirm.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
@@ -31,14 +34,31 @@ use super::{CommandError, CommandOutcome, AGGREGATE_ID_LEN_MAX};
 pub const BATCH_COMMANDS_MAX: usize = 1_000;
 
 /// One command of a batch.
+#[derive(Clone)]
 pub struct BatchItem<C> {
     pub aggregate_id: String,
     pub command: C,
     pub idempotency: Option<Idempotency>,
+    /// What caused this command (correlation, causation, trace), when not the batch's: the process manager
+    /// batches steps that follow from different events. Its actor must be the batch's (the idempotency keys
+    /// are looked up under the batch's actor); its own idempotency key, if any, is ignored for `idempotency`.
+    pub cause: Option<CommandContext>,
 }
 
 type ItemResult = Result<CommandOutcome, CommandError>;
 type Reply = tokio::sync::oneshot::Receiver<Result<CommandOutcome, CommitError>>;
+
+/// An aggregate's state within a batch: as its commands so far left it, with what they added.
+struct Working<A> {
+    state: A,
+    /// Sequence and snapshot number of `state` (pending commands included).
+    sequence: i64,
+    snapshot_number: i64,
+    generation: u64,
+    /// Events and snapshots the batch handed to the writer, not yet in the cache.
+    events: i64,
+    snapshots: i64,
+}
 
 /// How an item of the batch stands after the decisions.
 enum Decided {
@@ -89,12 +109,33 @@ impl CommandService {
         }
         self.warm::<A>(&ids).await?;
 
+        // Each aggregate's state as the batch's decisions leave it; the cache takes it once they are all made (one
+        // copy of a large portfolio per batch, not one per command). Until then the in-process locks keep every
+        // other command of this process off these aggregates; a batch dropped halfway leaves the cache behind the
+        // writer, and a command decided on that conflicts at commit and is decided again on the log.
+        let mut working: HashMap<String, Option<Working<A>>> = HashMap::new();
+        let mut stopped = None;
         for (n, item) in items.iter().enumerate() {
             if decided[n].is_none() {
-                decided[n] = Some(self.decide_item::<A>(ctx, item, &authorize).await?);
+                match self.decide_item::<A>(ctx, item, &authorize, &mut working).await {
+                    Ok(decision) => decided[n] = Some(decision),
+                    Err(error) => {
+                        stopped = Some(error);
+                        break;
+                    }
+                }
+            }
+        }
+        for (id, state) in working {
+            if let Some(Working { state, generation, events, snapshots, .. }) = state.filter(|w| w.events > 0) {
+                self.cache.advance(&(A::TYPE, id), generation, state, events, snapshots);
             }
         }
         drop(guards);
+        if let Some(error) = stopped {
+            return Err(error);
+        }
+        let decided_ms = started.elapsed().as_secs_f64() * 1e3;
 
         // The writer's answers, then the refusals the log must confirm.
         let mut results: Vec<Option<ItemResult>> = (0..items.len()).map(|_| None).collect();
@@ -155,6 +196,7 @@ impl CommandService {
             commands = items.len(),
             aggregates = ids.len(),
             again = again.len(),
+            decided_ms,
             ms = started.elapsed().as_secs_f64() * 1e3,
             "batch executed"
         );
@@ -165,7 +207,7 @@ impl CommandService {
     /// Loads into the cache the aggregates of `ids` it does not hold, with one statement.
     async fn warm<A: LedgerAggregate>(&self, ids: &BTreeSet<String>) -> Result<(), CommandError> {
         let missing: Vec<String> =
-            ids.iter().filter(|id| self.cache.get::<A>(&(A::TYPE, (*id).clone())).is_none()).cloned().collect();
+            ids.iter().filter(|id| !self.cache.contains(&(A::TYPE, (*id).clone()))).cloned().collect();
         if missing.is_empty() {
             return Ok(());
         }
@@ -175,43 +217,60 @@ impl CommandService {
         Ok(())
     }
 
-    /// Decides one item on the cached state; hands what it writes to the writer.
+    /// Decides one item on its aggregate's state in `working` (taken from the cache at its first command in the
+    /// batch); hands what it writes to the writer.
     async fn decide_item<A: LedgerAggregate>(
         &self,
         ctx: &CommandContext,
         item: &BatchItem<A::Command>,
         authorize: &impl Fn(&A) -> Result<(), CommandError>,
+        working: &mut HashMap<String, Option<Working<A>>>,
     ) -> Result<Decided, CommandError> {
         let key: AggregateKey = (A::TYPE, item.aggregate_id.clone());
-        let Some((state, sequence, snapshot_number, generation)) = self.cache.get::<A>(&key) else {
-            return Ok(Decided::Again);
+        let entry = match working.entry(item.aggregate_id.clone()) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let Some((state, sequence, snapshot_number, generation)) = self.cache.get::<A>(&key) else {
+                    return Ok(Decided::Again);
+                };
+                entry.insert(Some(Working { state, sequence, snapshot_number, generation, events: 0, snapshots: 0 }))
+            }
         };
-        if let Err(error) = authorize(&state) {
+        // A refusal that left the state unknown: the aggregate's later commands go the full way.
+        let Some(current) = entry else { return Ok(Decided::Again) };
+        let (generation, sequence) = (current.generation, current.sequence);
+        if let Err(error) = authorize(&current.state) {
             return Ok(Decided::Refused { error, generation, sequence });
         }
+        // As `CommandService::decide`: `handle` applies what it decides to the state it runs on.
         let sink = EventSink::default();
-        if let Err(refusal) = state.clone().handle(item.command.clone(), A::services(self), &sink).await {
+        if let Err(refusal) = current.state.handle(item.command.clone(), A::services(self), &sink).await {
+            if !A::refusal_keeps_state(&refusal) {
+                if current.events > 0 {
+                    self.cache.invalidate(&key, generation);
+                }
+                *entry = None;
+            }
             return Ok(Decided::Refused { error: refusal.into(), generation, sequence });
         }
         let events = sink.collect().await;
         if events.is_empty() {
             return Ok(Decided::Again);
         }
-        let mut next = state;
-        for event in &events {
-            next.apply(event.clone());
-        }
         let item_ctx = item_context(ctx, item);
         let command_type = A::command_name(&item.command);
         let metadata = self.metadata(&item_ctx, command_type);
-        let decision = super::service::Decision { generation, sequence, snapshot_number, command_type };
-        let (request, reply) = self.request::<A>(&item_ctx, &key, decision, &next, events, &metadata)?;
-        let (new_events, snapshotted) = (request.events.len() as i64, request.snapshot.is_some());
-        // Queued first, then the cache takes the new state, with no await in between (see `service`).
+        let decision =
+            super::service::Decision { generation, sequence, snapshot_number: current.snapshot_number, command_type };
+        let (request, reply) = self.request::<A>(&item_ctx, &key, decision, &current.state, events, &metadata)?;
+        let (new_events, snapshots) = (request.events.len() as i64, i64::from(request.snapshot.is_some()));
         if !self.writer.submit(request).await {
             return Err(CommandError::Store("the writer stopped".into()));
         }
-        self.cache.advance(&key, generation, next, new_events, snapshotted);
+        current.sequence += new_events;
+        current.snapshot_number += snapshots;
+        current.events += new_events;
+        current.snapshots += snapshots;
         Ok(Decided::Written { generation, reply })
     }
 
@@ -277,6 +336,9 @@ impl CommandService {
             if item.aggregate_id.is_empty() || item.aggregate_id.len() > AGGREGATE_ID_LEN_MAX {
                 let error = CommandError::Invalid(format!("aggregate id must be 1 to {AGGREGATE_ID_LEN_MAX} bytes"));
                 decided[n] = Some(Decided::Answered(Err(error)));
+            } else if item.cause.as_ref().is_some_and(|cause| cause.actor != ctx.actor) {
+                let error = CommandError::Invalid("a batch item's cause must have the batch's actor".into());
+                decided[n] = Some(Decided::Answered(Err(error)));
             } else if let Some(idempotency) = &item.idempotency {
                 if seen.insert(idempotency.key.as_str()) {
                     keys.push(idempotency.key.clone());
@@ -329,8 +391,7 @@ impl CommandService {
 
 /// The context of one item: the batch's, with the item's idempotency key.
 fn item_context<C>(ctx: &CommandContext, item: &BatchItem<C>) -> CommandContext {
-    match &item.idempotency {
-        Some(idempotency) => ctx.clone().with_idempotency(idempotency.clone()),
-        None => ctx.clone(),
-    }
+    let mut item_ctx = item.cause.as_ref().unwrap_or(ctx).clone();
+    item_ctx.idempotency = item.idempotency.clone();
+    item_ctx
 }

@@ -14,7 +14,7 @@
 
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
 
@@ -32,7 +32,8 @@ pub trait Cacheable {
 }
 
 pub(super) struct Entry {
-    pub state: Box<dyn Any + Send + Sync>,
+    /// Shared, so that a reader copies it outside the lock.
+    pub state: Arc<dyn Any + Send + Sync>,
     /// Sequence of the state, pending commands included.
     pub sequence: i64,
     /// Sequence known to be in the log.
@@ -72,11 +73,20 @@ impl AggregateCache {
     }
 
     /// A copy of the cached state, its sequence, snapshot number and generation.
-    pub fn get<A: Clone + 'static>(&self, key: &AggregateKey) -> Option<(A, i64, i64, u64)> {
-        let mut guard = self.lock();
-        let entry = guard.0.get(key)?;
-        let state = entry.state.downcast_ref::<A>()?.clone();
-        Some((state, entry.sequence, entry.snapshot_number, entry.generation))
+    pub fn get<A: Clone + Send + Sync + 'static>(&self, key: &AggregateKey) -> Option<(A, i64, i64, u64)> {
+        let (state, sequence, snapshot_number, generation) = {
+            let mut guard = self.lock();
+            let entry = guard.0.get(key)?;
+            (entry.state.clone(), entry.sequence, entry.snapshot_number, entry.generation)
+        };
+        // Copied outside the lock: a large portfolio takes a while, and every command of the process needs the lock.
+        let state = state.downcast_ref::<A>()?.clone();
+        Some((state, sequence, snapshot_number, generation))
+    }
+
+    /// Whether `key` has an entry (counts as a use, like `get`), without copying its state.
+    pub fn contains(&self, key: &AggregateKey) -> bool {
+        self.lock().0.get(key).is_some()
     }
 
     /// The sequence known to be in the log, for an entry of `generation`.
@@ -95,7 +105,7 @@ impl AggregateCache {
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
         let bytes = state.approximate_bytes();
         let entry = Entry {
-            state: Box::new(state),
+            state: Arc::new(state),
             sequence,
             committed_sequence: sequence,
             snapshot_number,
@@ -112,15 +122,15 @@ impl AggregateCache {
         generation
     }
 
-    /// Records a decision of `generation`: the state after it, `events` more (pending until the writer commits
-    /// them). False when the entry is gone or reloaded meanwhile.
+    /// Records decisions of `generation`: the state after them, `events` more and `snapshots` more (pending until
+    /// the writer commits them). False when the entry is gone or reloaded meanwhile.
     pub fn advance<A: Cacheable + Send + Sync + 'static>(
         &self,
         key: &AggregateKey,
         generation: u64,
         state: A,
         events: i64,
-        snapshotted: bool,
+        snapshots: i64,
     ) -> bool {
         let mut guard = self.lock();
         let (entries, total) = &mut *guard;
@@ -128,9 +138,9 @@ impl AggregateCache {
         let bytes = state.approximate_bytes();
         *total = *total - entry.bytes + bytes;
         entry.bytes = bytes;
-        entry.state = Box::new(state);
+        entry.state = Arc::new(state);
         entry.sequence += events;
-        entry.snapshot_number += i64::from(snapshotted);
+        entry.snapshot_number += snapshots;
         true
     }
 
@@ -233,7 +243,7 @@ mod tests {
     fn entries_with_pending_commands_are_not_evicted() {
         let cache = AggregateCache::new(1, 1_000);
         let generation = cache.insert_loaded(key(0), Sized(10), 1, 0);
-        assert!(cache.advance(&key(0), generation, Sized(10), 1, false));
+        assert!(cache.advance(&key(0), generation, Sized(10), 1, 0));
         cache.insert_loaded(key(1), Sized(10), 1, 0);
         assert_eq!(cache.get::<Sized>(&key(0)).map(|e| e.1), Some(2), "kept while its command is pending");
         cache.committed(&key(0), generation, 2);
@@ -246,7 +256,7 @@ mod tests {
         let old = cache.insert_loaded(key(0), Sized(1), 1, 0);
         let new = cache.insert_loaded(key(0), Sized(1), 2, 0);
         assert_ne!(old, new);
-        assert!(!cache.advance(&key(0), old, Sized(1), 1, false));
+        assert!(!cache.advance(&key(0), old, Sized(1), 1, 0));
         cache.invalidate(&key(0), old);
         assert!(cache.get::<Sized>(&key(0)).is_some());
         cache.invalidate(&key(0), new);

@@ -26,7 +26,7 @@ use super::{CommandError, CommandOutcome, AGGREGATE_ID_LEN_MAX};
 use crate::clock::{Clock, SystemClock};
 use crate::domain::upcast::LedgerUpcaster;
 use crate::domain::values::{OrderId, PortfolioId};
-use crate::domain::{Order, OrderCommand, OrderServices, Portfolio, PortfolioCommand};
+use crate::domain::{Order, OrderCommand, OrderServices, Portfolio, PortfolioCommand, PortfolioError};
 
 /// Tuning of the command service. Every field is bounded; see the defaults for sensible values.
 #[derive(Debug, Clone)]
@@ -42,7 +42,8 @@ pub struct CommandConfig {
     /// decided and written in one transaction that holds back every other writer of `events` (see
     /// [`CommandService::attempt_exclusive`]): the last resort that guarantees progress; 0 disables it.
     pub retry_exclusive_after: u32,
-    /// Write a portfolio snapshot every this many events (0 disables snapshots).
+    /// Write a portfolio snapshot every this many events, or less often for a large one (see
+    /// [`snapshot_interval`]); 0 disables snapshots.
     pub portfolio_snapshot_every: usize,
     /// Queue commands per aggregate inside this process (see `locks`). Off only to test the retry path.
     pub serialize_in_process: bool,
@@ -71,6 +72,11 @@ pub trait LedgerAggregate:
     fn store(service: &CommandService) -> &PersistedEventStore<PostgresEventRepository, Self>;
     fn services(service: &CommandService) -> &Self::Services;
     fn command_name(command: &Self::Command) -> &'static str;
+    /// Whether a refusal of `handle` left the state it ran on as it was (a batch decides the next command of the
+    /// aggregate on it). True unless the aggregate refuses after applying its decision.
+    fn refusal_keeps_state(_error: &Self::Error) -> bool {
+        true
+    }
 }
 
 impl LedgerAggregate for Order {
@@ -97,6 +103,10 @@ impl LedgerAggregate for Portfolio {
     fn command_name(command: &PortfolioCommand) -> &'static str {
         command.name()
     }
+    /// The invariants are checked on the state with the decision applied (see `Portfolio::handle`).
+    fn refusal_keeps_state(error: &PortfolioError) -> bool {
+        !matches!(error, PortfolioError::InvariantViolated(_))
+    }
 }
 
 pub struct CommandService {
@@ -122,6 +132,22 @@ const COMMIT_WAIT_POLL_MS: u64 = 1;
 /// How long a command that wrote nothing waits for the commands decided before it on the same aggregate to
 /// reach the log, before it decides again from scratch.
 const PENDING_WAIT_MS_MAX: u64 = 5_000;
+
+/// State bytes a snapshot may cost per event it covers: a large state is snapshotted less often (see
+/// [`snapshot_interval`]).
+pub const SNAPSHOT_BYTES_PER_EVENT: usize = 4_096;
+
+/// Events between two snapshots of a state of about `bytes`: `every`, or for a large state one snapshot per
+/// `bytes / SNAPSHOT_BYTES_PER_EVENT` events. Writing a snapshot costs about its size (a portfolio with thousands
+/// of open lots is a megabyte of JSON), so this bounds what snapshots cost per event, at the price of a longer
+/// replay after the snapshot when such an aggregate is loaded (rare: it stays in the cache). 0 when `every` is 0
+/// (no snapshots).
+pub fn snapshot_interval(every: usize, bytes: usize) -> i64 {
+    if every == 0 {
+        return 0;
+    }
+    every.max(bytes / SNAPSHOT_BYTES_PER_EVENT) as i64
+}
 
 /// What a decision was made on.
 pub(super) struct Decision {
@@ -252,7 +278,7 @@ impl CommandService {
                 let mut loaded =
                     super::loader::load::<A>(&self.pool, std::slice::from_ref(&key.1), A::SNAPSHOTTED).await?;
                 let loaded = loaded.remove(&key.1).ok_or_else(|| CommandError::Store("the loader lost it".into()))?;
-                if loaded.sequence > 0 && self.cache.get::<A>(&key).is_none() {
+                if loaded.sequence > 0 && !self.cache.contains(&key) {
                     self.cache.insert_loaded(key, loaded.state.clone(), loaded.sequence, loaded.snapshot_number);
                 }
                 Ok(loaded.state)
@@ -342,14 +368,13 @@ impl CommandService {
         state: A,
         command: &A::Command,
     ) -> Result<(Vec<A::Event>, A), CommandError> {
+        // `handle` applies what it decides to the state it runs on (cqrs-es's `EventSink::write`): that is the
+        // next state. A refusal drops it with whatever it holds.
+        let mut next = state;
         let sink = EventSink::default();
-        let decided = state.clone().handle(command.clone(), A::services(self), &sink).await;
+        let decided = next.handle(command.clone(), A::services(self), &sink).await;
         let events = sink.collect().await;
         decided.map_err(Into::<CommandError>::into)?;
-        let mut next = state;
-        for event in &events {
-            next.apply(event.clone());
-        }
         Ok((events, next))
     }
 
@@ -391,7 +416,7 @@ impl CommandService {
             self.cache.invalidate(key, generation);
             return Attempted::Done(Err(CommandError::Store("the writer stopped".into())));
         }
-        self.cache.advance(key, generation, next, new_events, snapshotted);
+        self.cache.advance(key, generation, next, new_events, i64::from(snapshotted));
         drop(guard);
         self.answer(ctx, key, generation, reply.await).await
     }
@@ -484,7 +509,7 @@ impl CommandService {
     ) -> Result<(CommitRequest, tokio::sync::oneshot::Receiver<Result<CommandOutcome, CommitError>>), CommandError>
     {
         let Decision { generation, sequence, snapshot_number, command_type } = decision;
-        let every = self.config.portfolio_snapshot_every as i64;
+        let every = snapshot_interval(self.config.portfolio_snapshot_every, next.approximate_bytes());
         let after = sequence + events.len() as i64;
         let snapshot = if A::SNAPSHOTTED && every > 0 && sequence / every != after / every {
             Some((serde_json::to_value(next).map_err(CommandError::store)?, snapshot_number + 1))
@@ -682,5 +707,17 @@ fn load_error<E: std::error::Error>(error: AggregateError<E>) -> CommandError {
         | AggregateError::DeserializationError(e)
         | AggregateError::UnexpectedError(e) => CommandError::Store(e),
         other => CommandError::Store(other.to_string().into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{snapshot_interval, SNAPSHOT_BYTES_PER_EVENT};
+
+    #[test]
+    fn a_large_state_is_snapshotted_less_often_in_proportion_to_its_size() {
+        assert_eq!(snapshot_interval(50, 10_000), 50);
+        assert_eq!(snapshot_interval(50, 400 * SNAPSHOT_BYTES_PER_EVENT), 400);
+        assert_eq!(snapshot_interval(0, 400 * SNAPSHOT_BYTES_PER_EVENT), 0, "0 still disables snapshots");
     }
 }

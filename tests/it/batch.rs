@@ -26,7 +26,7 @@ fn withdraw(s: &str) -> PortfolioCommand {
 
 fn item(portfolio: PortfolioId, command: PortfolioCommand, key: Option<&str>) -> BatchItem<PortfolioCommand> {
     let idempotency = key.map(|k| Idempotency::new(k, &format!("{command:?}")).unwrap());
-    BatchItem { aggregate_id: portfolio.to_string(), command, idempotency }
+    BatchItem { aggregate_id: portfolio.to_string(), command, idempotency, cause: None }
 }
 
 fn allow(_: &Portfolio) -> Result<(), CommandError> {
@@ -102,7 +102,7 @@ async fn a_repeated_batch_answers_from_the_log_and_writes_nothing() {
         item(a, deposit("9"), Some("r1")),
         item(a, deposit("4"), Some("r3")),
         item(a, deposit("4"), Some("r3")),
-        BatchItem { aggregate_id: String::new(), command: deposit("1"), idempotency: None },
+        BatchItem { aggregate_id: String::new(), command: deposit("1"), idempotency: None, cause: None },
     ];
     let results = commands.execute_batch::<Portfolio>(&ctx(), mixed, allow).await.unwrap();
     assert_eq!(results[0].as_ref().unwrap_err().code(), "IDEMPOTENCY_KEY_REUSED");

@@ -592,3 +592,103 @@ async fn an_amended_stop_is_protected_from_the_last_price_when_the_market_is_bey
     pm.stop().await;
     db.drop().await;
 }
+
+/// A backlog on one portfolio is handled in runs (every reservation of consecutive placements in one batch, every
+/// booking of consecutive fills in another), yet as one by one: in log order (the orders the cash covers are the
+/// first ones placed), each step caused by its own event, and re-running the whole log from its start writes
+/// nothing (every step answers from its key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_on_one_portfolio_is_handled_in_runs_in_log_order_and_exactly_once() {
+    let db = TestDb::new().await;
+    let commands = db.commands();
+    // 1,000 covers 19 buys of 1 at 50 with the 1 % fee allowance (50.50 each), not 20.
+    let portfolio = open_portfolio(&commands, "1000", CostBasisMethod::Fifo).await;
+    let mut orders = Vec::new();
+    for _ in 0..30 {
+        let (order_id, command) = place(portfolio, "ACME", Side::Buy, "1", Some("50"));
+        commands.execute_order(&ctx(), order_id, command).await.unwrap();
+        orders.push(order_id);
+    }
+    let pm = start_process_manager(commands.clone());
+    for (n, order_id) in orders.iter().enumerate() {
+        let order = wait_for_status(&commands, *order_id, |s| s != OrderStatus::PendingNew).await;
+        if n < 19 {
+            assert_eq!(order.status, OrderStatus::New, "order {n} was covered");
+        } else {
+            assert_eq!(order.status, OrderStatus::Rejected, "order {n} was not covered");
+            assert_eq!(order.reject_reason.unwrap().code, RejectCode::InsufficientFunds);
+        }
+    }
+    pm.stop().await;
+
+    // Each reservation and each acceptance names the placement it follows from.
+    let misattributed: i64 = sqlx::query_scalar(
+        "select count(*) from events step
+           join events placed on placed.aggregate_id = coalesce(step.payload->'FundsReserved'->>'order_id',
+                                                                 step.aggregate_id)
+                              and placed.event_type = 'OrderPlaced'
+          where step.event_type in ('FundsReserved', 'OrderAccepted', 'OrderRejected')
+            and step.metadata->>'causation_id' is distinct from placed.event_id::text",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(misattributed, 0);
+
+    for order_id in &orders[..19] {
+        commands.execute_order(&ctx(), *order_id, fill("a", "0.4", "49", "0")).await.unwrap();
+        commands.execute_order(&ctx(), *order_id, fill("b", "0.6", "49", "0")).await.unwrap();
+    }
+    let pm = start_process_manager(commands.clone());
+    let booked = eventually(|| async {
+        let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
+        state.positions.get(&sym("ACME")).is_some_and(|p| p.quantity == dec("19"))
+    })
+    .await;
+    assert!(booked, "every fill booked");
+    pm.stop().await;
+    // Consecutive steps went as batches (the reader may split the backlog where other transactions were open,
+    // never into 68 single events).
+    assert!(commands.metrics().batches.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    let (state, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
+    assert_eq!(state.cash, dec("1000") - dec("19") * dec("49"));
+    assert_eq!(state.reserved_cash, dec("0"));
+    assert!(state.reservations.is_empty());
+
+    // From the start again: every step that wrote is answered from the command log — no order decided twice, no
+    // fill booked twice, the portfolio as it was. (A refused reservation left no key: it is decided again, and
+    // released at once if the cash it finds now covers it, as the order is already rejected.)
+    let count = || async {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from events
+              where event_type in ('OrderAccepted', 'OrderRejected', 'ExecutionApplied', 'CashDeposited')
+                 or (event_type = 'FundsReserved' and metadata->>'causation_id' in
+                       (select event_id::text from events where event_type = 'OrderPlaced'
+                          and aggregate_id in (select aggregate_id from events where event_type = 'OrderAccepted')))",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    let before = count().await;
+    assert_eq!(before, 19 + 11 + 38 + 1 + 19);
+    let head = ledger::log::newest_position(&db.pool, ledger::log::Newest::Committed).await.unwrap();
+    ledger::log::reset_cursor(&db.pool, ledger::process::PROCESS_MANAGER, ledger::log::LogPosition::START)
+        .await
+        .unwrap();
+    let pm = start_process_manager(commands.clone());
+    let replayed = eventually(|| async {
+        ledger::log::load_cursor(&db.pool, ledger::process::PROCESS_MANAGER).await.unwrap() >= head
+    })
+    .await;
+    assert!(replayed, "the process manager went through the log again");
+    pm.stop().await;
+    assert_eq!(count().await, before);
+    let (again, _) = commands.load::<Portfolio>(&portfolio.to_string()).await.unwrap();
+    assert_eq!((again.cash, again.reserved_cash), (state.cash, state.reserved_cash));
+    assert_eq!(again.positions, state.positions);
+    assert!(again.reservations.is_empty());
+    let failures: i64 = sqlx::query_scalar("select count(*) from process_failures").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(failures, 0);
+    db.drop().await;
+}

@@ -253,6 +253,7 @@ impl PortfolioMutation {
                     aggregate_id: movement.portfolio_id.to_string(),
                     command,
                     idempotency: Some(idempotency),
+                    cause: None,
                 })
             })();
             match built {

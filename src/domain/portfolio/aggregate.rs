@@ -502,18 +502,15 @@ impl Aggregate for Portfolio {
         sink: &EventSink<Self>,
     ) -> Result<(), Self::Error> {
         let Some(event) = self.decide(command)? else { return Ok(()) };
-        let mut next = self.clone();
-        next.apply(event.clone());
-        let marker = deficit_transition(self, &next, &event);
-        if let Some(marker) = &marker {
-            next.apply(marker.clone());
-        }
-        next.check_invariants()?;
-        sink.write(event, self).await;
-        if let Some(marker) = marker {
+        // Applied in place (no copy of what may be thousands of lots): a refusal by the invariants leaves `self`
+        // and the sink holding the refused decision, which the caller drops (the command service decides on a
+        // copy of its cached state and keeps it only on success).
+        let (deficit_before, in_deficit_before) = (self.deficit(), self.deficit_since.is_some());
+        sink.write(event.clone(), self).await;
+        if let Some(marker) = deficit_transition(deficit_before, in_deficit_before, self.deficit(), &event) {
             sink.write(marker, self).await;
         }
-        Ok(())
+        self.check_invariants()
     }
 
     fn apply(&mut self, event: Self::Event) {
@@ -647,8 +644,12 @@ fn round_up(value: Decimal) -> Decimal {
 
 /// The deficit marker an event calls for, from the states before and after it: `DeficitIncurred` when a fill
 /// leaves buying power negative (or more negative), `DeficitCovered` when buying power is back at zero or above.
-fn deficit_transition(before: &Portfolio, after: &Portfolio, event: &PortfolioEvent) -> Option<PortfolioEvent> {
-    let (deficit_before, deficit_after) = (before.deficit(), after.deficit());
+fn deficit_transition(
+    deficit_before: Decimal,
+    in_deficit_before: bool,
+    deficit_after: Decimal,
+    event: &PortfolioEvent,
+) -> Option<PortfolioEvent> {
     match event {
         PortfolioEvent::ExecutionApplied { order_id, exec_id, symbol, executed_at, .. }
             if deficit_after > deficit_before =>
@@ -662,7 +663,7 @@ fn deficit_transition(before: &Portfolio, after: &Portfolio, event: &PortfolioEv
                 at: *executed_at,
             })
         }
-        _ if before.deficit_since.is_some() && deficit_after.is_zero() => {
+        _ if in_deficit_before && deficit_after.is_zero() => {
             Some(PortfolioEvent::DeficitCovered { covered: deficit_before, at: event_time(event) })
         }
         _ => None,

@@ -36,7 +36,9 @@ const PRICE_SCALE: u32 = 6;
 /// Runs one command through `handle` as the command service would, and returns the events it wrote.
 fn handle(portfolio: &mut Portfolio, command: PortfolioCommand) -> Result<Vec<PortfolioEvent>, PortfolioError> {
     let sink = EventSink::default();
-    block_on(portfolio.handle(command, &(), &sink))?;
+    let mut next = portfolio.clone();
+    block_on(next.handle(command, &(), &sink))?;
+    *portfolio = next;
     Ok(block_on(sink.collect()))
 }
 
