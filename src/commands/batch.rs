@@ -16,6 +16,9 @@
 //!    same aggregate committed (a stale state would have conflicted), or the aggregate's head is where the
 //!    batch found it. A command whose commit conflicted (another writer got in) runs again through
 //!    [`CommandService::execute`], as does a refusal the log does not confirm.
+//! 6. One aggregate's commands reach the log in the batch's order: once one fails for want of the database (not
+//!    a refusal), the later ones of its aggregate are answered with a failure too, not run — a caller that runs
+//!    the batch again (every command under its key) applies them in order.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -144,6 +147,8 @@ impl CommandService {
         let mut failed: HashSet<String> = HashSet::new();
         let mut again = Vec::new();
         let mut refused = Vec::new();
+        // Per aggregate, the first command that failed for want of the database: its later ones are not run.
+        let mut broken: HashMap<String, usize> = HashMap::new();
         for (n, decision) in decided.into_iter().enumerate() {
             let key: AggregateKey = (A::TYPE, items[n].aggregate_id.clone());
             match decision {
@@ -155,6 +160,7 @@ impl CommandService {
                     }
                     Ok(Err(CommitError::Database(error))) => {
                         self.cache.invalidate(&key, generation);
+                        broken.entry(key.1.clone()).or_insert(n);
                         failed.insert(key.1);
                         results[n] = Some(Err(CommandError::store(error)));
                     }
@@ -178,12 +184,23 @@ impl CommandService {
             // Each through the full path (fresh state, retries, database lock): a failure here must not hide the
             // commands already answered.
             let item = &items[*n];
+            if let Some(first) = broken.get(&item.aggregate_id).filter(|first| **first < *n) {
+                // Run after the failed one it follows, it would reach the log before it: answered with the failure
+                // instead, so that a retry of the batch applies the aggregate's commands in order.
+                let why = format!("not run: command {first} of this batch, on the same aggregate, failed");
+                results[*n] = Some(Err(CommandError::Store(why.into())));
+                continue;
+            }
             let item_ctx = item_context(ctx, item);
             let authorized = self.load::<A>(&item.aggregate_id).await.and_then(|(state, _)| authorize(&state));
-            results[*n] = Some(match authorized {
+            let result = match authorized {
                 Ok(()) => self.execute::<A>(&item_ctx, &item.aggregate_id, item.command.clone()).await,
                 Err(refusal) => Err(refusal),
-            });
+            };
+            if result.as_ref().is_err_and(|error| !error.is_business()) {
+                broken.entry(item.aggregate_id.clone()).or_insert(*n);
+            }
+            results[*n] = Some(result);
         }
         if fell_back {
             self.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
@@ -231,6 +248,9 @@ impl CommandService {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
                 let Some((state, sequence, snapshot_number, generation)) = self.cache.get::<A>(&key) else {
+                    // Not cached (evicted since `warm`): this and the aggregate's later commands go the full way,
+                    // in order.
+                    entry.insert(None);
                     return Ok(Decided::Again);
                 };
                 entry.insert(Some(Working { state, sequence, snapshot_number, generation, events: 0, snapshots: 0 }))
@@ -262,15 +282,33 @@ impl CommandService {
         let metadata = self.metadata(&item_ctx, command_type);
         let decision =
             super::service::Decision { generation, sequence, snapshot_number: current.snapshot_number, command_type };
-        let (request, reply) = self.request::<A>(&item_ctx, &key, decision, &current.state, events, &metadata)?;
-        let (new_events, snapshots) = (request.events.len() as i64, i64::from(request.snapshot.is_some()));
-        if !self.writer.submit(request).await {
-            return Err(CommandError::Store("the writer stopped".into()));
+        let submitted = match self.request::<A>(&item_ctx, &key, decision, &current.state, events, &metadata) {
+            Ok((request, reply)) => {
+                let (new_events, snapshots) = (request.events.len() as i64, i64::from(request.snapshot.is_some()));
+                if self.writer.submit(request).await {
+                    Ok((reply, new_events, snapshots))
+                } else {
+                    Err(CommandError::Store("the writer stopped".into()))
+                }
+            }
+            Err(error) => Err(error),
+        };
+        let (reply, new_events, snapshots) = match submitted {
+            Ok(submitted) => submitted,
+            Err(error) => {
+                // The state holds a decision that will never be written: neither the cache nor a later command
+                // of the batch may use it.
+                self.cache.invalidate(&key, generation);
+                *entry = None;
+                return Err(error);
+            }
+        };
+        if let Some(current) = entry {
+            current.sequence += new_events;
+            current.snapshot_number += snapshots;
+            current.events += new_events;
+            current.snapshots += snapshots;
         }
-        current.sequence += new_events;
-        current.snapshot_number += snapshots;
-        current.events += new_events;
-        current.snapshots += snapshots;
         Ok(Decided::Written { generation, reply })
     }
 

@@ -137,16 +137,24 @@ const PENDING_WAIT_MS_MAX: u64 = 5_000;
 /// [`snapshot_interval`]).
 pub const SNAPSHOT_BYTES_PER_EVENT: usize = 4_096;
 
-/// Events between two snapshots of a state of about `bytes`: `every`, or for a large state one snapshot per
-/// `bytes / SNAPSHOT_BYTES_PER_EVENT` events. Writing a snapshot costs about its size (a portfolio with thousands
+/// Events between two snapshots of a state of about `bytes`: `every`, or for a large state `every` doubled until it
+/// reaches `bytes / SNAPSHOT_BYTES_PER_EVENT`. Writing a snapshot costs about its size (a portfolio with thousands
 /// of open lots is a megabyte of JSON), so this bounds what snapshots cost per event, at the price of a longer
-/// replay after the snapshot when such an aggregate is loaded (rare: it stays in the cache). 0 when `every` is 0
-/// (no snapshots).
+/// replay after the snapshot when such an aggregate is loaded (rare: it stays in the cache). A snapshot is due
+/// when a command's events cross a multiple of the interval; as the interval only doubles, the multiples of a
+/// longer one are multiples of the shorter ones, so a growing state is still snapshotted at least once per
+/// interval (with any other length, the next multiple could move away as fast as the state grows). 0 when
+/// `every` is 0 (no snapshots).
 pub fn snapshot_interval(every: usize, bytes: usize) -> i64 {
     if every == 0 {
         return 0;
     }
-    every.max(bytes / SNAPSHOT_BYTES_PER_EVENT) as i64
+    let wanted = bytes / SNAPSHOT_BYTES_PER_EVENT;
+    let mut interval = every;
+    while interval < wanted {
+        interval = interval.saturating_mul(2);
+    }
+    i64::try_from(interval).unwrap_or(i64::MAX)
 }
 
 /// What a decision was made on.
@@ -718,6 +726,27 @@ mod tests {
     fn a_large_state_is_snapshotted_less_often_in_proportion_to_its_size() {
         assert_eq!(snapshot_interval(50, 10_000), 50);
         assert_eq!(snapshot_interval(50, 400 * SNAPSHOT_BYTES_PER_EVENT), 400);
+        assert_eq!(snapshot_interval(50, 401 * SNAPSHOT_BYTES_PER_EVENT), 800);
         assert_eq!(snapshot_interval(0, 400 * SNAPSHOT_BYTES_PER_EVENT), 0, "0 still disables snapshots");
+    }
+
+    /// A state that grows with every event is still snapshotted once per interval: the rule the writer applies
+    /// (`sequence / every != after / every`) with the interval of the state after each command.
+    #[test]
+    fn a_growing_state_keeps_being_snapshotted() {
+        for bytes_per_event in [64, 100, 160, 320, 4_096] {
+            let mut last_snapshot = 0;
+            for sequence in 0..400_000_i64 {
+                let after = sequence + 1;
+                let every = snapshot_interval(50, 2_048 + bytes_per_event * after as usize);
+                if sequence / every != after / every {
+                    last_snapshot = after;
+                }
+                assert!(
+                    after - last_snapshot <= every,
+                    "{bytes_per_event} B/event: none since {last_snapshot} at {after}"
+                );
+            }
+        }
     }
 }

@@ -29,7 +29,9 @@
 //! (decided in order, one idempotency lookup, one group commit), then their acceptances or rejections as another;
 //! consecutive fills likewise (their bookings in one batch). Each step keeps its own key, its own cause (the
 //! event it follows from) and its own answer, so a run reads as the same steps one by one: a busy portfolio's
-//! backlog costs a few statements per run instead of a few per event (`ledger-lab bench process`).
+//! backlog costs a few statements per run instead of a few per event (`ledger-lab bench process`). One
+//! difference: an order cancelled while pending is released after the run's other reservations, not before
+//! the next one (whether that release came first was a race with the cancel anyway).
 //! An infrastructure error retries the step with backoff (the cursor does not move past it); a business
 //! refusal that should never happen (e.g. a fill the portfolio cannot book) is recorded in
 //! `process_failures` and processing continues.

@@ -269,3 +269,38 @@ async fn a_conflicting_writer_sends_the_batch_down_the_one_by_one_path() {
     assert_eq!(commands.metrics().conflicts.load(Ordering::Relaxed), 1);
     db.drop().await;
 }
+
+/// One aggregate's commands reach the log in the batch's order: when one fails for want of the database (here a
+/// trigger refuses its row), the later ones of its aggregate are answered with a failure, not run on a state
+/// without it — and the batch run again under the same keys applies them in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_database_failure_the_later_commands_of_its_aggregate_wait_for_the_batch_to_run_again() {
+    let db = TestDb::new().await;
+    let commands = db.commands();
+    let portfolio = open_portfolio(&commands, "20", CostBasisMethod::Fifo).await;
+    sqlx::raw_sql(
+        "create function refuse_13() returns trigger language plpgsql as $$
+         begin
+           if new.payload->'CashWithdrawn'->>'amount' = '13' then raise exception 'test: a row the database refuses'; end if;
+           return new;
+         end $$;
+         create trigger refuse_13 before insert on events for each row execute function refuse_13();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // The second withdrawal is refused on the state after the first (7 left); run on the state without it (20),
+    // it would go through, and the first would then be refused when the batch runs again.
+    let batch = || vec![item(portfolio, withdraw("13"), Some("k13")), item(portfolio, withdraw("10"), Some("k10"))];
+    let results = commands.execute_batch::<Portfolio>(&ctx(), batch(), allow).await.unwrap();
+    assert!(results[0].as_ref().is_err_and(|e| !e.is_business()), "{:?}", results[0]);
+    assert!(results[1].as_ref().is_err_and(|e| !e.is_business()), "ran without the first: {:?}", results[1]);
+    assert_eq!(cash(&commands, portfolio).await.0, dec("20"));
+
+    sqlx::query("drop trigger refuse_13 on events").execute(&db.pool).await.unwrap();
+    let results = commands.execute_batch::<Portfolio>(&ctx(), batch(), allow).await.unwrap();
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    assert!(matches!(results[1], Err(CommandError::Portfolio(_))), "{:?}", results[1]);
+    assert_eq!(cash(&commands, portfolio).await.0, dec("7"));
+    db.drop().await;
+}
