@@ -164,10 +164,17 @@ impl CommandService {
                         failed.insert(key.1);
                         results[n] = Some(Err(CommandError::store(error)));
                     }
-                    Ok(Err(CommitError::Conflict | CommitError::DuplicateKey)) | Err(_) => {
+                    Ok(Err(CommitError::Conflict | CommitError::DuplicateKey)) => {
                         self.cache.invalidate(&key, generation);
                         failed.insert(key.1);
                         again.push(n);
+                    }
+                    // The writer went away with it: written or not, unknown — a failure, like the database's.
+                    Err(_) => {
+                        self.cache.invalidate(&key, generation);
+                        broken.entry(key.1.clone()).or_insert(n);
+                        failed.insert(key.1);
+                        results[n] = Some(Err(CommandError::Store("the writer stopped before answering".into())));
                     }
                 },
                 Some(Decided::Refused { error, generation, sequence }) => {
@@ -180,6 +187,8 @@ impl CommandService {
         again.extend(unconfirmed);
         again.sort_unstable();
         let fell_back = !again.is_empty();
+        // Answered here without `execute` (which counts what it runs): counted with the batch.
+        let mut blocked = Vec::new();
         for n in &again {
             // Each through the full path (fresh state, retries, database lock): a failure here must not hide the
             // commands already answered.
@@ -189,6 +198,7 @@ impl CommandService {
                 // instead, so that a retry of the batch applies the aggregate's commands in order.
                 let why = format!("not run: command {first} of this batch, on the same aggregate, failed");
                 results[*n] = Some(Err(CommandError::Store(why.into())));
+                blocked.push(*n);
                 continue;
             }
             let item_ctx = item_context(ctx, item);
@@ -198,7 +208,8 @@ impl CommandService {
                 Err(refusal) => Err(refusal),
             };
             if result.as_ref().is_err_and(|error| !error.is_business()) {
-                broken.entry(item.aggregate_id.clone()).or_insert(*n);
+                // Earlier than a failure the writer reported (a refusal decided again): the new bound.
+                broken.entry(item.aggregate_id.clone()).and_modify(|first| *first = (*first).min(*n)).or_insert(*n);
             }
             results[*n] = Some(result);
         }
@@ -217,6 +228,7 @@ impl CommandService {
             ms = started.elapsed().as_secs_f64() * 1e3,
             "batch executed"
         );
+        again.retain(|n| !blocked.contains(n));
         self.count_batch(&results, &again, started.elapsed().as_secs_f64());
         Ok(results)
     }

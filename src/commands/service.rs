@@ -730,7 +730,7 @@ mod tests {
         assert_eq!(snapshot_interval(0, 400 * SNAPSHOT_BYTES_PER_EVENT), 0, "0 still disables snapshots");
     }
 
-    /// A state that grows with every event is still snapshotted once per interval: the rule the writer applies
+    /// A state that grows with every event is still snapshotted once per interval: the rule `request` applies
     /// (`sequence / every != after / every`) with the interval of the state after each command.
     #[test]
     fn a_growing_state_keeps_being_snapshotted() {

@@ -377,30 +377,11 @@ impl ProcessManager {
         let items: Result<Vec<_>, StepError> = run
             .iter()
             .map(|event| {
-                let Ok(OrderEvent::ExecutionRecorded {
-                    portfolio_id,
-                    symbol,
-                    side,
-                    exec_id,
-                    quantity,
-                    price,
-                    fee,
-                    executed_at,
-                    ..
-                }) = event.decode()
-                else {
-                    return Err(StepError::Permanent { code: "UNDECODABLE_EVENT".into(), message: String::new() });
-                };
-                let command = PortfolioCommand::ApplyExecution {
-                    order_id: parse_order_id(&event.aggregate_id)?,
-                    exec_id,
-                    symbol,
-                    side,
-                    quantity,
-                    price,
-                    fee,
-                    executed_at,
-                };
+                let fill = event.decode().map_err(|error| StepError::Permanent {
+                    code: "UNDECODABLE_EVENT".into(),
+                    message: error.to_string(),
+                })?;
+                let (portfolio_id, command) = booking(&event.aggregate_id, fill)?;
                 self.batch_item(event, "apply", portfolio_id.to_string(), command)
             })
             .collect();
@@ -616,28 +597,8 @@ impl ProcessManager {
                 let answer = self.commands.execute_order(&self.context(event, step.name())?, order, command).await;
                 self.after_order_step(event, order, portfolio_id, &step, answer).await
             }
-            OrderEvent::ExecutionRecorded {
-                portfolio_id,
-                symbol,
-                side,
-                exec_id,
-                quantity,
-                price,
-                fee,
-                executed_at,
-                ..
-            } => {
-                let order = parse_order_id(order_id)?;
-                let command = PortfolioCommand::ApplyExecution {
-                    order_id: order,
-                    exec_id,
-                    symbol,
-                    side,
-                    quantity,
-                    price,
-                    fee,
-                    executed_at,
-                };
+            fill @ OrderEvent::ExecutionRecorded { .. } => {
+                let (portfolio_id, command) = booking(order_id, fill)?;
                 self.commands.execute_portfolio(&self.context(event, "apply")?, portfolio_id, command).await?;
                 Ok(())
             }
@@ -1046,6 +1007,27 @@ impl ProcessManager {
             }
         }
     }
+}
+
+/// The booking of a fill on its portfolio: `ApplyExecution` with the fill's terms.
+fn booking(order_id: &str, fill: OrderEvent) -> Result<(PortfolioId, PortfolioCommand), StepError> {
+    let OrderEvent::ExecutionRecorded {
+        portfolio_id, symbol, side, exec_id, quantity, price, fee, executed_at, ..
+    } = fill
+    else {
+        return Err(StepError::Permanent { code: "NOT_A_FILL".into(), message: format!("{fill:?}") });
+    };
+    let command = PortfolioCommand::ApplyExecution {
+        order_id: parse_order_id(order_id)?,
+        exec_id,
+        symbol,
+        side,
+        quantity,
+        price,
+        fee,
+        executed_at,
+    };
+    Ok((portfolio_id, command))
 }
 
 fn parse_order_id(order_id: &str) -> Result<OrderId, StepError> {

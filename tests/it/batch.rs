@@ -296,6 +296,12 @@ async fn after_a_database_failure_the_later_commands_of_its_aggregate_wait_for_t
     assert!(results[0].as_ref().is_err_and(|e| !e.is_business()), "{:?}", results[0]);
     assert!(results[1].as_ref().is_err_and(|e| !e.is_business()), "ran without the first: {:?}", results[1]);
     assert_eq!(cash(&commands, portfolio).await.0, dec("20"));
+    // The same with a later command that writes: refused by the writer with its failed predecessor (in the same
+    // group or a later one), not written after it.
+    let writes = vec![item(portfolio, withdraw("13"), Some("w13")), item(portfolio, withdraw("1"), Some("w1"))];
+    let results = commands.execute_batch::<Portfolio>(&ctx(), writes, allow).await.unwrap();
+    assert!(results.iter().all(|r| r.as_ref().is_err_and(|e| !e.is_business())), "{results:?}");
+    assert_eq!(cash(&commands, portfolio).await.0, dec("20"));
 
     sqlx::query("drop trigger refuse_13 on events").execute(&db.pool).await.unwrap();
     let results = commands.execute_batch::<Portfolio>(&ctx(), batch(), allow).await.unwrap();
