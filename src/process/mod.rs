@@ -358,11 +358,10 @@ impl ProcessManager {
                     .count(),
             };
             let run = &events[start..start + length];
-            let done = match kind {
-                _ if length == 1 => self.handle_with_retry(&run[0], cancel).await,
-                RunKind::Placements => self.handle_placements(run, cancel).await,
-                RunKind::Fills => self.handle_fills(run, cancel).await,
-                RunKind::Single => unreachable!("a single event is a run of one"),
+            let done = match (kind, length) {
+                (RunKind::Placements, 2..) => self.handle_placements(run, cancel).await,
+                (RunKind::Fills, 2..) => self.handle_fills(run, cancel).await,
+                _ => self.handle_one_by_one(run, cancel).await,
             };
             if !done {
                 return false;
