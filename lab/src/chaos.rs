@@ -691,25 +691,26 @@ async fn check_topic(pool: &PgPool, kafka: &KafkaConfig) -> anyhow::Result<Strin
 
 async fn check_rebuild(pool: &PgPool) -> anyhow::Result<String> {
     let settings = ledger::projections::ProjectionSettings::default();
-    let mut differences = Vec::new();
-    let mut names = Vec::new();
-    for projection in ledger::projections::all(&settings) {
-        let report = ledger::projections::rebuild::rebuild(
-            pool,
-            projection.as_ref(),
-            ledger::projections::rebuild::RebuildMode::Verify,
-            &mut |_, _| {},
-        )
-        .await
-        .with_context(|| format!("rebuilding {}", projection.name()))?;
-        names.push(projection.name());
-        if !report.differences.is_empty() {
-            differences.push(format!("{}: {:?}", projection.name(), report.differences));
-        }
-    }
+    let projections = ledger::projections::all(&settings);
+    let together: Vec<&dyn ledger::projections::Projection> = projections.iter().map(|p| p.as_ref()).collect();
+    let reports = ledger::projections::rebuild::rebuild_together(
+        pool,
+        &together,
+        ledger::projections::rebuild::RebuildMode::Verify,
+        Default::default(),
+        &mut |_, _| {},
+    )
+    .await
+    .context("rebuilding every projection")?;
+    let differences: Vec<String> = reports
+        .iter()
+        .filter(|report| !report.differences.is_empty())
+        .map(|report| format!("{}: {:?}", report.projection, report.differences))
+        .collect();
     if !differences.is_empty() {
         bail!("{}", differences.join("; "));
     }
+    let names: Vec<&str> = reports.iter().map(|report| report.projection).collect();
     Ok(format!("{} identical", names.join(", ")))
 }
 

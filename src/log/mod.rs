@@ -178,12 +178,31 @@ pub struct RawEvent {
     pub event_version: String,
     pub payload: Box<[u8]>,
     pub recorded_at: DateTime<Utc>,
+    pub event_id: Uuid,
+    pub event_type: String,
 }
 
 impl RawEvent {
     /// The payload as the current shape of `E` (an older version upcast first; see `crate::domain::upcast`).
     pub fn decode<E: Stored>(&self) -> Result<E, serde_json::Error> {
         E::decode_stored(&self.event_version, &self.payload)
+    }
+
+    /// The event as a [`RecordedEvent`] with its payload parsed and without its metadata (null): what a
+    /// projection's `apply_events` needs during a rebuild.
+    pub fn to_recorded(&self) -> Result<RecordedEvent, serde_json::Error> {
+        Ok(RecordedEvent {
+            position: self.position,
+            event_id: self.event_id,
+            aggregate_type: self.aggregate_type.clone(),
+            aggregate_id: self.aggregate_id.clone(),
+            sequence: self.sequence,
+            event_type: self.event_type.clone(),
+            event_version: self.event_version.clone(),
+            payload: serde_json::from_slice(&self.payload)?,
+            metadata: serde_json::Value::Null,
+            recorded_at: self.recorded_at,
+        })
     }
 }
 

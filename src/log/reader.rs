@@ -24,7 +24,7 @@ pub(super) const SELECT_COLUMNS: &str = "events.transaction_id::text as transact
 
 /// The columns of a [`RawEvent`].
 const RAW_COLUMNS: &str = "events.transaction_id::text as transaction_id_text, global_position, aggregate_type,
-    aggregate_id, sequence, event_version, payload, recorded_at";
+    aggregate_id, sequence, event_version, payload, recorded_at, event_id, event_type";
 
 /// How the reader orders and bounds the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -300,6 +300,8 @@ fn decode_raw_event(row: &PgRow) -> Result<RawEvent, sqlx::Error> {
         event_version: row.try_get(5)?,
         payload: bytes.into(),
         recorded_at: row.try_get(7)?,
+        event_id: row.try_get(8)?,
+        event_type: row.try_get(9)?,
     })
 }
 

@@ -99,8 +99,12 @@ impl Projection for AlertsProjection {
         false
     }
 
+    fn applies_event_type(&self, event_type: &str) -> bool {
+        event_type.starts_with("Alert") || event_type == "DeficitIncurred"
+    }
+
     async fn apply_event(&self, conn: &mut PgConnection, event: &RecordedEvent) -> Result<(), ApplyError> {
-        if !event.event_type.starts_with("Alert") && event.event_type != "DeficitIncurred" {
+        if !self.applies_event_type(&event.event_type) {
             return Ok(());
         }
         let portfolio_event: PortfolioEvent = event.decode()?;

@@ -117,8 +117,15 @@ pub trait Projection: Send + Sync + 'static {
     async fn apply_tick(&self, _conn: &mut PgConnection, _tick: &Tick) -> Result<(), ApplyError> {
         Ok(())
     }
+    /// Whether an event of this type can change the projection's tables: a rebuild of a projection without a
+    /// [`ReplayFold`] parses and applies only those (the live path applies every event of the aggregate type,
+    /// which must leave the others without effect). The default is every type.
+    fn applies_event_type(&self, _event_type: &str) -> bool {
+        true
+    }
     /// A fold for the bulk phase of a rebuild, if the projection has one (see [`ReplayFold`]); without one a
-    /// rebuild applies the log batch by batch through [`Projection::apply_events`].
+    /// rebuild applies each read of the log through [`Projection::apply_events`] (events without their
+    /// metadata: projections do not read it).
     fn replay_fold(&self) -> Option<Box<dyn ReplayFold>> {
         None
     }
@@ -127,8 +134,9 @@ pub trait Projection: Send + Sync + 'static {
 /// A projection's state held in memory across the batches of a rebuild: the log is folded into it at the speed
 /// of reading, and the net rows are written once (or whenever the state outgrows its memory bound) instead of
 /// a read-modify-write of the rows per batch. Folding the same events must give the same rows as
-/// [`Projection::apply_events`] does; the rebuild's verify mode compares the two. The memory bound is the
-/// fold's own estimate ([`ReplayFold::held_bytes`]); the rebuild flushes when it passes the limit.
+/// [`Projection::apply_events`] does; the rebuild's verify mode compares the two. The memory bound is on the
+/// folds' own estimates ([`ReplayFold::held_bytes`]) summed over the projections rebuilt together; when the sum
+/// passes the limit, the rebuild flushes the largest first.
 #[async_trait]
 pub trait ReplayFold: Send {
     /// Folds events of the projection's aggregate type (new ones only, in log order). Rows written by an

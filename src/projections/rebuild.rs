@@ -1,15 +1,18 @@
 //! Rebuilding a projection from the PostgreSQL log (and the tick archive) without stopping it.
 //!
 //! 1. Create empty copies of the projection's tables (and progress tables) in the `shadow` schema.
-//! 2. Replay the log (and the archive) into them with `search_path = shadow`, while the live worker goes on —
-//!    through the projection's [`ReplayFold`] when it has one (the log read in chunks of
-//!    [`REPLAY_READ_BATCH`] and folded in memory, the net rows written once, or whenever the state held passes
-//!    [`REPLAY_HELD_BYTES_MAX`]), otherwise batch by batch as the live worker applies them —
+//! 2. Replay the log (and the archive) into them with `search_path = shadow`, while the live worker goes on:
+//!    the log read in chunks of [`REPLAY_READ_BATCH`] (payloads as text, no metadata) and folded through the
+//!    projection's [`ReplayFold`] — state held in memory, the net rows written once, or whenever the state held
+//!    passes [`REPLAY_HELD_BYTES_MAX`] — or, for a projection without one, each chunk applied through its live
+//!    `apply_events` (only the event types it applies). Projections rebuilt together
+//!    ([`rebuild_together`], `ledger replay --all`) share one read of the log. The log is read
 //!    at least up to the last event committed when the rebuild started: if a transaction elsewhere in the
 //!    cluster holds the log's horizon below it, the rebuild waits for it (at most
 //!    [`REBUILD_HORIZON_WAIT_MAX_SECS`]), so an offline `ledger replay` never leaves out what was committed.
-//! 3. Take the projection's advisory lock exclusively (the live worker's transactions take it shared, so it
-//!    pauses), replay the few events and ticks that arrived meanwhile, then, in the same transaction:
+//! 3. Catch the shadow up with what was committed meanwhile, without the lock; then take the projection's
+//!    advisory lock exclusively (the live worker's transactions take it shared, so it pauses), replay the few
+//!    events and ticks that arrived since, then, in the same transaction:
 //!    - swap: move the live tables to `retired`, the shadow tables to `public`, drop the retired ones, recreate
 //!      the views, and point the projection's catch-up cursor at the rebuilt position; or
 //!    - verify: compare each rebuilt read-model table with its live twin (row count and an order-independent
@@ -22,7 +25,8 @@
 //!
 //! Alert firings are not part of a rebuild (they come from ticks, which the alerts projection does not
 //! replay): rules are rebuilt from the log and take their state from the existing firings, so nothing fires
-//! twice.
+//! twice. (Deficit notices, which come from events, are written again as the rebuild meets them: their ids
+//! derive from the event's, so each stays one row.)
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -32,7 +36,7 @@ use sqlx::{PgConnection, PgPool};
 
 use super::applier::{apply_events, apply_ticks};
 use super::catch_up::{archive_symbols, enter, projection_lock, read_archive, Target};
-use super::{progress_table, rebuilt_tables, tick_progress_table, ApplyError, Projection, ReplayFold};
+use super::{progress_table, rebuilt_tables, tick_progress_table, ApplyError, Projection, ReplayFold, Skipped};
 use crate::log::{reset_cursor, LogPosition, LogReader, RawEvent, RecordedEvent};
 use crate::market::Tick;
 
@@ -65,11 +69,12 @@ pub struct RebuildReport {
 /// Progress of a rebuild: `(inputs read so far, inputs to read)`.
 pub type ProgressFn<'a> = &'a mut (dyn FnMut(u64, u64) + Send);
 
-/// Events per transaction during a rebuild.
+/// Ticks per transaction during a rebuild, and events per read of the last delta (under the lock).
 pub const REBUILD_BATCH_SIZE: usize = 2_000;
-/// Events per read of the log when the projection folds the replay in memory.
+/// Events per read of the log in a rebuild's bulk.
 pub const REPLAY_READ_BATCH: usize = crate::log::BATCH_SIZE_MAX;
-/// The state a replay fold may hold before it is written to the shadow tables (and forgotten).
+/// The state the folds of a rebuild may hold together before the largest are written to the shadow tables (and
+/// forgotten).
 pub const REPLAY_HELD_BYTES_MAX: usize = 256 << 20;
 /// How long the statements of a fold's flush may take (the whole state is written in one statement per table).
 pub const REPLAY_FLUSH_TIMEOUT_SECS: u64 = 600;
@@ -81,7 +86,8 @@ const PROGRESS_ENTRY_BYTES: usize = 96;
 pub struct ReplayLimits {
     /// Events per read of the log (clamped to the reader's maximum).
     pub read_batch: usize,
-    /// State held in memory before a flush to the shadow tables (0: flush after every read).
+    /// State held in memory by all the folds together before a flush to the shadow tables (0: every fold that
+    /// holds anything flushes after every read).
     pub held_bytes_max: usize,
 }
 
@@ -91,26 +97,34 @@ impl Default for ReplayLimits {
     }
 }
 
-/// The bulk of a rebuild through the projection's [`ReplayFold`], with the progress per aggregate beside it.
-struct Folding {
-    fold: Box<dyn ReplayFold>,
-    held_bytes_max: usize,
+/// The bulk of one projection's rebuild: the log folded through its [`ReplayFold`] (or [`Applying`] when it has
+/// none), with the progress per aggregate beside it.
+struct Folding<'a> {
+    fold: Box<dyn ReplayFold + 'a>,
     /// Last sequence folded per aggregate since the last flush.
     last: HashMap<String, i64>,
 }
 
-#[async_trait]
-impl BulkSink<RawEvent> for Folding {
-    /// Folds the events of `batch` of the projection's aggregate type; flushes when the state held is too big.
+impl<'a> Folding<'a> {
+    fn new(projection: &'a dyn Projection) -> Self {
+        let fold = projection.replay_fold().unwrap_or_else(|| Box::new(Applying { projection }));
+        Self { fold, last: HashMap::new() }
+    }
+
+    /// Roughly the bytes held in memory: the fold's state and the progress entries.
+    fn held_bytes(&self) -> usize {
+        self.fold.held_bytes() + self.last.len() * PROGRESS_ENTRY_BYTES
+    }
+
+    /// Folds `events` (of the projection's aggregate type, new ones only, in log order) in a transaction on the
+    /// shadow tables.
     async fn take(
         &mut self,
         pool: &PgPool,
         projection: &dyn Projection,
-        batch: Vec<RawEvent>,
+        events: &[&RawEvent],
     ) -> Result<(), ApplyError> {
-        let Some(aggregate_type) = projection.aggregate_type() else { return Ok(()) };
-        let mut new = Vec::with_capacity(batch.len());
-        for event in batch.iter().filter(|e| e.aggregate_type == aggregate_type) {
+        for event in events {
             match self.last.get_mut(&event.aggregate_id) {
                 // The log holds an aggregate's events in sequence order (a command is written only after the
                 // previous one of its aggregate committed); anything else is a log the fold must not guess about.
@@ -125,26 +139,20 @@ impl BulkSink<RawEvent> for Folding {
                     self.last.insert(event.aggregate_id.clone(), event.sequence);
                 }
             }
-            new.push(event);
         }
         // A transaction on the shadow tables: the fold reads back rows it flushed earlier.
         let mut tx = pool.begin().await.map_err(ApplyError::Database)?;
         enter(&mut tx, projection, Target::Shadow).await.map_err(ApplyError::Database)?;
-        let skipped = self.fold.fold(&mut tx, &new).await?;
+        let skipped = self.fold.fold(&mut tx, events).await?;
         tx.commit().await.map_err(ApplyError::Database)?;
         for (index, reason) in skipped {
-            let event = new[index];
+            let event = events[index];
             tracing::warn!(projection = projection.name(), position = %event.position, %reason,
                 "rebuild: skipped an event that cannot be applied (the live worker dead-letters it)");
         }
-        if self.fold.held_bytes() + self.last.len() * PROGRESS_ENTRY_BYTES > self.held_bytes_max {
-            self.flush(pool, projection).await?;
-        }
         Ok(())
     }
-}
 
-impl Folding {
     /// Writes the state held and the progress of every aggregate folded since the last flush, in one
     /// transaction.
     async fn flush(&mut self, pool: &PgPool, projection: &dyn Projection) -> Result<(), ApplyError> {
@@ -171,6 +179,72 @@ impl Folding {
     }
 }
 
+/// The replay of a projection without a fold of its own: each read of the log applied through its live
+/// [`Projection::apply_events`] in the rebuild's transaction — only the event types it applies
+/// ([`Projection::applies_event_type`]), parsed without their metadata — holding nothing between reads. A read
+/// with a poison event is applied again event by event, each under a savepoint, and the poison ones skipped (the
+/// live worker dead-letters them too).
+struct Applying<'a> {
+    projection: &'a dyn Projection,
+}
+
+#[async_trait]
+impl ReplayFold for Applying<'_> {
+    async fn fold(&mut self, conn: &mut PgConnection, events: &[&RawEvent]) -> Result<Vec<Skipped>, ApplyError> {
+        let mut skipped = Vec::new();
+        let mut wanted = Vec::new();
+        for (index, event) in events.iter().enumerate() {
+            if !self.projection.applies_event_type(&event.event_type) {
+                continue;
+            }
+            match event.to_recorded() {
+                Ok(recorded) => wanted.push((index, recorded)),
+                Err(error) => skipped.push((index, ApplyError::from(error).to_string())),
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(skipped);
+        }
+        let all: Vec<&RecordedEvent> = wanted.iter().map(|(_, event)| event).collect();
+        savepoint(conn, "savepoint replay_read").await?;
+        match self.projection.apply_events(conn, &all).await {
+            Ok(()) => {
+                savepoint(conn, "release savepoint replay_read").await?;
+                return Ok(skipped);
+            }
+            Err(ApplyError::Poison(_)) => savepoint(conn, "rollback to savepoint replay_read").await?,
+            Err(error) => return Err(error),
+        }
+        for (index, event) in &wanted {
+            savepoint(conn, "savepoint replay_event").await?;
+            match self.projection.apply_events(conn, &[event]).await {
+                Ok(()) => savepoint(conn, "release savepoint replay_event").await?,
+                Err(ApplyError::Poison(reason)) => {
+                    savepoint(conn, "rollback to savepoint replay_event").await?;
+                    skipped.push((*index, reason));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        savepoint(conn, "release savepoint replay_read").await?;
+        skipped.sort_unstable_by_key(|(index, _)| *index);
+        Ok(skipped)
+    }
+
+    fn held_bytes(&self) -> usize {
+        0
+    }
+
+    async fn flush(&mut self, _conn: &mut PgConnection) -> Result<(), ApplyError> {
+        Ok(())
+    }
+}
+
+/// Runs a savepoint statement.
+async fn savepoint(conn: &mut PgConnection, statement: &str) -> Result<(), ApplyError> {
+    sqlx::query(statement).execute(conn).await.map(|_| ()).map_err(ApplyError::Database)
+}
+
 async fn prepare_shadow(pool: &PgPool, projection: &dyn Projection) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     for table in rebuilt_tables(projection) {
@@ -189,13 +263,14 @@ async fn drop_shadow(pool: &PgPool, projection: &dyn Projection) -> Result<(), s
     Ok(())
 }
 
-/// Inputs a rebuild will read, for the progress bar.
-async fn total_inputs(pool: &PgPool, projection: &dyn Projection) -> Result<u64, sqlx::Error> {
+/// Inputs a rebuild of `projections` will read, for the progress bar: the log's events (read once for all the
+/// projections of events) and each projection's archived ticks.
+async fn total_inputs(pool: &PgPool, projections: &[&dyn Projection]) -> Result<u64, sqlx::Error> {
     let mut total = 0i64;
-    if let Some(aggregate_type) = projection.aggregate_type() {
-        total += crate::log::count_of_type(pool, aggregate_type).await?;
+    if projections.iter().any(|p| p.aggregate_type().is_some()) {
+        total += sqlx::query_scalar::<_, i64>("select count(*) from events").fetch_one(pool).await?;
     }
-    if projection.rebuilds_from_ticks() {
+    for projection in projections.iter().filter(|p| p.rebuilds_from_ticks()) {
         total += sqlx::query_scalar::<_, i64>("select count(*) from market_ticks where projection = $1")
             .bind(projection.name())
             .fetch_one(pool)
@@ -226,31 +301,156 @@ pub async fn rebuild_with(
     limits: ReplayLimits,
     progress: ProgressFn<'_>,
 ) -> Result<RebuildReport, ApplyError> {
+    let mut reports = rebuild_together(pool, &[projection], mode, limits, progress).await?;
+    Ok(reports.remove(0))
+}
+
+/// One projection's part of a rebuild.
+struct Rebuilding<'a> {
+    projection: &'a dyn Projection,
+    /// The fold of the log's bulk, for a projection of events.
+    folding: Option<Folding<'a>>,
+    /// Verify mode: the live progress of each aggregate as first seen (see [`within_live_progress`]).
+    live: HashMap<String, i64>,
+}
+
+impl Rebuilding<'_> {
+    fn held_bytes(&self) -> usize {
+        self.folding.as_ref().map_or(0, Folding::held_bytes)
+    }
+}
+
+/// Rebuilds each of `projections` (see the module docs), reading the log once for all of them: each read of the
+/// log is folded by every projection in turn, under one memory bound ([`ReplayLimits::held_bytes_max`] for
+/// the folds' state together — the largest is flushed first). Then each projection in turn replays its ticks and
+/// swaps (or compares) its tables. Progress counts the log's events once, and each projection's ticks.
+/// Each report's `events` are the log's events read (and those applied under its lock); its `seconds` run from
+/// the start to its swap or comparison.
+pub async fn rebuild_together(
+    pool: &PgPool,
+    projections: &[&dyn Projection],
+    mode: RebuildMode,
+    limits: ReplayLimits,
+    progress: ProgressFn<'_>,
+) -> Result<Vec<RebuildReport>, ApplyError> {
     let started = Instant::now();
-    prepare_shadow(pool, projection).await.map_err(ApplyError::Database)?;
-    let total = total_inputs(pool, projection).await.map_err(ApplyError::Database)?;
+    for (i, projection) in projections.iter().enumerate() {
+        if projections[..i].iter().any(|p| p.name() == projection.name()) {
+            return Err(ApplyError::Database(sqlx::Error::Protocol(format!(
+                "rebuild: {} named twice (its shadow tables would be shared)",
+                projection.name()
+            ))));
+        }
+    }
+    for projection in projections {
+        prepare_shadow(pool, *projection).await.map_err(ApplyError::Database)?;
+    }
+    let total = total_inputs(pool, projections).await.map_err(ApplyError::Database)?;
     let verify = mode == RebuildMode::Verify;
-    let mut events = 0u64;
-    let mut ticks = 0u64;
+    let mut rebuilding: Vec<Rebuilding> = projections
+        .iter()
+        .map(|&projection| Rebuilding {
+            projection,
+            folding: projection.aggregate_type().map(|_| Folding::new(projection)),
+            live: HashMap::new(),
+        })
+        .collect();
+    let mut read = 0u64;
     let mut position = LogPosition::START;
 
-    // 1. The bulk, while the live worker goes on: at least everything committed before the rebuild started,
+    // 1. The bulk, while the live workers go on: at least everything committed before the rebuild started,
     //    even while a transaction elsewhere in the cluster holds the log's horizon back for a moment.
-    if projection.aggregate_type().is_some() {
+    if rebuilding.iter().any(|r| r.folding.is_some()) {
         let committed =
             crate::log::newest_position(pool, crate::log::Newest::Committed).await.map_err(ApplyError::Database)?;
-        let mut bulk =
-            Bulk { pool, projection, verify, live: HashMap::new(), committed, events: &mut events, total, progress };
-        position = match projection.replay_fold() {
-            Some(fold) => {
-                let mut folding = Folding { fold, held_bytes_max: limits.held_bytes_max, last: HashMap::new() };
-                let position = bulk.replay::<RawEvent>(limits.read_batch, &mut folding).await?;
-                folding.flush(pool, projection).await?;
-                position
+        let mut batches = read_ahead(pool.clone(), position, limits.read_batch, committed);
+        while let Some(result) = batches.recv().await {
+            let (batch, after) = result?;
+            read += batch.len() as u64;
+            for r in rebuilding.iter_mut() {
+                let (Some(folding), Some(aggregate_type)) = (r.folding.as_mut(), r.projection.aggregate_type()) else {
+                    continue;
+                };
+                let mut events: Vec<&RawEvent> = batch.iter().filter(|e| e.aggregate_type == aggregate_type).collect();
+                if verify {
+                    events = within_live_progress(pool, r.projection, &mut r.live, events).await?;
+                }
+                if !events.is_empty() {
+                    folding.take(pool, r.projection, &events).await?;
+                }
             }
-            None => bulk.replay::<RecordedEvent>(REBUILD_BATCH_SIZE, &mut ShadowBatches).await?,
-        };
+            flush_over_bound(pool, &mut rebuilding, limits.held_bytes_max).await?;
+            position = after;
+            progress(read, total);
+        }
+        if position < committed {
+            // The reading task ended without an error: it panicked.
+            return Err(ApplyError::Database(sqlx::Error::Protocol(format!(
+                "the log reader stopped at {position}, before {committed}"
+            ))));
+        }
+        for r in rebuilding.iter_mut() {
+            if let Some(folding) = r.folding.as_mut() {
+                folding.flush(pool, r.projection).await?;
+            }
+        }
     }
+
+    // 2. Each projection's ticks, its last delta and the swap (or comparison), with its live writer paused.
+    let mut done = read;
+    let mut reports = Vec::with_capacity(rebuilding.len());
+    for r in &rebuilding {
+        let events = if r.folding.is_some() { read } else { 0 };
+        let report = finish(pool, r.projection, mode, position, events, started, &mut done, total, progress).await?;
+        reports.push(report);
+    }
+    progress(done, total.max(done));
+    Ok(reports)
+}
+
+/// Flushes folds, the largest first, until the state held by all of them is within `held_bytes_max` — each at
+/// most once: what a fold keeps after a flush (the set of aggregates it wrote, to read them back) is not freed by
+/// flushing again.
+async fn flush_over_bound(
+    pool: &PgPool,
+    rebuilding: &mut [Rebuilding<'_>],
+    held_bytes_max: usize,
+) -> Result<(), ApplyError> {
+    let mut held: usize = rebuilding.iter().map(Rebuilding::held_bytes).sum();
+    if held <= held_bytes_max {
+        return Ok(());
+    }
+    let mut largest_first: Vec<usize> = (0..rebuilding.len()).collect();
+    largest_first.sort_by_key(|&i| std::cmp::Reverse(rebuilding[i].held_bytes()));
+    for i in largest_first {
+        let r = &mut rebuilding[i];
+        let Some(folding) = r.folding.as_mut() else { continue };
+        let before = folding.held_bytes();
+        folding.flush(pool, r.projection).await?;
+        held = held - before + folding.held_bytes();
+        if held <= held_bytes_max {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The end of one projection's rebuild after the log's bulk (which ended at `position`, `events` read): its
+/// ticks, then the last delta and the swap or comparison under its lock.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    mode: RebuildMode,
+    mut position: LogPosition,
+    mut events: u64,
+    started: Instant,
+    done: &mut u64,
+    total: u64,
+    progress: ProgressFn<'_>,
+) -> Result<RebuildReport, ApplyError> {
+    let verify = mode == RebuildMode::Verify;
+    let mut ticks = 0u64;
     if projection.rebuilds_from_ticks() {
         let symbols = {
             let mut conn = pool.acquire().await.map_err(ApplyError::Database)?;
@@ -267,10 +467,38 @@ pub async fn rebuild_with(
                 let Some(last) = batch.last() else { break };
                 after = Some(last.order_key());
                 ticks += batch.len() as u64;
+                *done += batch.len() as u64;
                 let batch = if verify { ticks_within_live_progress(pool, projection, batch).await? } else { batch };
                 apply_to_shadow(pool, projection, ShadowInput::Ticks(&batch)).await?;
-                progress(events + ticks, total);
+                progress(*done, total);
             }
+        }
+    }
+
+    // What arrived since the bulk, without the lock (projections rebuilt together finish one after the other):
+    // the live writer then pauses only for what arrives while this one finishes.
+    if projection.aggregate_type().is_some() {
+        if verify {
+            let missing = {
+                let mut conn = pool.acquire().await.map_err(ApplyError::Database)?;
+                read_up_to_live_progress(&mut conn, projection).await.map_err(ApplyError::Database)?
+            };
+            events += missing.len() as u64;
+            *done += missing.len() as u64;
+            apply_to_shadow(pool, projection, ShadowInput::Events(&missing)).await?;
+        } else {
+            let mut reader = LogReader::new(pool.clone(), position).with_batch_size(REBUILD_BATCH_SIZE);
+            loop {
+                let batch = reader.read_batch().await.map_err(ApplyError::Database)?;
+                if batch.is_empty() {
+                    break;
+                }
+                events += batch.len() as u64;
+                *done += batch.len() as u64;
+                apply_to_shadow(pool, projection, ShadowInput::Events(&batch)).await?;
+                progress(*done, total);
+            }
+            position = reader.position();
         }
     }
 
@@ -287,6 +515,7 @@ pub async fn rebuild_with(
             // Everything the live projection has applied (its progress is frozen under the lock).
             let missing = read_up_to_live_progress(&mut tx, projection).await.map_err(ApplyError::Database)?;
             events += missing.len() as u64;
+            *done += missing.len() as u64;
             apply_events(&mut tx, projection, &missing, true).await?;
         } else {
             let mut reader = LogReader::new(pool.clone(), position).with_batch_size(REBUILD_BATCH_SIZE);
@@ -296,6 +525,7 @@ pub async fn rebuild_with(
                     break;
                 }
                 events += batch.len() as u64;
+                *done += batch.len() as u64;
                 apply_events(&mut tx, projection, &batch, true).await?;
             }
             position = reader.position();
@@ -323,6 +553,7 @@ pub async fn rebuild_with(
                 reset_cursor(&mut *tx, &live_cursor, position).await.map_err(ApplyError::Database)?;
             }
             tx.commit().await.map_err(ApplyError::Database)?;
+            tracing::info!(projection = projection.name(), events, ticks, %position, "rebuild: swapped in");
         }
         RebuildMode::Verify => {
             // The read-model tables, not the progress bookkeeping: a dead-lettered message advances the live
@@ -340,7 +571,6 @@ pub async fn rebuild_with(
             drop_shadow(pool, projection).await.map_err(ApplyError::Database)?;
         }
     }
-    progress(events + ticks, total.max(events + ticks));
     Ok(RebuildReport {
         projection: projection.name(),
         events,
@@ -350,113 +580,16 @@ pub async fn rebuild_with(
     })
 }
 
-/// What the bulk phase of a rebuild reads from the log: whole events (applied batch by batch) or raw ones
-/// (folded in memory).
-trait Readable: Send + Sized + 'static {
-    fn read(reader: &mut LogReader) -> impl std::future::Future<Output = Result<Vec<Self>, sqlx::Error>> + Send;
-    fn aggregate_id(&self) -> &str;
-    fn sequence(&self) -> i64;
-}
-
-impl Readable for RecordedEvent {
-    fn read(reader: &mut LogReader) -> impl std::future::Future<Output = Result<Vec<Self>, sqlx::Error>> + Send {
-        reader.read_batch()
-    }
-    fn aggregate_id(&self) -> &str {
-        &self.aggregate_id
-    }
-    fn sequence(&self) -> i64 {
-        self.sequence
-    }
-}
-
-impl Readable for RawEvent {
-    fn read(reader: &mut LogReader) -> impl std::future::Future<Output = Result<Vec<Self>, sqlx::Error>> + Send {
-        reader.read_raw_batch()
-    }
-    fn aggregate_id(&self) -> &str {
-        &self.aggregate_id
-    }
-    fn sequence(&self) -> i64 {
-        self.sequence
-    }
-}
-
-/// Where the bulk phase puts what it read.
-#[async_trait]
-trait BulkSink<E>: Send {
-    async fn take(&mut self, pool: &PgPool, projection: &dyn Projection, batch: Vec<E>) -> Result<(), ApplyError>;
-}
-
-/// Batch by batch into the shadow tables, each in its own transaction, as the live worker applies them.
-struct ShadowBatches;
-
-#[async_trait]
-impl BulkSink<RecordedEvent> for ShadowBatches {
-    async fn take(
-        &mut self,
-        pool: &PgPool,
-        projection: &dyn Projection,
-        batch: Vec<RecordedEvent>,
-    ) -> Result<(), ApplyError> {
-        apply_to_shadow(pool, projection, ShadowInput::Events(&batch)).await
-    }
-}
-
-/// The bulk phase of a rebuild: the log from the start to (at least) `committed`, read one batch ahead.
-struct Bulk<'a, 'p> {
-    pool: &'a PgPool,
-    projection: &'a dyn Projection,
-    verify: bool,
-    /// Verify mode: the live progress of each aggregate as first seen (see [`within_live_progress`]).
-    live: HashMap<String, i64>,
-    committed: LogPosition,
-    events: &'a mut u64,
-    total: u64,
-    progress: ProgressFn<'p>,
-}
-
-impl Bulk<'_, '_> {
-    /// Reads the log in batches of `batch_size` into `sink`; returns the position after the last event read.
-    async fn replay<E: Readable>(
-        &mut self,
-        batch_size: usize,
-        sink: &mut dyn BulkSink<E>,
-    ) -> Result<LogPosition, ApplyError> {
-        let mut position = LogPosition::START;
-        let mut batches = read_ahead::<E>(self.pool.clone(), position, batch_size, self.committed);
-        while let Some(read) = batches.recv().await {
-            let (batch, after) = read?;
-            *self.events += batch.len() as u64;
-            let batch = match self.verify {
-                true => within_live_progress(self.pool, self.projection, &mut self.live, batch).await?,
-                false => batch,
-            };
-            sink.take(self.pool, self.projection, batch).await?;
-            position = after;
-            (self.progress)(*self.events, self.total);
-        }
-        if position < self.committed {
-            // The reading task ended without an error: it panicked.
-            return Err(ApplyError::Database(sqlx::Error::Protocol(format!(
-                "the log reader stopped at {position}, before {}",
-                self.committed
-            ))));
-        }
-        Ok(position)
-    }
-}
-
 /// Batches of the log read after `after` on a task of its own, one batch ahead of the rebuild (reading and
 /// decoding overlap with applying), each with the position after it; the channel closes once the log has been
 /// read up to `committed` at least. Waits for a horizon held below `committed` (at most
 /// [`REBUILD_HORIZON_WAIT_MAX_SECS`], then an error). Stops as soon as the receiver is dropped.
-fn read_ahead<E: Readable>(
+fn read_ahead(
     pool: PgPool,
     after: LogPosition,
     batch_size: usize,
     committed: LogPosition,
-) -> tokio::sync::mpsc::Receiver<Result<(Vec<E>, LogPosition), ApplyError>> {
+) -> tokio::sync::mpsc::Receiver<Result<(Vec<RawEvent>, LogPosition), ApplyError>> {
     let (sender, receiver) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
         let waiting_since = Instant::now();
@@ -464,7 +597,7 @@ fn read_ahead<E: Readable>(
         loop {
             let read = tokio::select! {
                 _ = sender.closed() => return,
-                read = E::read(&mut reader) => read,
+                read = reader.read_raw_batch() => read,
             };
             let read = match read {
                 Ok(batch) if batch.is_empty() => {
@@ -523,13 +656,14 @@ async fn apply_to_shadow(pool: &PgPool, projection: &dyn Projection, input: Shad
 /// aggregate was first seen (kept in `live`). Not its progress now: a worker that moved on between two batches
 /// would let a later event through after an earlier one was held back. So each aggregate's events form a prefix;
 /// the rest, up to the live progress at the end, is applied under the lock (phase 2).
-async fn within_live_progress<E: Readable>(
+async fn within_live_progress<'e>(
     pool: &PgPool,
     projection: &dyn Projection,
     live: &mut HashMap<String, i64>,
-    batch: Vec<E>,
-) -> Result<Vec<E>, ApplyError> {
-    let mut unseen: Vec<&str> = batch.iter().map(|e| e.aggregate_id()).filter(|id| !live.contains_key(*id)).collect();
+    batch: Vec<&'e RawEvent>,
+) -> Result<Vec<&'e RawEvent>, ApplyError> {
+    let mut unseen: Vec<&str> =
+        batch.iter().map(|e| e.aggregate_id.as_str()).filter(|id| !live.contains_key(*id)).collect();
     unseen.sort_unstable();
     unseen.dedup();
     if !unseen.is_empty() {
@@ -547,7 +681,7 @@ async fn within_live_progress<E: Readable>(
             live.insert(id.to_string(), found.get(id).copied().unwrap_or(0));
         }
     }
-    Ok(batch.into_iter().filter(|e| live.get(e.aggregate_id()).is_some_and(|&last| e.sequence() <= last)).collect())
+    Ok(batch.into_iter().filter(|e| live.get(&e.aggregate_id).is_some_and(|&last| e.sequence <= last)).collect())
 }
 
 /// The ticks of `batch` the live projection has already applied (`(ts, seq)` ≤ its progress).

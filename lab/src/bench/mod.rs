@@ -29,7 +29,7 @@ pub enum BenchSuite {
     Fanout(FanoutArgs),
     /// DepositCash in a loop from concurrent tasks, each on its own portfolio.
     Deposits(DepositsArgs),
-    /// Rebuild speed of the positions read model from a synthetic log (scratch database `<name>_bench`).
+    /// Rebuild speed of a read model, or of all together, from a synthetic log (scratch database `<name>_bench`).
     Replay(ReplayArgs),
     /// Commit → read-model delay at a steady command rate (relay and positions worker). Needs KAFKA_BROKERS.
     E2e(E2eArgs),
@@ -221,6 +221,9 @@ async fn deposits(database_url: &str, args: DepositsArgs) -> anyhow::Result<()> 
 /// Options of `bench replay`.
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
+    /// The read model rebuilt, or `all` (every projection together, from one read of the log).
+    #[arg(long, default_value = "positions")]
+    pub projection: String,
     #[arg(long, default_value_t = 1_000_000)]
     pub events: usize,
     #[arg(long, default_value_t = 3)]
@@ -230,8 +233,8 @@ pub struct ReplayArgs {
 }
 
 async fn replay(database_url: &str, args: ReplayArgs) -> anyhow::Result<()> {
-    let ReplayArgs { events, runs, output: Output { json } } = args;
-    let mut results = library::replay(database_url, events, runs).await?;
+    let ReplayArgs { projection, events, runs, output: Output { json } } = args;
+    let mut results = library::replay(database_url, &projection, events, runs).await?;
     results.sort_by(|a, b| a.events_per_second.total_cmp(&b.events_per_second));
     let median = &results[results.len() / 2];
     let single = reference(database_url, 1, 10, None).await;
