@@ -13,6 +13,11 @@
 //!   seen, so the worker restores what the archive has and then reads those partitions from the earliest
 //!   offset still held; ticks it already applied are skipped by `(ts, seq)`.
 //!
+//! The same holds for a group far behind on the events topic ([`CATCH_UP_LAG_MESSAGES`] on a partition at
+//! start-up, [`FAR_BEHIND_MESSAGES`] while following, checked every [`LAG_CHECK_INTERVAL_MS`]): reading the
+//! backlog from the log is much faster than re-reading the topic, so the worker stops following, catches up from
+//! PostgreSQL and follows again from the high watermarks.
+//!
 //! Poison: a message that cannot be decoded or applied is recorded in `dead_letters` (same transaction) and
 //! produced to the dead-letter topic with the error and its source topic, partition and offset; the worker
 //! moves on.
@@ -22,7 +27,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{
@@ -74,6 +79,12 @@ pub struct WorkerConfig {
     pub fetch_wait_max_ms: u32,
     /// Create the topics through the admin API at start-up (off where something else creates them).
     pub create_topics: bool,
+    /// While following Kafka, how often the worker compares its group's committed offsets with the events
+    /// topic's high watermarks (after a batch, at most this often).
+    pub lag_check_interval_ms: u64,
+    /// A group this many messages behind on a partition of the events topic while following stops reading the
+    /// topic, catches up from PostgreSQL and follows again from the high watermark (as at start-up).
+    pub far_behind_messages: i64,
 }
 
 impl Default for WorkerConfig {
@@ -86,6 +97,8 @@ impl Default for WorkerConfig {
             retry_backoff_max_ms: 5_000,
             fetch_wait_max_ms: 10,
             create_topics: true,
+            lag_check_interval_ms: LAG_CHECK_INTERVAL_MS,
+            far_behind_messages: FAR_BEHIND_MESSAGES,
         }
     }
 }
@@ -328,12 +341,20 @@ impl ProjectionWorker {
         topics
     }
 
-    /// Runs until `cancel` fires, restarting (with a new consumer and start-up check) after failures.
+    /// Runs until `cancel` fires, restarting (with a new consumer and start-up check) after failures, and when
+    /// it fell far behind while following (the start-up check then catches up from PostgreSQL).
     pub async fn run(&self, cancel: CancellationToken) -> Result<(), WorkerError> {
         let mut backoff = Backoff::new(Duration::from_millis(RESTART_FIRST_DELAY_MS), self.retry_max());
         loop {
             match self.run_once(&cancel).await {
-                Ok(()) => return Ok(()),
+                Ok(Followed::Cancelled) => return Ok(()),
+                Ok(Followed::FarBehind) => {
+                    self.status.following.store(false, Ordering::SeqCst);
+                    tracing::info!(
+                        projection = self.projection.name(),
+                        "far behind on the events topic while following; catching up from PostgreSQL"
+                    );
+                }
                 Err(error) => {
                     self.status.following.store(false, Ordering::SeqCst);
                     tracing::warn!(projection = self.projection.name(), %error, "worker failed; restarting");
@@ -367,7 +388,7 @@ impl ProjectionWorker {
         Ok(Arc::new(consumer))
     }
 
-    async fn run_once(&self, cancel: &CancellationToken) -> Result<(), WorkerError> {
+    async fn run_once(&self, cancel: &CancellationToken) -> Result<Followed, WorkerError> {
         let consumer = self.consumer()?;
         let result = self.follow(&consumer, cancel).await;
         consumer.context().closing.store(true, Ordering::SeqCst);
@@ -375,7 +396,11 @@ impl ProjectionWorker {
         result
     }
 
-    async fn follow(&self, consumer: &Arc<WorkerConsumer>, cancel: &CancellationToken) -> Result<(), WorkerError> {
+    async fn follow(
+        &self,
+        consumer: &Arc<WorkerConsumer>,
+        cancel: &CancellationToken,
+    ) -> Result<Followed, WorkerError> {
         self.catch_up_if_needed(consumer).await?;
         let topics = self.topics();
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -386,19 +411,42 @@ impl ProjectionWorker {
             self.kafka.client_config().set("client.id", "ledger-dead-letters").create()?;
         let mut reported = Reported::default();
         self.report_status(&mut reported).await;
+        let lag_check_interval = Duration::from_millis(self.config.lag_check_interval_ms);
+        let mut lag_checked = Instant::now();
         loop {
             let batch = self.collect(consumer, cancel).await?;
             if batch.is_empty() {
-                return Ok(()); // cancelled
+                return Ok(Followed::Cancelled);
             }
             tracing::debug!(projection = self.projection.name(), messages = batch.len(), "batch collected");
             let poisoned = self.process(&batch, cancel).await?;
             tracing::debug!(projection = self.projection.name(), "batch applied");
-            let Some(poisoned) = poisoned else { return Ok(()) };
+            let Some(poisoned) = poisoned else { return Ok(Followed::Cancelled) };
             self.publish_dead_letters(&dead_letters, &batch, &poisoned).await;
             self.commit_offsets(consumer, &batch);
             self.report_status(&mut reported).await;
+            if lag_checked.elapsed() >= lag_check_interval {
+                lag_checked = Instant::now();
+                if self.far_behind(consumer).await? {
+                    return Ok(Followed::FarBehind);
+                }
+            }
         }
+    }
+
+    /// Whether the group is at least `far_behind_messages` behind on a partition of the events topic (by its
+    /// committed offsets, which trail the batches applied by at most the commits still in flight).
+    async fn far_behind(&self, consumer: &Arc<WorkerConsumer>) -> Result<bool, WorkerError> {
+        if self.projection.aggregate_type().is_none() {
+            return Ok(false);
+        }
+        let consumer = consumer.clone();
+        let topic = self.kafka.events_topic.clone();
+        let threshold = self.config.far_behind_messages;
+        let check = tokio::task::spawn_blocking(move || stale_partitions(&consumer, &topic, threshold))
+            .await
+            .map_err(|_| KafkaError::Canceled)??;
+        Ok(!check.behind.is_empty())
     }
 
     /// Waits for one message, then takes what is already waiting and what arrives until `batch_wait_ms` after
@@ -637,7 +685,7 @@ impl ProjectionWorker {
             let check = {
                 let consumer = consumer.clone();
                 let topic = topic.clone();
-                tokio::task::spawn_blocking(move || stale_partitions(&consumer, &topic))
+                tokio::task::spawn_blocking(move || stale_partitions(&consumer, &topic, CATCH_UP_LAG_MESSAGES))
                     .await
                     .map_err(|_| KafkaError::Canceled)??
             };
@@ -676,18 +724,35 @@ impl ProjectionWorker {
     }
 }
 
-/// A group this many messages behind on a partition of the events topic catches up from PostgreSQL instead.
+/// A group this many messages behind on a partition of the events topic at start-up catches up from PostgreSQL
+/// instead.
 pub const CATCH_UP_LAG_MESSAGES: i64 = 200;
+/// A following worker this many messages behind on a partition of the events topic catches up from PostgreSQL
+/// (10 full batches: far more than the commits in flight; in the chaos test, a broker keeping its log in
+/// PostgreSQL delivered a backlog so slowly that the workers were still minutes behind after ten minutes, where
+/// the same backlog took seconds from the log).
+pub const FAR_BEHIND_MESSAGES: i64 = 5_000;
+/// How often a following worker checks whether it fell that far behind, at most.
+pub const LAG_CHECK_INTERVAL_MS: u64 = 10_000;
+
+/// How following Kafka ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Followed {
+    Cancelled,
+    /// The group fell [`WorkerConfig::far_behind_messages`] behind: start again (the start-up check catches up).
+    FarBehind,
+}
 
 struct PartitionCheck {
     /// Partitions whose committed offset is missing or outside the topic, with their high watermark.
     stale: Vec<(i32, i64)>,
-    /// Partitions with a valid offset at least [`CATCH_UP_LAG_MESSAGES`] behind, with their high watermark.
+    /// Partitions with a valid offset at least the threshold behind, with their high watermark.
     behind: Vec<(i32, i64)>,
 }
 
-/// Compares the group's committed offsets with each partition's watermarks (blocking calls).
-fn stale_partitions(consumer: &WorkerConsumer, topic: &str) -> Result<PartitionCheck, KafkaError> {
+/// Compares the group's committed offsets with each partition's watermarks (blocking calls); `behind` lists
+/// those at least `threshold` messages behind.
+fn stale_partitions(consumer: &WorkerConsumer, topic: &str, threshold: i64) -> Result<PartitionCheck, KafkaError> {
     let timeout = Duration::from_millis(KAFKA_REQUEST_TIMEOUT_MS);
     let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
     let partitions: Vec<i32> = metadata
@@ -706,7 +771,7 @@ fn stale_partitions(consumer: &WorkerConsumer, topic: &str) -> Result<PartitionC
         let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
         match committed.find_partition(topic, partition).map(|p| p.offset()) {
             Some(Offset::Offset(o)) if o >= low && o <= high => {
-                if high - o >= CATCH_UP_LAG_MESSAGES {
+                if high - o >= threshold {
                     behind.push((partition, high));
                 }
             }

@@ -910,3 +910,70 @@ async fn the_performance_projection_applies_events_one_by_one_as_in_a_batch() {
     db.drop().await;
 }
 
+/// A worker that falls far behind on the events topic while following (here: its projection's lock held while
+/// 1,200 other events are relayed, so that its batch waits) stops reading the topic, catches up from PostgreSQL
+/// and follows again from the high watermarks — and ends equal to a rebuild. (In a 10-minute chaos run the
+/// workers, re-reading a backlog from a broker that keeps its log in PostgreSQL, were still minutes behind after
+/// ten minutes; restarted, they caught up from the log in seconds.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_following_worker_that_falls_far_behind_catches_up_from_postgres() {
+    let db = TestDb::new_with(20).await;
+    let kafka = fresh_config(&brokers());
+    let commands = db.commands();
+    let pm = start_process_manager(commands.clone());
+    let relay = start_relay(db.pool.clone(), kafka.clone());
+    let prefix = group();
+    let config = WorkerConfig {
+        group_prefix: prefix.clone(),
+        lag_check_interval_ms: 0,
+        far_behind_messages: 100,
+        ..WorkerConfig::default()
+    };
+    let positions = projection("positions");
+    let worker = ProjectionWorker::new(db.pool.clone(), kafka.clone(), positions.clone(), config);
+    let status = worker.status();
+    let running = Running::spawn(|cancel| async move {
+        let _ = worker.run(cancel).await;
+    });
+    open_portfolio(&commands, "1000", CostBasisMethod::Fifo).await;
+    wait_events_applied(&db.pool, positions.as_ref()).await;
+    let followed = eventually(|| async { status.following.load(Ordering::SeqCst) }).await;
+    assert!(followed);
+    let catch_ups = status.catch_ups.load(Ordering::Relaxed);
+
+    let mut lock = db.pool.begin().await.unwrap();
+    sqlx::query("select pg_advisory_xact_lock($1)")
+        .bind(ledger::projections::catch_up::projection_lock(positions.as_ref()))
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    {
+        let mut conn = db.pool.acquire().await.unwrap();
+        for n in 0..1_200i64 {
+            crate::support::workload::insert_event(&mut conn, &format!("filler-{}", n % 120), n / 120 + 1).await;
+        }
+    }
+    let relayed = eventually(|| async {
+        let name = ledger::relay::cursor_name(&kafka).await.unwrap();
+        ledger::relay::relay_lag(&db.pool, &name).await.unwrap().events == 0
+    })
+    .await;
+    assert!(relayed);
+    lock.commit().await.unwrap();
+
+    let caught_up = eventually(|| async { status.catch_ups.load(Ordering::Relaxed) > catch_ups }).await;
+    assert!(caught_up, "the worker caught up from PostgreSQL while following");
+    let group_id = format!("{prefix}.positions");
+    let drained = eventually(|| async {
+        status.following.load(Ordering::SeqCst) && group_lag(&brokers(), &group_id, &kafka.events_topic) == 0
+    })
+    .await;
+    assert!(drained, "following again, the group's offsets reach the end of the topic");
+    open_portfolio(&commands, "250", CostBasisMethod::Fifo).await;
+    wait_events_applied(&db.pool, positions.as_ref()).await;
+    assert_equals_rebuild(&db.pool, &["positions"]).await;
+    running.stop().await;
+    relay.stop().await;
+    pm.stop().await;
+    db.drop().await;
+}
