@@ -99,6 +99,19 @@ impl Projection for AlertsProjection {
         false
     }
 
+    /// A rule rebuilt as armed whose arming fired while the rebuild ran (its status was read from the firings
+    /// when its event was applied) is fired.
+    async fn settle_rebuilt(&self, conn: &mut PgConnection) -> Result<(), ApplyError> {
+        sqlx::query(
+            "update rm_alert_rules r set status = 'fired'
+              where r.status = 'armed'
+                and exists (select 1 from public.alert_firings f where f.alert_id = r.alert_id and f.arming = r.arming)",
+        )
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
     fn applies_event_type(&self, event_type: &str) -> bool {
         event_type.starts_with("Alert") || event_type == "DeficitIncurred"
     }

@@ -123,6 +123,12 @@ pub trait Projection: Send + Sync + 'static {
     fn applies_event_type(&self, _event_type: &str) -> bool {
         true
     }
+    /// Called at the end of a rebuild, under the projection's lock (the live worker paused) and with the rebuilt
+    /// tables first on the search path, before they are swapped in or compared: for state the rebuild derives
+    /// from outside the log, which may have changed while it ran.
+    async fn settle_rebuilt(&self, _conn: &mut PgConnection) -> Result<(), ApplyError> {
+        Ok(())
+    }
     /// A fold for the bulk phase of a rebuild, if the projection has one (see [`ReplayFold`]); without one a
     /// rebuild applies each read of the log through [`Projection::apply_events`] (events without their
     /// metadata: projections do not read it).

@@ -518,8 +518,14 @@ async fn finish(
             *done += missing.len() as u64;
             apply_events(&mut tx, projection, &missing, true).await?;
         } else {
+            // Up to what a reader can read now: everything the paused live worker applied was relayed, so lies
+            // below it; what comes after is the live worker's once the lock is released (a log written faster
+            // than this applies it cannot keep the lock held).
+            let target = crate::log::newest_position(pool, crate::log::Newest::BelowHorizon)
+                .await
+                .map_err(ApplyError::Database)?;
             let mut reader = LogReader::new(pool.clone(), position).with_batch_size(REBUILD_BATCH_SIZE);
-            loop {
+            while reader.position() < target {
                 let batch = reader.read_batch().await.map_err(ApplyError::Database)?;
                 if batch.is_empty() {
                     break;
@@ -534,6 +540,7 @@ async fn finish(
     if projection.rebuilds_from_ticks() {
         ticks += apply_archive_delta(&mut tx, projection, verify).await?;
     }
+    projection.settle_rebuilt(&mut tx).await?;
     let mut differences = Vec::new();
     match mode {
         RebuildMode::Swap => {

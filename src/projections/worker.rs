@@ -45,7 +45,7 @@ use super::applier::{apply_events, apply_ticks, Applied};
 use super::catch_up::{catch_up_from_archive, catch_up_from_log, enter, record_dead_letter, Target};
 use super::{ApplyError, Projection};
 use crate::kafka::KafkaConfig;
-use crate::log::RecordedEvent;
+use crate::log::{LogPosition, RecordedEvent};
 use crate::market::Tick;
 use crate::relay::Envelope;
 use crate::retry::Backoff;
@@ -413,6 +413,7 @@ impl ProjectionWorker {
         self.report_status(&mut reported).await;
         let lag_check_interval = Duration::from_millis(self.config.lag_check_interval_ms);
         let mut lag_checked = Instant::now();
+        let mut lag = LagCheck::new(self).await;
         loop {
             let batch = self.collect(consumer, cancel).await?;
             if batch.is_empty() {
@@ -427,26 +428,17 @@ impl ProjectionWorker {
             self.report_status(&mut reported).await;
             if lag_checked.elapsed() >= lag_check_interval {
                 lag_checked = Instant::now();
-                if self.far_behind(consumer).await? {
-                    return Ok(Followed::FarBehind);
+                match lag.check(self, consumer).await {
+                    Ok(true) => {
+                        self.status.following.store(false, Ordering::SeqCst);
+                        return Ok(Followed::FarBehind);
+                    }
+                    Ok(false) => {}
+                    // Only a check: following goes on, and the next one may succeed.
+                    Err(error) => tracing::warn!(projection = self.projection.name(), %error, "lag check failed"),
                 }
             }
         }
-    }
-
-    /// Whether the group is at least `far_behind_messages` behind on a partition of the events topic (by its
-    /// committed offsets, which trail the batches applied by at most the commits still in flight).
-    async fn far_behind(&self, consumer: &Arc<WorkerConsumer>) -> Result<bool, WorkerError> {
-        if self.projection.aggregate_type().is_none() {
-            return Ok(false);
-        }
-        let consumer = consumer.clone();
-        let topic = self.kafka.events_topic.clone();
-        let threshold = self.config.far_behind_messages;
-        let check = tokio::task::spawn_blocking(move || stale_partitions(&consumer, &topic, threshold))
-            .await
-            .map_err(|_| KafkaError::Canceled)??;
-        Ok(!check.behind.is_empty())
     }
 
     /// Waits for one message, then takes what is already waiting and what arrives until `batch_wait_ms` after
@@ -685,7 +677,9 @@ impl ProjectionWorker {
             let check = {
                 let consumer = consumer.clone();
                 let topic = topic.clone();
-                tokio::task::spawn_blocking(move || stale_partitions(&consumer, &topic, CATCH_UP_LAG_MESSAGES))
+                // Never above the following threshold: a worker restarted for being far behind catches up.
+                let threshold = CATCH_UP_LAG_MESSAGES.min(self.config.far_behind_messages);
+                tokio::task::spawn_blocking(move || stale_partitions(&consumer, &topic, threshold))
                     .await
                     .map_err(|_| KafkaError::Canceled)??
             };
@@ -735,6 +729,63 @@ pub const FAR_BEHIND_MESSAGES: i64 = 5_000;
 /// How often a following worker checks whether it fell that far behind, at most.
 pub const LAG_CHECK_INTERVAL_MS: u64 = 10_000;
 
+/// A following worker's look at its lag on the events topic (every [`WorkerConfig::lag_check_interval_ms`]).
+///
+/// It also keeps the projection's log cursor (where a catch-up from PostgreSQL starts) moving while the worker
+/// follows: each check reads the relay's cursor `R`, then the topic's high watermarks `H`; every event up to `R`
+/// was acknowledged by the broker before `R` was stored, so it lies below `H`. Once the group's committed offsets
+/// reach `H` on every partition (a later check), every event up to `R` has been applied, and the cursor moves to
+/// `R` (forward only). A catch-up then reads only what came after, not everything since the last one.
+struct LagCheck {
+    /// The relay's cursor, when the cluster could be named.
+    relay_cursor: Option<String>,
+    /// The relay's position and the high watermarks read after it, at the previous check.
+    pending: Option<(LogPosition, HashMap<i32, i64>)>,
+}
+
+impl LagCheck {
+    async fn new(worker: &ProjectionWorker) -> Self {
+        let relay_cursor = match worker.projection.aggregate_type() {
+            Some(_) => crate::relay::cursor_name(&worker.kafka).await.ok(),
+            None => None,
+        };
+        Self { relay_cursor, pending: None }
+    }
+
+    /// Whether the group is at least `far_behind_messages` behind on a partition of the events topic assigned to
+    /// this member (by its committed offsets, which trail the batches applied by at most the commits in flight);
+    /// moves the log cursor forward as described above.
+    async fn check(&mut self, worker: &ProjectionWorker, consumer: &Arc<WorkerConsumer>) -> Result<bool, WorkerError> {
+        let Some(relay_cursor) = &self.relay_cursor else { return Ok(false) };
+        let relayed = crate::log::load_cursor(&worker.pool, relay_cursor).await.map_err(ApplyError::Database)?;
+        let check = {
+            let consumer = consumer.clone();
+            let topic = worker.kafka.events_topic.clone();
+            let threshold = worker.config.far_behind_messages;
+            tokio::task::spawn_blocking(move || stale_partitions(&consumer, &topic, threshold))
+                .await
+                .map_err(|_| KafkaError::Canceled)??
+        };
+        if let Some((position, highs)) = self.pending.take() {
+            let applied =
+                highs.iter().all(|(partition, high)| check.committed.get(partition).is_some_and(|c| c >= high));
+            if applied {
+                crate::log::save_cursor(&worker.pool, &worker.log_cursor(), position)
+                    .await
+                    .map_err(ApplyError::Database)?;
+            }
+        }
+        self.pending = Some((relayed, check.highs));
+        let assigned: HashSet<i32> = consumer
+            .assignment()?
+            .elements_for_topic(&worker.kafka.events_topic)
+            .iter()
+            .map(|element| element.partition())
+            .collect();
+        Ok(check.behind.iter().any(|(partition, _)| assigned.contains(partition)))
+    }
+}
+
 /// How following Kafka ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Followed {
@@ -748,6 +799,10 @@ struct PartitionCheck {
     stale: Vec<(i32, i64)>,
     /// Partitions with a valid offset at least the threshold behind, with their high watermark.
     behind: Vec<(i32, i64)>,
+    /// Every partition's high watermark.
+    highs: HashMap<i32, i64>,
+    /// The committed offset of each partition that has a valid one.
+    committed: HashMap<i32, i64>,
 }
 
 /// Compares the group's committed offsets with each partition's watermarks (blocking calls); `behind` lists
@@ -766,19 +821,22 @@ fn stale_partitions(consumer: &WorkerConsumer, topic: &str, threshold: i64) -> R
         assignment.add_partition(topic, partition);
     }
     let committed = consumer.committed_offsets(assignment, timeout)?;
-    let (mut stale, mut behind) = (Vec::new(), Vec::new());
+    let mut check =
+        PartitionCheck { stale: Vec::new(), behind: Vec::new(), highs: HashMap::new(), committed: HashMap::new() };
     for &partition in &partitions {
         let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+        check.highs.insert(partition, high);
         match committed.find_partition(topic, partition).map(|p| p.offset()) {
             Some(Offset::Offset(o)) if o >= low && o <= high => {
+                check.committed.insert(partition, o);
                 if high - o >= threshold {
-                    behind.push((partition, high));
+                    check.behind.push((partition, high));
                 }
             }
-            _ => stale.push((partition, high)),
+            _ => check.stale.push((partition, high)),
         }
     }
-    Ok(PartitionCheck { stale, behind })
+    Ok(check)
 }
 
 /// Runs one worker per projection until `cancel` fires; fails if one of them fails for good.

@@ -911,8 +911,9 @@ async fn the_performance_projection_applies_events_one_by_one_as_in_a_batch() {
 }
 
 /// A worker that falls far behind on the events topic while following (here: its projection's lock held while
-/// 1,200 other events are relayed, so that its batch waits) stops reading the topic, catches up from PostgreSQL
-/// and follows again from the high watermarks — and ends equal to a rebuild. (In a 10-minute chaos run the
+/// 1,200 other events and deposits are relayed, so that its batch waits) stops reading the topic, catches up from
+/// PostgreSQL and follows again from the high watermarks — each deposit applied once, the tables equal to a
+/// rebuild — and, following, keeps its log cursor moving (so that a catch-up reads only what came after). (In a 10-minute chaos run the
 /// workers, re-reading a backlog from a broker that keeps its log in PostgreSQL, were still minutes behind after
 /// ten minutes; restarted, they caught up from the log in seconds.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -927,6 +928,8 @@ async fn a_following_worker_that_falls_far_behind_catches_up_from_postgres() {
         group_prefix: prefix.clone(),
         lag_check_interval_ms: 0,
         far_behind_messages: 100,
+        // Small batches: the one held by the lock leaves most of the backlog behind it.
+        batch_size_max: 50,
         ..WorkerConfig::default()
     };
     let positions = projection("positions");
@@ -935,13 +938,16 @@ async fn a_following_worker_that_falls_far_behind_catches_up_from_postgres() {
     let running = Running::spawn(|cancel| async move {
         let _ = worker.run(cancel).await;
     });
-    open_portfolio(&commands, "1000", CostBasisMethod::Fifo).await;
+    let portfolio = open_portfolio(&commands, "1000", CostBasisMethod::Fifo).await;
     wait_events_applied(&db.pool, positions.as_ref()).await;
     let followed = eventually(|| async { status.following.load(Ordering::SeqCst) }).await;
     assert!(followed);
     let catch_ups = status.catch_ups.load(Ordering::Relaxed);
+    let read_before = status.messages.load(Ordering::Relaxed);
 
     let mut lock = db.pool.begin().await.unwrap();
+    // Idle while the backlog is written and relayed, which may take a while on a busy machine.
+    sqlx::query("set local idle_in_transaction_session_timeout = 0").execute(&mut *lock).await.unwrap();
     sqlx::query("select pg_advisory_xact_lock($1)")
         .bind(ledger::projections::catch_up::projection_lock(positions.as_ref()))
         .execute(&mut *lock)
@@ -952,6 +958,10 @@ async fn a_following_worker_that_falls_far_behind_catches_up_from_postgres() {
         for n in 0..1_200i64 {
             crate::support::workload::insert_event(&mut conn, &format!("filler-{}", n % 120), n / 120 + 1).await;
         }
+    }
+    for _ in 0..20 {
+        let deposit = PortfolioCommand::DepositCash { amount: amount("10"), reference: None, at: Utc::now() };
+        commands.execute_portfolio(&ctx(), portfolio, deposit).await.unwrap();
     }
     let relayed = eventually(|| async {
         let name = ledger::relay::cursor_name(&kafka).await.unwrap();
@@ -969,9 +979,36 @@ async fn a_following_worker_that_falls_far_behind_catches_up_from_postgres() {
     })
     .await;
     assert!(drained, "following again, the group's offsets reach the end of the topic");
-    open_portfolio(&commands, "250", CostBasisMethod::Fifo).await;
+    let read = status.messages.load(Ordering::Relaxed) - read_before;
+    assert!(read < 1_000, "the worker caught up from PostgreSQL instead of re-reading the topic ({read} messages)");
+    let second = open_portfolio(&commands, "250", CostBasisMethod::Fifo).await;
     wait_events_applied(&db.pool, positions.as_ref()).await;
+    let cash: Decimal = sqlx::query_scalar("select cash from rm_portfolios where portfolio_id = $1")
+        .bind(portfolio.0)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(cash, dec("1200"), "each deposit applied once");
     assert_equals_rebuild(&db.pool, &["positions"]).await;
+
+    // Following (each batch a lag check here), the log cursor passes the second portfolio's events, which came
+    // through Kafka: it moves once a later check sees them applied and relayed.
+    let cursor_passed = eventually(|| async {
+        open_portfolio(&commands, "1", CostBasisMethod::Fifo).await;
+        sqlx::query_scalar::<_, bool>(
+            "select coalesce((select (c.transaction_id, c.global_position) >= (e.transaction_id, e.global_position)
+                                from log_cursors c,
+                                     (select transaction_id, global_position from events where aggregate_id = $1
+                                       order by transaction_id desc, global_position desc limit 1) e
+                               where c.name = 'projection:positions'), false)",
+        )
+        .bind(second.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    })
+    .await;
+    assert!(cursor_passed, "the log cursor moves while the worker follows Kafka");
     running.stop().await;
     relay.stop().await;
     pm.stop().await;
