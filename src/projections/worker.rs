@@ -16,7 +16,9 @@
 //! The same holds for a group far behind on the events topic ([`CATCH_UP_LAG_MESSAGES`] on a partition at
 //! start-up, [`FAR_BEHIND_MESSAGES`] while following, checked every [`LAG_CHECK_INTERVAL_MS`]): reading the
 //! backlog from the log is much faster than re-reading the topic, so the worker stops following, catches up from
-//! PostgreSQL and follows again from the high watermarks.
+//! PostgreSQL and follows again from the high watermarks. The same checks move the projection's log cursor (where a
+//! catch-up starts) forward while the worker follows, and notice a topic that lost messages the group had not
+//! consumed (see `LagCheck`).
 //!
 //! Poison: a message that cannot be decoded or applied is recorded in `dead_letters` (same transaction) and
 //! produced to the dead-letter topic with the error and its source topic, partition and offset; the worker
@@ -345,14 +347,23 @@ impl ProjectionWorker {
     /// it fell far behind while following (the start-up check then catches up from PostgreSQL).
     pub async fn run(&self, cancel: CancellationToken) -> Result<(), WorkerError> {
         let mut backoff = Backoff::new(Duration::from_millis(RESTART_FIRST_DELAY_MS), self.retry_max());
+        let mut catch_up = false;
         loop {
-            match self.run_once(&cancel).await {
+            let outcome = self.run_once(&cancel, std::mem::take(&mut catch_up)).await;
+            match outcome {
                 Ok(Followed::Cancelled) => return Ok(()),
                 Ok(Followed::FarBehind) => {
-                    self.status.following.store(false, Ordering::SeqCst);
                     tracing::info!(
                         projection = self.projection.name(),
                         "far behind on the events topic while following; catching up from PostgreSQL"
+                    );
+                }
+                Ok(Followed::Lost) => {
+                    catch_up = true;
+                    tracing::warn!(
+                        projection = self.projection.name(),
+                        "the events topic lost messages the group had not consumed (recreated, truncated or past \
+                         retention); catching up from PostgreSQL"
                     );
                 }
                 Err(error) => {
@@ -388,9 +399,11 @@ impl ProjectionWorker {
         Ok(Arc::new(consumer))
     }
 
-    async fn run_once(&self, cancel: &CancellationToken) -> Result<Followed, WorkerError> {
+    /// One consumer's life; with `catch_up`, the start-up check catches up on the events topic whatever the
+    /// group's offsets say.
+    async fn run_once(&self, cancel: &CancellationToken, catch_up: bool) -> Result<Followed, WorkerError> {
         let consumer = self.consumer()?;
-        let result = self.follow(&consumer, cancel).await;
+        let result = self.follow(&consumer, cancel, catch_up).await;
         consumer.context().closing.store(true, Ordering::SeqCst);
         crate::kafka::close_off_runtime(consumer, "projection-worker").await;
         result
@@ -400,8 +413,9 @@ impl ProjectionWorker {
         &self,
         consumer: &Arc<WorkerConsumer>,
         cancel: &CancellationToken,
+        catch_up: bool,
     ) -> Result<Followed, WorkerError> {
-        self.catch_up_if_needed(consumer).await?;
+        self.catch_up_if_needed(consumer, catch_up).await?;
         let topics = self.topics();
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topic_refs)?;
@@ -413,7 +427,7 @@ impl ProjectionWorker {
         self.report_status(&mut reported).await;
         let lag_check_interval = Duration::from_millis(self.config.lag_check_interval_ms);
         let mut lag_checked = Instant::now();
-        let mut lag = LagCheck::new(self).await;
+        let mut lag = LagCheck::default();
         loop {
             let batch = self.collect(consumer, cancel).await?;
             if batch.is_empty() {
@@ -429,11 +443,15 @@ impl ProjectionWorker {
             if lag_checked.elapsed() >= lag_check_interval {
                 lag_checked = Instant::now();
                 match lag.check(self, consumer).await {
-                    Ok(true) => {
+                    Ok(Lag::FarBehind) => {
                         self.status.following.store(false, Ordering::SeqCst);
                         return Ok(Followed::FarBehind);
                     }
-                    Ok(false) => {}
+                    Ok(Lag::Lost) => {
+                        self.status.following.store(false, Ordering::SeqCst);
+                        return Ok(Followed::Lost);
+                    }
+                    Ok(Lag::Near) => {}
                     // Only a check: following goes on, and the next one may succeed.
                     Err(error) => tracing::warn!(projection = self.projection.name(), %error, "lag check failed"),
                 }
@@ -669,7 +687,7 @@ impl ProjectionWorker {
     }
 
     /// The start-up check described in the module docs.
-    async fn catch_up_if_needed(&self, consumer: &Arc<WorkerConsumer>) -> Result<(), WorkerError> {
+    async fn catch_up_if_needed(&self, consumer: &Arc<WorkerConsumer>, force: bool) -> Result<(), WorkerError> {
         if self.config.create_topics {
             self.kafka.ensure_topics().await?;
         }
@@ -689,6 +707,9 @@ impl ProjectionWorker {
                 // PostgreSQL is much faster than re-reading the topic. Every message below the high watermark
                 // seen here was committed before the catch-up starts, so the catch-up covers it.
                 check.stale.append(&mut check.behind);
+                if force {
+                    check.stale = check.highs.iter().map(|(&partition, &high)| (partition, high)).collect();
+                }
             }
             if check.stale.is_empty() {
                 continue;
@@ -732,32 +753,45 @@ pub const LAG_CHECK_INTERVAL_MS: u64 = 10_000;
 /// A following worker's look at its lag on the events topic (every [`WorkerConfig::lag_check_interval_ms`]).
 ///
 /// It also keeps the projection's log cursor (where a catch-up from PostgreSQL starts) moving while the worker
-/// follows: each check reads the relay's cursor `R`, then the topic's high watermarks `H`; every event up to `R`
-/// was acknowledged by the broker before `R` was stored, so it lies below `H`. Once the group's committed offsets
-/// reach `H` on every partition (a later check), every event up to `R` has been applied, and the cursor moves to
-/// `R` (forward only). A catch-up then reads only what came after, not everything since the last one.
+/// follows: each check reads the relay's cursor `R`, then the topic's watermarks; every event up to `R` was
+/// acknowledged by the broker before `R` was stored, so it lies below the high watermarks `H` read after it. Once
+/// the group's committed offsets reach `H` on every partition (a later check), every event up to `R` has been
+/// applied, and the cursor moves to `R` (forward only). A catch-up then reads only what came after, not
+/// everything since the last one. That needs the topic to have kept what the group had not consumed: a high
+/// watermark that went down (the topic recreated or truncated) or a low watermark past the group's previous
+/// offset (retention overtook it, and the consumer skipped to the earliest message) saves nothing and makes the
+/// worker catch up from the cursor where it is.
+#[derive(Default)]
 struct LagCheck {
-    /// The relay's cursor, when the cluster could be named.
+    /// The relay's cursor, once the cluster could be named (tried again at each check until then).
     relay_cursor: Option<String>,
-    /// The relay's position and the high watermarks read after it, at the previous check.
-    pending: Option<(LogPosition, HashMap<i32, i64>)>,
+    /// The previous check: the relay's position read before it, and its watermarks and committed offsets.
+    previous: Option<(Option<LogPosition>, PartitionCheck)>,
+}
+
+/// What a lag check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lag {
+    Near,
+    /// [`WorkerConfig::far_behind_messages`] behind on a partition of this member.
+    FarBehind,
+    /// The topic lost messages the group had not consumed.
+    Lost,
 }
 
 impl LagCheck {
-    async fn new(worker: &ProjectionWorker) -> Self {
-        let relay_cursor = match worker.projection.aggregate_type() {
-            Some(_) => crate::relay::cursor_name(&worker.kafka).await.ok(),
+    /// Checks as described above; moves the log cursor forward when it can.
+    async fn check(&mut self, worker: &ProjectionWorker, consumer: &Arc<WorkerConsumer>) -> Result<Lag, WorkerError> {
+        if worker.projection.aggregate_type().is_none() {
+            return Ok(Lag::Near);
+        }
+        if self.relay_cursor.is_none() {
+            self.relay_cursor = crate::relay::cursor_name(&worker.kafka).await.ok();
+        }
+        let relayed = match &self.relay_cursor {
+            Some(name) => Some(crate::log::load_cursor(&worker.pool, name).await.map_err(ApplyError::Database)?),
             None => None,
         };
-        Self { relay_cursor, pending: None }
-    }
-
-    /// Whether the group is at least `far_behind_messages` behind on a partition of the events topic assigned to
-    /// this member (by its committed offsets, which trail the batches applied by at most the commits in flight);
-    /// moves the log cursor forward as described above.
-    async fn check(&mut self, worker: &ProjectionWorker, consumer: &Arc<WorkerConsumer>) -> Result<bool, WorkerError> {
-        let Some(relay_cursor) = &self.relay_cursor else { return Ok(false) };
-        let relayed = crate::log::load_cursor(&worker.pool, relay_cursor).await.map_err(ApplyError::Database)?;
         let check = {
             let consumer = consumer.clone();
             let topic = worker.kafka.events_topic.clone();
@@ -766,23 +800,35 @@ impl LagCheck {
                 .await
                 .map_err(|_| KafkaError::Canceled)??
         };
-        if let Some((position, highs)) = self.pending.take() {
+        if let Some((relayed_before, before)) = self.previous.take() {
+            let lost = before.highs.iter().any(|(partition, high)| {
+                let truncated = check.highs.get(partition).is_none_or(|now| now < high);
+                let skipped = before
+                    .committed
+                    .get(partition)
+                    .is_some_and(|c| check.lows.get(partition).is_some_and(|low| low > c));
+                truncated || skipped
+            });
+            if lost {
+                return Ok(Lag::Lost);
+            }
             let applied =
-                highs.iter().all(|(partition, high)| check.committed.get(partition).is_some_and(|c| c >= high));
-            if applied {
+                before.highs.iter().all(|(partition, high)| check.committed.get(partition).is_some_and(|c| c >= high));
+            if let (true, Some(position)) = (applied, relayed_before) {
                 crate::log::save_cursor(&worker.pool, &worker.log_cursor(), position)
                     .await
                     .map_err(ApplyError::Database)?;
             }
         }
-        self.pending = Some((relayed, check.highs));
         let assigned: HashSet<i32> = consumer
             .assignment()?
             .elements_for_topic(&worker.kafka.events_topic)
             .iter()
             .map(|element| element.partition())
             .collect();
-        Ok(check.behind.iter().any(|(partition, _)| assigned.contains(partition)))
+        let far_behind = check.behind.iter().any(|(partition, _)| assigned.contains(partition));
+        self.previous = Some((relayed, check));
+        Ok(if far_behind { Lag::FarBehind } else { Lag::Near })
     }
 }
 
@@ -792,6 +838,8 @@ enum Followed {
     Cancelled,
     /// The group fell [`WorkerConfig::far_behind_messages`] behind: start again (the start-up check catches up).
     FarBehind,
+    /// The topic lost messages the group had not consumed: start again and catch up whatever the offsets say.
+    Lost,
 }
 
 struct PartitionCheck {
@@ -801,6 +849,8 @@ struct PartitionCheck {
     behind: Vec<(i32, i64)>,
     /// Every partition's high watermark.
     highs: HashMap<i32, i64>,
+    /// Every partition's low watermark.
+    lows: HashMap<i32, i64>,
     /// The committed offset of each partition that has a valid one.
     committed: HashMap<i32, i64>,
 }
@@ -821,11 +871,17 @@ fn stale_partitions(consumer: &WorkerConsumer, topic: &str, threshold: i64) -> R
         assignment.add_partition(topic, partition);
     }
     let committed = consumer.committed_offsets(assignment, timeout)?;
-    let mut check =
-        PartitionCheck { stale: Vec::new(), behind: Vec::new(), highs: HashMap::new(), committed: HashMap::new() };
+    let mut check = PartitionCheck {
+        stale: Vec::new(),
+        behind: Vec::new(),
+        highs: HashMap::new(),
+        lows: HashMap::new(),
+        committed: HashMap::new(),
+    };
     for &partition in &partitions {
         let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
         check.highs.insert(partition, high);
+        check.lows.insert(partition, low);
         match committed.find_partition(topic, partition).map(|p| p.offset()) {
             Some(Offset::Offset(o)) if o >= low && o <= high => {
                 check.committed.insert(partition, o);

@@ -1009,6 +1009,17 @@ async fn a_following_worker_that_falls_far_behind_catches_up_from_postgres() {
     })
     .await;
     assert!(cursor_passed, "the log cursor moves while the worker follows Kafka");
+    // And every Portfolio event up to it is applied: a catch-up starting there misses nothing.
+    let missed: i64 = sqlx::query_scalar(
+        "select count(*) from events e join log_cursors c on c.name = 'projection:positions'
+           left join positions_progress p on p.aggregate_id = e.aggregate_id
+          where e.aggregate_type = 'Portfolio' and (e.transaction_id, e.global_position) <= (c.transaction_id, c.global_position)
+            and e.sequence > coalesce(p.last_sequence, 0)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(missed, 0, "events up to the cursor not applied");
     running.stop().await;
     relay.stop().await;
     pm.stop().await;
