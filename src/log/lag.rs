@@ -69,11 +69,3 @@ pub async fn aggregate_head(pool: &PgPool, aggregate_type: &str, aggregate_id: &
         .fetch_one(pool)
         .await
 }
-
-/// How many events of one aggregate type the log holds.
-pub async fn count_of_type(pool: &PgPool, aggregate_type: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("select count(*) from events where aggregate_type = $1")
-        .bind(aggregate_type)
-        .fetch_one(pool)
-        .await
-}

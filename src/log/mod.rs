@@ -29,7 +29,7 @@ mod snapshot;
 
 pub use cursor::{load_cursor, notify_progress, reset_cursor, save_cursor, PROGRESS_CHANNEL};
 pub use history::{aggregate_events, aggregate_events_between, replay_as_of, AsOf};
-pub use lag::{aggregate_head, count_of_type, cursor_lag, cursor_lags, head, lag_after, Lag, LAG_COUNT_MAX};
+pub use lag::{aggregate_head, cursor_lag, cursor_lags, head, lag_after, Lag, LAG_COUNT_MAX};
 pub use reader::{decode_event, event_at, event_by_id, LogReader, ReadOrder, BATCH_SIZE_MAX};
 pub use snapshot::Snapshot;
 

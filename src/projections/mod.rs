@@ -139,7 +139,8 @@ pub trait Projection: Send + Sync + 'static {
 
 /// A projection's state held in memory across the batches of a rebuild: the log is folded into it at the speed
 /// of reading, and the net rows are written once (or whenever the state outgrows its memory bound) instead of
-/// a read-modify-write of the rows per batch. Folding the same events must give the same rows as
+/// a read-modify-write of the rows per batch. (A fold may also hold nothing and write each read's rows at once,
+/// as an append-only projection does.) Folding the same events must give the same rows as
 /// [`Projection::apply_events`] does; the rebuild's verify mode compares the two. The memory bound is on the
 /// folds' own estimates ([`ReplayFold::held_bytes`]) summed over the projections rebuilt together; when the sum
 /// passes the limit, the rebuild flushes the largest first.
@@ -147,7 +148,8 @@ pub trait Projection: Send + Sync + 'static {
 pub trait ReplayFold: Send {
     /// Folds events of the projection's aggregate type (new ones only, in log order). Rows written by an
     /// earlier [`ReplayFold::flush`] are read back through `conn` when an event needs them. An event that
-    /// cannot be decoded is skipped (the live worker dead-letters it): its index and the reason are returned.
+    /// cannot be decoded or applied is skipped (the live worker dead-letters it): its index and the reason are
+    /// returned.
     async fn fold(&mut self, conn: &mut PgConnection, events: &[&RawEvent])
         -> Result<Vec<(usize, String)>, ApplyError>;
     /// Roughly the bytes of state held in memory.
@@ -158,7 +160,7 @@ pub trait ReplayFold: Send {
 
 /// One event of a rebuild's batch, decoded: its aggregate, its log record and its payload.
 pub type Decoded<'a, E> = (uuid::Uuid, &'a RawEvent, E);
-/// One event of a rebuild's batch that could not be decoded: its index in the batch and the reason.
+/// One event of a rebuild's batch that could not be decoded or applied: its index in the batch and the reason.
 pub type Skipped = (usize, String);
 
 /// A rebuild batch's events of one aggregate type decoded for a [`ReplayFold`] (payload JSON straight into

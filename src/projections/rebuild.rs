@@ -69,7 +69,8 @@ pub struct RebuildReport {
 /// Progress of a rebuild: `(inputs read so far, inputs to read)`.
 pub type ProgressFn<'a> = &'a mut (dyn FnMut(u64, u64) + Send);
 
-/// Ticks per transaction during a rebuild, and events per read of the last delta (under the lock).
+/// Ticks per transaction during a rebuild, and events per read of what was committed after the bulk (the catch-up
+/// before the lock and the delta under it).
 pub const REBUILD_BATCH_SIZE: usize = 2_000;
 /// Events per read of the log in a rebuild's bulk.
 pub const REPLAY_READ_BATCH: usize = crate::log::BATCH_SIZE_MAX;
@@ -324,8 +325,8 @@ impl Rebuilding<'_> {
 /// log is folded by every projection in turn, under one memory bound ([`ReplayLimits::held_bytes_max`] for
 /// the folds' state together — the largest is flushed first). Then each projection in turn replays its ticks and
 /// swaps (or compares) its tables. Progress counts the log's events once, and each projection's ticks.
-/// Each report's `events` are the log's events read (and those applied under its lock); its `seconds` run from
-/// the start to its swap or comparison.
+/// Each report's `events` are the log's events read in the bulk and those read after it for that projection
+/// (before and under its lock); its `seconds` run from the start to its swap or comparison.
 pub async fn rebuild_together(
     pool: &PgPool,
     projections: &[&dyn Projection],
@@ -487,8 +488,12 @@ async fn finish(
             *done += missing.len() as u64;
             apply_to_shadow(pool, projection, ShadowInput::Events(&missing)).await?;
         } else {
+            // Up to what a reader can read now (a log written faster than this applies it cannot keep it going).
+            let target = crate::log::newest_position(pool, crate::log::Newest::BelowHorizon)
+                .await
+                .map_err(ApplyError::Database)?;
             let mut reader = LogReader::new(pool.clone(), position).with_batch_size(REBUILD_BATCH_SIZE);
-            loop {
+            while reader.position() < target {
                 let batch = reader.read_batch().await.map_err(ApplyError::Database)?;
                 if batch.is_empty() {
                     break;

@@ -14,7 +14,8 @@
 //!   offset still held; ticks it already applied are skipped by `(ts, seq)`.
 //!
 //! The same holds for a group far behind on the events topic ([`CATCH_UP_LAG_MESSAGES`] on a partition at
-//! start-up, [`FAR_BEHIND_MESSAGES`] while following, checked every [`LAG_CHECK_INTERVAL_MS`]): reading the
+//! start-up, [`FAR_BEHIND_MESSAGES`] while following, checked after a batch at most every
+//! [`LAG_CHECK_INTERVAL_MS`]): reading the
 //! backlog from the log is much faster than re-reading the topic, so the worker stops following, catches up from
 //! PostgreSQL and follows again from the high watermarks. The same checks move the projection's log cursor (where a
 //! catch-up starts) forward while the worker follows, and notice a topic that lost messages the group had not
@@ -117,7 +118,8 @@ pub struct WorkerStatus {
     pub rebalances: AtomicU64,
     /// Partitions currently assigned to this worker.
     pub assigned_partitions: AtomicI64,
-    /// Catch-ups from PostgreSQL performed at start-up.
+    /// Catch-ups from PostgreSQL, one per topic, each time the consumer starts (the first start, after a failure,
+    /// after falling far behind or after the topic lost messages).
     pub catch_ups: AtomicU64,
     /// True once the start-up check (and catch-up, if any) is done and the worker follows Kafka.
     pub following: AtomicBool,
@@ -347,9 +349,25 @@ impl ProjectionWorker {
     /// it fell far behind while following (the start-up check then catches up from PostgreSQL).
     pub async fn run(&self, cancel: CancellationToken) -> Result<(), WorkerError> {
         let mut backoff = Backoff::new(Duration::from_millis(RESTART_FIRST_DELAY_MS), self.retry_max());
+        // Whether the next start must catch up whatever the offsets say: kept until a start got past it.
         let mut catch_up = false;
+        let mut restarted: Option<Instant> = None;
         loop {
-            let outcome = self.run_once(&cancel, std::mem::take(&mut catch_up)).await;
+            let outcome = self.run_once(&cancel, catch_up).await;
+            if outcome.is_ok() {
+                catch_up = false;
+            }
+            if matches!(outcome, Ok(Followed::FarBehind | Followed::Lost)) {
+                // At most one such restart per check interval: each one makes the group rebalance.
+                let gap = Duration::from_millis(self.config.lag_check_interval_ms);
+                if let Some(wait) = restarted.and_then(|at| gap.checked_sub(at.elapsed())) {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                restarted = Some(Instant::now());
+            }
             match outcome {
                 Ok(Followed::Cancelled) => return Ok(()),
                 Ok(Followed::FarBehind) => {

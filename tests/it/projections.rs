@@ -913,9 +913,9 @@ async fn the_performance_projection_applies_events_one_by_one_as_in_a_batch() {
 /// A worker that falls far behind on the events topic while following (here: its projection's lock held while
 /// 1,200 other events and deposits are relayed, so that its batch waits) stops reading the topic, catches up from
 /// PostgreSQL and follows again from the high watermarks — each deposit applied once, the tables equal to a
-/// rebuild — and, following, keeps its log cursor moving (so that a catch-up reads only what came after). (In a 10-minute chaos run the
-/// workers, re-reading a backlog from a broker that keeps its log in PostgreSQL, were still minutes behind after
-/// ten minutes; restarted, they caught up from the log in seconds.)
+/// rebuild — and, following, keeps its log cursor moving (so that a catch-up reads only what came after). (In a
+/// 10-minute chaos run the workers, re-reading a backlog from a broker that keeps its log in PostgreSQL, were still
+/// minutes behind after ten minutes; restarted, they caught up from the log in seconds.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_following_worker_that_falls_far_behind_catches_up_from_postgres() {
     let db = TestDb::new_with(20).await;
