@@ -322,7 +322,8 @@ impl Rebuilding<'_> {
 }
 
 /// Rebuilds each of `projections` (see the module docs), reading the log once for all of them: each read of the
-/// log is folded by every projection in turn, under one memory bound ([`ReplayLimits::held_bytes_max`] for
+/// log is folded by every projection at once (on one task: one's statements wait for PostgreSQL while another
+/// decodes), under one memory bound ([`ReplayLimits::held_bytes_max`] for
 /// the folds' state together — the largest is flushed first). Then each projection in turn replays its ticks and
 /// swaps (or compares) its tables. Progress counts the log's events once, and each projection's ticks.
 /// Each report's `events` are the log's events read in the bulk and those read after it for that projection
@@ -368,18 +369,24 @@ pub async fn rebuild_together(
         while let Some(result) = batches.recv().await {
             let (batch, after) = result?;
             read += batch.len() as u64;
-            for r in rebuilding.iter_mut() {
-                let (Some(folding), Some(aggregate_type)) = (r.folding.as_mut(), r.projection.aggregate_type()) else {
-                    continue;
-                };
-                let mut events: Vec<&RawEvent> = batch.iter().filter(|e| e.aggregate_type == aggregate_type).collect();
-                if verify {
-                    events = within_live_progress(pool, r.projection, &mut r.live, events).await?;
-                }
-                if !events.is_empty() {
-                    folding.take(pool, r.projection, &events).await?;
-                }
-            }
+            // Each projection's fold at once: one's statements wait for PostgreSQL while another decodes.
+            let takes = rebuilding.iter_mut().filter_map(|r| {
+                let aggregate_type = r.projection.aggregate_type()?;
+                let folding = r.folding.as_mut()?;
+                let (projection, live, batch) = (r.projection, &mut r.live, &batch);
+                Some(async move {
+                    let mut events: Vec<&RawEvent> =
+                        batch.iter().filter(|e| e.aggregate_type == aggregate_type).collect();
+                    if verify {
+                        events = within_live_progress(pool, projection, live, events).await?;
+                    }
+                    if !events.is_empty() {
+                        folding.take(pool, projection, &events).await?;
+                    }
+                    Ok::<(), ApplyError>(())
+                })
+            });
+            futures::future::try_join_all(takes).await?;
             flush_over_bound(pool, &mut rebuilding, limits.held_bytes_max).await?;
             position = after;
             progress(read, total);
