@@ -416,6 +416,55 @@ pub async fn rebuild_together(
     Ok(reports)
 }
 
+/// Brings the shadow tables up to date after the bulk (which ended at `position`): when verifying, with the events
+/// the live projection has applied; otherwise with the log up to what a reader can read now — everything the live
+/// worker applied was relayed, so lies below it, and a log written faster than this applies it cannot keep it
+/// going. `locked`: inside the transaction that holds the projection's lock; otherwise each read in a transaction
+/// of its own. Returns the position reached (unchanged when verifying) and the events applied.
+async fn shadow_delta(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    verify: bool,
+    position: LogPosition,
+    mut locked: Option<&mut PgConnection>,
+) -> Result<(LogPosition, u64), ApplyError> {
+    async fn apply(
+        pool: &PgPool,
+        projection: &dyn Projection,
+        locked: Option<&mut PgConnection>,
+        events: &[RecordedEvent],
+    ) -> Result<(), ApplyError> {
+        match locked {
+            Some(conn) => apply_events(conn, projection, events, true).await.map(|_| ()),
+            None => apply_to_shadow(pool, projection, ShadowInput::Events(events)).await,
+        }
+    }
+    if verify {
+        let missing = match locked.as_deref_mut() {
+            Some(conn) => read_up_to_live_progress(conn, projection).await,
+            None => {
+                read_up_to_live_progress(&mut *pool.acquire().await.map_err(ApplyError::Database)?, projection).await
+            }
+        }
+        .map_err(ApplyError::Database)?;
+        apply(pool, projection, locked, &missing).await?;
+        return Ok((position, missing.len() as u64));
+    }
+    let target =
+        crate::log::newest_position(pool, crate::log::Newest::BelowHorizon).await.map_err(ApplyError::Database)?;
+    let mut reader = LogReader::new(pool.clone(), position).with_batch_size(REBUILD_BATCH_SIZE);
+    let mut applied = 0u64;
+    while reader.position() < target {
+        let batch = reader.read_batch().await.map_err(ApplyError::Database)?;
+        if batch.is_empty() {
+            break;
+        }
+        applied += batch.len() as u64;
+        apply(pool, projection, locked.as_deref_mut(), &batch).await?;
+    }
+    Ok((reader.position(), applied))
+}
+
 /// Flushes folds, the largest first, until the state held by all of them is within `held_bytes_max` — each at
 /// most once: what a fold keeps after a flush (the set of aggregates it wrote, to read them back) is not freed by
 /// flushing again.
@@ -486,32 +535,11 @@ async fn finish(
     // What arrived since the bulk, without the lock (projections rebuilt together finish one after the other):
     // the live writer then pauses only for what arrives while this one finishes.
     if projection.aggregate_type().is_some() {
-        if verify {
-            let missing = {
-                let mut conn = pool.acquire().await.map_err(ApplyError::Database)?;
-                read_up_to_live_progress(&mut conn, projection).await.map_err(ApplyError::Database)?
-            };
-            events += missing.len() as u64;
-            *done += missing.len() as u64;
-            apply_to_shadow(pool, projection, ShadowInput::Events(&missing)).await?;
-        } else {
-            // Up to what a reader can read now (a log written faster than this applies it cannot keep it going).
-            let target = crate::log::newest_position(pool, crate::log::Newest::BelowHorizon)
-                .await
-                .map_err(ApplyError::Database)?;
-            let mut reader = LogReader::new(pool.clone(), position).with_batch_size(REBUILD_BATCH_SIZE);
-            while reader.position() < target {
-                let batch = reader.read_batch().await.map_err(ApplyError::Database)?;
-                if batch.is_empty() {
-                    break;
-                }
-                events += batch.len() as u64;
-                *done += batch.len() as u64;
-                apply_to_shadow(pool, projection, ShadowInput::Events(&batch)).await?;
-                progress(*done, total);
-            }
-            position = reader.position();
-        }
+        let applied;
+        (position, applied) = shadow_delta(pool, projection, verify, position, None).await?;
+        events += applied;
+        *done += applied;
+        progress(*done, total);
     }
 
     // 2. The last delta and the swap (or comparison), with the live writers paused.
@@ -523,31 +551,11 @@ async fn finish(
         .map_err(ApplyError::Database)?;
     enter(&mut tx, projection, Target::Shadow).await.map_err(ApplyError::Database)?;
     if projection.aggregate_type().is_some() {
-        if verify {
-            // Everything the live projection has applied (its progress is frozen under the lock).
-            let missing = read_up_to_live_progress(&mut tx, projection).await.map_err(ApplyError::Database)?;
-            events += missing.len() as u64;
-            *done += missing.len() as u64;
-            apply_events(&mut tx, projection, &missing, true).await?;
-        } else {
-            // Up to what a reader can read now: everything the paused live worker applied was relayed, so lies
-            // below it; what comes after is the live worker's once the lock is released (a log written faster
-            // than this applies it cannot keep the lock held).
-            let target = crate::log::newest_position(pool, crate::log::Newest::BelowHorizon)
-                .await
-                .map_err(ApplyError::Database)?;
-            let mut reader = LogReader::new(pool.clone(), position).with_batch_size(REBUILD_BATCH_SIZE);
-            while reader.position() < target {
-                let batch = reader.read_batch().await.map_err(ApplyError::Database)?;
-                if batch.is_empty() {
-                    break;
-                }
-                events += batch.len() as u64;
-                *done += batch.len() as u64;
-                apply_events(&mut tx, projection, &batch, true).await?;
-            }
-            position = reader.position();
-        }
+        // Its progress frozen under the lock: what the live projection has applied, or everything it can have.
+        let applied;
+        (position, applied) = shadow_delta(pool, projection, verify, position, Some(&mut tx)).await?;
+        events += applied;
+        *done += applied;
     }
     if projection.rebuilds_from_ticks() {
         ticks += apply_archive_delta(&mut tx, projection, verify).await?;
