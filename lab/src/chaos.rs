@@ -692,10 +692,9 @@ async fn check_topic(pool: &PgPool, kafka: &KafkaConfig) -> anyhow::Result<Strin
 async fn check_rebuild(pool: &PgPool) -> anyhow::Result<String> {
     let settings = ledger::projections::ProjectionSettings::default();
     let projections = ledger::projections::all(&settings);
-    let together: Vec<&dyn ledger::projections::Projection> = projections.iter().map(|p| p.as_ref()).collect();
     let reports = ledger::projections::rebuild::rebuild_together(
         pool,
-        &together,
+        &projections,
         ledger::projections::rebuild::RebuildMode::Verify,
         Default::default(),
         &mut |_, _| {},

@@ -29,6 +29,7 @@
 //! derive from the event's, so each stays one row.)
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -74,8 +75,8 @@ pub type ProgressFn<'a> = &'a mut (dyn FnMut(u64, u64) + Send);
 pub const REBUILD_BATCH_SIZE: usize = 2_000;
 /// Events per read of the log in a rebuild's bulk.
 pub const REPLAY_READ_BATCH: usize = crate::log::BATCH_SIZE_MAX;
-/// The state the folds of a rebuild may hold together before the largest are written to the shadow tables (and
-/// forgotten).
+/// The state the folds of a rebuild may hold together before those holding more than their share write it to the
+/// shadow tables (and forget it).
 pub const REPLAY_HELD_BYTES_MAX: usize = 256 << 20;
 /// How long the statements of a fold's flush may take (the whole state is written in one statement per table).
 pub const REPLAY_FLUSH_TIMEOUT_SECS: u64 = 600;
@@ -100,15 +101,15 @@ impl Default for ReplayLimits {
 
 /// The bulk of one projection's rebuild: the log folded through its [`ReplayFold`] (or [`Applying`] when it has
 /// none), with the progress per aggregate beside it.
-struct Folding<'a> {
-    fold: Box<dyn ReplayFold + 'a>,
+struct Folding {
+    fold: Box<dyn ReplayFold>,
     /// Last sequence folded per aggregate since the last flush.
     last: HashMap<String, i64>,
 }
 
-impl<'a> Folding<'a> {
-    fn new(projection: &'a dyn Projection) -> Self {
-        let fold = projection.replay_fold().unwrap_or_else(|| Box::new(Applying { projection }));
+impl Folding {
+    fn new(projection: &Arc<dyn Projection>) -> Self {
+        let fold = projection.replay_fold().unwrap_or_else(|| Box::new(Applying { projection: projection.clone() }));
         Self { fold, last: HashMap::new() }
     }
 
@@ -185,12 +186,12 @@ impl<'a> Folding<'a> {
 /// ([`Projection::applies_event_type`]), parsed without their metadata — holding nothing between reads. A read
 /// with a poison event is applied again event by event, each under a savepoint, and the poison ones skipped (the
 /// live worker dead-letters them too).
-struct Applying<'a> {
-    projection: &'a dyn Projection,
+struct Applying {
+    projection: Arc<dyn Projection>,
 }
 
 #[async_trait]
-impl ReplayFold for Applying<'_> {
+impl ReplayFold for Applying {
     async fn fold(&mut self, conn: &mut PgConnection, events: &[&RawEvent]) -> Result<Vec<Skipped>, ApplyError> {
         let mut skipped = Vec::new();
         let mut wanted = Vec::new();
@@ -266,7 +267,7 @@ async fn drop_shadow(pool: &PgPool, projection: &dyn Projection) -> Result<(), s
 
 /// Inputs a rebuild of `projections` will read, for the progress bar: the log's events (read once for all the
 /// projections of events) and each projection's archived ticks.
-async fn total_inputs(pool: &PgPool, projections: &[&dyn Projection]) -> Result<u64, sqlx::Error> {
+async fn total_inputs(pool: &PgPool, projections: &[Arc<dyn Projection>]) -> Result<u64, sqlx::Error> {
     let mut total = 0i64;
     if projections.iter().any(|p| p.aggregate_type().is_some()) {
         total += sqlx::query_scalar::<_, i64>("select count(*) from events").fetch_one(pool).await?;
@@ -287,7 +288,7 @@ const REBUILD_HORIZON_POLL_MS: u64 = 20;
 /// Rebuilds `projection` (see the module docs).
 pub async fn rebuild(
     pool: &PgPool,
-    projection: &dyn Projection,
+    projection: &Arc<dyn Projection>,
     mode: RebuildMode,
     progress: ProgressFn<'_>,
 ) -> Result<RebuildReport, ApplyError> {
@@ -297,40 +298,140 @@ pub async fn rebuild(
 /// [`rebuild`] with the replay fold's bounds given.
 pub async fn rebuild_with(
     pool: &PgPool,
-    projection: &dyn Projection,
+    projection: &Arc<dyn Projection>,
     mode: RebuildMode,
     limits: ReplayLimits,
     progress: ProgressFn<'_>,
 ) -> Result<RebuildReport, ApplyError> {
-    let mut reports = rebuild_together(pool, &[projection], mode, limits, progress).await?;
+    let mut reports = rebuild_together(pool, std::slice::from_ref(projection), mode, limits, progress).await?;
     Ok(reports.remove(0))
 }
 
 /// One projection's part of a rebuild.
-struct Rebuilding<'a> {
-    projection: &'a dyn Projection,
+struct Rebuilding {
+    projection: Arc<dyn Projection>,
     /// The fold of the log's bulk, for a projection of events.
-    folding: Option<Folding<'a>>,
+    folding: Option<Folding>,
     /// Verify mode: the live progress of each aggregate as first seen (see [`within_live_progress`]).
     live: HashMap<String, i64>,
 }
 
-impl Rebuilding<'_> {
+impl Rebuilding {
     fn held_bytes(&self) -> usize {
         self.folding.as_ref().map_or(0, Folding::held_bytes)
     }
+
+    /// Folds the events of `batch` of the projection's aggregate type (when verifying, those the live projection
+    /// has applied).
+    async fn take(&mut self, pool: &PgPool, batch: &[RawEvent], verify: bool) -> Result<(), ApplyError> {
+        let (Some(aggregate_type), Some(folding)) = (self.projection.aggregate_type(), self.folding.as_mut()) else {
+            return Ok(());
+        };
+        let mut events: Vec<&RawEvent> = batch.iter().filter(|e| e.aggregate_type == aggregate_type).collect();
+        if verify {
+            events = within_live_progress(pool, &*self.projection, &mut self.live, events).await?;
+        }
+        if !events.is_empty() {
+            folding.take(pool, &*self.projection, &events).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes what the fold holds (see [`Folding::flush`]).
+    async fn flush(&mut self, pool: &PgPool) -> Result<(), ApplyError> {
+        match self.folding.as_mut() {
+            Some(folding) => folding.flush(pool, &*self.projection).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Reads of the log a projection's fold may lag behind the reading (each read is shared by all the folds).
+const FOLD_BATCHES_AHEAD: usize = 2;
+
+/// The state the folds of a rebuild hold, each as it last said, against their common bound.
+struct HeldBytes {
+    each: Vec<std::sync::atomic::AtomicUsize>,
+    /// The bound's share of each fold.
+    share: usize,
+    max: usize,
+}
+
+impl HeldBytes {
+    /// `slots` projections, `folds` of them with a fold of the log.
+    fn new(slots: usize, folds: usize, max: usize) -> Self {
+        Self { each: (0..slots).map(|_| Default::default()).collect(), share: max / folds.max(1), max }
+    }
+
+    /// Records what the fold in `slot` holds now (`held`, of which `kept` a flush cannot free: what it still held
+    /// after its last flush); whether it is to flush: the folds together hold more than the bound, and this one
+    /// has gathered at least its share since its last flush (with a bound of 0: anything). A fold holding little
+    /// is left alone even when the sum is over: the one over its share flushes when it next reports.
+    fn over(&self, slot: usize, held: usize, kept: usize) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.each[slot].store(held, Relaxed);
+        let sum: usize = self.each.iter().map(|each| each.load(Relaxed)).sum();
+        let gathered = held.saturating_sub(kept);
+        sum > self.max && gathered > 0 && gathered >= self.share
+    }
+}
+
+/// The bulk of one projection's rebuild, on a task of its own (the folds decode on every core, and one waits
+/// for PostgreSQL while another works): each read of the log from `batches`, in order, folded, and flushed
+/// when over its share of the memory bound; at the end (the channel closed), everything it holds written —
+/// unless the bulk was abandoned.
+async fn fold_bulk(
+    mut r: Rebuilding,
+    mut batches: tokio::sync::mpsc::Receiver<Arc<Vec<RawEvent>>>,
+    bulk: Bulk,
+) -> (Rebuilding, Result<(), ApplyError>) {
+    let Bulk { pool, verify, held, slot, abandon } = bulk;
+    let result = async {
+        let mut kept = 0;
+        while let Some(batch) = batches.recv().await {
+            if abandon.is_cancelled() {
+                return Ok(());
+            }
+            r.take(&pool, &batch, verify).await?;
+            if abandon.is_cancelled() {
+                return Ok(());
+            }
+            if held.over(slot, r.held_bytes(), kept) {
+                r.flush(&pool).await?;
+                kept = r.held_bytes();
+                held.over(slot, kept, kept);
+            }
+        }
+        if abandon.is_cancelled() {
+            return Ok(());
+        }
+        r.flush(&pool).await
+    }
+    .await;
+    (r, result)
+}
+
+/// What a projection's [`fold_bulk`] shares with the rebuild.
+struct Bulk {
+    pool: PgPool,
+    verify: bool,
+    held: Arc<HeldBytes>,
+    /// Its place in `held`.
+    slot: usize,
+    /// Set when the bulk has failed (or the rebuild was dropped): stop, writing nothing more.
+    abandon: tokio_util::sync::CancellationToken,
 }
 
 /// Rebuilds each of `projections` (see the module docs), reading the log once for all of them: each read of the
-/// log is folded by every projection at once (on one task: one's statements wait for PostgreSQL while another
-/// decodes), under one memory bound ([`ReplayLimits::held_bytes_max`] for
-/// the folds' state together — the largest is flushed first). Then each projection in turn replays its ticks and
+/// log is folded by every projection on a task of its own (each at its own pace, at most
+/// [`FOLD_BATCHES_AHEAD`] reads behind the reading), under one memory bound ([`ReplayLimits::held_bytes_max`] for
+/// the folds' state together: once it is passed, a fold holding more than its share flushes). Then each projection in turn replays its ticks and
 /// swaps (or compares) its tables. Progress counts the log's events once, and each projection's ticks.
 /// Each report's `events` are the log's events read in the bulk and those read after it for that projection
 /// (before and under its lock); its `seconds` run from the start to its swap or comparison.
 pub async fn rebuild_together(
     pool: &PgPool,
-    projections: &[&dyn Projection],
+    projections: &[Arc<dyn Projection>],
     mode: RebuildMode,
     limits: ReplayLimits,
     progress: ProgressFn<'_>,
@@ -345,14 +446,14 @@ pub async fn rebuild_together(
         }
     }
     for projection in projections {
-        prepare_shadow(pool, *projection).await.map_err(ApplyError::Database)?;
+        prepare_shadow(pool, &**projection).await.map_err(ApplyError::Database)?;
     }
     let total = total_inputs(pool, projections).await.map_err(ApplyError::Database)?;
     let verify = mode == RebuildMode::Verify;
     let mut rebuilding: Vec<Rebuilding> = projections
         .iter()
-        .map(|&projection| Rebuilding {
-            projection,
+        .map(|projection| Rebuilding {
+            projection: projection.clone(),
             folding: projection.aggregate_type().map(|_| Folding::new(projection)),
             live: HashMap::new(),
         })
@@ -366,41 +467,65 @@ pub async fn rebuild_together(
         let committed =
             crate::log::newest_position(pool, crate::log::Newest::Committed).await.map_err(ApplyError::Database)?;
         let mut batches = read_ahead(pool.clone(), position, limits.read_batch, committed);
-        while let Some(result) = batches.recv().await {
-            let (batch, after) = result?;
+        let folds = rebuilding.iter().filter(|r| r.folding.is_some()).count();
+        let held = Arc::new(HeldBytes::new(rebuilding.len(), folds, limits.held_bytes_max));
+        // Cancelled when the bulk fails or this rebuild is dropped: each fold then stops once the read it is folding
+        // is written, and writes nothing more.
+        let abandon = tokio_util::sync::CancellationToken::new();
+        let abandon_on_drop = abandon.clone().drop_guard();
+        let (mut senders, mut tasks) = (Vec::new(), Vec::new());
+        for (slot, r) in rebuilding.drain(..).enumerate() {
+            let (sender, receiver) = tokio::sync::mpsc::channel(FOLD_BATCHES_AHEAD);
+            senders.push(sender);
+            let bulk = Bulk { pool: pool.clone(), verify, held: held.clone(), slot, abandon: abandon.clone() };
+            tasks.push(tokio::spawn(fold_bulk(r, receiver, bulk)));
+        }
+        let mut failed = None;
+        'reading: while let Some(result) = batches.recv().await {
+            let (batch, after) = match result {
+                Ok(read) => read,
+                Err(error) => {
+                    failed = Some(error);
+                    abandon.cancel();
+                    break;
+                }
+            };
             read += batch.len() as u64;
-            // Each projection's fold at once: one's statements wait for PostgreSQL while another decodes.
-            let takes = rebuilding.iter_mut().filter_map(|r| {
-                let aggregate_type = r.projection.aggregate_type()?;
-                let folding = r.folding.as_mut()?;
-                let (projection, live, batch) = (r.projection, &mut r.live, &batch);
-                Some(async move {
-                    let mut events: Vec<&RawEvent> =
-                        batch.iter().filter(|e| e.aggregate_type == aggregate_type).collect();
-                    if verify {
-                        events = within_live_progress(pool, projection, live, events).await?;
-                    }
-                    if !events.is_empty() {
-                        folding.take(pool, projection, &events).await?;
-                    }
-                    Ok::<(), ApplyError>(())
-                })
-            });
-            futures::future::try_join_all(takes).await?;
-            flush_over_bound(pool, &mut rebuilding, limits.held_bytes_max).await?;
+            let batch = Arc::new(batch);
+            for sender in &senders {
+                if sender.send(batch.clone()).await.is_err() {
+                    abandon.cancel(); // That fold failed: its error is below.
+                    break 'reading;
+                }
+            }
             position = after;
             progress(read, total);
+        }
+        drop((batches, senders));
+        for task in futures::future::join_all(tasks).await {
+            match task {
+                Ok((r, result)) => {
+                    rebuilding.push(r);
+                    if let Err(error) = result {
+                        failed.get_or_insert(error);
+                    }
+                }
+                Err(panicked) => {
+                    failed.get_or_insert(ApplyError::Database(sqlx::Error::Protocol(format!(
+                        "rebuild: a projection's fold failed: {panicked}"
+                    ))));
+                }
+            }
+        }
+        abandon_on_drop.disarm();
+        if let Some(error) = failed {
+            return Err(error);
         }
         if position < committed {
             // The reading task ended without an error: it panicked.
             return Err(ApplyError::Database(sqlx::Error::Protocol(format!(
                 "the log reader stopped at {position}, before {committed}"
             ))));
-        }
-        for r in rebuilding.iter_mut() {
-            if let Some(folding) = r.folding.as_mut() {
-                folding.flush(pool, r.projection).await?;
-            }
         }
     }
 
@@ -409,7 +534,7 @@ pub async fn rebuild_together(
     let mut reports = Vec::with_capacity(rebuilding.len());
     for r in &rebuilding {
         let events = if r.folding.is_some() { read } else { 0 };
-        let report = finish(pool, r.projection, mode, position, events, started, &mut done, total, progress).await?;
+        let report = finish(pool, &*r.projection, mode, position, events, started, &mut done, total, progress).await?;
         reports.push(report);
     }
     progress(done, total.max(done));
@@ -463,33 +588,6 @@ async fn shadow_delta(
         apply(pool, projection, locked.as_deref_mut(), &batch).await?;
     }
     Ok((reader.position(), applied))
-}
-
-/// Flushes folds, the largest first, until the state held by all of them is within `held_bytes_max` — each at
-/// most once: what a fold keeps after a flush (the set of aggregates it wrote, to read them back) is not freed by
-/// flushing again.
-async fn flush_over_bound(
-    pool: &PgPool,
-    rebuilding: &mut [Rebuilding<'_>],
-    held_bytes_max: usize,
-) -> Result<(), ApplyError> {
-    let mut held: usize = rebuilding.iter().map(Rebuilding::held_bytes).sum();
-    if held <= held_bytes_max {
-        return Ok(());
-    }
-    let mut largest_first: Vec<usize> = (0..rebuilding.len()).collect();
-    largest_first.sort_by_key(|&i| std::cmp::Reverse(rebuilding[i].held_bytes()));
-    for i in largest_first {
-        let r = &mut rebuilding[i];
-        let Some(folding) = r.folding.as_mut() else { continue };
-        let before = folding.held_bytes();
-        folding.flush(pool, r.projection).await?;
-        held = held - before + folding.held_bytes();
-        if held <= held_bytes_max {
-            break;
-        }
-    }
-    Ok(())
 }
 
 /// The end of one projection's rebuild after the log's bulk (which ended at `position`, `events` read): its

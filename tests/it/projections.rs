@@ -73,20 +73,19 @@ async fn wait_ticks_applied(pool: &sqlx::PgPool, name: &str, ticks: &[Tick]) {
 async fn assert_equals_rebuild(pool: &sqlx::PgPool, names: &[&str]) {
     for name in names {
         let projection = projection(name);
-        let report = rebuild(pool, projection.as_ref(), RebuildMode::Verify, &mut |_, _| {}).await.unwrap();
+        let report = rebuild(pool, &projection, RebuildMode::Verify, &mut |_, _| {}).await.unwrap();
         assert!(report.differences.is_empty(), "{name} differs from a fresh rebuild: {:?}", report.differences);
         if projection.aggregate_type().is_some() {
             let tight = ReplayLimits { read_batch: 7, held_bytes_max: 0 };
-            let report =
-                rebuild_with(pool, projection.as_ref(), RebuildMode::Verify, tight, &mut |_, _| {}).await.unwrap();
+            let report = rebuild_with(pool, &projection, RebuildMode::Verify, tight, &mut |_, _| {}).await.unwrap();
             assert!(report.differences.is_empty(), "{name} differs from a flushing rebuild: {:?}", report.differences);
         }
     }
     if names.len() > 1 {
         let projections: Vec<Arc<dyn Projection>> = names.iter().map(|name| projection(name)).collect();
-        let together: Vec<&dyn Projection> = projections.iter().map(|p| p.as_ref()).collect();
         for limits in [ReplayLimits::default(), ReplayLimits { read_batch: 11, held_bytes_max: 0 }] {
-            let reports = rebuild_together(pool, &together, RebuildMode::Verify, limits, &mut |_, _| {}).await.unwrap();
+            let reports =
+                rebuild_together(pool, &projections, RebuildMode::Verify, limits, &mut |_, _| {}).await.unwrap();
             assert_eq!(reports.len(), names.len());
             for report in reports {
                 assert!(
@@ -630,7 +629,7 @@ async fn each_alert_type_fires_once_per_arming_even_with_duplicate_ticks() {
 
     // A rebuild of the rules reproduces their state from the firings and fires nothing.
     let fired_before: i64 = sqlx::query_scalar("select count(*) from alert_firings").fetch_one(&db.pool).await.unwrap();
-    let report = rebuild(&db.pool, projection("alerts").as_ref(), RebuildMode::Swap, &mut |_, _| {}).await.unwrap();
+    let report = rebuild(&db.pool, &projection("alerts"), RebuildMode::Swap, &mut |_, _| {}).await.unwrap();
     assert!(report.events > 0);
     let fired_after: i64 = sqlx::query_scalar("select count(*) from alert_firings").fetch_one(&db.pool).await.unwrap();
     assert_eq!(fired_before, fired_after);
@@ -843,8 +842,7 @@ async fn a_rebuild_skips_an_event_it_cannot_apply_and_applies_the_rest_of_the_re
 
     let names = ["alerts", "performance", "positions"];
     let projections: Vec<Arc<dyn Projection>> = names.iter().map(|name| projection(name)).collect();
-    let together: Vec<&dyn Projection> = projections.iter().map(|p| p.as_ref()).collect();
-    let reports = rebuild_together(&db.pool, &together, RebuildMode::Swap, ReplayLimits::default(), &mut |_, _| {})
+    let reports = rebuild_together(&db.pool, &projections, RebuildMode::Swap, ReplayLimits::default(), &mut |_, _| {})
         .await
         .unwrap();
     assert!(reports.iter().all(|r| r.events >= 7), "{reports:?}");

@@ -113,7 +113,7 @@ async fn an_event_stored_in_version_1_loads_and_projects_like_version_2() {
             .await
             .unwrap();
     assert_eq!((cash, reserved), (dec!(1), dec!(0)));
-    let report = rebuild(&db.pool, positions.as_ref(), RebuildMode::Verify, &mut |_, _| {}).await.unwrap();
+    let report = rebuild(&db.pool, &positions, RebuildMode::Verify, &mut |_, _| {}).await.unwrap();
     assert!(report.differences.is_empty(), "the rebuild differs: {:?}", report.differences);
     db.drop().await;
 }

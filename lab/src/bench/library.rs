@@ -274,7 +274,6 @@ pub async fn replay(
             name => vec![ledger::projections::by_name(name, &settings)
                 .with_context(|| format!("unknown projection {name:?}"))?],
         };
-    let together: Vec<&dyn ledger::projections::Projection> = projections.iter().map(|p| p.as_ref()).collect();
     let (_, pool) = scratch_database(database_url).await?;
     println!("writing {events} events to the scratch database…");
     fill_domain_log(&pool, 10_000, events).await?;
@@ -282,7 +281,7 @@ pub async fn replay(
     for _ in 0..runs.max(1) {
         let reports = ledger::projections::rebuild::rebuild_together(
             &pool,
-            &together,
+            &projections,
             ledger::projections::rebuild::RebuildMode::Swap,
             Default::default(),
             &mut |_, _| {},

@@ -183,9 +183,8 @@ async fn run_workers(
 async fn rebuild_and_report(pool: &PgPool, projections: Vec<Arc<dyn Projection>>, verify: bool) -> anyhow::Result<()> {
     let mode = if verify { RebuildMode::Verify } else { RebuildMode::Swap };
     let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
-    let together: Vec<&dyn Projection> = projections.iter().map(|p| p.as_ref()).collect();
     let bar = progress_bar("inputs").with_message(if names.len() == 1 { names[0] } else { "all" });
-    let reports = rebuild_together(pool, &together, mode, ReplayLimits::default(), &mut |done, total| {
+    let reports = rebuild_together(pool, &projections, mode, ReplayLimits::default(), &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })
