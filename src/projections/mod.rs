@@ -143,7 +143,7 @@ pub trait Projection: Send + Sync + 'static {
 /// as an append-only projection does.) Folding the same events must give the same rows as
 /// [`Projection::apply_events`] does; the rebuild's verify mode compares the two. The memory bound is on the
 /// folds' own estimates ([`ReplayFold::held_bytes`]) summed over the projections rebuilt together; when the sum
-/// passes the limit, a fold holding more than its share of it flushes.
+/// passes the limit, a fold that gathered its share of it since its last flush flushes.
 #[async_trait]
 pub trait ReplayFold: Send {
     /// Folds events of the projection's aggregate type (new ones only, in log order). Rows written by an

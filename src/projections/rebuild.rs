@@ -75,8 +75,8 @@ pub type ProgressFn<'a> = &'a mut (dyn FnMut(u64, u64) + Send);
 pub const REBUILD_BATCH_SIZE: usize = 2_000;
 /// Events per read of the log in a rebuild's bulk.
 pub const REPLAY_READ_BATCH: usize = crate::log::BATCH_SIZE_MAX;
-/// The state the folds of a rebuild may hold together before those holding more than their share write it to the
-/// shadow tables (and forget it).
+/// The state the folds of a rebuild may hold together before those that gathered their share of it since their last
+/// write write it to the shadow tables (and forget it).
 pub const REPLAY_HELD_BYTES_MAX: usize = 256 << 20;
 /// How long the statements of a fold's flush may take (the whole state is written in one statement per table).
 pub const REPLAY_FLUSH_TIMEOUT_SECS: u64 = 600;
@@ -89,7 +89,7 @@ pub struct ReplayLimits {
     /// Events per read of the log (clamped to the reader's maximum).
     pub read_batch: usize,
     /// State held in memory by all the folds together before a flush to the shadow tables (0: every fold that
-    /// holds anything flushes after every read).
+    /// gathered anything since its last flush flushes after every read).
     pub held_bytes_max: usize,
 }
 
@@ -367,7 +367,7 @@ impl HeldBytes {
     /// after its last flush); whether it is to flush: the folds together hold more than the bound, and this one
     /// has gathered at least its share since its last flush (with a bound of 0: anything). A fold holding little
     /// is left alone even when the sum is over: the one over its share flushes when it next reports.
-    fn over(&self, slot: usize, held: usize, kept: usize) -> bool {
+    fn report(&self, slot: usize, held: usize, kept: usize) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         self.each[slot].store(held, Relaxed);
         let sum: usize = self.each.iter().map(|each| each.load(Relaxed)).sum();
@@ -378,13 +378,13 @@ impl HeldBytes {
 
 /// The bulk of one projection's rebuild, on a task of its own (the folds decode on every core, and one waits
 /// for PostgreSQL while another works): each read of the log from `batches`, in order, folded, and flushed
-/// when over its share of the memory bound; at the end (the channel closed), everything it holds written —
-/// unless the bulk was abandoned.
+/// when it has gathered its share of the memory bound; at the end (the channel closed), everything it holds
+/// written — unless the bulk was abandoned. A failure abandons the bulk (the other folds stop).
 async fn fold_bulk(
     mut r: Rebuilding,
     mut batches: tokio::sync::mpsc::Receiver<Arc<Vec<RawEvent>>>,
     bulk: Bulk,
-) -> (Rebuilding, Result<(), ApplyError>) {
+) -> (usize, Rebuilding, Result<(), ApplyError>) {
     let Bulk { pool, verify, held, slot, abandon } = bulk;
     let result = async {
         let mut kept = 0;
@@ -396,10 +396,10 @@ async fn fold_bulk(
             if abandon.is_cancelled() {
                 return Ok(());
             }
-            if held.over(slot, r.held_bytes(), kept) {
+            if held.report(slot, r.held_bytes(), kept) {
                 r.flush(&pool).await?;
                 kept = r.held_bytes();
-                held.over(slot, kept, kept);
+                held.report(slot, kept, kept);
             }
         }
         if abandon.is_cancelled() {
@@ -408,7 +408,12 @@ async fn fold_bulk(
         r.flush(&pool).await
     }
     .await;
-    (r, result)
+    if result.is_err() {
+        abandon.cancel();
+    }
+    // Done: what it holds no longer counts against the others' bound.
+    held.report(slot, 0, 0);
+    (slot, r, result)
 }
 
 /// What a projection's [`fold_bulk`] shares with the rebuild.
@@ -418,15 +423,15 @@ struct Bulk {
     held: Arc<HeldBytes>,
     /// Its place in `held`.
     slot: usize,
-    /// Set when the bulk has failed (or the rebuild was dropped): stop, writing nothing more.
+    /// Set when the bulk has failed: stop, writing nothing more.
     abandon: tokio_util::sync::CancellationToken,
 }
 
 /// Rebuilds each of `projections` (see the module docs), reading the log once for all of them: each read of the
 /// log is folded by every projection on a task of its own (each at its own pace, at most
-/// [`FOLD_BATCHES_AHEAD`] reads behind the reading), under one memory bound ([`ReplayLimits::held_bytes_max`] for
-/// the folds' state together: once it is passed, a fold holding more than its share flushes). Then each projection in turn replays its ticks and
-/// swaps (or compares) its tables. Progress counts the log's events once, and each projection's ticks.
+/// [`FOLD_BATCHES_AHEAD`] reads queued for it), under one memory bound ([`ReplayLimits::held_bytes_max`] for the
+/// folds' state together: once it is passed, a fold that gathered its share since its last flush flushes). Then
+/// each projection in turn replays its ticks and swaps (or compares) its tables. Progress counts the log's events once, and each projection's ticks.
 /// Each report's `events` are the log's events read in the bulk and those read after it for that projection
 /// (before and under its lock); its `seconds` run from the start to its swap or comparison.
 pub async fn rebuild_together(
@@ -469,16 +474,16 @@ pub async fn rebuild_together(
         let mut batches = read_ahead(pool.clone(), position, limits.read_batch, committed);
         let folds = rebuilding.iter().filter(|r| r.folding.is_some()).count();
         let held = Arc::new(HeldBytes::new(rebuilding.len(), folds, limits.held_bytes_max));
-        // Cancelled when the bulk fails or this rebuild is dropped: each fold then stops once the read it is folding
-        // is written, and writes nothing more.
+        // Cancelled when the bulk fails: each fold then stops once the read it is folding is written, and writes
+        // nothing more. (If this rebuild is dropped, so is `tasks`, which aborts them.)
         let abandon = tokio_util::sync::CancellationToken::new();
-        let abandon_on_drop = abandon.clone().drop_guard();
-        let (mut senders, mut tasks) = (Vec::new(), Vec::new());
+        let (mut senders, mut tasks) = (Vec::new(), tokio::task::JoinSet::new());
+        let slots = rebuilding.len();
         for (slot, r) in rebuilding.drain(..).enumerate() {
             let (sender, receiver) = tokio::sync::mpsc::channel(FOLD_BATCHES_AHEAD);
             senders.push(sender);
             let bulk = Bulk { pool: pool.clone(), verify, held: held.clone(), slot, abandon: abandon.clone() };
-            tasks.push(tokio::spawn(fold_bulk(r, receiver, bulk)));
+            tasks.spawn(fold_bulk(r, receiver, bulk));
         }
         let mut failed = None;
         'reading: while let Some(result) = batches.recv().await {
@@ -502,25 +507,27 @@ pub async fn rebuild_together(
             progress(read, total);
         }
         drop((batches, senders));
-        for task in futures::future::join_all(tasks).await {
+        let mut done: Vec<Option<Rebuilding>> = (0..slots).map(|_| None).collect();
+        while let Some(task) = tasks.join_next().await {
             match task {
-                Ok((r, result)) => {
-                    rebuilding.push(r);
+                Ok((slot, r, result)) => {
+                    done[slot] = Some(r);
                     if let Err(error) = result {
                         failed.get_or_insert(error);
                     }
                 }
                 Err(panicked) => {
+                    abandon.cancel();
                     failed.get_or_insert(ApplyError::Database(sqlx::Error::Protocol(format!(
                         "rebuild: a projection's fold failed: {panicked}"
                     ))));
                 }
             }
         }
-        abandon_on_drop.disarm();
         if let Some(error) = failed {
             return Err(error);
         }
+        rebuilding.extend(done.into_iter().flatten());
         if position < committed {
             // The reading task ended without an error: it panicked.
             return Err(ApplyError::Database(sqlx::Error::Protocol(format!(

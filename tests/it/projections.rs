@@ -1023,3 +1023,30 @@ async fn a_following_worker_that_falls_far_behind_catches_up_from_postgres() {
     pm.stop().await;
     db.drop().await;
 }
+
+/// A log a fold must not guess about (an aggregate's event after a gap in its sequence) fails the whole rebuild of
+/// every projection together: the error comes back (the folds on their tasks stop; none is left running) and
+/// nothing is swapped in.
+#[tokio::test]
+async fn a_rebuild_whose_fold_fails_returns_the_error_and_swaps_nothing() {
+    let db = TestDb::new().await;
+    let commands = db.commands();
+    let id = open_portfolio(&commands, "10", CostBasisMethod::Fifo).await;
+    let next: i64 = sqlx::query_scalar("select max(sequence) + 1 from events where aggregate_id = $1")
+        .bind(id.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    insert_foreign_deposit(&mut conn, id, next + 1, "1", "11", Utc::now()).await;
+    drop(conn);
+
+    let projections = ledger::projections::all(&Default::default());
+    let error = rebuild_together(&db.pool, &projections, RebuildMode::Swap, ReplayLimits::default(), &mut |_, _| {})
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("follows event"), "{error}");
+    let live: i64 = sqlx::query_scalar("select count(*) from rm_portfolios").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(live, 0, "a failed rebuild swapped its tables in");
+    db.drop().await;
+}
