@@ -103,8 +103,9 @@ impl Default for ReplayLimits {
 /// none), with the progress per aggregate beside it.
 struct Folding {
     fold: Box<dyn ReplayFold>,
-    /// Last sequence folded per aggregate since the last flush.
-    last: HashMap<String, i64>,
+    /// Last sequence folded per aggregate (kept across flushes: the next event of each must follow it), and whether
+    /// it was folded since the last flush (its progress row is then written by the next one).
+    last: HashMap<String, (i64, bool)>,
 }
 
 impl Folding {
@@ -130,15 +131,15 @@ impl Folding {
             match self.last.get_mut(&event.aggregate_id) {
                 // The log holds an aggregate's events in sequence order (a command is written only after the
                 // previous one of its aggregate committed); anything else is a log the fold must not guess about.
-                Some(last) if event.sequence != *last + 1 => {
+                Some((last, _)) if event.sequence != *last + 1 => {
                     return Err(ApplyError::Database(sqlx::Error::Protocol(format!(
                         "rebuild: event {} of {} {} follows event {} in the log (at {})",
                         event.sequence, event.aggregate_type, event.aggregate_id, last, event.position
                     ))));
                 }
-                Some(last) => *last = event.sequence,
+                Some(last) => *last = (event.sequence, true),
                 None => {
-                    self.last.insert(event.aggregate_id.clone(), event.sequence);
+                    self.last.insert(event.aggregate_id.clone(), (event.sequence, true));
                 }
             }
         }
@@ -156,7 +157,7 @@ impl Folding {
     }
 
     /// Writes the state held and the progress of every aggregate folded since the last flush, in one
-    /// transaction.
+    /// transaction. (An aggregate's last sequence stays held, to check its next event.)
     async fn flush(&mut self, pool: &PgPool, projection: &dyn Projection) -> Result<(), ApplyError> {
         let mut tx = pool.begin().await.map_err(ApplyError::Database)?;
         enter(&mut tx, projection, Target::Shadow).await.map_err(ApplyError::Database)?;
@@ -166,7 +167,13 @@ impl Folding {
             .await
             .map_err(ApplyError::Database)?;
         self.fold.flush(&mut tx).await?;
-        let (ids, sequences): (Vec<String>, Vec<i64>) = std::mem::take(&mut self.last).into_iter().unzip();
+        let (mut ids, mut sequences) = (Vec::new(), Vec::new());
+        for (id, (sequence, unflushed)) in self.last.iter_mut() {
+            if std::mem::take(unflushed) {
+                ids.push(id.as_str());
+                sequences.push(*sequence);
+            }
+        }
         sqlx::query(&format!(
             "insert into {} (aggregate_id, last_sequence) select * from unnest($1::text[], $2::bigint[])
              on conflict (aggregate_id) do update set last_sequence = excluded.last_sequence",

@@ -1025,8 +1025,8 @@ async fn a_following_worker_that_falls_far_behind_catches_up_from_postgres() {
 }
 
 /// A log a fold must not guess about (an aggregate's event after a gap in its sequence) fails the whole rebuild of
-/// every projection together: the error comes back (the folds on their tasks stop; none is left running) and
-/// nothing is swapped in.
+/// every projection together — also when the gap spans the fold's flushes: the error comes back (the folds on
+/// their tasks stop) and nothing is swapped in.
 #[tokio::test]
 async fn a_rebuild_whose_fold_fails_returns_the_error_and_swaps_nothing() {
     let db = TestDb::new().await;
@@ -1042,11 +1042,13 @@ async fn a_rebuild_whose_fold_fails_returns_the_error_and_swaps_nothing() {
     drop(conn);
 
     let projections = ledger::projections::all(&Default::default());
-    let error = rebuild_together(&db.pool, &projections, RebuildMode::Swap, ReplayLimits::default(), &mut |_, _| {})
-        .await
-        .unwrap_err();
-    assert!(error.to_string().contains("follows event"), "{error}");
-    let live: i64 = sqlx::query_scalar("select count(*) from rm_portfolios").fetch_one(&db.pool).await.unwrap();
-    assert_eq!(live, 0, "a failed rebuild swapped its tables in");
+    // Also when each event is read, folded and flushed on its own: the gap spans flushes.
+    for limits in [ReplayLimits::default(), ReplayLimits { read_batch: 1, held_bytes_max: 0 }] {
+        let error =
+            rebuild_together(&db.pool, &projections, RebuildMode::Swap, limits, &mut |_, _| {}).await.unwrap_err();
+        assert!(error.to_string().contains("follows event"), "{limits:?}: {error}");
+        let live: i64 = sqlx::query_scalar("select count(*) from rm_portfolios").fetch_one(&db.pool).await.unwrap();
+        assert_eq!(live, 0, "a failed rebuild swapped its tables in");
+    }
     db.drop().await;
 }
