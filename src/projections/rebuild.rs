@@ -485,8 +485,14 @@ pub async fn rebuild_together(
         // nothing more. (If this rebuild is dropped, so is `tasks`, which aborts them.)
         let abandon = tokio_util::sync::CancellationToken::new();
         let (mut senders, mut tasks) = (Vec::new(), tokio::task::JoinSet::new());
-        let slots = rebuilding.len();
+        // Each projection's part, in order, back from its fold's task (those without a fold have none).
+        let mut done: Vec<Option<Rebuilding>> = Vec::with_capacity(rebuilding.len());
         for (slot, r) in rebuilding.drain(..).enumerate() {
+            if r.folding.is_none() {
+                done.push(Some(r));
+                continue;
+            }
+            done.push(None);
             let (sender, receiver) = tokio::sync::mpsc::channel(FOLD_BATCHES_AHEAD);
             senders.push(sender);
             let bulk = Bulk { pool: pool.clone(), verify, held: held.clone(), slot, abandon: abandon.clone() };
@@ -514,7 +520,6 @@ pub async fn rebuild_together(
             progress(read, total);
         }
         drop((batches, senders));
-        let mut done: Vec<Option<Rebuilding>> = (0..slots).map(|_| None).collect();
         while let Some(task) = tasks.join_next().await {
             match task {
                 Ok((slot, r, result)) => {
